@@ -1,0 +1,118 @@
+import pytest
+import torch
+import torch.nn as nn
+
+import fastdd.encoders as encoders
+
+
+def test_mobilenet_features_frozen_and_differentiable(mobilenet):
+    assert mobilenet.feature_dim == 1280
+    assert all(not p.requires_grad for p in mobilenet.parameters())
+    mobilenet.train()
+    assert not mobilenet.training and not mobilenet.backbone.training  # stays in eval mode
+    x = torch.rand(3, 3, 32, 32, requires_grad=True)
+    z = mobilenet(x)
+    assert z.shape == (3, 1280) and z.dtype == torch.float32
+    (z * torch.randn_like(z)).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in mobilenet.parameters())
+    # eval mode: a sample's features do not depend on the rest of the batch
+    assert torch.allclose(mobilenet(x[:1]), z[:1], atol=1e-4)
+
+
+def test_wrap_resizes_normalises_and_pools():
+    seen = {}
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 5, 3)
+
+        def forward(self, x):
+            seen["input"] = x
+            return self.conv(x)  # a feature map: the wrapper pools it
+
+    enc = encoders.wrap(Probe(), input_size=20, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    assert encoders.wrap(enc) is enc
+    out = enc(torch.full((2, 3, 8, 8), 0.75))
+    assert seen["input"].shape == (2, 3, 20, 20)
+    assert torch.allclose(seen["input"], torch.ones(2, 3, 20, 20))  # (0.75 - 0.5) / 0.25
+    assert out.shape == (2, 5) and enc.feature_dim == 5
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    (torch.rand(2, 1, 8, 8), ValueError, r"\[B, 3, H, W\]"),
+    (torch.rand(3, 8, 8), ValueError, r"\[B, 3, H, W\]"),
+    (torch.zeros(2, 3, 8, 8, dtype=torch.long), TypeError, "floating point"),
+])
+def test_encoder_rejects_bad_images(bad, error, message):
+    enc = encoders.wrap(nn.Conv2d(3, 4, 1))
+    with pytest.raises(error, match=message):
+        enc(bad)
+
+
+def test_timm_random_init_and_local_weights(tmp_path):
+    enc = encoders.load("timm:resnet18", weights=None)
+    assert enc.input_size == 224 and enc.feature_dim == 512
+    torch.save(enc.backbone.state_dict(), tmp_path / "w.pth")
+    again = encoders.load("timm:resnet18", weights=tmp_path / "w.pth")
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(enc(x), again(x), atol=1e-5)
+    torch.save({"nonsense": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="does not match"):
+        encoders.load("timm:resnet18", weights=tmp_path / "bad.pth")
+    with pytest.raises(FileNotFoundError):
+        encoders.load("timm:resnet18", weights=tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match="offline"):
+        encoders.load("timm:resnet18", weights="imagenet")
+
+
+def test_bad_names():
+    with pytest.raises(ValueError, match="unknown library"):
+        encoders.load("keras:mobilenet")
+    with pytest.raises(ValueError, match="must look like"):
+        encoders.load("mobilenet_v2")
+
+
+def test_missing_and_corrupt_weights_are_clear_errors(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(encoders, "_offline_wheel_file", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        encoders.load("torchvision:mobilenet_v2")
+    cached = tmp_path / "checkpoints" / "mobilenet_v2-b0353104.pth"
+    cached.parent.mkdir()
+    cached.write_bytes(b"corrupt")
+    with pytest.raises(ValueError, match="corrupt"):
+        encoders.load("torchvision:mobilenet_v2")
+
+
+def _probe_accuracy(train_z, train_y, test_z, test_y, steps=300):
+    """Multinomial logistic regression on standardised features, full batch, Adam."""
+    mean, std = train_z.mean(0), train_z.std(0) + 1e-6
+    train_z, test_z = (train_z - mean) / std, (test_z - mean) / std
+    head = nn.Linear(train_z.shape[1], 10)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2, weight_decay=1e-4)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(head(train_z), train_y).backward()
+        opt.step()
+    return (head(test_z).argmax(1) == test_y).float().mean().item()
+
+
+@torch.no_grad()
+def test_pretrained_weights_are_real(fmnist32, mobilenet):
+    """A probe on the ImageNet weights' features beats the same probe on a random MobileNetV2 by far."""
+    train, test = fmnist32
+    g = torch.Generator().manual_seed(0)
+    tr = torch.randperm(60_000, generator=g)[:2000]
+    te = torch.randperm(10_000, generator=g)[:1000]
+    random_init = encoders.load("torchvision:mobilenet_v2", weights=None)
+    scores = {}
+    for name, enc in (("pretrained", mobilenet), ("random", random_init)):
+        ztr = torch.cat([enc(train.images[tr[i:i + 500]]) for i in range(0, len(tr), 500)])
+        zte = torch.cat([enc(test.images[te[i:i + 500]]) for i in range(0, len(te), 500)])
+        with torch.enable_grad():
+            scores[name] = _probe_accuracy(ztr, train.labels[tr], zte, test.labels[te])
+    print(scores)
+    assert scores["pretrained"] > 0.70, scores
+    assert scores["pretrained"] > scores["random"] + 0.15, scores
