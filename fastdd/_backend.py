@@ -1,0 +1,176 @@
+"""Which implementation of a fastdd op runs: ``triton`` | ``cuda`` | ``torch``.
+
+Every op in :mod:`fastdd.ops` takes ``impl="auto"|"triton"|"cuda"|"torch"``:
+
+- ``"torch"``: the reference, written in plain torch in the op's own file. It is the CPU path, the
+  test oracle and the benchmark baseline; it runs on every device and every dtype.
+- ``"triton"``: the fused Triton kernels. They run on CUDA tensors, or on CPU tensors when the
+  Triton interpreter is on (``TRITON_INTERPRET=1``, read when the kernel is first launched).
+- ``"cuda"``: the optional compiled extension ``fastdd._C`` (see :mod:`fastdd._ext`), CUDA tensors
+  only. Ops it does not cover fall back to Triton (documented per op).
+- ``"auto"``: Triton for CUDA tensors when Triton is importable, the reference elsewhere.
+
+The environment variable ``FASTDD_IMPL`` (one of the names above) overrides the ``impl`` argument of
+every call, so a whole program can be switched to one backend without editing it.
+
+Data-dependent input checks (label range, NaN/Inf) need one device-to-host sync each. They are on by
+default; ``FASTDD_CHECKS=0`` turns them off (shape, dtype and device checks always run). The op
+benchmarks report timings with both settings.
+
+Nothing here queries a device at import time.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict
+
+import torch
+
+__all__ = [
+    "IMPLS",
+    "available_backends",
+    "checks_enabled",
+    "has_triton",
+    "interpreter_enabled",
+    "resolve_impl",
+    "TritonKernel",
+    "triton_kernel",
+    "matmul_allows_tf32",
+    "tl",
+    "triton",
+]
+
+IMPLS = ("auto", "triton", "cuda", "torch")
+
+try:  # Triton is optional: fastdd works (reference path) without it.
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+
+
+def has_triton() -> bool:
+    """True when the ``triton`` package imports."""
+    return triton is not None
+
+
+def interpreter_enabled() -> bool:
+    """True when ``TRITON_INTERPRET=1``: Triton kernels then run on CPU tensors (slowly)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def checks_enabled() -> bool:
+    """Whether data-dependent checks (label range, NaN/Inf; one host sync each) run."""
+    return os.environ.get("FASTDD_CHECKS", "1") != "0"
+
+
+def available_backends() -> Dict[str, bool]:
+    """Which backends this process can use, e.g. ``{"torch": True, "triton": True, "cuda": False}``.
+
+    ``triton``: the package imports (kernels still need a CUDA device or the interpreter).
+    ``cuda``: the compiled extension ``fastdd._C`` is importable (prebuilt or built just in time with
+    :func:`fastdd._ext.build`); its kernels need a CUDA device.
+    """
+    from fastdd import _ext
+
+    return {"torch": True, "triton": has_triton(), "cuda": _ext.is_available()}
+
+
+def resolve_impl(impl: str, *tensors: torch.Tensor, supports: tuple = ("torch", "triton", "cuda")) -> str:
+    """The backend a call runs on.
+
+    ``impl``: the caller's request; ``FASTDD_IMPL`` overrides it. ``tensors``: the call's tensor
+    inputs (they decide ``auto``). ``supports``: the backends the op implements. Raises ``ValueError``
+    for an unknown name and ``RuntimeError`` when the requested backend cannot run these tensors.
+    """
+    forced = os.environ.get("FASTDD_IMPL")
+    if forced:
+        impl = forced
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}" + (" (from FASTDD_IMPL)" if forced else ""))
+    on_cuda = all(t.is_cuda for t in tensors)
+    if impl == "auto":
+        return "triton" if (on_cuda and has_triton() and "triton" in supports) else "torch"
+    if impl not in supports:
+        raise ValueError(f"impl={impl!r} is not implemented for this op (it has {supports})")
+    if impl == "triton":
+        if not has_triton():
+            raise RuntimeError("impl='triton' requested but the triton package is not installed")
+        if not (on_cuda or interpreter_enabled()):
+            raise RuntimeError(
+                "impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); got tensors on "
+                + ", ".join(sorted({str(t.device) for t in tensors}))
+            )
+    if impl == "cuda":
+        from fastdd import _ext
+
+        if not _ext.is_available():
+            raise RuntimeError(
+                "impl='cuda' requested but the fastdd._C extension is not built; build it with "
+                "FASTDD_BUILD_CUDA=1 pip install -e . or fastdd._ext.build()"
+            )
+        if not on_cuda:
+            raise RuntimeError("impl='cuda' needs CUDA tensors")
+    return impl
+
+
+class TritonKernel:
+    """A Triton kernel whose JIT-or-interpreter choice is made at first launch, not at import.
+
+    ``triton.jit`` reads ``TRITON_INTERPRET`` when the decorator runs, so a module imported before a
+    test sets the variable would be stuck on the compiled path. Wrapping the plain function defers
+    that choice to the launch (``kernel[grid](...)``); :meth:`jit_function` always gives the compiled
+    ``JITFunction`` (for ahead-of-time compilation with ``triton.compile``).
+    Kernels are written with string annotations (``BLOCK: "tl.constexpr"``) so that their modules
+    import without Triton.
+    """
+
+    registry: Dict[str, "TritonKernel"] = {}
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.__name__ = fn.__name__
+        self.__doc__ = fn.__doc__
+        self._variants: Dict[bool, object] = {}
+        TritonKernel.registry[f"{fn.__module__}.{fn.__name__}"] = self
+
+    def jit_function(self):
+        """The compiled-path ``triton.runtime.jit.JITFunction`` of this kernel."""
+        return self._variant(False)
+
+    def _variant(self, interpret: bool):
+        if triton is None:
+            raise RuntimeError("triton is not installed")
+        if interpret not in self._variants:
+            if interpret:
+                from triton.runtime.interpreter import InterpretedFunction
+
+                self._variants[interpret] = InterpretedFunction(self.fn)
+            else:
+                from triton.runtime.jit import JITFunction
+
+                self._variants[interpret] = JITFunction(self.fn)
+        return self._variants[interpret]
+
+    def __getitem__(self, grid):
+        return self._variant(interpreter_enabled())[grid]
+
+
+def triton_kernel(fn: Callable) -> TritonKernel:
+    """Decorator: register ``fn`` as a lazily jitted Triton kernel (see :class:`TritonKernel`)."""
+    return TritonKernel(fn)
+
+
+def matmul_allows_tf32() -> bool:
+    """Whether fp32 tensor-core products may use TF32 (the same switch torch's matmul obeys)."""
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+

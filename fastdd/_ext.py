@@ -1,0 +1,116 @@
+"""The optional compiled CUDA extension ``fastdd._C`` (sources in ``csrc/``).
+
+It is found in one of two ways, and fastdd works without it (the Triton and torch backends cover every
+op):
+
+1. prebuilt by ``setup.py``: ``FASTDD_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 pip install -e .
+   --no-build-isolation`` compiles ``csrc/*.cpp`` + ``csrc/*.cu`` with ninja into ``fastdd._C``;
+2. built just in time by :func:`build` (``torch.utils.cpp_extension.load``, ninja), into a build folder
+   (default ``~/.cache/fastdd/ext`` or ``$FASTDD_EXT_DIR``). ``FASTDD_JIT_EXT=1`` makes :func:`load`
+   build it on first use when no prebuilt module exists.
+
+Importing this module never compiles and never raises; :func:`is_available` says whether the extension
+can be used, :func:`load` returns it (or ``None``), :func:`error` says why it is missing.
+
+The extension exposes (all on CUDA tensors):
+  class_centers_atomic(features, labels, sums, counts, sq_sums_or_empty)
+  class_centers_sorted(features, order, offsets, sums, sq_sums_or_empty)
+  linear_cross_entropy_chunk(z, y, W, bias_or_empty, scale, row_weight, want_dz) -> see
+  :mod:`fastdd.ops.linear_cross_entropy`.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from typing import List, Optional
+
+__all__ = ["build", "error", "is_available", "load", "sources"]
+
+_module = None
+_error: Optional[str] = None
+_tried = False
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def sources() -> List[str]:
+    """The extension's source files (``csrc/*.cpp`` + ``csrc/*.cu``, sorted)."""
+    csrc = os.path.join(_ROOT, "csrc")
+    return sorted(glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "*.cu")))
+
+
+def _try_import():
+    global _module, _error, _tried
+    _tried = True
+    try:
+        from fastdd import _C  # type: ignore[attr-defined]
+
+        _module = _C
+        _error = None
+    except Exception as exc:  # not built, or built against another torch
+        _module = None
+        _error = f"fastdd._C is not importable ({type(exc).__name__}: {exc})"
+
+
+def build(build_dir: Optional[str] = None, verbose: bool = False, arch_list: Optional[str] = None):
+    """Compile ``csrc/`` just in time with ninja and return the loaded module.
+
+    ``build_dir``: where objects go (default ``$FASTDD_EXT_DIR`` or ``~/.cache/fastdd/ext``).
+    ``arch_list``: value for ``TORCH_CUDA_ARCH_LIST`` (e.g. ``"9.0"``); default: the environment's,
+    else the visible GPU's. Needs nvcc (``CUDA_HOME`` or on ``PATH``) and ninja. Raises on failure.
+    """
+    global _module, _error, _tried
+    from torch.utils.cpp_extension import load as _load
+
+    srcs = sources()
+    if not srcs:
+        raise RuntimeError(f"no CUDA sources found under {os.path.join(_ROOT, 'csrc')}")
+    build_dir = build_dir or os.environ.get("FASTDD_EXT_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "fastdd", "ext"
+    )
+    os.makedirs(build_dir, exist_ok=True)
+    old_arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if arch_list is not None:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+    try:
+        module = _load(
+            name="fastdd_C",
+            sources=srcs,
+            extra_cflags=["-O3", "-std=c++17"],
+            extra_cuda_cflags=["-O3", "-std=c++17", "--use_fast_math"],
+            build_directory=build_dir,
+            verbose=verbose,
+            with_cuda=True,
+        )
+    finally:
+        if arch_list is not None:
+            if old_arch is None:
+                os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+            else:
+                os.environ["TORCH_CUDA_ARCH_LIST"] = old_arch
+    _module, _error, _tried = module, None, True
+    return module
+
+
+def load():
+    """The extension module, or ``None`` when it is not available (never raises)."""
+    global _error
+    if not _tried:
+        _try_import()
+        if _module is None and os.environ.get("FASTDD_JIT_EXT", "0") == "1":
+            try:
+                build()
+            except Exception as exc:
+                _error = f"just-in-time build failed ({type(exc).__name__}: {exc})"
+    return _module
+
+
+def is_available() -> bool:
+    """True when :func:`load` returns a module."""
+    return load() is not None
+
+
+def error() -> Optional[str]:
+    """Why the extension is missing (``None`` when it loaded)."""
+    load()
+    return _error

@@ -1,0 +1,32 @@
+"""Fused ops of fastdd, each with its torch reference in the same file.
+
+Every op takes ``impl="auto"|"triton"|"cuda"|"torch"`` (``FASTDD_IMPL`` forces one; see
+:mod:`fastdd._backend`): ``auto`` runs the Triton kernels on CUDA tensors and the reference elsewhere.
+
+- :func:`class_centers`: streaming per-class sums, counts, second moments (``ClassSums``).
+- :func:`flow_matching_loss` and :func:`real_flow`: SFM's loss with its fused backward.
+- :func:`ridge_probe`: CLP's batched ridge solve by Cholesky, closed-form backward.
+- :func:`linear_cross_entropy`: CLP's outer cross-entropy streamed over the real features.
+- :func:`linear_head_gradient`: LGM's closed-form head gradient, differentiable w.r.t. the features.
+"""
+from fastdd.ops.class_centers import ClassSums, class_centers, class_centers_reference, empty_class_sums
+from fastdd.ops.flow_matching import flow_matching_loss, flow_matching_loss_reference, real_flow
+from fastdd.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from fastdd.ops.linear_head_gradient import linear_head_gradient, linear_head_gradient_reference
+from fastdd.ops.ridge_probe import ridge_probe, ridge_probe_reference
+
+__all__ = [
+    "ClassSums",
+    "class_centers",
+    "class_centers_reference",
+    "empty_class_sums",
+    "flow_matching_loss",
+    "flow_matching_loss_reference",
+    "linear_cross_entropy",
+    "linear_cross_entropy_reference",
+    "linear_head_gradient",
+    "linear_head_gradient_reference",
+    "real_flow",
+    "ridge_probe",
+    "ridge_probe_reference",
+]

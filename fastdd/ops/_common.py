@@ -1,0 +1,96 @@
+"""Input checks and autograd plumbing shared by the ops (one place, so every op words errors alike)."""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional, Sequence, Tuple
+
+import torch
+
+from fastdd._backend import checks_enabled
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def check_float(name: str, t, ndims: Sequence[int], dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> None:
+    """``t`` is a tensor with one of ``ndims`` dimensions and a floating dtype from ``dtypes``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() not in ndims:
+        want = " or ".join(f"{d}-D" for d in ndims)
+        raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+
+
+def check_labels(name: str, labels, length: int, num_classes: int, device: torch.device) -> None:
+    """``labels``: integer tensor [length] on ``device`` with values in [0, num_classes)."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of class indices, got {type(labels).__name__}")
+    if labels.dtype not in INT_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor (int64 class indices), got {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != length:
+        raise ValueError(f"{name} must have shape [{length}], got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"{name} is on {labels.device} but the features are on {device}")
+    if checks_enabled() and length > 0:
+        bad = (labels < 0) | (labels >= num_classes)
+        if bool(bad.any()):
+            first = labels[bad][0].item()
+            raise ValueError(f"{name} must lie in [0, {num_classes}); found {first}")
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Raise when ``t`` holds NaN or Inf (a data-dependent check: skipped with FASTDD_CHECKS=0)."""
+    if checks_enabled() and t.numel() > 0 and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def check_same_device(**tensors: Optional[torch.Tensor]) -> torch.device:
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    device = items[0][1].device
+    for k, v in items[1:]:
+        if v.device != device:
+            raise ValueError(f"{k} is on {v.device} but {items[0][0]} is on {device}")
+    return device
+
+
+def check_num_classes(num_classes) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    return num_classes
+
+
+def grad_via_reference(
+    reference: Callable[..., torch.Tensor],
+    inputs: Sequence[Optional[torch.Tensor]],
+    needs: Iterable[bool],
+    grad_output: torch.Tensor,
+) -> Tuple[Optional[torch.Tensor], ...]:
+    """Backward of ``reference(*inputs)`` by autograd, keeping the graph (``create_graph=True``).
+
+    The fused backward kernels are not themselves differentiable. When autograd asks for a
+    differentiable backward (``torch.is_grad_enabled()`` inside ``backward``, i.e. ``create_graph=True``
+    for a double backward), the ops call this instead: the reference is re-run on the saved inputs and
+    differentiated with a graph, so higher derivatives are exact.
+    """
+    needs = list(needs)
+    with torch.enable_grad():
+        leaves = []
+        for x, need in zip(inputs, needs):
+            leaves.append(x if (x is None or not need or x.requires_grad) else x.detach().requires_grad_(True))
+        out = reference(*leaves)
+        wanted = [leaf for leaf, need in zip(leaves, needs) if need and leaf is not None]
+        grads = torch.autograd.grad(out, wanted, grad_output, create_graph=True, allow_unused=True)
+    it = iter(grads)
+    return tuple(next(it) if (need and leaf is not None) else None for leaf, need in zip(leaves, needs))
+
+
+def no_autocast(device: torch.device):
+    """A context that turns autocast off: the ops choose their own precision (see each dtype policy)."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def reduce_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    """fp64 when any input is fp64, else fp32: the precision the ops accumulate and return in."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32

@@ -1,0 +1,256 @@
+r"""SFM's statistical flow-matching loss on synthetic features, with its fused backward.
+
+Math (METHODS.md, SFM). Real class centres :math:`\mu_c` give the constant real flow
+
+.. math::  F_r[c] = \frac{1}{C-1}\sum_{k\ne c}\mu_k - \mu_c = \frac{C}{C-1}(\bar\mu - \mu_c)
+
+(:func:`real_flow`). For synthetic features :math:`z_i` with labels :math:`y_i`, :math:`S_c` is the
+mean of the :math:`n_c` features of class c and
+
+.. math::  F_s[c] = \frac{1}{d}\Big(\sum_k S_k - S_c\Big) - S_c, \qquad
+           L = 1 - \frac{\langle F_r, F_s\rangle}{\max(\|F_r\|\,\|F_s\|, \epsilon)}
+
+with one cosine over the flattened C*D vectors, :math:`\epsilon = 10^{-12}`, and the non-target
+denominator :math:`d = C-1` (``nontarget_denominator="classes"``, the paper's definition) or
+:math:`d = N-1` with N the number of synthetic features (``"samples"``: the official code's
+``C*ipc - 1``, kept for comparison only; with ipc > 1 it is a bug).
+
+Gradient. With :math:`G = \partial L/\partial F_s = -\big(F_r/(\|F_r\|\|F_s\|) - \cos\,F_s/\|F_s\|^2\big)`
+(or :math:`-F_r/\epsilon` below the clamp), the map :math:`S \mapsto F_s` is self-adjoint, so
+:math:`\partial L/\partial S_c = (\sum_k G_k - G_c)/d - G_c` and
+:math:`\partial L/\partial z_i = \partial L/\partial S_{y_i} / n_{y_i}`.
+``real_flow`` is a constant: no gradient flows to it on any backend.
+
+Dtype policy: fp16/bf16/fp32 features are reduced and compared in fp32, fp64 in fp64; the loss has
+that dtype, the gradient the features' dtype.
+
+Backends: torch (reference, autograd); triton: class sums by the deterministic segmented reduction of
+:mod:`fastdd.ops.class_centers`, then one kernel per column block for the flow and the cosine's
+partial sums (forward) and one for :math:`\partial L/\partial S_c / n_c` (backward), followed by a
+row gather. The cuda backend runs the Triton kernels (no separate CUDA kernels for this small op).
+Every class must have at least one synthetic feature, and C >= 2.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastdd._backend import cdiv, checks_enabled, resolve_impl, tl, triton_kernel
+from fastdd.ops._common import check_finite, check_float, check_labels, grad_via_reference
+from fastdd.ops.class_centers import _class_centers_triton, empty_class_sums
+
+__all__ = ["flow_matching_loss", "flow_matching_loss_reference", "real_flow"]
+
+EPS = 1e-12
+DENOMINATORS = ("classes", "samples")
+
+
+def real_flow(means: torch.Tensor) -> torch.Tensor:
+    """The real flow ``F_r[c] = mean_{k != c} mu_k - mu_c`` of class means [C,D] (C >= 2)."""
+    check_float("means", means, (2,))
+    C = means.shape[0]
+    if C < 2:
+        raise ValueError(f"means must have at least 2 classes (rows) for a flow, got {C}")
+    return (means.sum(0, keepdim=True) - means) / (C - 1) - means
+
+
+def _compute_dtype(features: torch.Tensor) -> torch.dtype:
+    return torch.float64 if features.dtype == torch.float64 else torch.float32
+
+
+def _nontarget_denominator(kind: str, num_classes: int, num_features: int) -> int:
+    return num_classes - 1 if kind == "classes" else num_features - 1
+
+
+def flow_matching_loss_reference(features: torch.Tensor, labels: torch.Tensor, real_flow: torch.Tensor,
+                                 nontarget_denominator: str = "classes") -> torch.Tensor:
+    """Torch reference (differentiable by autograd w.r.t. ``features``)."""
+    dtype = _compute_dtype(features)
+    C, D = real_flow.shape
+    x = features.to(dtype)
+    labels = labels.long()
+    sums = torch.zeros(C, D, dtype=dtype, device=x.device).index_add(0, labels, x)
+    counts = torch.zeros(C, dtype=dtype, device=x.device).index_add(0, labels, torch.ones_like(x[:, 0]))
+    centres = sums / counts.unsqueeze(1)
+    d = _nontarget_denominator(nontarget_denominator, C, features.shape[0])
+    synthetic_flow = (centres.sum(0, keepdim=True) - centres) / d - centres
+    fr = real_flow.detach().to(dtype)
+    cos = (fr * synthetic_flow).sum() / (fr.norm() * synthetic_flow.norm()).clamp_min(EPS)
+    return 1 - cos
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton kernels: one program per block of BLOCK_D columns; every column is independent apart from the
+# three global sums of the cosine, which the host adds from per-program partials (fixed order).
+
+
+@triton_kernel
+def _flow_forward_kernel(sums_ptr, counts_ptr, fr_ptr, stride_fc, stride_fd, partial_ptr, C, D, inv_den,
+                         BLOCK_C: "tl.constexpr", BLOCK_D: "tl.constexpr"):
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    acc_t = sums_ptr.dtype.element_ty
+    total = tl.zeros([BLOCK_D], dtype=acc_t)
+    for c0 in range(0, C, BLOCK_C):
+        rows = c0 + tl.arange(0, BLOCK_C)
+        m = (rows < C)[:, None] & col_ok[None, :]
+        n = tl.load(counts_ptr + rows, mask=rows < C, other=1).to(acc_t)
+        s = tl.load(sums_ptr + rows[:, None] * D + cols[None, :], mask=m, other=0.0) / n[:, None]
+        total += tl.sum(s, axis=0)
+    dot = tl.zeros([BLOCK_D], dtype=acc_t)
+    nr = tl.zeros([BLOCK_D], dtype=acc_t)
+    ns = tl.zeros([BLOCK_D], dtype=acc_t)
+    for c0 in range(0, C, BLOCK_C):
+        rows = c0 + tl.arange(0, BLOCK_C)
+        m = (rows < C)[:, None] & col_ok[None, :]
+        n = tl.load(counts_ptr + rows, mask=rows < C, other=1).to(acc_t)
+        s = tl.load(sums_ptr + rows[:, None] * D + cols[None, :], mask=m, other=0.0) / n[:, None]
+        fs = tl.where(m, (total[None, :] - s) * inv_den - s, 0.0)
+        fr = tl.load(fr_ptr + rows[:, None] * stride_fc + cols[None, :] * stride_fd, mask=m, other=0.0).to(acc_t)
+        dot += tl.sum(fr * fs, axis=0)
+        nr += tl.sum(fr * fr, axis=0)
+        ns += tl.sum(fs * fs, axis=0)
+    tl.store(partial_ptr + pid * 3 + 0, tl.sum(dot, axis=0))
+    tl.store(partial_ptr + pid * 3 + 1, tl.sum(nr, axis=0))
+    tl.store(partial_ptr + pid * 3 + 2, tl.sum(ns, axis=0))
+
+
+@triton_kernel
+def _flow_backward_kernel(sums_ptr, counts_ptr, fr_ptr, stride_fc, stride_fd, coef_ptr, dmean_ptr, C, D, inv_den,
+                          BLOCK_C: "tl.constexpr", BLOCK_D: "tl.constexpr"):
+    # dmean[c] = dL/dS_c / n_c with G = alpha * F_r + beta * F_s (alpha, beta from the forward sums).
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    acc_t = sums_ptr.dtype.element_ty
+    alpha = tl.load(coef_ptr + 0)
+    beta = tl.load(coef_ptr + 1)
+    total = tl.zeros([BLOCK_D], dtype=acc_t)
+    for c0 in range(0, C, BLOCK_C):
+        rows = c0 + tl.arange(0, BLOCK_C)
+        m = (rows < C)[:, None] & col_ok[None, :]
+        n = tl.load(counts_ptr + rows, mask=rows < C, other=1).to(acc_t)
+        total += tl.sum(tl.load(sums_ptr + rows[:, None] * D + cols[None, :], mask=m, other=0.0) / n[:, None], axis=0)
+    g_total = tl.zeros([BLOCK_D], dtype=acc_t)
+    for c0 in range(0, C, BLOCK_C):
+        rows = c0 + tl.arange(0, BLOCK_C)
+        m = (rows < C)[:, None] & col_ok[None, :]
+        n = tl.load(counts_ptr + rows, mask=rows < C, other=1).to(acc_t)
+        s = tl.load(sums_ptr + rows[:, None] * D + cols[None, :], mask=m, other=0.0) / n[:, None]
+        fr = tl.load(fr_ptr + rows[:, None] * stride_fc + cols[None, :] * stride_fd, mask=m, other=0.0).to(acc_t)
+        g = tl.where(m, alpha * fr + beta * ((total[None, :] - s) * inv_den - s), 0.0)
+        g_total += tl.sum(g, axis=0)
+    for c0 in range(0, C, BLOCK_C):
+        rows = c0 + tl.arange(0, BLOCK_C)
+        m = (rows < C)[:, None] & col_ok[None, :]
+        n = tl.load(counts_ptr + rows, mask=rows < C, other=1).to(acc_t)
+        s = tl.load(sums_ptr + rows[:, None] * D + cols[None, :], mask=m, other=0.0) / n[:, None]
+        fr = tl.load(fr_ptr + rows[:, None] * stride_fc + cols[None, :] * stride_fd, mask=m, other=0.0).to(acc_t)
+        g = alpha * fr + beta * ((total[None, :] - s) * inv_den - s)
+        ds = (g_total[None, :] - g) * inv_den - g
+        tl.store(dmean_ptr + rows[:, None] * D + cols[None, :], ds / n[:, None], mask=m)
+
+
+FLOW_BLOCK_C = 32
+FLOW_BLOCK_D = 64
+
+
+@dataclass(frozen=True)
+class FlowOptions:
+    """Options of :class:`FlowMatchingFunction`: ``nontarget_denominator`` ("classes" | "samples")."""
+
+    nontarget_denominator: str = "classes"
+
+
+def _flow_sums(features, labels, num_classes):
+    acc = empty_class_sums(num_classes, features.shape[1], dtype=_compute_dtype(features), device=features.device)
+    return _class_centers_triton(features, labels, acc, deterministic=True)
+
+
+class FlowMatchingFunction(torch.autograd.Function):
+    """Fused SFM loss; backward by the Triton kernels (double backward: the reference, by autograd)."""
+
+    @staticmethod
+    def forward(ctx, features, labels, real_flow, options: FlowOptions):
+        C, D = real_flow.shape
+        acc = _flow_sums(features, labels, C)
+        counts = acc.counts
+        inv_den = 1.0 / _nontarget_denominator(options.nontarget_denominator, C, features.shape[0])
+        grid = (cdiv(D, FLOW_BLOCK_D),)
+        partial = torch.empty(grid[0], 3, dtype=acc.sums.dtype, device=features.device)
+        _flow_forward_kernel[grid](acc.sums, counts, real_flow, real_flow.stride(0), real_flow.stride(1), partial, C,
+                                   D, inv_den, BLOCK_C=FLOW_BLOCK_C, BLOCK_D=FLOW_BLOCK_D)
+        dot, nr2, ns2 = partial.sum(0).unbind()
+        denom = (nr2.sqrt() * ns2.sqrt()).clamp_min(EPS)
+        cos = dot / denom
+        ctx.save_for_backward(features, labels, real_flow, acc.sums, counts, torch.stack([dot, nr2, ns2]))
+        ctx.options = options
+        return 1 - cos
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        features, labels, real_flow, sums, counts, moments = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the reference instead
+            opts = ctx.options
+            (g,) = grad_via_reference(
+                lambda f: flow_matching_loss_reference(f, labels, real_flow, opts.nontarget_denominator),
+                [features], [True], grad_loss)
+            return g, None, None, None
+        return _flow_backward(ctx, grad_loss, features, labels, real_flow, sums, counts, moments), None, None, None
+
+
+def _flow_backward(ctx, grad_loss, features, labels, real_flow, sums, counts, moments):
+    C, D = real_flow.shape
+    dot, nr2, ns2 = moments.unbind()
+    prod = nr2.sqrt() * ns2.sqrt()
+    denom = prod.clamp_min(EPS)
+    cos = dot / denom
+    g = grad_loss.to(sums.dtype)
+    alpha = -g / denom
+    # Above the clamp the cosine also depends on |F_s| (the beta term); below it only through <F_r, F_s>.
+    beta = torch.where(prod > EPS, g * cos / ns2, torch.zeros_like(g))
+    coef = torch.stack([alpha, beta]).contiguous()
+    dmean = torch.empty(C, D, dtype=sums.dtype, device=sums.device)
+    inv_den = 1.0 / _nontarget_denominator(ctx.options.nontarget_denominator, C, features.shape[0])
+    grid = (cdiv(D, FLOW_BLOCK_D),)
+    _flow_backward_kernel[grid](sums, counts, real_flow, real_flow.stride(0), real_flow.stride(1), coef, dmean, C, D,
+                                inv_den, BLOCK_C=FLOW_BLOCK_C, BLOCK_D=FLOW_BLOCK_D)
+    return dmean.index_select(0, labels.long()).to(features.dtype)
+
+
+def flow_matching_loss(features: torch.Tensor, labels: torch.Tensor, real_flow: torch.Tensor, *,
+                       nontarget_denominator: str = "classes", impl: str = "auto") -> torch.Tensor:
+    """SFM loss ``1 - cos(vec F_r, vec F_s)`` of synthetic ``features`` [N,D] with ``labels`` [N].
+
+    ``real_flow`` [C,D]: :func:`real_flow` of the real class means (a constant). Every class in
+    0..C-1 needs at least one synthetic feature. Differentiable w.r.t. ``features``. See the module
+    docstring for the math, the options and the dtype policy.
+    """
+    check_float("features", features, (2,))
+    check_float("real_flow", real_flow, (2,))
+    if nontarget_denominator not in DENOMINATORS:
+        raise ValueError(f"nontarget_denominator must be one of {DENOMINATORS}, got {nontarget_denominator!r}")
+    N, D = features.shape
+    C = real_flow.shape[0]
+    if real_flow.shape[1] != D:
+        raise ValueError(f"real_flow must have shape [C, {D}] to match features [N, {D}], got {tuple(real_flow.shape)}")
+    if C < 2:
+        raise ValueError(f"real_flow must have at least 2 classes (rows), got {C}")
+    if real_flow.device != features.device:
+        raise ValueError(f"real_flow is on {real_flow.device} but features are on {features.device}")
+    check_labels("labels", labels, N, C, features.device)
+    if checks_enabled():
+        present = torch.zeros(C, dtype=torch.bool, device=labels.device)
+        present[labels.long()] = True
+        if not bool(present.all()):
+            missing = torch.nonzero(~present)[0, 0].item()
+            raise ValueError(f"labels must contain every class 0..{C - 1} at least once; class {missing} is empty")
+    check_finite("features", features)
+    check_finite("real_flow", real_flow)
+    backend = resolve_impl(impl, features, real_flow)
+    if backend == "torch":
+        return flow_matching_loss_reference(features, labels, real_flow, nontarget_denominator)
+    return FlowMatchingFunction.apply(features, labels.long(), real_flow.detach(),
+                                      FlowOptions(nontarget_denominator))

@@ -1,0 +1,456 @@
+r"""Cross-entropy of features against a linear head, streamed: never materialises the M x C logits.
+
+Math. For features :math:`z_i \in \mathbb{R}^D` (i < M), labels :math:`y_i`, a head
+:math:`W \in \mathbb{R}^{D\times C}`, temperature :math:`\tau` and optional bias :math:`b`:
+
+.. math::  \ell_i = \operatorname{lse}_c(s_{ic}) - s_{i y_i}, \qquad s = zW/\tau + b, \qquad
+           L = \tfrac{1}{M}\sum_i \ell_i \ (\text{"mean"}) \ \text{or}\ \sum_i \ell_i \ (\text{"sum"}).
+
+With :math:`P = \operatorname{softmax}(s)` row-wise, :math:`Y` one-hot and :math:`g` the upstream
+gradient (divided by M for "mean"), :math:`\Delta = g(P - Y)` and
+
+.. math::  \partial L/\partial W = z^\top \Delta / \tau, \qquad \partial L/\partial z = \Delta W^\top/\tau,
+           \qquad \partial L/\partial b = \mathbf{1}^\top \Delta .
+
+This is CLP's outer loss (real features against the ridge probe, :math:`\tau` the temperature).
+
+Dtype policy: features bf16/fp16/fp32 (and W, bias any float dtype); every logit, the log-sum-exp and
+all gradient sums accumulate in fp32. The Triton products run on tensor cores in the narrower of the
+dtypes of z and W (bf16 x bf16 when z is bf16, whatever W is: the precision autocast would use), fp32
+products follow ``torch.backends.cuda.matmul.allow_tf32``; under the Triton interpreter products are
+fp32 (numpy has no bf16). The loss is fp32 (fp64 for fp64 inputs on the reference); gradients have
+their inputs' dtypes. fp64 inputs run on the reference only.
+
+Backends:
+- torch (reference): materialises the logits; the oracle and the CPU path.
+- triton: forward, one program per block of BLOCK_M rows: for each block of BLOCK_C classes the logit
+  tile is a tl.dot over D, folded into an online log-sum-exp (running max and sum) and the target
+  logit; it writes the per-row loss and lse (M floats each). Backward recomputes the logit tiles from
+  the saved lse: dW by programs that own a [BLOCK_DW, BLOCK_C] tile of dW and a split of the rows,
+  accumulating :math:`z^\top\Delta` in registers, then one fixed-order sum over the splits (no atomics,
+  run-to-run identical); dz (only when z requires grad) by programs owning [BLOCK_M, BLOCK_DZ] of dz.
+  No buffer larger than M, or splits x D x C, is allocated.
+- cuda (``fastdd._C``): rows in chunks; cuBLAS products for the chunk's logits and the gradients, one
+  fused CUDA kernel per chunk for the row-wise log-sum-exp, loss and softmax-minus-one-hot in place:
+  memory chunk x C.
+Double backward goes to the reference.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from fastdd._backend import cdiv, interpreter_enabled, matmul_allows_tf32, resolve_impl, tl, triton_kernel
+from fastdd.ops._common import (
+    KERNEL_DTYPES,
+    check_finite,
+    check_float,
+    check_labels,
+    grad_via_reference,
+    no_autocast,
+    reduce_dtype,
+)
+
+__all__ = ["linear_cross_entropy", "linear_cross_entropy_reference"]
+
+REDUCTIONS = ("mean", "sum")
+
+
+def linear_cross_entropy_reference(z: torch.Tensor, y: torch.Tensor, W: torch.Tensor, tau: float = 1.0,
+                                   bias: Optional[torch.Tensor] = None, reduction: str = "mean") -> torch.Tensor:
+    """Torch reference (materialises the [M,C] logits; differentiable by autograd)."""
+    dtype = reduce_dtype(z, W, bias)
+    with no_autocast(z.device):
+        logits = (z.to(dtype) @ W.to(dtype)) / tau
+        if bias is not None:
+            logits = logits + bias.to(dtype)
+        return F.cross_entropy(logits, y.long(), reduction=reduction)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton kernels. W is addressed by strides, so a [C,D] weight is passed as its transpose view.
+
+
+@triton_kernel
+def _lce_forward_kernel(z_ptr, y_ptr, w_ptr, b_ptr, loss_ptr, lse_ptr, M, D, C, stride_zm, stride_zd, stride_wd,
+                        stride_wc, scale, HAS_BIAS: "tl.constexpr", DOT_DTYPE: "tl.constexpr",
+                        PRECISION: "tl.constexpr", BLOCK_M: "tl.constexpr", BLOCK_C: "tl.constexpr",
+                        BLOCK_D: "tl.constexpr"):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    y = tl.load(y_ptr + rows, mask=row_ok, other=0).to(tl.int32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    t_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cls = c0 + tl.arange(0, BLOCK_C)
+        cls_ok = cls < C
+        acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            d_ok = dd < D
+            a = tl.load(z_ptr + rows64[:, None] * stride_zm + dd[None, :] * stride_zd,
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            b = tl.load(w_ptr + dd[:, None] * stride_wd + cls[None, :] * stride_wc,
+                        mask=d_ok[:, None] & cls_ok[None, :], other=0.0)
+            acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        s = acc * scale
+        if HAS_BIAS:
+            s += tl.load(b_ptr + cls, mask=cls_ok, other=0.0).to(tl.float32)[None, :]
+        s = tl.where(cls_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+        m_i = m_new
+        t_i += tl.sum(tl.where(cls[None, :] == y[:, None], s, 0.0), axis=1)
+    lse = m_i + tl.log(l_i)
+    tl.store(loss_ptr + rows, lse - t_i, mask=row_ok)
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
+
+
+@triton_kernel
+def _lce_grad_w_kernel(z_ptr, y_ptr, w_ptr, b_ptr, lse_ptr, g_ptr, dw_ptr, db_ptr, M, D, C, rows_per_split,
+                       stride_zm, stride_zd, stride_wd, stride_wc, scale, HAS_BIAS: "tl.constexpr",
+                       WANT_BIAS: "tl.constexpr", DOT_DTYPE: "tl.constexpr", PRECISION: "tl.constexpr",
+                       BLOCK_M: "tl.constexpr", BLOCK_C: "tl.constexpr", BLOCK_D: "tl.constexpr",
+                       BLOCK_DW: "tl.constexpr"):
+    # Program (class block, dW-row block, row split): dw[split, dw_rows, cls] = scale * z^T Delta.
+    pid_c = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    cls = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cls_ok = cls < C
+    dw_rows = pid_d * BLOCK_DW + tl.arange(0, BLOCK_DW)
+    dw_ok = dw_rows < D
+    g = tl.load(g_ptr).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + cls, mask=cls_ok, other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_DW, BLOCK_C], dtype=tl.float32)
+    db = tl.zeros([BLOCK_C], dtype=tl.float32)
+    row_start = pid_s * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, M)
+    for r0 in range(row_start, row_end, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        rows64 = rows.to(tl.int64)
+        s = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            d_ok = dd < D
+            a = tl.load(z_ptr + rows64[:, None] * stride_zm + dd[None, :] * stride_zd,
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            b = tl.load(w_ptr + dd[:, None] * stride_wd + cls[None, :] * stride_wc,
+                        mask=d_ok[:, None] & cls_ok[None, :], other=0.0)
+            s = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), s, input_precision=PRECISION)
+        s = s * scale
+        if HAS_BIAS:
+            s += bias[None, :]
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        y = tl.load(y_ptr + rows, mask=row_ok, other=0).to(tl.int32)
+        p = tl.exp(s - lse[:, None])
+        delta = (p - tl.where(cls[None, :] == y[:, None], 1.0, 0.0)) * g
+        delta = tl.where(row_ok[:, None] & cls_ok[None, :], delta, 0.0)
+        zt = tl.load(z_ptr + rows64[:, None] * stride_zm + dw_rows[None, :] * stride_zd,
+                     mask=row_ok[:, None] & dw_ok[None, :], other=0.0)
+        acc = tl.dot(tl.trans(zt.to(DOT_DTYPE)), delta.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        if WANT_BIAS:
+            db += tl.sum(delta, axis=0)
+    out = dw_ptr + pid_s.to(tl.int64) * D * C + dw_rows[:, None] * C + cls[None, :]
+    tl.store(out, acc * scale, mask=dw_ok[:, None] & cls_ok[None, :])
+    if WANT_BIAS:
+        if pid_d == 0:
+            tl.store(db_ptr + pid_s * C + cls, db, mask=cls_ok)
+
+
+@triton_kernel
+def _lce_grad_z_kernel(z_ptr, y_ptr, w_ptr, b_ptr, lse_ptr, g_ptr, dz_ptr, M, D, C, stride_zm, stride_zd, stride_wd,
+                       stride_wc, scale, HAS_BIAS: "tl.constexpr", DOT_DTYPE: "tl.constexpr",
+                       PRECISION: "tl.constexpr", BLOCK_M: "tl.constexpr", BLOCK_C: "tl.constexpr",
+                       BLOCK_D: "tl.constexpr", BLOCK_DZ: "tl.constexpr"):
+    # Program (row block, dz-column block): dz[rows, dz_cols] = scale * Delta W^T.
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    dz_cols = pid_d * BLOCK_DZ + tl.arange(0, BLOCK_DZ)
+    dz_ok = dz_cols < D
+    g = tl.load(g_ptr).to(tl.float32)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    y = tl.load(y_ptr + rows, mask=row_ok, other=0).to(tl.int32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DZ], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cls = c0 + tl.arange(0, BLOCK_C)
+        cls_ok = cls < C
+        s = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            d_ok = dd < D
+            a = tl.load(z_ptr + rows64[:, None] * stride_zm + dd[None, :] * stride_zd,
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            b = tl.load(w_ptr + dd[:, None] * stride_wd + cls[None, :] * stride_wc,
+                        mask=d_ok[:, None] & cls_ok[None, :], other=0.0)
+            s = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), s, input_precision=PRECISION)
+        s = s * scale
+        if HAS_BIAS:
+            s += tl.load(b_ptr + cls, mask=cls_ok, other=0.0).to(tl.float32)[None, :]
+        p = tl.exp(s - lse[:, None])
+        delta = (p - tl.where(cls[None, :] == y[:, None], 1.0, 0.0)) * g
+        delta = tl.where(row_ok[:, None] & cls_ok[None, :], delta, 0.0)
+        wt = tl.load(w_ptr + dz_cols[:, None] * stride_wd + cls[None, :] * stride_wc,
+                     mask=dz_ok[:, None] & cls_ok[None, :], other=0.0)
+        acc = tl.dot(delta.to(DOT_DTYPE), tl.trans(wt.to(DOT_DTYPE)), acc, input_precision=PRECISION)
+    tl.store(dz_ptr + rows64[:, None] * D + dz_cols[None, :], acc * scale, mask=row_ok[:, None] & dz_ok[None, :])
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Block sizes and launch options of the streamed cross-entropy kernels."""
+
+    block_m: int
+    block_c: int
+    block_d: int
+    block_dw: int
+    block_dz: int
+    num_warps: int
+    num_stages: int
+    max_partial_bytes: int
+
+
+# H100-oriented tiles: 128 x 128 logit tiles over 64-wide K steps; dW programs own 256 x 64 of dW so the
+# logits are recomputed D/256 times (3x at D = 768) instead of needing atomics or an M x C buffer.
+GPU_TILES = TileConfig(block_m=128, block_c=128, block_d=64, block_dw=256, block_dz=128, num_warps=8, num_stages=3,
+                       max_partial_bytes=64 << 20)
+GPU_TILES_GRAD = TileConfig(block_m=64, block_c=64, block_d=64, block_dw=256, block_dz=128, num_warps=8,
+                            num_stages=3, max_partial_bytes=64 << 20)
+# The interpreter's cost grows with the number of programs and loop trips, not tile area: small tiles
+# keep every masked edge exercised at test shapes.
+INTERPRETER_TILES = TileConfig(block_m=16, block_c=16, block_d=16, block_dw=16, block_dz=16, num_warps=1,
+                               num_stages=1, max_partial_bytes=1 << 20)
+
+
+def _tiles(grad: bool) -> TileConfig:
+    if interpreter_enabled():
+        return INTERPRETER_TILES
+    return GPU_TILES_GRAD if grad else GPU_TILES
+
+
+def _dot_dtype(*dtypes: torch.dtype):
+    """Triton dtype of the tensor-core operands (see the dtype policy) and the fp32 precision."""
+    if interpreter_enabled():
+        return tl.float32, "ieee"
+    half = [d for d in dtypes if d in (torch.float16, torch.bfloat16)]
+    if half:
+        return (tl.bfloat16 if half[0] == torch.bfloat16 else tl.float16), "ieee"
+    return tl.float32, ("tf32" if matmul_allows_tf32() else "ieee")
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_splits(M: int, tiles_per_split: int, D: int, C: int, cfg: TileConfig, device: torch.device) -> int:
+    """Row splits of the dW kernel: enough programs to fill the GPU, bounded partial-buffer memory."""
+    if device.type == "cuda":
+        target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        target = 2  # interpreter: still exercise the split-and-reduce path
+    splits = max(1, cdiv(target, tiles_per_split))
+    splits = min(splits, max(1, cfg.max_partial_bytes // max(1, D * C * 4)), cdiv(M, cfg.block_m))
+    return max(1, splits)
+
+
+def lce_forward_triton(z, y, W_dc, bias, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-row losses and log-sum-exps [M] fp32 of logits ``scale * z @ W_dc + bias`` (W_dc: [D,C] view)."""
+    M, D = z.shape
+    C = W_dc.shape[1]
+    cfg = _tiles(grad=False)
+    dot_dtype, precision = _dot_dtype(z.dtype, W_dc.dtype)
+    loss_rows = torch.empty(M, dtype=torch.float32, device=z.device)
+    lse = torch.empty(M, dtype=torch.float32, device=z.device)
+    if M == 0:
+        return loss_rows, lse
+    grid = (cdiv(M, cfg.block_m),)
+    _lce_forward_kernel[grid](z, y, W_dc, bias if bias is not None else lse, loss_rows, lse, M, D, C, z.stride(0),
+                              z.stride(1), W_dc.stride(0), W_dc.stride(1), scale, HAS_BIAS=bias is not None,
+                              DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c,
+                              BLOCK_D=cfg.block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return loss_rows, lse
+
+
+def lce_grad_w_triton(z, y, W_dc, bias, lse, row_grad, scale: float, want_bias: bool):
+    """``dW [D,C]`` fp32 (and ``db [C]`` fp32 or None) of the streamed CE, from the forward's lse.
+
+    ``row_grad``: a one-element fp32 tensor, the weight of every row's loss (g/M for "mean").
+    """
+    M, D = z.shape
+    C = W_dc.shape[1]
+    cfg = _tiles(grad=True)
+    dot_dtype, precision = _dot_dtype(z.dtype, W_dc.dtype)
+    tiles = cdiv(C, cfg.block_c) * cdiv(D, cfg.block_dw)
+    splits = _num_splits(M, tiles, D, C, cfg, z.device)
+    rows_per_split = cdiv(cdiv(M, splits), cfg.block_m) * cfg.block_m
+    splits = max(1, cdiv(M, rows_per_split))
+    dw = torch.empty(splits, D, C, dtype=torch.float32, device=z.device)
+    db = torch.empty(splits, C, dtype=torch.float32, device=z.device) if want_bias else lse
+    grid = (cdiv(C, cfg.block_c), cdiv(D, cfg.block_dw), splits)
+    _lce_grad_w_kernel[grid](z, y, W_dc, bias if bias is not None else lse, lse, row_grad, dw, db, M, D, C,
+                             rows_per_split, z.stride(0), z.stride(1), W_dc.stride(0), W_dc.stride(1), scale,
+                             HAS_BIAS=bias is not None, WANT_BIAS=want_bias, DOT_DTYPE=dot_dtype, PRECISION=precision,
+                             BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_d, BLOCK_DW=cfg.block_dw,
+                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return dw.sum(0), (db.sum(0) if want_bias else None)
+
+
+def lce_grad_z_triton(z, y, W_dc, bias, lse, row_grad, scale: float) -> torch.Tensor:
+    """``dz [M,D]`` fp32 of the streamed CE, from the forward's lse."""
+    M, D = z.shape
+    C = W_dc.shape[1]
+    cfg = _tiles(grad=True)
+    dot_dtype, precision = _dot_dtype(z.dtype, W_dc.dtype)
+    dz = torch.empty(M, D, dtype=torch.float32, device=z.device)
+    grid = (cdiv(M, cfg.block_m), cdiv(D, cfg.block_dz))
+    _lce_grad_z_kernel[grid](z, y, W_dc, bias if bias is not None else lse, lse, row_grad, dz, M, D, C, z.stride(0),
+                             z.stride(1), W_dc.stride(0), W_dc.stride(1), scale, HAS_BIAS=bias is not None,
+                             DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c,
+                             BLOCK_D=cfg.block_d, BLOCK_DZ=cfg.block_dz, num_warps=cfg.num_warps,
+                             num_stages=cfg.num_stages)
+    return dz
+
+
+# ----------------------------------------------------------------------------------------------------
+# CUDA-extension path (fastdd._C): chunked rows, cuBLAS products + one fused row-wise kernel per chunk.
+
+CUDA_CHUNK_ELEMENTS = 1 << 25  # rows per chunk = this / C: 128 MiB of fp32 logits at most
+
+
+def _lce_cuda(z, y, W_dc, bias, scale: float, row_grad: Optional[torch.Tensor], want_dz: bool, want_dw: bool):
+    """Loss sum (fp32 scalar) and, when ``row_grad`` is given, dW [D,C] fp32, db [C] fp32, dz [M,D] fp32."""
+    from fastdd import _ext
+
+    ext = _ext.load()
+    bias_arg = bias if bias is not None else z.new_empty(0)
+    grad_arg = row_grad if row_grad is not None else torch.zeros(1, dtype=torch.float32, device=z.device)
+    chunk = max(1, CUDA_CHUNK_ELEMENTS // max(1, W_dc.shape[1]))
+    loss, dw, db, dz = ext.linear_cross_entropy_chunked(z, y, W_dc, bias_arg, float(scale), grad_arg,
+                                                         row_grad is not None and want_dw, want_dz, chunk)
+    return loss, dw, db, dz
+
+
+@dataclass(frozen=True)
+class LCEOptions:
+    """Options of :class:`LinearCrossEntropyFunction`."""
+
+    tau: float = 1.0
+    reduction: str = "mean"
+    backend: str = "triton"  # "triton" | "cuda"
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Streamed CE (Triton or CUDA-extension kernels); double backward by the reference."""
+
+    @staticmethod
+    def forward(ctx, z, y, W, bias, options: LCEOptions):
+        M = z.shape[0]
+        scale = 1.0 / options.tau
+        if options.backend == "cuda":
+            total, _, _, _ = _lce_cuda(z, y, W, bias, scale, None, False, False)
+            lse = None
+        else:
+            loss_rows, lse = lce_forward_triton(z, y, W, bias, scale)
+            total = loss_rows.sum()
+        loss = total / M if options.reduction == "mean" else total
+        ctx.save_for_backward(z, y, W, bias, lse)
+        ctx.options = options
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        z, y, W, bias, lse = ctx.saved_tensors
+        opts = ctx.options
+        needs_z, _, needs_w, needs_b, _ = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the reference instead
+            dz, dw, db = grad_via_reference(
+                lambda z_, w_, b_: linear_cross_entropy_reference(z_, y, w_, opts.tau, b_, opts.reduction),
+                [z, W, bias], [needs_z, needs_w, needs_b], grad_loss)
+            return dz, None, dw, db, None
+        M = z.shape[0]
+        row_grad = grad_loss.detach().to(torch.float32).reshape(1)
+        if opts.reduction == "mean":
+            row_grad = row_grad / M
+        scale = 1.0 / opts.tau
+        dz = dw = db = None
+        if opts.backend == "cuda":
+            _, dw, db, dz = _lce_cuda(z, y, W, bias, scale, row_grad, needs_z, needs_w or needs_b)
+        else:
+            if needs_w or needs_b:
+                dw, db = lce_grad_w_triton(z, y, W, bias, lse, row_grad, scale, want_bias=needs_b)
+            if needs_z:
+                dz = lce_grad_z_triton(z, y, W, bias, lse, row_grad, scale)
+        return (dz.to(z.dtype) if needs_z else None, None, dw.to(W.dtype) if needs_w else None,
+                db.to(bias.dtype) if needs_b else None, None)
+
+
+def linear_cross_entropy(z: torch.Tensor, y: torch.Tensor, W: torch.Tensor, *, tau: float = 1.0,
+                         bias: Optional[torch.Tensor] = None, reduction: str = "mean",
+                         impl: str = "auto") -> torch.Tensor:
+    """Cross-entropy of ``z @ W / tau + bias`` against ``y``, streamed (no [M,C] logits on GPU backends).
+
+    Args:
+        z: [M,D] features (bf16/fp16/fp32; fp64 on the reference), any strides.
+        y: [M] integer labels in [0, C).
+        W: [D,C] head (any float dtype, any strides).
+        tau: positive temperature.
+        bias: optional [C].
+        reduction: "mean" or "sum".
+        impl: "auto" | "triton" | "cuda" | "torch".
+
+    Returns a scalar, differentiable w.r.t. z, W and bias. See the module docstring for the math,
+    the dtype policy and the algorithms.
+    """
+    check_float("z", z, (2,))
+    check_float("W", W, (2,))
+    M, D = z.shape
+    if W.shape[0] != D:
+        raise ValueError(f"W must have shape [{D}, C] to match z [M, {D}], got {tuple(W.shape)}")
+    C = W.shape[1]
+    if C < 1:
+        raise ValueError("W must have at least one class column")
+    if M == 0:
+        raise ValueError("z must have at least one row")
+    if W.device != z.device:
+        raise ValueError(f"W is on {W.device} but z is on {z.device}")
+    if bias is not None:
+        check_float("bias", bias, (1,))
+        if bias.shape[0] != C or bias.device != z.device:
+            raise ValueError(f"bias must have shape [{C}] on {z.device}, got {tuple(bias.shape)} on {bias.device}")
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
+        raise ValueError(f"tau must be a positive float, got {tau!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_labels("y", y, M, C, z.device)
+    check_finite("z", z)
+    check_finite("W", W)
+    if bias is not None:
+        check_finite("bias", bias)
+    backend = resolve_impl(impl, z, W)
+    if backend != "torch" and z.dtype not in KERNEL_DTYPES:
+        if impl == "auto" and not _forced():
+            backend = "torch"
+        else:
+            raise TypeError(f"z must be fp16/bf16/fp32 for impl={backend!r} (fp64 runs on impl='torch'), got {z.dtype}")
+    if backend == "torch":
+        return linear_cross_entropy_reference(z, y, W, tau, bias, reduction)
+    with no_autocast(z.device):
+        return LinearCrossEntropyFunction.apply(z, y.long(), W, bias, LCEOptions(float(tau), reduction, backend))
+
+
+def _forced() -> bool:
+    return bool(os.environ.get("FASTDD_IMPL"))

@@ -1,0 +1,179 @@
+r"""CLP's inner problem: the ridge probe fitted on synthetic features, batched, by Cholesky.
+
+Math (METHODS.md, CLP). For features :math:`Z \in \mathbb{R}^{N\times D}`, targets
+:math:`Y \in \mathbb{R}^{N\times C}` and :math:`\lambda > 0`,
+
+.. math::  W = Z^\top (Z Z^\top + \lambda I_N)^{-1} Y = (Z^\top Z + \lambda I_D)^{-1} Z^\top Y .
+
+The smaller system is solved: the sample-space one (N x N) when N <= D, else the feature-space one
+(D x D), each by a Cholesky factorisation. ``zs`` [P,N,D] with ``targets`` [P,N,C] and ``lam`` [P]
+solve P problems in one batched call (several lam values or augmentation copies).
+
+Gradient (closed form; autograd through the reference gives the same). With :math:`G = \partial L/\partial W`:
+sample space, :math:`A = (K+\lambda I)^{-1}Y`, :math:`E = (K+\lambda I)^{-1} Z G`, :math:`K = ZZ^\top`:
+
+.. math::  \partial L/\partial Z = A G^\top - (E A^\top + A E^\top) Z,\quad \partial L/\partial Y = E,\quad
+           \partial L/\partial\lambda = -\langle E, A\rangle ;
+
+feature space, :math:`H = Z^\top Z + \lambda I`, :math:`Q = H^{-1} G`:
+
+.. math::  \partial L/\partial Z = (Y - ZW) Q^\top - Z Q W^\top,\quad \partial L/\partial Y = Z Q,\quad
+           \partial L/\partial\lambda = -\langle Q, W\rangle .
+
+Dtype policy: the solve runs in ``solve_dtype`` (default fp64 for fp64 inputs, else fp32); W has that
+dtype; gradients have their inputs' dtypes.
+
+Backends: there is no Triton or CUDA kernel here on purpose: the work is a Gram product (cuBLAS) and a
+batched Cholesky (cuSOLVER), which hand-written kernels would not beat. ``impl="torch"`` differentiates
+the reference by autograd; every other backend uses the closed-form backward above (one extra
+triangular solve instead of autograd's saved intermediates); double backward goes to the reference.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from fastdd._backend import IMPLS, checks_enabled
+from fastdd.ops._common import check_finite, check_float, grad_via_reference
+
+__all__ = ["ridge_probe", "ridge_probe_reference"]
+
+SOLVE_DTYPES = (torch.float32, torch.float64)
+
+
+def _eye_like(n: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.eye(n, dtype=like.dtype, device=like.device)
+
+
+def _cholesky(matrix: torch.Tensor) -> torch.Tensor:
+    L, info = torch.linalg.cholesky_ex(matrix)
+    if checks_enabled() and bool((info > 0).any()):
+        raise ValueError("ridge_probe: the regularised Gram matrix is not positive definite "
+                         "(lam too small for the features' scale, or NaN features); increase lam")
+    return L
+
+
+def ridge_probe_reference(zs: torch.Tensor, targets: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """Torch reference on batched, already converted inputs: zs [P,N,D], targets [P,N,C], lam [P]."""
+    N, D = zs.shape[-2:]
+    lam = lam.view(-1, 1, 1)
+    if N <= D:
+        K = zs @ zs.transpose(-1, -2) + lam * _eye_like(N, zs)
+        A = torch.cholesky_solve(targets, _cholesky(K))
+        return zs.transpose(-1, -2) @ A
+    H = zs.transpose(-1, -2) @ zs + lam * _eye_like(D, zs)
+    return torch.cholesky_solve(zs.transpose(-1, -2) @ targets, _cholesky(H))
+
+
+@dataclass(frozen=True)
+class RidgeOptions:
+    """``sample_space``: solve the N x N system (else the D x D one)."""
+
+    sample_space: bool
+
+
+class RidgeProbeFunction(torch.autograd.Function):
+    """Batched ridge solve with the closed-form backward of the module docstring."""
+
+    @staticmethod
+    def forward(ctx, zs, targets, lam, options: RidgeOptions):
+        N, D = zs.shape[-2:]
+        lam3 = lam.view(-1, 1, 1)
+        zt = zs.transpose(-1, -2)
+        if options.sample_space:
+            L = _cholesky(zs @ zt + lam3 * _eye_like(N, zs))
+            A = torch.cholesky_solve(targets, L)
+            W = zt @ A
+            ctx.save_for_backward(zs, targets, lam, L, A, W)
+        else:
+            L = _cholesky(zt @ zs + lam3 * _eye_like(D, zs))
+            W = torch.cholesky_solve(zt @ targets, L)
+            ctx.save_for_backward(zs, targets, lam, L, W, W)
+        ctx.options = options
+        return W
+
+    @staticmethod
+    def backward(ctx, G):
+        zs, targets, lam, L, A, W = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the reference instead
+            dz, dy, dl = grad_via_reference(ridge_probe_reference, [zs, targets, lam], needs, G)
+            return dz, dy, dl, None
+        G = G.to(zs.dtype)
+        dz = dy = dl = None
+        if ctx.options.sample_space:
+            E = torch.cholesky_solve(zs @ G, L)
+            if needs[0]:
+                dz = A @ G.transpose(-1, -2) - (E @ A.transpose(-1, -2) + A @ E.transpose(-1, -2)) @ zs
+            dy = E if needs[1] else None
+            dl = -(E * A).sum((-2, -1)) if needs[2] else None
+        else:
+            Q = torch.cholesky_solve(G, L)
+            if needs[0]:
+                dz = (targets - zs @ W) @ Q.transpose(-1, -2) - zs @ Q @ W.transpose(-1, -2)
+            dy = zs @ Q if needs[1] else None
+            dl = -(Q * W).sum((-2, -1)) if needs[2] else None
+        return dz, dy, dl, None
+
+
+def ridge_probe(zs: torch.Tensor, targets: torch.Tensor, lam: Union[float, torch.Tensor], *,
+                solve_dtype: Optional[torch.dtype] = None, impl: str = "auto") -> torch.Tensor:
+    """Ridge probe ``W = Z^T (Z Z^T + lam I)^-1 Y`` by Cholesky, for one or P problems at once.
+
+    Args:
+        zs: [N,D] or [P,N,D] features.
+        targets: [N,C] or [P,N,C] targets (e.g. one-hot, possibly centred).
+        lam: positive float, or a tensor [P] (one value per problem; [] or [1] for one problem).
+        solve_dtype: torch.float32 or torch.float64 (default: fp64 for fp64 inputs, else fp32).
+        impl: "auto" | "triton" | "cuda" | "torch" (see the module docstring).
+
+    Returns W [D,C] or [P,D,C] in ``solve_dtype``; differentiable w.r.t. zs, targets and a tensor lam.
+    """
+    check_float("zs", zs, (2, 3))
+    check_float("targets", targets, (2, 3))
+    if targets.dim() != zs.dim():
+        raise ValueError(f"targets must be {zs.dim()}-D like zs, got shape {tuple(targets.shape)}")
+    if targets.shape[:-1] != zs.shape[:-1]:
+        raise ValueError(f"targets {tuple(targets.shape)} must match zs {tuple(zs.shape)} in all but the last dim")
+    if targets.device != zs.device:
+        raise ValueError(f"targets is on {targets.device} but zs is on {zs.device}")
+    if zs.shape[-2] == 0:
+        raise ValueError("zs must have at least one row")
+    batched = zs.dim() == 3
+    P = zs.shape[0] if batched else 1
+    if solve_dtype is None:
+        solve_dtype = torch.float64 if torch.float64 in (zs.dtype, targets.dtype) else torch.float32
+    if solve_dtype not in SOLVE_DTYPES:
+        raise TypeError(f"solve_dtype must be torch.float32 or torch.float64, got {solve_dtype}")
+    if isinstance(lam, torch.Tensor):
+        if lam.numel() != P or lam.dim() > 1:
+            raise ValueError(f"lam must be a float or a tensor of shape [{P}], got shape {tuple(lam.shape)}")
+        if lam.device != zs.device:
+            raise ValueError(f"lam is on {lam.device} but zs is on {zs.device}")
+        if not lam.is_floating_point():
+            raise TypeError(f"lam must be a floating tensor, got {lam.dtype}")
+        if checks_enabled() and not bool((lam > 0).all()):
+            raise ValueError("lam must be positive")
+        lam_t = lam.reshape(P).to(solve_dtype)
+    else:
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam > 0:
+            raise ValueError(f"lam must be a positive float, got {lam!r}")
+        lam_t = torch.full((P,), float(lam), dtype=solve_dtype, device=zs.device)
+    check_finite("zs", zs)
+    check_finite("targets", targets)
+    z3 = (zs if batched else zs.unsqueeze(0)).to(solve_dtype)
+    y3 = (targets if batched else targets.unsqueeze(0)).to(solve_dtype)
+    # No kernels of its own: every backend name is valid on every device (see the module docstring).
+    impl = os.environ.get("FASTDD_IMPL") or impl
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "torch" or (impl == "auto" and not zs.is_cuda):
+        W = ridge_probe_reference(z3, y3, lam_t)
+    else:
+        N, D = z3.shape[-2:]
+        W = RidgeProbeFunction.apply(z3, y3, lam_t, RidgeOptions(sample_space=N <= D))
+    return W if batched else W.squeeze(0)
+
