@@ -1,0 +1,175 @@
+"""CLP, closed-form linear-probe distillation (arXiv 2605.07194), as a loss over synthetic features.
+
+Inner problem, exact: the ridge probe fitted on the synthetic features ``Z_s [N, D]`` with targets
+``Y [N, C]``,  ``W = Z_s^T (Z_s Z_s^T + lam I)^-1 Y = (Z_s^T Z_s + lam I)^-1 Z_s^T Y``
+(``fastdd.ops.ridge_probe`` solves the smaller system by Cholesky and back-propagates in closed form).
+Outer loss: ``L = CE(Z_r W / tau, y_r)`` averaged over the real bank rows used
+(``fastdd.ops.linear_cross_entropy``, streamed over rows). Gradients reach ``Z_s`` only through ``W``.
+
+Options (METHODS.md's calibration found CLP sensitive to each; ``fastdd.distill`` passes them through):
+
+- ``relative_lam`` (default True): the ridge is ``lam * mean(diag(Z_s Z_s^T))`` (mean squared norm of the
+  synthetic rows after normalisation, detached), so ``lam`` is scale-free; False: ``lam`` is absolute.
+- ``centered_targets`` (default True): ``Y = onehot - 1/C`` instead of one-hot.
+- ``feature_norm``: ``"none"`` (default, raw features: best in the calibration), ``"center"`` (subtract
+  the real global mean), ``"standardize"`` (subtract it and divide by the real per-feature std) or
+  ``"l2"`` (unit-norm rows). The same map is applied to real and synthetic features; centre and scale come
+  from the bank (or the class sums), computed once.
+- ``bias`` (default False): append a constant-1 column to both sides (a ridge-penalised bias).
+- ``real_batch``: None uses the whole bank every call; an int draws that many rows of the bank (uniformly,
+  with replacement, from ``generator``) per call.
+- ``solve_dtype``: dtype of the inner Cholesky solve (float32 or float64; None: the op's default, fp32
+  unless the features are fp64).
+
+Defaults (lam 0.1 relative, tau 0.1, centred targets, raw features) are the calibration's best CLP variant
+on Fashion-MNIST / MobileNetV2; the paper's values are not public.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import ops
+from ._checks import check_features
+
+__all__ = ["ClosedFormProbeLoss", "FEATURE_NORMS"]
+
+FEATURE_NORMS = ("none", "center", "standardize", "l2")
+_STAT_CHUNK = 65536
+
+
+class ClosedFormProbeLoss(nn.Module):
+    """``ClosedFormProbeLoss(stats, lam, tau, real_batch=None)(zs, ys) -> CE(Z_r W(zs) / tau, y_r)``.
+
+    Args:
+        stats: a ``fastdd.RealStats`` with a feature bank (``bank=True``).
+        lam: ridge strength (relative to the kernel's mean diagonal when ``relative_lam``).
+        tau: softmax temperature of the outer cross-entropy.
+        real_batch: None (whole bank per call) or the number of bank rows drawn per call.
+        relative_lam, centered_targets, feature_norm, bias, solve_dtype: see the module docstring.
+        generator: ``torch.Generator`` (CPU) drawing the real batches.
+        cache_bank: keep a copy of the bank on the features' device (in its stored dtype) after the first
+            call; False gathers the rows from the (possibly memory-mapped) CPU bank every call.
+    """
+
+    def __init__(self, stats, lam: float = 0.1, tau: float = 0.1, real_batch: Optional[int] = None, *,
+                 relative_lam: bool = True, centered_targets: bool = True, feature_norm: str = "none",
+                 bias: bool = False, solve_dtype: Optional[torch.dtype] = None,
+                 generator: Optional[torch.Generator] = None, cache_bank: bool = True):
+        super().__init__()
+        if not getattr(stats, "has_bank", False):
+            raise ValueError("ClosedFormProbeLoss needs stats with a feature bank: build them with "
+                             "RealStats.from_data(..., bank=True) or RealStats.from_features(..., bank=True)")
+        if not (isinstance(lam, (int, float)) and not isinstance(lam, bool) and lam > 0):
+            raise ValueError(f"lam must be a positive number, got {lam!r}")
+        if not (isinstance(tau, (int, float)) and not isinstance(tau, bool) and tau > 0):
+            raise ValueError(f"tau must be a positive number, got {tau!r}")
+        n_bank = stats.bank_features.shape[0]
+        if n_bank == 0:
+            raise ValueError("stats: the feature bank is empty")
+        if real_batch is not None and (isinstance(real_batch, bool) or not isinstance(real_batch, int)
+                                       or real_batch < 1):
+            raise ValueError(f"real_batch must be None or a positive int, got {real_batch!r}")
+        if feature_norm is None:
+            feature_norm = "none"
+        if feature_norm not in FEATURE_NORMS:
+            raise ValueError(f"feature_norm must be one of {FEATURE_NORMS}, got {feature_norm!r}")
+        if solve_dtype not in (None, torch.float32, torch.float64):
+            raise ValueError(f"solve_dtype must be None, torch.float32 or torch.float64, got {solve_dtype!r}")
+        stats.require_nonempty("ClosedFormProbeLoss(stats)")
+        self.stats = stats
+        self.num_classes = stats.num_classes
+        self.lam = float(lam)
+        self.tau = float(tau)
+        self.real_batch = real_batch
+        self.relative_lam = bool(relative_lam)
+        self.centered_targets = bool(centered_targets)
+        self.feature_norm = feature_norm
+        self.bias = bool(bias)
+        self.solve_dtype = solve_dtype
+        self.generator = generator
+        self.cache_bank = bool(cache_bank)
+        self._bank_cache = None
+        shift = scale = None
+        if feature_norm in ("center", "standardize"):
+            shift, scale = _bank_mean_std(stats.bank_features)
+            if feature_norm == "center":
+                scale = None
+        self.register_buffer("feature_shift", shift)
+        self.register_buffer("feature_scale", scale)
+
+    # ---- pieces ------------------------------------------------------------------------------------
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """The feature map applied to both sides (normalisation, then the optional bias column)."""
+        if self.feature_shift is not None:
+            z = z - self.feature_shift.to(z.device, z.dtype)
+        if self.feature_scale is not None:
+            z = z / self.feature_scale.to(z.device, z.dtype)
+        if self.feature_norm == "l2":
+            z = F.normalize(z, dim=1)
+        if self.bias:
+            z = torch.cat([z, z.new_ones(z.shape[0], 1)], dim=1)
+        return z
+
+    def targets(self, ys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        y = F.one_hot(ys.long(), self.num_classes).to(dtype)
+        return y - 1.0 / self.num_classes if self.centered_targets else y
+
+    def ridge_strength(self, zs: torch.Tensor):
+        """Absolute ridge: ``lam``, or ``lam * mean_i ||z_i||^2`` (a detached 0-d tensor, no host sync)
+        when ``relative_lam``."""
+        if not self.relative_lam:
+            return self.lam
+        return self.lam * zs.detach().pow(2).sum(1).mean().clamp(min=torch.finfo(zs.dtype).tiny)
+
+    def probe(self, zs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        """The ridge probe ``W [D(+1), C]`` fitted on ``zs`` (already normalised), in the solve dtype."""
+        return ops.ridge_probe(zs, self.targets(ys, zs.dtype), self.ridge_strength(zs), solve_dtype=self.solve_dtype)
+
+    def real_features(self, device) -> tuple:
+        """The real rows used this call: ``(zr [M, D] float32 on device, yr [M])``."""
+        bank, labels = self.stats.bank_features, self.stats.bank_labels
+        if self.cache_bank:
+            if self._bank_cache is None or self._bank_cache[0].device != torch.device(device):
+                self._bank_cache = (bank.to(device), labels.to(device))
+            bank, labels = self._bank_cache
+        if self.real_batch is None:
+            return bank.float(), labels
+        idx = torch.randint(bank.shape[0], (self.real_batch,), generator=self.generator)
+        idx = idx.to(bank.device)
+        return bank[idx].to(device).float(), labels[idx].to(device)
+
+    # ---- the loss ----------------------------------------------------------------------------------
+    def forward(self, zs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        check_features(zs, ys, dim=self.stats.feature_dim)
+        w = self.probe(self.normalize(zs), ys)
+        zr, yr = self.real_features(zs.device)
+        zr = self.normalize(zr).to(w.dtype)
+        return ops.linear_cross_entropy(zr, yr, w, tau=self.tau)
+
+    def settings(self) -> dict:
+        return {"lam": self.lam, "tau": self.tau, "real_batch": self.real_batch,
+                "relative_lam": self.relative_lam, "centered_targets": self.centered_targets,
+                "feature_norm": self.feature_norm, "bias": self.bias,
+                "solve_dtype": None if self.solve_dtype is None else str(self.solve_dtype)}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.settings().items())
+
+
+def _bank_mean_std(bank: torch.Tensor):
+    """Per-feature mean and std (fp64 accumulation, returned float32) of the bank, chunk by chunk."""
+    total = torch.zeros(bank.shape[1], dtype=torch.float64)
+    total_sq = torch.zeros(bank.shape[1], dtype=torch.float64)
+    for start in range(0, bank.shape[0], _STAT_CHUNK):
+        chunk = bank[start:start + _STAT_CHUNK].to("cpu", torch.float64)
+        total += chunk.sum(0)
+        total_sq += chunk.pow(2).sum(0)
+    n = bank.shape[0]
+    mean = total / n
+    var = (total_sq / n - mean.pow(2)).clamp(min=0)
+    return mean.float(), var.sqrt().clamp(min=1e-6).float()

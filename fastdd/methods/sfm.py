@@ -1,0 +1,71 @@
+"""SFM, statistical flow matching (arXiv 2602.05391), as a loss over synthetic features.
+
+Real flow (constant, from the real class means mu_c): ``F_r[c] = mean_{k != c} mu_k - mu_c`` (C-1
+denominator, class centres unweighted). Synthetic flow from the class means ``S_c`` of the synthetic
+features (over the ipc images of class c and any augmented copies): ``F_s[c] = mean_{k != c} S_k - S_c``.
+Loss: ``1 - cos(vec F_r, vec F_s)``, one cosine over the flattened ``C*D`` vectors.
+
+Why it works: at W = 0 the cross-entropy gradient of a linear head on a class-balanced batch is
+``((C-1)/C^2) * flow``; LGM matches a noisy batch estimate of this direction, SFM the exact one.
+
+The computation is ``fastdd.ops.real_flow`` (once, at construction) and ``fastdd.ops.flow_matching_loss``
+(per call). ``nontarget_denominator="samples"`` reproduces the official code's ``C*ipc - 1`` denominator
+(a bug for ipc > 1; kept only as a compatibility option).
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+import torch.nn as nn
+
+from .. import ops
+from ._checks import check_features
+
+__all__ = ["FlowMatchingLoss"]
+
+
+class FlowMatchingLoss(nn.Module):
+    """``FlowMatchingLoss(stats)(zs, ys) -> 1 - cos(F_r, F_s)``.
+
+    Args:
+        stats: a ``fastdd.RealStats`` (its class means are used) or the class means ``[C, D]`` themselves.
+        nontarget_denominator: ``"classes"`` (C - 1, correct) or ``"samples"`` (the official code's).
+
+    Call with ``zs [N, D]`` synthetic features and ``ys [N]`` labels in ``0..C-1``; every class must
+    appear in ``ys``. Returns a scalar differentiable w.r.t. ``zs``.
+    """
+
+    def __init__(self, stats, nontarget_denominator: str = "classes"):
+        super().__init__()
+        if nontarget_denominator not in ("classes", "samples"):
+            raise ValueError(f"nontarget_denominator must be 'classes' or 'samples', got {nontarget_denominator!r}")
+        if isinstance(stats, torch.Tensor):
+            means = stats.detach().float()
+            if means.dim() != 2:
+                raise ValueError(f"stats given as class means must have shape [C, D], got {tuple(means.shape)}")
+        else:
+            if not hasattr(stats, "means"):
+                raise TypeError(f"stats must be a RealStats or a [C, D] tensor of means, got {type(stats).__name__}")
+            stats.require_nonempty("FlowMatchingLoss(stats)")
+            means = stats.means
+        if means.shape[0] < 2:
+            raise ValueError(f"flow matching needs at least 2 classes, the statistics have {means.shape[0]}")
+        if not bool(torch.isfinite(means).all()):
+            raise ValueError("stats: the class means contain NaN or Inf")
+        self.nontarget_denominator = nontarget_denominator
+        self.register_buffer("real_flow", ops.real_flow(means))
+
+    @property
+    def num_classes(self) -> int:
+        return self.real_flow.shape[0]
+
+    def forward(self, zs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        check_features(zs, ys, dim=self.real_flow.shape[1])
+        real_flow = self.real_flow.to(zs.device)
+        return ops.flow_matching_loss(zs, ys, real_flow, nontarget_denominator=self.nontarget_denominator)
+
+    def extra_repr(self) -> str:
+        return f"classes={self.real_flow.shape[0]}, dim={self.real_flow.shape[1]}, " \
+               f"nontarget_denominator={self.nontarget_denominator!r}"

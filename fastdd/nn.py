@@ -1,0 +1,16 @@
+"""Drop-in distillation losses over features, usable from any codebase.
+
+Each takes synthetic features ``zs [N, D]`` (and labels ``ys [N]``) and returns a scalar that
+back-propagates into ``zs``::
+
+    stats = fastdd.RealStats.from_data(loader, encoder, bank=True)
+    loss = fastdd.nn.FlowMatchingLoss(stats)(zs, ys)
+    loss = fastdd.nn.ClosedFormProbeLoss(stats, lam=0.1, tau=0.1)(zs, ys)
+    loss = fastdd.nn.LinearGradientMatchingLoss()(zs, ys, zr, yr)
+"""
+
+from .methods.clp import ClosedFormProbeLoss
+from .methods.lgm import LinearGradientMatchingLoss
+from .methods.sfm import FlowMatchingLoss
+
+__all__ = ["FlowMatchingLoss", "ClosedFormProbeLoss", "LinearGradientMatchingLoss"]

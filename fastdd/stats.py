@@ -1,0 +1,456 @@
+"""Statistics of the real data that the distillation losses need, computed in one streamed pass.
+
+``RealStats`` holds, for C classes and D-dimensional features of a frozen encoder:
+
+- ``counts`` int64 ``[C]`` and ``sums`` float64 ``[C, D]`` (``means`` float32 is ``sums / counts``),
+- optionally ``sq_sums`` float64 ``[C, D]`` (per-class sums of squared features, for second moments),
+- optionally a feature bank ``bank_features [N, D]`` (a chosen dtype; in memory or memory-mapped on disk)
+  with ``bank_labels`` int64 ``[N]``.
+
+SFM needs only the class means, CLP only the bank: neither touches a real image while distilling.
+
+Accumulation policy: each batch is reduced by ``fastdd.ops.class_centers`` (fp32 sums of one batch), and
+the batch sums are added into fp64 totals, so the error does not grow with the number of batches; the
+encoder runs un-augmented (its wrapper resizes and centre-crops), without a graph.
+
+Files: ``save``/``load`` write a torch zip file holding ``{"format", "format_version", "payload",
+"checksum"}``, where the checksum is a SHA-256 over every tensor's bytes, dtype and shape and every other
+value of the payload. A truncated or altered file raises ``CorruptFileError`` naming the file. Writes are
+atomic (temporary file + ``os.replace``). The helpers ``save_checked``/``load_checked`` are shared with
+``fastdd.api`` (DistilledSet and checkpoints).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+
+from . import ops
+
+__all__ = ["RealStats", "CorruptFileError", "save_checked", "load_checked", "resolve_encoder"]
+
+STATS_FORMAT = "fastdd.RealStats"
+STATS_FORMAT_VERSION = 1
+_HASH_CHUNK_BYTES = 1 << 24
+
+
+class CorruptFileError(ValueError):
+    """A fastdd file is truncated, altered, of another kind or of a newer format version."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Checked files (shared by RealStats, DistilledSet and distill checkpoints)
+# --------------------------------------------------------------------------------------------------
+
+def _digest(obj: Any, h) -> None:
+    """Feed a canonical encoding of ``obj`` (nested dict/list/tuple of tensors and plain values) to ``h``."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel() == 0:
+            return
+        t = t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)
+        if t.device.type != "cpu":
+            t = t.cpu()
+        # hash in chunks so memory-mapped banks are read page by page, never copied whole
+        step = max(1, _HASH_CHUNK_BYTES // t.element_size())
+        for start in range(0, t.numel(), step):
+            h.update(t[start:start + step].contiguous().view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for key in sorted(obj, key=repr):
+            h.update(repr(key).encode())
+            _digest(obj[key], h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)}".encode())
+        for item in obj:
+            _digest(item, h)
+    elif obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+        h.update(f"V{type(obj).__name__}{obj!r}".encode())
+    elif isinstance(obj, torch.dtype):
+        h.update(f"Y{obj}".encode())
+    else:
+        raise TypeError(f"cannot store a value of type {type(obj).__name__} in a fastdd file")
+
+
+def checksum(payload: Any) -> str:
+    """SHA-256 (hex) of the canonical encoding of ``payload``."""
+    h = hashlib.sha256()
+    _digest(payload, h)
+    return h.hexdigest()
+
+
+def save_checked(payload: dict, path: Union[str, os.PathLike], kind: str, version: int) -> None:
+    """Write ``payload`` to ``path`` with its kind, format version and checksum, atomically.
+
+    The file is first written to a temporary file in the same folder, then moved over ``path`` with
+    ``os.replace``: a crash while saving leaves the previous file intact.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"format": kind, "format_version": int(version), "payload": payload,
+              "checksum": checksum(payload)}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(record, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checked(path: Union[str, os.PathLike], kind: str, version: int, *, mmap: bool = False,
+                 verify: bool = True) -> dict:
+    """Read a file written by ``save_checked`` and return its payload.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CorruptFileError: the file cannot be read, is of another kind, has a newer format version, or its
+            checksum does not match its content.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # truncated zip, garbage bytes, pickle errors: all mean "unreadable"
+        raise CorruptFileError(f"{path} is corrupt or not a fastdd file (cannot be read: "
+                               f"{type(e).__name__}: {e})") from e
+    if not isinstance(record, dict) or "format" not in record or "payload" not in record:
+        raise CorruptFileError(f"{path} is not a fastdd file (no format header)")
+    if record["format"] != kind:
+        raise CorruptFileError(f"{path} holds a {record['format']!r}, expected a {kind!r}")
+    found = record.get("format_version")
+    if not isinstance(found, int) or found > version or found < 1:
+        raise CorruptFileError(f"{path} has format version {found!r}; this fastdd reads versions 1..{version} "
+                               "(upgrade fastdd to read newer files)")
+    if verify and checksum(record["payload"]) != record.get("checksum"):
+        raise CorruptFileError(f"{path} is corrupt: its checksum does not match its content")
+    return record["payload"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoders
+# --------------------------------------------------------------------------------------------------
+
+def resolve_encoder(encoder, device=None):
+    """Return a ``FrozenEncoder`` for ``encoder`` given as a name, a FrozenEncoder or any nn.Module.
+
+    A name goes through ``fastdd.encoders.load``; a plain module is wrapped by ``fastdd.encoders.wrap``
+    (ImageNet normalisation inside the wrapper, parameters frozen). ``device`` moves the encoder.
+    """
+    from . import encoders
+
+    if isinstance(encoder, str):
+        return encoders.load(encoder, device=device)
+    if isinstance(encoder, encoders.FrozenEncoder):
+        return encoder.to(device) if device is not None else encoder
+    if isinstance(encoder, torch.nn.Module):
+        wrapped = encoders.wrap(encoder)
+        return wrapped.to(device) if device is not None else wrapped
+    raise TypeError(f"encoder must be a name (str) or an nn.Module, got {type(encoder).__name__}")
+
+
+def _encoder_device(encoder) -> torch.device:
+    for p in encoder.parameters():
+        return p.device
+    for b in encoder.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# RealStats
+# --------------------------------------------------------------------------------------------------
+
+_BANK_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class RealStats:
+    """Per-class counts, fp64 feature sums (and optional second moments and feature bank) of a real set.
+
+    Build with ``RealStats.from_data`` (one streamed encoder pass) or ``RealStats.from_features`` (for
+    codebases that already have features); ``save``/``load`` keep them on disk.
+
+    Attributes:
+        counts: int64 ``[C]``. sums: float64 ``[C, D]``. sq_sums: float64 ``[C, D]`` or None.
+        bank_features: ``[N, D]`` (bank dtype; may be memory-mapped) or None. bank_labels: int64 ``[N]``.
+        encoder_name: the encoder's name when known (informational).
+    """
+
+    def __init__(self, counts: torch.Tensor, sums: torch.Tensor, sq_sums: Optional[torch.Tensor] = None,
+                 bank_features: Optional[torch.Tensor] = None, bank_labels: Optional[torch.Tensor] = None,
+                 encoder_name: Optional[str] = None):
+        counts = torch.as_tensor(counts)
+        sums = torch.as_tensor(sums)
+        if counts.dim() != 1 or counts.dtype != torch.int64:
+            raise ValueError(f"counts must be int64 [C], got {counts.dtype} {tuple(counts.shape)}")
+        if sums.dim() != 2 or sums.shape[0] != counts.shape[0]:
+            raise ValueError(f"sums must have shape [C={counts.shape[0]}, D], got {tuple(sums.shape)}")
+        if bool((counts < 0).any()):
+            raise ValueError("counts must be >= 0")
+        if sq_sums is not None and tuple(sq_sums.shape) != tuple(sums.shape):
+            raise ValueError(f"sq_sums must have shape {tuple(sums.shape)}, got {tuple(sq_sums.shape)}")
+        if (bank_features is None) != (bank_labels is None):
+            raise ValueError("bank_features and bank_labels must be given together")
+        if bank_features is not None:
+            if bank_features.dim() != 2 or bank_features.shape[1] != sums.shape[1]:
+                raise ValueError(f"bank_features must have shape [N, D={sums.shape[1]}], "
+                                 f"got {tuple(bank_features.shape)}")
+            if bank_labels.dim() != 1 or bank_labels.shape[0] != bank_features.shape[0]:
+                raise ValueError(f"bank_labels must have shape [{bank_features.shape[0]}], "
+                                 f"got {tuple(bank_labels.shape)}")
+        self.counts = counts.cpu()
+        self.sums = sums.to("cpu", torch.float64)
+        self.sq_sums = None if sq_sums is None else sq_sums.to("cpu", torch.float64)
+        self.bank_features = bank_features
+        self.bank_labels = None if bank_labels is None else bank_labels.to("cpu", torch.int64)
+        self.encoder_name = encoder_name
+
+    # ---- derived values ------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return int(self.counts.shape[0])
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.sums.shape[1])
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.counts.sum())
+
+    @property
+    def empty_classes(self) -> list:
+        """Indices of classes with no sample (their mean is reported as zero)."""
+        return [int(c) for c in torch.nonzero(self.counts == 0).flatten()]
+
+    @property
+    def means(self) -> torch.Tensor:
+        """Class means, float32 ``[C, D]`` (zero rows for empty classes; see ``empty_classes``)."""
+        return (self.sums / self.counts.clamp(min=1).unsqueeze(1).double()).float()
+
+    @property
+    def second_moments(self) -> torch.Tensor:
+        """Per-class ``E[z^2]``, float32 ``[C, D]``; needs ``second_moment=True`` at construction."""
+        if self.sq_sums is None:
+            raise ValueError("these statistics were computed without second_moment=True")
+        return (self.sq_sums / self.counts.clamp(min=1).unsqueeze(1).double()).float()
+
+    @property
+    def has_bank(self) -> bool:
+        return self.bank_features is not None
+
+    def require_nonempty(self, what: str = "these statistics") -> None:
+        """Raise a ValueError naming the empty classes, if any."""
+        empty = self.empty_classes
+        if empty:
+            raise ValueError(f"{what}: classes {empty[:10]}{'...' if len(empty) > 10 else ''} have no real "
+                             "sample (empty classes); pass num_classes matching the labels present")
+
+    def __repr__(self) -> str:
+        bank = "none" if self.bank_features is None else \
+            f"{tuple(self.bank_features.shape)} {self.bank_features.dtype}"
+        return (f"RealStats(classes={self.num_classes}, dim={self.feature_dim}, samples={self.num_samples}, "
+                f"second_moment={self.sq_sums is not None}, bank={bank})")
+
+    # ---- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_data(cls, source, encoder, labels=None, num_classes: Optional[int] = None, bank: bool = False,
+                  bank_dtype: torch.dtype = torch.float16, bank_path: Optional[Union[str, os.PathLike]] = None,
+                  second_moment: bool = False, batch_size: int = 256, device=None,
+                  progress: bool = True) -> "RealStats":
+        """One streamed pass of ``encoder`` over ``source``.
+
+        Args:
+            source: a tensor ``[N,3,H,W]`` in [0,1] (with ``labels``), a map-style Dataset yielding
+                ``(image, label)`` or a DataLoader yielding ``(images, labels)``; read batch by batch via
+                ``fastdd.data.iterate_batches`` (the whole set is never in memory).
+            encoder: a ``FrozenEncoder``, any nn.Module (wrapped by ``fastdd.encoders.wrap``) or a name.
+            num_classes: C; inferred (max label + 1) when None. Classes absent from the data keep count 0.
+            bank: also keep every feature (for CLP), in ``bank_dtype``.
+            bank_path: write the bank to this raw file and memory-map it (for banks larger than memory);
+                implies ``bank=True``. The file holds ``N*D`` values of ``bank_dtype``, row-major.
+            second_moment: also accumulate per-class sums of squared features.
+            batch_size: images per encoder call. device: where the encoder runs (default: its own device).
+            progress: show a tqdm progress bar.
+        """
+        from .data import iterate_batches
+
+        if bank_path is not None:
+            bank = True
+        if bank_dtype not in _BANK_DTYPES:
+            raise ValueError(f"bank_dtype must be one of {_BANK_DTYPES}, got {bank_dtype}")
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                        or num_classes < 1):
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if num_classes is None and isinstance(source, torch.Tensor) and labels is not None:
+            from .data import num_classes_of
+            num_classes = num_classes_of(torch.as_tensor(labels))
+        fixed_classes = num_classes is not None
+        encoder = resolve_encoder(encoder, device)
+        dev = _encoder_device(encoder) if device is None else torch.device(device)
+
+        total = None
+        if isinstance(source, torch.Tensor):
+            total = int(source.shape[0])
+        elif hasattr(source, "__len__"):
+            try:
+                total = len(source.dataset) if isinstance(source, torch.utils.data.DataLoader) else len(source)
+            except TypeError:
+                total = None
+        bar = _progress(total, "real statistics", progress)
+
+        sums = sq_sums = counts = None
+        bank_chunks, label_chunks, rows = [], [], 0
+        bank_file = open(bank_path, "wb") if bank_path is not None else None
+        try:
+            for images, batch_labels in iterate_batches(source, labels, batch_size=batch_size):
+                with torch.no_grad():
+                    feats = encoder(images.to(dev, non_blocking=True))
+                if feats.dim() != 2 or feats.shape[0] != images.shape[0] or not feats.is_floating_point():
+                    raise ValueError(f"encoder must return floating features [B, D]; got {feats.dtype} "
+                                     f"{tuple(feats.shape)} for {images.shape[0]} images")
+                if not bool(torch.isfinite(feats).all()):
+                    raise ValueError(f"encoder returned NaN or Inf features for real images "
+                                     f"{rows}..{rows + feats.shape[0] - 1}")
+                batch_labels = batch_labels.to(feats.device)
+                hi = int(batch_labels.max()) + 1
+                if fixed_classes and hi > num_classes:
+                    raise ValueError(f"labels must lie in [0, num_classes={num_classes}), found {hi - 1}")
+                c = num_classes if fixed_classes else max(hi, 0 if counts is None else counts.shape[0])
+                part = ops.class_centers(feats, batch_labels, c, second_moment=second_moment)
+                sums, counts, sq_sums = _grow_add(sums, counts, sq_sums, part, c, feats.shape[1])
+                if bank:
+                    chunk = feats.detach().to("cpu", bank_dtype)
+                    if bank_file is not None:
+                        bank_file.write(_raw_bytes(chunk))
+                    else:
+                        bank_chunks.append(chunk)
+                    label_chunks.append(batch_labels.cpu())
+                rows += feats.shape[0]
+                bar.update(feats.shape[0])
+        finally:
+            bar.close()
+            if bank_file is not None:
+                bank_file.close()
+        if num_classes is not None and counts.shape[0] < num_classes:  # pragma: no cover - fixed C above
+            raise AssertionError("internal: class count mismatch")
+        bank_features = bank_labels = None
+        if bank:
+            bank_labels = torch.cat(label_chunks)
+            if bank_path is not None:
+                bank_features = _map_bank(bank_path, rows, sums.shape[1], bank_dtype)
+            else:
+                bank_features = torch.cat(bank_chunks)
+        return cls(counts, sums, sq_sums, bank_features, bank_labels, getattr(encoder, "name", None))
+
+    @classmethod
+    def from_features(cls, features: torch.Tensor, labels: torch.Tensor, num_classes: Optional[int] = None,
+                      bank: bool = True, second_moment: bool = False,
+                      chunk_size: int = 65536) -> "RealStats":
+        """Statistics from features already computed (``[N, D]``, any float dtype, possibly memory-mapped).
+
+        With ``bank=True`` the bank *is* ``features`` (no copy; keep it alive and unmodified) and
+        ``labels`` (as int64). Sums are reduced chunk by chunk (``chunk_size`` rows) into fp64.
+        """
+        if not isinstance(features, torch.Tensor) or features.dim() != 2 or not features.is_floating_point():
+            raise ValueError("features must be a floating tensor [N, D], got "
+                             f"{getattr(features, 'dtype', type(features).__name__)} "
+                             f"{tuple(getattr(features, 'shape', ()))}")
+        labels = torch.as_tensor(labels)
+        if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
+            raise ValueError(f"labels must have shape [{features.shape[0]}], got {tuple(labels.shape)}")
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be integers, got {labels.dtype}")
+        if features.shape[0] == 0:
+            raise ValueError("features is empty")
+        labels = labels.long()
+        lo, hi = int(labels.min()), int(labels.max())
+        if num_classes is None:
+            num_classes = hi + 1
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"labels must lie in [0, num_classes={num_classes}), found [{lo}, {hi}]")
+        sums = sq_sums = counts = None
+        for start in range(0, features.shape[0], chunk_size):
+            f = features[start:start + chunk_size]
+            y = labels[start:start + chunk_size].to(f.device)
+            if not bool(torch.isfinite(f).all()):
+                raise ValueError(f"features contain NaN or Inf (rows {start}..{start + f.shape[0] - 1})")
+            part = ops.class_centers(f.float() if f.dtype == torch.float64 else f, y, num_classes,
+                                     second_moment=second_moment)
+            sums, counts, sq_sums = _grow_add(sums, counts, sq_sums, part, num_classes, features.shape[1])
+        return cls(counts, sums, sq_sums, features if bank else None, labels if bank else None)
+
+    # ---- files -------------------------------------------------------------------------------------
+    def save(self, path: Union[str, os.PathLike], include_bank: bool = True) -> None:
+        """Save to ``path`` (format version, checksum, atomic write). A memory-mapped bank is copied in."""
+        payload = {"counts": self.counts, "sums": self.sums, "sq_sums": self.sq_sums,
+                   "bank_features": self.bank_features if include_bank else None,
+                   "bank_labels": self.bank_labels if include_bank else None,
+                   "encoder_name": self.encoder_name}
+        save_checked(payload, path, STATS_FORMAT, STATS_FORMAT_VERSION)
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], mmap: bool = True, verify: bool = True) -> "RealStats":
+        """Load statistics saved by ``save``; the bank is memory-mapped from the file when ``mmap``.
+
+        Raises ``CorruptFileError`` for a truncated, altered or foreign file.
+        """
+        p = load_checked(path, STATS_FORMAT, STATS_FORMAT_VERSION, mmap=mmap, verify=verify)
+        try:
+            return cls(p["counts"], p["sums"], p.get("sq_sums"), p.get("bank_features"), p.get("bank_labels"),
+                       p.get("encoder_name"))
+        except (KeyError, ValueError) as e:
+            raise CorruptFileError(f"{path} holds inconsistent statistics: {e}") from e
+
+
+def _grow_add(sums, counts, sq_sums, part, num_classes: int, dim: int):
+    """Add one batch's ``ClassSums`` into fp64 totals, growing the class axis when labels reveal more."""
+    if sums is None:
+        sums = torch.zeros(num_classes, dim, dtype=torch.float64, device=part.sums.device)
+        counts = torch.zeros(num_classes, dtype=torch.int64, device=part.sums.device)
+        sq_sums = None if part.sq_sums is None else torch.zeros_like(sums)
+    elif sums.shape[0] < num_classes:
+        extra = num_classes - sums.shape[0]
+        sums = torch.cat([sums, sums.new_zeros(extra, dim)])
+        counts = torch.cat([counts, counts.new_zeros(extra)])
+        if sq_sums is not None:
+            sq_sums = torch.cat([sq_sums, sq_sums.new_zeros(extra, dim)])
+    n = part.sums.shape[0]
+    sums[:n] += part.sums.double()
+    counts[:n] += part.counts.to(counts.device)
+    if sq_sums is not None:
+        sq_sums[:n] += part.sq_sums.double()
+    return sums, counts, sq_sums
+
+
+def _raw_bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def _map_bank(path, rows: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """Memory-map a raw row-major bank file as a torch tensor ``[rows, dim]`` of ``dtype``."""
+    if rows == 0:
+        return torch.zeros(0, dim, dtype=dtype)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    # numpy has no bfloat16: map the bytes as an integer type of the same width and reinterpret
+    np_dtype = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}[itemsize]
+    arr = np.memmap(path, dtype=np_dtype, mode="c", shape=(rows, dim))  # copy-on-write: file never altered
+    return torch.from_numpy(arr).view(dtype)
+
+
+def _progress(total, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False)
