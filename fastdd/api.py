@@ -1,0 +1,689 @@
+"""``fastdd.distill``: the distillation loop shared by LGM, SFM and CLP, and its result ``DistilledSet``.
+
+One step (METHODS.md's shared pipeline), kept as three separate pieces so the memory-flat backward slots in:
+
+1. **encode**: decode the image parameters into images ``s`` in (0, 1), draw augmentation parameters for
+   the K copies (``copies``), and encode ``z_s = phi(A(s))`` (``_encode_rows``);
+2. **loss on features**: ``loss = method_loss(z_s, labels, real side)``;
+3. **backward into the images**: ``loss.backward()`` then an Adam step. With ``chunk_size`` set, step 3
+   becomes memory-flat (``_chunked_backward``): the features are first computed without a graph, the loss
+   gradient ``dL/dz_s`` is taken w.r.t. those features, then each chunk of ``chunk_size`` rows is
+   re-encoded *with the same augmentation parameters* and back-propagates its slice of ``dL/dz_s``. Peak
+   memory then no longer grows with ``ipc * C * K``; the gradient equals the plain one up to float
+   summation order (tested).
+
+Real side: SFM and CLP touch no real image while distilling: ``RealStats`` (class means; CLP adds a
+feature bank) are computed once by one streamed encoder pass, or given as ``stats=``. The reference LGM is
+faithful: every step a fresh class-balanced real batch of ``ipc * K`` images per class, each augmented
+once, goes through the encoder without a graph, and a fresh random head ``W ~ N(0, 0.01^2)``, ``b = 0``.
+
+Randomness: one generator on the CPU (real-batch indices, CLP's bank rows, real init) and one on the
+device (initial noise, augmentation, LGM heads), both seeded from ``seed`` and saved in checkpoints, so a
+resumed run continues exactly as the uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .augment import Augment, AugmentParams, CROP_LOG_RATIO, CROP_SCALE, FLIP_PROB, NOISE_MEAN, NOISE_PROB, \
+    NOISE_STD
+from .images import PARAMETERIZATIONS, images_from_state, make_images
+from .methods.clp import FEATURE_NORMS, ClosedFormProbeLoss
+from .methods.lgm import LinearGradientMatchingLoss
+from .methods.sfm import FlowMatchingLoss
+from .stats import CorruptFileError, RealStats, load_checked, resolve_encoder, save_checked
+
+__all__ = ["distill", "DistilledSet", "METHODS", "INITS", "METHOD_DEFAULTS", "CorruptFileError"]
+
+METHODS = ("lgm", "sfm", "clp")
+INITS = ("noise", "real", "centroid")
+DISTILLED_FORMAT, DISTILLED_VERSION = "fastdd.DistilledSet", 1
+CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "fastdd.Checkpoint", 1
+
+# Per-method defaults for every argument left as None. LGM's are the published recipe (LGM is the
+# faithful reference). SFM and CLP: METHODS.md's calibration (Fashion-MNIST, MobileNetV2, CPU) found the
+# published augmentation too strong on small images and lr 2e-3 too small for 1000 steps, so they start
+# from the milder chain (crop scale [0.5, 1], no noise) and lr 1e-2. The "eval" engineer's sweeps set
+# the final values; edit this table only, with the evidence in the README.
+METHOD_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "lgm": dict(steps=5000, lr=2e-3, copies=10, init="noise", parameterization="pyramid",
+                crop_scale=CROP_SCALE, noise_prob=NOISE_PROB),
+    "sfm": dict(steps=1000, lr=1e-2, copies=1, init="noise", parameterization="pyramid",
+                crop_scale=(0.5, 1.0), noise_prob=0.0),
+    "clp": dict(steps=1000, lr=1e-2, copies=1, init="noise", parameterization="pyramid",
+                crop_scale=(0.5, 1.0), noise_prob=0.0),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# The result
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class DistilledSet:
+    """A distilled set: ``images`` float32 ``[C*ipc, 3, H, W]`` in [0, 1] (class-major), ``labels`` int64,
+    the ``method``, the ``settings`` it was made with (every argument of ``distill`` after defaults), and
+    the loss ``history`` (one float per step). Unpacks as ``images, labels = distilled``."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    method: str
+    settings: Dict[str, Any] = field(default_factory=dict)
+    history: List[float] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.images.dim() != 4 or self.labels.dim() != 1 or self.labels.shape[0] != self.images.shape[0]:
+            raise ValueError(f"images [N,3,H,W] and labels [N] do not match: {tuple(self.images.shape)}, "
+                             f"{tuple(self.labels.shape)}")
+
+    def __iter__(self):
+        return iter((self.images, self.labels))
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.labels.max()) + 1
+
+    @property
+    def ipc(self) -> int:
+        return self.images.shape[0] // self.num_classes
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write to ``path`` (format version, checksum, atomic)."""
+        save_checked({"images": self.images.detach().cpu(), "labels": self.labels.cpu(), "method": self.method,
+                      "settings": self.settings, "history": [float(v) for v in self.history]},
+                     path, DISTILLED_FORMAT, DISTILLED_VERSION)
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "DistilledSet":
+        """Read a file written by ``save``; ``CorruptFileError`` if it is truncated or altered."""
+        p = load_checked(path, DISTILLED_FORMAT, DISTILLED_VERSION)
+        return cls(p["images"], p["labels"], p["method"], p["settings"], list(p["history"]))
+
+    def __repr__(self) -> str:
+        return (f"DistilledSet(method={self.method!r}, images={tuple(self.images.shape)}, "
+                f"classes={self.num_classes}, steps={len(self.history)})")
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------------------------------
+
+def _positive_int(name: str, value, allow_none: bool = False, minimum: int = 1):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _positive_float(name: str, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _probability(name: str, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _range(name: str, value):
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair (lo, hi), got {value!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
+        raise ValueError(f"{name} must be a pair (lo, hi) with lo <= hi, got {value!r}")
+    return lo, hi
+
+
+def _resolve_device(device, encoder) -> torch.device:
+    if device is not None:
+        try:
+            return torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device={device!r} is not a device") from e
+    if isinstance(encoder, torch.nn.Module):
+        for t in list(encoder.parameters()) + list(encoder.buffers()):
+            return t.device
+        return torch.device("cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _indexable(source):
+    """The map-style dataset (or tensor) behind ``source``, or None for iterable-only sources."""
+    if isinstance(source, torch.Tensor):
+        return source
+    if isinstance(source, torch.utils.data.DataLoader):
+        source = source.dataset
+    if isinstance(source, torch.utils.data.IterableDataset):
+        return None
+    if hasattr(source, "__getitem__") and hasattr(source, "__len__"):
+        return source
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Real data: one cheap pass (labels, counts, shape, random real images per class)
+# --------------------------------------------------------------------------------------------------
+
+class _SmallestPerClass:
+    """Keep, per class, the ``k`` items with the smallest keys seen so far (streaming).
+
+    Random keys give a uniform sample without replacement per class; distances to the class mean give
+    the ``k`` nearest real images (the "centroid" initialisation)."""
+
+    def __init__(self, k: int, num_classes: int):
+        self.k, self.num_classes = k, num_classes
+        self.keys = torch.full((num_classes, k), math.inf, dtype=torch.float64)
+        self.items: Optional[torch.Tensor] = None
+
+    def update(self, keys: torch.Tensor, labels: torch.Tensor, items: torch.Tensor) -> None:
+        keys, labels, items = keys.double().cpu(), labels.cpu(), items.detach().cpu().float()
+        if self.items is None:
+            self.items = torch.zeros(self.num_classes, self.k, *items.shape[1:])
+        for c in torch.unique(labels).tolist():
+            mask = labels == c
+            all_keys = torch.cat([self.keys[c], keys[mask]])
+            all_items = torch.cat([self.items[c], items[mask]])
+            best = torch.topk(all_keys, self.k, largest=False).indices
+            self.keys[c], self.items[c] = all_keys[best], all_items[best]
+
+    def result(self) -> torch.Tensor:
+        """``[C*k, ...]`` class-major, each class's items in increasing key order."""
+        order = torch.argsort(self.keys, dim=1)
+        items = torch.stack([self.items[c][order[c]] for c in range(self.num_classes)])
+        return items.reshape(self.num_classes * self.k, *self.items.shape[2:])
+
+
+@dataclass
+class _Survey:
+    labels: torch.Tensor           # int64 [N] in the source's order
+    counts: torch.Tensor           # int64 [C]
+    image_size: Tuple[int, int]
+    samples: Optional[torch.Tensor]  # [C*ipc, 3, H, W] random real images (init="real") or None
+
+
+def _survey(source, labels, num_classes: Optional[int], batch_size: int, sample_per_class: int,
+            generator: torch.Generator, progress: bool) -> _Survey:
+    """One pass over the real data without the encoder: validation, labels, counts, image size."""
+    from tqdm.auto import tqdm
+
+    from .data import iterate_batches
+
+    label_chunks, size = [], None
+    reservoir = None
+    bar = tqdm(desc="scanning real data", unit="img", disable=not progress, leave=False)
+    for i, (images, ys) in enumerate(iterate_batches(source, labels, batch_size=batch_size)):
+        if size is None:
+            size = tuple(images.shape[-2:])
+        elif tuple(images.shape[-2:]) != size:
+            raise ValueError(f"images: all real images must have one size; batch {i} has "
+                             f"{tuple(images.shape[-2:])}, earlier ones {size}")
+        if num_classes is not None and int(ys.max()) >= num_classes:
+            raise ValueError(f"labels must lie in [0, num_classes={num_classes}), found {int(ys.max())}")
+        label_chunks.append(ys)
+        if sample_per_class:
+            if reservoir is None:
+                c = num_classes if num_classes is not None else None
+                reservoir = [] if c is None else _SmallestPerClass(sample_per_class, c)
+            keys = torch.rand(ys.shape[0], generator=generator, dtype=torch.float64)
+            if isinstance(reservoir, list):  # classes unknown yet: keep (keys, labels, images) lazily
+                reservoir.append((keys, ys, images.float().clone()))
+            else:
+                reservoir.update(keys, ys, images)
+        bar.update(ys.shape[0])
+    bar.close()
+    all_labels = torch.cat(label_chunks)
+    c = num_classes if num_classes is not None else int(all_labels.max()) + 1
+    counts = torch.bincount(all_labels, minlength=c)
+    samples = None
+    if sample_per_class:
+        if isinstance(reservoir, list):
+            kept = _SmallestPerClass(sample_per_class, c)
+            for keys, ys, images in reservoir:
+                kept.update(keys, ys, images)
+            reservoir = kept
+        samples = reservoir.result()
+    return _Survey(all_labels, counts, size, samples)
+
+
+def _check_classes(counts: torch.Tensor, ipc: int, name: str = "labels") -> None:
+    empty = torch.nonzero(counts == 0).flatten().tolist()
+    if empty:
+        raise ValueError(f"{name}: classes {empty[:10]}{'...' if len(empty) > 10 else ''} have no real image "
+                         f"(empty classes); relabel to 0..C-1 or pass the right num_classes")
+    smallest = int(counts.min())
+    if ipc > smallest:
+        c = int(torch.argmin(counts))
+        raise ValueError(f"ipc={ipc} is larger than class {c}, which has only {smallest} real images")
+
+
+def _nearest_to_means(source, labels, encoder, means: torch.Tensor, k: int, batch_size: int,
+                      device, progress: bool) -> torch.Tensor:
+    """The ``k`` real images nearest (Euclidean, in feature space) to each class mean, class-major."""
+    from tqdm.auto import tqdm
+
+    from .data import iterate_batches
+
+    keep = _SmallestPerClass(k, means.shape[0])
+    means = means.to(device)
+    bar = tqdm(desc="finding class centroids", unit="img", disable=not progress, leave=False)
+    for images, ys in iterate_batches(source, labels, batch_size=batch_size):
+        with torch.no_grad():
+            z = encoder(images.to(device))
+        d = (z - means[ys.to(device)]).pow(2).sum(1)
+        keep.update(d, ys, images)
+        bar.update(ys.shape[0])
+    bar.close()
+    return keep.result()
+
+
+class _RealBatches:
+    """Class-balanced random real batches for LGM, drawn by index from a tensor or map-style dataset."""
+
+    def __init__(self, source, labels_all: torch.Tensor, labels_tensor, num_classes: int):
+        self.source = source
+        self.labels_tensor = labels_tensor
+        order = torch.argsort(labels_all, stable=True)
+        counts = torch.bincount(labels_all, minlength=num_classes)
+        self.by_class = list(torch.split(order, counts.tolist()))
+
+    def sample(self, per_class: int, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+        from .data import iterate_batches
+
+        picks = []
+        for idx in self.by_class:
+            if per_class <= idx.numel():  # without replacement when the class is large enough
+                picks.append(idx[torch.randperm(idx.numel(), generator=generator)[:per_class]])
+            else:
+                picks.append(idx[torch.randint(idx.numel(), (per_class,), generator=generator)])
+        idx = torch.cat(picks)
+        if isinstance(self.source, torch.Tensor):
+            batch = iterate_batches(self.source[idx], torch.as_tensor(self.labels_tensor)[idx],
+                                    batch_size=idx.numel())
+        else:
+            batch = iterate_batches(torch.utils.data.Subset(self.source, idx.tolist()), batch_size=idx.numel())
+        return next(iter(batch))
+
+
+# --------------------------------------------------------------------------------------------------
+# The three pieces of a step
+# --------------------------------------------------------------------------------------------------
+
+def _encode_rows(encoder, augment: Augment, images: torch.Tensor, params: AugmentParams, lo: int, hi: int,
+                 autocast_dtype=None) -> torch.Tensor:
+    """Features of augmented rows ``lo..hi-1`` of the K-times repeated set (row r is image ``r % N``)."""
+    n = images.shape[0]
+    rows = torch.arange(lo, hi, device=images.device) % n
+    x = augment.apply(images[rows], params[lo:hi])
+    if autocast_dtype is not None:
+        with torch.autocast(device_type=x.device.type, dtype=autocast_dtype):
+            return encoder(x).float()
+    return encoder(x).float()
+
+
+def _plain_backward(encoder, augment, images, params, loss_fn, autocast_dtype=None) -> torch.Tensor:
+    """Encode all rows with a graph, take the loss, back-propagate into ``images``' parameters."""
+    zs = _encode_rows(encoder, augment, images, params, 0, len(params), autocast_dtype)
+    loss = loss_fn(zs)
+    loss.backward()
+    return loss.detach()
+
+
+def _chunked_backward(encoder, augment, images, params, loss_fn, chunk_size: int,
+                      autocast_dtype=None) -> torch.Tensor:
+    """Memory-flat version of ``_plain_backward`` (same gradient; see the module docstring)."""
+    total = len(params)
+    leaf = images.detach().requires_grad_(True)
+    with torch.no_grad():
+        zs = torch.cat([_encode_rows(encoder, augment, leaf, params, lo, min(lo + chunk_size, total),
+                                     autocast_dtype) for lo in range(0, total, chunk_size)])
+    zs.requires_grad_(True)
+    loss = loss_fn(zs)
+    (grad_z,) = torch.autograd.grad(loss, zs)
+    for lo in range(0, total, chunk_size):
+        hi = min(lo + chunk_size, total)
+        z = _encode_rows(encoder, augment, leaf, params, lo, hi, autocast_dtype)
+        z.backward(grad_z[lo:hi])
+    if images.requires_grad:
+        images.backward(leaf.grad)
+    return loss.detach()
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------
+
+# settings that must match for a checkpoint to be resumed (the rest, e.g. steps, may change)
+_RESUME_KEYS = ("method", "ipc", "num_classes", "image_size", "parameterization", "copies", "init", "seed",
+                "feature_dim")
+
+
+def _save_checkpoint(path, step, images, optimizer, history, cpu_gen, dev_gen, settings) -> None:
+    save_checked({"step": step, "images": images.get_state(), "optimizer": optimizer.state_dict(),
+                  "history": [float(v) for v in history], "cpu_rng": cpu_gen.get_state(),
+                  "device_rng": dev_gen.get_state().cpu(), "settings": settings},
+                 path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
+
+
+def _load_checkpoint(path, settings) -> dict:
+    ck = load_checked(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
+    saved = ck.get("settings", {})
+    diff = {k: (saved.get(k), settings.get(k)) for k in _RESUME_KEYS if saved.get(k) != settings.get(k)}
+    if diff:
+        raise ValueError(f"checkpoint {path} was made with other settings {diff} (saved, now): "
+                         "use another checkpoint path, or delete it to start afresh")
+    return ck
+
+
+# --------------------------------------------------------------------------------------------------
+# distill
+# --------------------------------------------------------------------------------------------------
+
+def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, steps: Optional[int] = None, *,
+            num_classes: Optional[int] = None,
+            lr: Optional[float] = None,
+            init: Optional[str] = None,
+            parameterization: Optional[str] = None,
+            extend_every: int = 200,
+            copies: Optional[int] = None,
+            augment: bool = True,
+            crop_size=None,
+            flip_prob: float = FLIP_PROB,
+            crop_scale: Optional[Sequence[float]] = None,
+            crop_log_ratio: Sequence[float] = CROP_LOG_RATIO,
+            noise_prob: Optional[float] = None,
+            noise_mean: float = NOISE_MEAN,
+            noise_std: float = NOISE_STD,
+            lam: float = 0.1,
+            tau: float = 0.1,
+            real_batch: Optional[int] = 4096,
+            relative_lam: bool = True,
+            centered_targets: bool = True,
+            feature_norm: str = "none",
+            probe_bias: bool = False,
+            nontarget_denominator: str = "classes",
+            head_std: float = 0.01,
+            stats: Optional[RealStats] = None,
+            bank_dtype: torch.dtype = torch.float16,
+            bank_path: Optional[Union[str, os.PathLike]] = None,
+            batch_size: int = 256,
+            chunk_size: Optional[int] = None,
+            autocast_dtype: Optional[torch.dtype] = None,
+            seed: int = 0,
+            device=None,
+            progress: bool = True,
+            checkpoint: Optional[Union[str, os.PathLike]] = None,
+            checkpoint_every: int = 100,
+            resume: bool = True,
+            callback: Optional[Callable[[int, float], None]] = None) -> DistilledSet:
+    """Distil a labelled image set into ``ipc`` synthetic images per class for linear probing.
+
+    Args:
+        images: the real set: a tensor ``[N,3,H,W]`` in [0,1] (with ``labels``), a map-style Dataset
+            yielding ``(image, label)`` or a DataLoader yielding ``(images, labels)``; streamed, never
+            loaded whole. LGM samples real batches by index, so it needs a tensor or a map-style dataset.
+        encoder: a frozen encoder: an ``nn.Module`` ``[B,3,h,w] -> [B,D]`` (wrapped by
+            ``fastdd.encoders.wrap``, which adds ImageNet normalisation), a ``FrozenEncoder``, or a name
+            for ``fastdd.encoders.load`` (e.g. ``"torchvision:mobilenet_v2"``).
+        method: ``"lgm"``, ``"sfm"`` or ``"clp"``.
+        labels: int64 ``[N]`` in ``0..C-1`` when ``images`` is a tensor.
+        ipc: synthetic images per class. steps: optimisation steps (default per method).
+        num_classes: C (default: max label + 1); every class needs at least ``ipc`` real images.
+        lr: Adam's learning rate (default per method: LGM 2e-3, SFM/CLP 1e-2).
+        init: ``"noise"`` (published), ``"real"`` (random real images per class) or ``"centroid"`` (the
+            ``ipc`` real images nearest each class mean in feature space).
+        parameterization: ``"pyramid"`` (LGM's, default) or ``"pixels"``; ``extend_every``: the pyramid's
+            extension period in steps (from noise only; see ``fastdd.images``).
+        copies: K, the augmented copies of the synthetic set per step (default: LGM 10, SFM/CLP 1).
+        augment: apply the augmentation chain (False: none). ``crop_size`` (default: the image size),
+            ``flip_prob``, ``crop_scale`` (default: LGM (0.08, 1), SFM/CLP (0.5, 1)), ``crop_log_ratio``,
+            ``noise_prob`` (default: LGM 0.5, SFM/CLP 0), ``noise_mean``, ``noise_std``: see
+            ``fastdd.augment``.
+        lam, tau, real_batch, relative_lam, centered_targets, feature_norm, probe_bias: CLP's options
+            (``fastdd.nn.ClosedFormProbeLoss``; ``probe_bias`` is its ``bias``). ``real_batch``: bank rows
+            per step (None: the whole bank).
+        nontarget_denominator: SFM's (``"classes"``, or ``"samples"`` for the official code's).
+        head_std: LGM's random-head scale.
+        stats: precomputed ``RealStats`` (SFM: means; CLP: with a bank), skipping the statistics pass.
+        bank_dtype, bank_path: CLP's feature bank dtype, and a file to memory-map it from.
+        batch_size: real images per encoder call in the statistics and scanning passes.
+        chunk_size: encode and back-propagate at most this many synthetic rows at a time
+            (memory-flat backward; None: all at once). Same gradient either way.
+        autocast_dtype: run the encoder under ``torch.autocast`` with this dtype (e.g. torch.float16 on
+            GPUs, as LGM does); losses always run in fp32.
+        seed: seeds every random draw (reproducible on one device and software stack).
+        device: where the loop runs (default: the encoder module's device; for names CUDA if available).
+        progress: tqdm progress bars.
+        checkpoint: a file to save the state to every ``checkpoint_every`` steps (atomic) and at the end;
+            if it exists and ``resume`` the run continues from it. A corrupt checkpoint raises
+            ``CorruptFileError`` and is left untouched; with ``resume=False`` an existing file is an error.
+        callback: called as ``callback(step, loss)`` after each step (``loss`` a 0-d tensor).
+
+    Returns:
+        ``DistilledSet`` with images in [0, 1] ``[C*ipc,3,H,W]`` (class-major), labels, settings, history.
+    """
+    t_start = time.perf_counter()
+    # ---- arguments ------------------------------------------------------------------------------
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    defaults = METHOD_DEFAULTS[method]
+    ipc = _positive_int("ipc", ipc)
+    steps = _positive_int("steps", defaults["steps"] if steps is None else steps, minimum=0)
+    num_classes = _positive_int("num_classes", num_classes, allow_none=True, minimum=2)
+    lr = _positive_float("lr", defaults["lr"] if lr is None else lr)
+    init = defaults["init"] if init is None else init
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    parameterization = defaults["parameterization"] if parameterization is None else parameterization
+    if parameterization not in PARAMETERIZATIONS:
+        raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
+    extend_every = _positive_int("extend_every", extend_every)
+    copies = _positive_int("copies", defaults["copies"] if copies is None else copies)
+    crop_scale = _range("crop_scale", defaults["crop_scale"] if crop_scale is None else crop_scale)
+    if not 0 < crop_scale[0]:
+        raise ValueError(f"crop_scale must lie in (0, inf), got {crop_scale!r}")
+    crop_log_ratio = _range("crop_log_ratio", crop_log_ratio)
+    flip_prob = _probability("flip_prob", flip_prob)
+    noise_prob = _probability("noise_prob", defaults["noise_prob"] if noise_prob is None else noise_prob)
+    if crop_size is not None:
+        crop_size = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(int(v) for v in crop_size)
+        if len(crop_size) != 2 or min(crop_size) < 1:
+            raise ValueError(f"crop_size must be a positive int or (h, w), got {crop_size!r}")
+    for name, v in (("noise_mean", noise_mean), ("noise_std", noise_std)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
+    lam = _positive_float("lam", lam)
+    tau = _positive_float("tau", tau)
+    real_batch = _positive_int("real_batch", real_batch, allow_none=True)
+    if feature_norm not in FEATURE_NORMS:
+        raise ValueError(f"feature_norm must be one of {FEATURE_NORMS}, got {feature_norm!r}")
+    if nontarget_denominator not in ("classes", "samples"):
+        raise ValueError(f"nontarget_denominator must be 'classes' or 'samples', got {nontarget_denominator!r}")
+    head_std = _positive_float("head_std", head_std)
+    batch_size = _positive_int("batch_size", batch_size)
+    chunk_size = _positive_int("chunk_size", chunk_size, allow_none=True)
+    checkpoint_every = _positive_int("checkpoint_every", checkpoint_every)
+    if autocast_dtype not in (None, torch.float16, torch.bfloat16):
+        raise ValueError(f"autocast_dtype must be None, torch.float16 or torch.bfloat16, got {autocast_dtype!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    if stats is not None and not isinstance(stats, RealStats):
+        raise ValueError(f"stats must be a fastdd.RealStats, got {type(stats).__name__}")
+    if labels is not None and not isinstance(images, torch.Tensor):
+        raise ValueError("labels= is only used with a tensor of images; a Dataset or DataLoader yields its own")
+    if isinstance(images, torch.Tensor):
+        if labels is None:
+            raise ValueError("labels is required when images is a tensor")
+        if images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"images must have shape [N, 3, H, W], got {tuple(images.shape)}")
+        labels = torch.as_tensor(labels)
+        if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
+            raise ValueError(f"labels must have shape [{images.shape[0]}] to match images, "
+                             f"got {tuple(labels.shape)}")
+        if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
+            raise ValueError(f"labels must hold integer class indices, got {labels.dtype}")
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        if checkpoint.exists() and not resume:
+            raise FileExistsError(f"checkpoint {checkpoint} exists and resume=False: delete it or resume")
+
+    dev = _resolve_device(device, encoder)
+    encoder = resolve_encoder(encoder, dev)
+    cpu_gen = torch.Generator().manual_seed(seed)
+    dev_gen = torch.Generator(device=dev).manual_seed(seed + 1)
+
+    # ---- real data: scan, statistics, initial images -------------------------------------------
+    lgm_source = None
+    scan_source = images
+    if method == "lgm":
+        lgm_source = _indexable(images)
+        if lgm_source is None:
+            raise ValueError("images: method='lgm' draws real batches by index, so it needs a tensor or a "
+                             "map-style Dataset (or a DataLoader over one), not an iterable-only source")
+        scan_source = lgm_source  # labels in index order
+    survey = _survey(scan_source, labels, num_classes, batch_size, ipc if init == "real" else 0, cpu_gen, progress)
+    counts = survey.counts
+    num_classes = counts.shape[0]
+    if num_classes < 2:
+        raise ValueError(f"labels: distillation needs at least 2 classes, found {num_classes}")
+    _check_classes(counts, ipc)
+    image_size = survey.image_size
+
+    needs_stats = method in ("sfm", "clp") or init == "centroid"
+    if stats is None and needs_stats:
+        stats = RealStats.from_data(images, encoder, labels=labels, num_classes=num_classes,
+                                    bank=(method == "clp"), bank_dtype=bank_dtype, bank_path=bank_path,
+                                    batch_size=batch_size, device=dev, progress=progress)
+    feature_dim = encoder.feature_dim if hasattr(encoder, "feature_dim") else None
+    if stats is not None:
+        if stats.num_classes != num_classes:
+            raise ValueError(f"stats has {stats.num_classes} classes, the labels {num_classes}")
+        if feature_dim is not None and stats.feature_dim != feature_dim:
+            raise ValueError(f"stats has feature dimension {stats.feature_dim}, the encoder {feature_dim}")
+        if method == "clp" and not stats.has_bank:
+            raise ValueError("stats: method='clp' needs statistics with a feature bank (bank=True)")
+        stats.require_nonempty("stats")
+
+    n_syn = num_classes * ipc
+    init_images = None
+    if init == "real":
+        init_images = survey.samples
+    elif init == "centroid":
+        init_images = _nearest_to_means(images, labels, encoder, stats.means, ipc, batch_size, dev, progress)
+    synth = make_images(parameterization, n_syn, image_size, init_images=init_images, generator=dev_gen,
+                        device=dev, extend_every=extend_every).to(dev)
+    syn_labels = torch.arange(num_classes, device=dev).repeat_interleave(ipc)
+    syn_labels_k = syn_labels.repeat(copies)
+
+    augmenter = Augment(crop_size=crop_size, flip_prob=flip_prob, crop_scale=crop_scale,
+                        crop_log_ratio=crop_log_ratio, noise_prob=noise_prob, noise_mean=noise_mean,
+                        noise_std=noise_std) if augment else Augment.identity(crop_size)
+
+    if method == "sfm":
+        loss_module = FlowMatchingLoss(stats, nontarget_denominator=nontarget_denominator).to(dev)
+    elif method == "clp":
+        loss_module = ClosedFormProbeLoss(stats, lam=lam, tau=tau, real_batch=real_batch,
+                                          relative_lam=relative_lam, centered_targets=centered_targets,
+                                          feature_norm=feature_norm, bias=probe_bias, generator=cpu_gen)
+    else:
+        loss_module = LinearGradientMatchingLoss(num_classes=num_classes, head_std=head_std, generator=dev_gen)
+        real_batches = _RealBatches(lgm_source, survey.labels, labels, num_classes)
+
+    settings = {
+        "method": method, "ipc": ipc, "steps": steps, "num_classes": num_classes, "image_size": list(image_size),
+        "feature_dim": feature_dim, "encoder": getattr(encoder, "name", type(encoder).__name__),
+        "lr": lr, "init": init, "parameterization": parameterization, "extend_every": extend_every,
+        "copies": copies, "augment": augment, "crop_size": None if crop_size is None else list(crop_size),
+        "flip_prob": flip_prob, "crop_scale": list(crop_scale), "crop_log_ratio": list(crop_log_ratio),
+        "noise_prob": noise_prob, "noise_mean": float(noise_mean), "noise_std": float(noise_std),
+        "lam": lam, "tau": tau, "real_batch": real_batch, "relative_lam": bool(relative_lam),
+        "centered_targets": bool(centered_targets), "feature_norm": feature_norm, "probe_bias": bool(probe_bias),
+        "nontarget_denominator": nontarget_denominator, "head_std": head_std,
+        "bank_dtype": str(bank_dtype), "chunk_size": chunk_size,
+        "autocast_dtype": None if autocast_dtype is None else str(autocast_dtype), "seed": seed,
+        "device": str(dev),
+    }
+
+    optimizer = torch.optim.Adam(synth.parameters(), lr=lr)
+    history: List[float] = []
+    start = 0
+    if checkpoint is not None and checkpoint.exists():
+        ck = _load_checkpoint(checkpoint, settings)
+        synth = images_from_state(ck["images"], dev)
+        optimizer = torch.optim.Adam(synth.parameters(), lr=lr)
+        optimizer.load_state_dict(ck["optimizer"])
+        history = list(ck["history"])
+        start = int(ck["step"])
+        cpu_gen.set_state(ck["cpu_rng"])
+        dev_gen.set_state(ck["device_rng"].to(dev_gen.get_state().device))
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    from tqdm.auto import tqdm
+
+    pending: List[torch.Tensor] = []
+    bar = tqdm(total=steps, initial=min(start, steps), desc=f"distill {method}", unit="step",
+               disable=not progress)
+    try:
+        for step in range(start, steps):
+            if synth.maybe_extend(step, dev_gen):
+                optimizer = torch.optim.Adam(synth.parameters(), lr=lr)  # LGM: Adam restarts on extension
+            optimizer.zero_grad(set_to_none=True)
+            s = synth()                                                       # 1. decode
+            params = augmenter.sample(n_syn * copies, image_size, dev_gen, dev)
+            if method == "lgm":
+                with torch.no_grad():
+                    xr, yr = real_batches.sample(ipc * copies, cpu_gen)
+                    xr, yr = xr.to(dev), yr.to(dev)
+                    real_params = augmenter.sample(xr.shape[0], xr.shape[-2:], dev_gen, dev)
+                    zr = _encode_rows(encoder, augmenter, xr, real_params, 0, xr.shape[0], autocast_dtype)
+
+                def loss_fn(zs, zr=zr, yr=yr):
+                    return loss_module(zs, syn_labels_k, zr, yr)
+            else:
+                def loss_fn(zs):
+                    return loss_module(zs, syn_labels_k)
+            if chunk_size is None:                                            # 2. loss, 3. backward
+                loss = _plain_backward(encoder, augmenter, s, params, loss_fn, autocast_dtype)
+            else:
+                loss = _chunked_backward(encoder, augmenter, s, params, loss_fn, chunk_size, autocast_dtype)
+            optimizer.step()
+            pending.append(loss)
+            if callback is not None:
+                callback(step, loss)
+            bar.update(1)
+            done = step + 1
+            if len(pending) >= 10 or done == steps:
+                history.extend(torch.stack(pending).cpu().tolist())
+                pending = []
+                if not math.isfinite(history[-1]):
+                    raise FloatingPointError(f"the {method} loss became {history[-1]} at step {step}: "
+                                             "lower lr or check the encoder")
+                bar.set_postfix(loss=f"{history[-1]:.4f}")
+            if checkpoint is not None and (done % checkpoint_every == 0 or done == steps):
+                if pending:
+                    history.extend(torch.stack(pending).cpu().tolist())
+                    pending = []
+                _save_checkpoint(checkpoint, done, synth, optimizer, history, cpu_gen, dev_gen, settings)
+    finally:
+        bar.close()
+    if pending:
+        history.extend(torch.stack(pending).cpu().tolist())
+
+    with torch.no_grad():
+        final = synth().detach().clamp(0, 1).cpu()
+    settings["seconds"] = time.perf_counter() - t_start
+    return DistilledSet(final.float(), syn_labels.cpu(), method, settings, history)

@@ -1,0 +1,302 @@
+"""fastdd.distill and DistilledSet on a tiny encoder: smoke runs of the three methods, sources,
+initialisations, the memory-flat chunked backward, checkpoints and resume, files, argument errors."""
+import pytest
+import torch
+import torch.nn as nn
+
+import fastdd.api as api
+from fastdd import encoders
+from fastdd.augment import Augment
+from fastdd.images import make_images
+from fastdd.methods import ClosedFormProbeLoss, FlowMatchingLoss, LinearGradientMatchingLoss
+from fastdd.stats import CorruptFileError, RealStats
+
+C, PER_CLASS, SIZE = 3, 8, 12
+
+
+class _TinyNet(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.conv = nn.Conv2d(3, d, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return torch.tanh(self.conv(x)).mean(dim=(2, 3))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return encoders.wrap(_TinyNet())
+
+
+@pytest.fixture(scope="module")
+def data():
+    """Class c: images tinted towards colour channel c, values in [0.05, 0.95]."""
+    g = torch.Generator().manual_seed(1)
+    y = torch.arange(C).repeat(PER_CLASS)
+    x = torch.rand(len(y), 3, SIZE, SIZE, generator=g) * 0.5 + 0.2
+    x[torch.arange(len(y)), y] += 0.25
+    return x.clamp(0.05, 0.95), y
+
+
+class _MapDataset(torch.utils.data.Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+FAST = dict(progress=False, copies=2, batch_size=16)
+
+
+@pytest.mark.parametrize("method", ["lgm", "sfm", "clp"])
+def test_distill_smoke(tiny, data, method):
+    x, y = data
+    out = api.distill(x, tiny, method=method, labels=y, ipc=2, steps=4, **FAST)
+    assert isinstance(out, api.DistilledSet) and out.method == method
+    assert out.images.shape == (C * 2, 3, SIZE, SIZE) and out.images.dtype == torch.float32
+    assert float(out.images.min()) >= 0 and float(out.images.max()) <= 1
+    assert out.labels.tolist() == [0, 0, 1, 1, 2, 2] and out.ipc == 2 and out.num_classes == C
+    assert len(out.history) == 4 and all(torch.isfinite(torch.tensor(out.history)))
+    assert out.settings["method"] == method and out.settings["copies"] == 2 and out.settings["steps"] == 4
+    images, labels = out  # unpacks like (images, labels)
+    assert images is out.images and labels is out.labels
+
+
+@pytest.mark.parametrize("method", ["sfm", "clp", "lgm"])
+def test_loss_falls(tiny, data, method):
+    x, y = data
+    out = api.distill(x, tiny, method=method, labels=y, ipc=1, steps=25, lr=0.1, parameterization="pixels",
+                      augment=False, progress=False, copies=1, real_batch=None)
+    first, last = sum(out.history[:5]) / 5, sum(out.history[-5:]) / 5
+    assert last < first * 0.8, out.history
+
+
+@pytest.mark.parametrize("kind", ["dataset", "loader"])
+@pytest.mark.parametrize("method", ["sfm", "lgm"])
+def test_distill_from_dataset_and_loader(tiny, data, kind, method):
+    x, y = data
+    source = _MapDataset(x, y)
+    if kind == "loader":
+        source = torch.utils.data.DataLoader(source, batch_size=5, shuffle=True)
+    out = api.distill(source, tiny, method=method, ipc=1, steps=2, **FAST)
+    assert out.images.shape == (C, 3, SIZE, SIZE)
+
+
+def test_same_seed_same_result_other_seed_differs(tiny, data):
+    x, y = data
+    a = api.distill(x, tiny, method="clp", labels=y, steps=3, seed=5, **FAST)
+    b = api.distill(x, tiny, method="clp", labels=y, steps=3, seed=5, **FAST)
+    c = api.distill(x, tiny, method="clp", labels=y, steps=3, seed=6, **FAST)
+    assert torch.equal(a.images, b.images) and a.history == b.history
+    assert not torch.equal(a.images, c.images)
+
+
+def test_precomputed_stats(tiny, data):
+    x, y = data
+    stats = RealStats.from_data(x, tiny, labels=y, bank=True, progress=False)
+    a = api.distill(x, tiny, method="clp", labels=y, steps=2, stats=stats, **FAST)
+    b = api.distill(x, tiny, method="clp", labels=y, steps=2, **FAST)
+    torch.testing.assert_close(a.images, b.images, atol=1e-3, rtol=0)  # fp16 bank either way
+    with pytest.raises(ValueError, match="bank"):
+        api.distill(x, tiny, method="clp", labels=y, steps=1, stats=RealStats.from_features(
+            torch.randn(6, 8), torch.arange(6) % 3, bank=False), **FAST)
+    with pytest.raises(ValueError, match="classes"):
+        api.distill(x, tiny, method="sfm", labels=y, steps=1, stats=RealStats.from_features(
+            torch.randn(8, 8), torch.arange(8) % 4, bank=False), **FAST)
+
+
+# ---- initialisation ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("parameterization", ["pyramid", "pixels"])
+def test_init_real_starts_from_real_images_of_each_class(tiny, data, parameterization):
+    x, y = data
+    out = api.distill(x, tiny, method="sfm", labels=y, ipc=2, steps=0, init="real",
+                      parameterization=parameterization, **FAST)
+    for img, label in zip(out.images, out.labels):
+        dist = (x - img).flatten(1).abs().max(1).values
+        best = int(torch.argmin(dist))
+        assert float(dist[best]) < 1e-4 and int(y[best]) == int(label)
+    assert not torch.equal(out.images[0], out.images[1])  # two different images of class 0
+
+
+def test_init_centroid_is_the_real_image_nearest_each_class_mean(tiny, data):
+    x, y = data
+    out = api.distill(x, tiny, method="lgm", labels=y, ipc=1, steps=0, init="centroid", **FAST)
+    with torch.no_grad():
+        z = tiny(x)
+    for c in range(C):
+        members = torch.nonzero(y == c).flatten()
+        mean = z[members].mean(0)
+        nearest = members[torch.argmin((z[members] - mean).pow(2).sum(1))]
+        torch.testing.assert_close(out.images[c], x[nearest], atol=1e-4, rtol=0)
+
+
+# ---- memory-flat chunked backward ----------------------------------------------------------------
+
+def _gradients(tiny, data, method, chunk_size):
+    x, y = data
+    torch.manual_seed(0)
+    synth = make_images("pyramid", C * 2, SIZE, init_images=x[:C * 2])
+    copies = 3
+    ys = torch.arange(C).repeat_interleave(2).repeat(copies)
+    aug = Augment(crop_size=10)
+    params = aug.sample(C * 2 * copies, (SIZE, SIZE), torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        zr = tiny(x)
+    if method == "sfm":
+        loss_module = FlowMatchingLoss(RealStats.from_features(zr, y, bank=False))
+        loss_fn = lambda zs: loss_module(zs, ys)  # noqa: E731
+    elif method == "clp":
+        loss_module = ClosedFormProbeLoss(RealStats.from_features(zr, y), lam=0.1, tau=0.1)
+        loss_fn = lambda zs: loss_module(zs, ys)  # noqa: E731
+    else:
+        head = (torch.randn(C, zr.shape[1]) * 0.01, torch.zeros(C))
+        loss_fn = lambda zs: LinearGradientMatchingLoss()(zs, ys, zr, y, head=head)  # noqa: E731
+    s = synth()
+    if chunk_size is None:
+        loss = api._plain_backward(tiny, aug, s, params, loss_fn)
+    else:
+        loss = api._chunked_backward(tiny, aug, s, params, loss_fn, chunk_size)
+    return loss, [p.grad.clone() for p in synth.parameters()]
+
+
+@pytest.mark.parametrize("method", ["sfm", "clp", "lgm"])
+@pytest.mark.parametrize("chunk_size", [1, 4, 7])
+def test_chunked_backward_equals_plain_backward(tiny, data, method, chunk_size):
+    loss_a, grads_a = _gradients(tiny, data, method, None)
+    loss_b, grads_b = _gradients(tiny, data, method, chunk_size)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-7)
+    for ga, gb in zip(grads_a, grads_b):
+        scale = float(ga.abs().max())
+        assert scale > 0
+        torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_distill_with_chunk_size_follows_the_plain_run(tiny, data):
+    x, y = data
+    a = api.distill(x, tiny, method="sfm", labels=y, ipc=2, steps=3, **FAST)
+    b = api.distill(x, tiny, method="sfm", labels=y, ipc=2, steps=3, chunk_size=5, **FAST)
+    torch.testing.assert_close(torch.tensor(b.history), torch.tensor(a.history), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(b.images, a.images, atol=1e-3, rtol=0)
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+
+class _Crash(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("method", ["lgm", "clp"])
+def test_resume_after_crash_continues_exactly(tiny, data, tmp_path, method):
+    x, y = data
+    kw = dict(method=method, labels=y, ipc=1, steps=6, extend_every=2, real_batch=5, **FAST)
+    full = api.distill(x, tiny, **kw)
+
+    def crash(step, loss):
+        if step == 4:
+            raise _Crash()
+
+    path = tmp_path / "run.ckpt"
+    with pytest.raises(_Crash):
+        api.distill(x, tiny, checkpoint=path, checkpoint_every=2, callback=crash, **kw)
+    assert path.exists()
+    resumed = api.distill(x, tiny, checkpoint=path, checkpoint_every=2, **kw)
+    assert resumed.history == pytest.approx(full.history, rel=1e-6, abs=1e-7)
+    torch.testing.assert_close(resumed.images, full.images, atol=1e-6, rtol=0)
+    # the finished checkpoint resumes to the same result without a step
+    again = api.distill(x, tiny, checkpoint=path, **kw)
+    assert torch.equal(again.images, resumed.images)
+
+
+def test_corrupt_checkpoint_raises_and_is_left_untouched(tiny, data, tmp_path):
+    x, y = data
+    path = tmp_path / "run.ckpt"
+    api.distill(x, tiny, method="sfm", labels=y, steps=2, checkpoint=path, **FAST)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 3])
+    damaged = path.read_bytes()
+    with pytest.raises(CorruptFileError, match="run.ckpt"):
+        api.distill(x, tiny, method="sfm", labels=y, steps=4, checkpoint=path, **FAST)
+    assert path.read_bytes() == damaged
+    with pytest.raises(FileExistsError, match="resume"):
+        api.distill(x, tiny, method="sfm", labels=y, steps=4, checkpoint=path, resume=False, **FAST)
+
+
+def test_checkpoint_with_other_settings_is_refused(tiny, data, tmp_path):
+    x, y = data
+    path = tmp_path / "run.ckpt"
+    api.distill(x, tiny, method="sfm", labels=y, steps=2, checkpoint=path, **FAST)
+    with pytest.raises(ValueError, match="other settings"):
+        api.distill(x, tiny, method="sfm", labels=y, ipc=2, steps=2, checkpoint=path, **FAST)
+
+
+# ---- files ---------------------------------------------------------------------------------------
+
+def test_distilled_set_save_load_round_trip_and_corruption(tiny, data, tmp_path):
+    x, y = data
+    out = api.distill(x, tiny, method="sfm", labels=y, steps=2, **FAST)
+    path = tmp_path / "set.pt"
+    out.save(path)
+    back = api.DistilledSet.load(path)
+    assert torch.equal(back.images, out.images) and torch.equal(back.labels, out.labels)
+    assert back.method == out.method and back.settings == out.settings and back.history == out.history
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CorruptFileError):
+        api.DistilledSet.load(path)
+    RealStats.from_features(torch.randn(4, 2), torch.arange(4) % 2).save(path)
+    with pytest.raises(CorruptFileError, match="RealStats"):
+        api.DistilledSet.load(path)
+
+
+# ---- argument errors ------------------------------------------------------------------------------
+
+def test_bad_arguments_name_the_argument(tiny, data):
+    x, y = data
+    cases = [
+        (dict(method="dm"), "method"),
+        (dict(ipc=0), "ipc"),
+        (dict(ipc=PER_CLASS + 1), "ipc"),
+        (dict(steps=-1), "steps"),
+        (dict(lr=0.0), "lr"),
+        (dict(lr=float("nan")), "lr"),
+        (dict(init="zeros"), "init"),
+        (dict(parameterization="fourier"), "parameterization"),
+        (dict(copies=0), "copies"),
+        (dict(crop_scale=(0.9, 0.1)), "crop_scale"),
+        (dict(noise_prob=2.0), "noise_prob"),
+        (dict(chunk_size=0), "chunk_size"),
+        (dict(lam=-1.0), "lam"),
+        (dict(tau=0), "tau"),
+        (dict(feature_norm="zca"), "feature_norm"),
+        (dict(num_classes=2), "num_classes"),
+        (dict(num_classes=5), "empty"),
+        (dict(seed=1.5), "seed"),
+        (dict(device="warp-drive"), "device"),
+        (dict(labels=y[:-1]), "labels"),
+        (dict(labels=y.float()), "labels"),
+        (dict(labels=None), "labels"),
+    ]
+    for overrides, name in cases:
+        kw = dict(method="sfm", labels=y, steps=1, progress=False)
+        kw.update(overrides)
+        with pytest.raises(ValueError, match=name):
+            api.distill(x, tiny, **kw)
+    bad = x.clone()
+    bad[3, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        api.distill(bad, tiny, method="sfm", labels=y, steps=1, progress=False)
+    with pytest.raises(ValueError, match="images"):
+        api.distill(x[:, 0], tiny, method="sfm", labels=y, steps=1, progress=False)
+    with pytest.raises(TypeError, match="encoder"):
+        api.distill(x, 42, method="sfm", labels=y, steps=1, progress=False)
+    with pytest.raises(ValueError, match="lgm"):
+        class Stream(torch.utils.data.IterableDataset):
+            def __iter__(self):
+                return iter(zip(x, y.tolist()))
+        api.distill(torch.utils.data.DataLoader(Stream(), batch_size=4), tiny, method="lgm", steps=1,
+                    progress=False)
