@@ -46,8 +46,11 @@ try:  # Triton is optional: fastdd works (reference path) without it.
     import triton
     import triton.language as tl
 except Exception:  # pragma: no cover - depends on the install
+    import types
+
     triton = None
-    tl = None
+    # Kernel signatures say ``BLOCK: tl.constexpr``; without Triton that annotation must still evaluate.
+    tl = types.SimpleNamespace(constexpr=type("constexpr", (), {}))
 
 
 def has_triton() -> bool:
@@ -122,8 +125,8 @@ class TritonKernel:
     test sets the variable would be stuck on the compiled path. Wrapping the plain function defers
     that choice to the launch (``kernel[grid](...)``); :meth:`jit_function` always gives the compiled
     ``JITFunction`` (for ahead-of-time compilation with ``triton.compile``).
-    Kernels are written with string annotations (``BLOCK: "tl.constexpr"``) so that their modules
-    import without Triton.
+    Without Triton, ``tl`` is a stub whose ``constexpr`` lets the kernel signatures evaluate, so the
+    op modules import; launching then raises.
     """
 
     registry: Dict[str, "TritonKernel"] = {}
@@ -154,7 +157,50 @@ class TritonKernel:
         return self._variants[interpret]
 
     def __getitem__(self, grid):
-        return self._variant(interpreter_enabled())[grid]
+        if not interpreter_enabled():
+            return self._variant(False)[grid]
+        launch = self._variant(True)[grid]
+
+        def launch_interpreted(*args, **kwargs):
+            with _interpretable_stdlib():
+                return launch(*args, **kwargs)
+
+        return launch_interpreted
+
+
+_STDLIB_MODULES = ("triton.language", "triton.language.standard", "triton.language.math")
+
+
+class _interpretable_stdlib:
+    """Temporarily make Triton's own ``@jit`` library functions (``tl.sum``, ``tl.max``, their combine
+    functions...) interpretable.
+
+    They are decorated when ``triton`` is imported; imported without ``TRITON_INTERPRET=1`` they are
+    compiled-path ``JITFunction``s, which the interpreter refuses to call ("Cannot call @triton.jit'd
+    outside of the scope of a kernel"). Swapping them for ``InterpretedFunction``s for the duration of
+    one interpreted launch, then restoring them, lets a process (a test session) use the interpreter and
+    the compiled path, whatever the variable was at import.
+    """
+
+    def __enter__(self):
+        import importlib
+
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+
+        self._saved = []
+        for name in _STDLIB_MODULES:
+            module = importlib.import_module(name)
+            for attr, member in list(vars(module).items()):
+                if isinstance(member, JITFunction):
+                    self._saved.append((module, attr, member))
+                    setattr(module, attr, InterpretedFunction(member.fn))
+        return self
+
+    def __exit__(self, *exc):
+        for module, attr, member in reversed(self._saved):
+            setattr(module, attr, member)
+        return False
 
 
 def triton_kernel(fn: Callable) -> TritonKernel:

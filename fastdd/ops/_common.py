@@ -65,9 +65,11 @@ def grad_via_reference(
     reference: Callable[..., torch.Tensor],
     inputs: Sequence[Optional[torch.Tensor]],
     needs: Iterable[bool],
-    grad_output: torch.Tensor,
+    grad_output,
 ) -> Tuple[Optional[torch.Tensor], ...]:
     """Backward of ``reference(*inputs)`` by autograd, keeping the graph (``create_graph=True``).
+
+    ``reference`` returns a tensor or a tuple of tensors; ``grad_output`` matches it.
 
     The fused backward kernels are not themselves differentiable. When autograd asks for a
     differentiable backward (``torch.is_grad_enabled()`` inside ``backward``, i.e. ``create_graph=True``
@@ -79,9 +81,13 @@ def grad_via_reference(
         leaves = []
         for x, need in zip(inputs, needs):
             leaves.append(x if (x is None or not need or x.requires_grad) else x.detach().requires_grad_(True))
-        out = reference(*leaves)
+        outs = reference(*leaves)
+        outs = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
+        grad_outputs = tuple(grad_output) if isinstance(grad_output, (tuple, list)) else (grad_output,)
         wanted = [leaf for leaf, need in zip(leaves, needs) if need and leaf is not None]
-        grads = torch.autograd.grad(out, wanted, grad_output, create_graph=True, allow_unused=True)
+        # grad_outputs enter as VJP weights: the result stays differentiable w.r.t. them, but autograd
+        # does not differentiate through them (they may themselves depend on the inputs).
+        grads = torch.autograd.grad(outs, wanted, grad_outputs, create_graph=True, allow_unused=True)
     it = iter(grads)
     return tuple(next(it) if (need and leaf is not None) else None for leaf, need in zip(leaves, needs))
 

@@ -85,7 +85,7 @@ def class_centers_reference(features: torch.Tensor, labels: torch.Tensor, out: C
 
 @triton_kernel
 def _class_sums_atomic_kernel(x_ptr, labels_ptr, sums_ptr, sq_ptr, B, D, stride_xb, stride_xd,
-                              SECOND_MOMENT: "tl.constexpr", BLOCK_B: "tl.constexpr", BLOCK_D: "tl.constexpr"):
+                              SECOND_MOMENT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -115,7 +115,7 @@ def _class_sums_atomic_kernel(x_ptr, labels_ptr, sums_ptr, sq_ptr, B, D, stride_
 
 @triton_kernel
 def _class_sums_sorted_kernel(x_ptr, order_ptr, offsets_ptr, sums_ptr, sq_ptr, D, stride_xb, stride_xd,
-                              SECOND_MOMENT: "tl.constexpr", BLOCK_B: "tl.constexpr", BLOCK_D: "tl.constexpr"):
+                              SECOND_MOMENT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     # One program per (class, column block): sums that class's rows in a fixed order, no atomics.
     c = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -246,7 +246,7 @@ def class_centers(features: torch.Tensor, labels: torch.Tensor, num_classes: int
         _validate_out(out, num_classes, D, second_moment, features.device)
     check_finite("features", features)
     backend = resolve_impl(impl, features)
-    labels = labels.long()
+    labels = labels.long().contiguous()  # kernels index labels with unit stride
     if backend == "triton":
         return _class_centers_triton(features, labels, out, deterministic)
     if backend == "cuda":

@@ -87,7 +87,7 @@ def flow_matching_loss_reference(features: torch.Tensor, labels: torch.Tensor, r
 
 @triton_kernel
 def _flow_forward_kernel(sums_ptr, counts_ptr, fr_ptr, stride_fc, stride_fd, partial_ptr, C, D, inv_den,
-                         BLOCK_C: "tl.constexpr", BLOCK_D: "tl.constexpr"):
+                         BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     cols = pid * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
@@ -119,7 +119,7 @@ def _flow_forward_kernel(sums_ptr, counts_ptr, fr_ptr, stride_fc, stride_fd, par
 
 @triton_kernel
 def _flow_backward_kernel(sums_ptr, counts_ptr, fr_ptr, stride_fc, stride_fd, coef_ptr, dmean_ptr, C, D, inv_den,
-                          BLOCK_C: "tl.constexpr", BLOCK_D: "tl.constexpr"):
+                          BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     # dmean[c] = dL/dS_c / n_c with G = alpha * F_r + beta * F_s (alpha, beta from the forward sums).
     pid = tl.program_id(0)
     cols = pid * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -252,5 +252,5 @@ def flow_matching_loss(features: torch.Tensor, labels: torch.Tensor, real_flow: 
     backend = resolve_impl(impl, features, real_flow)
     if backend == "torch":
         return flow_matching_loss_reference(features, labels, real_flow, nontarget_denominator)
-    return FlowMatchingFunction.apply(features, labels.long(), real_flow.detach(),
+    return FlowMatchingFunction.apply(features, labels.long().contiguous(), real_flow.detach(),
                                       FlowOptions(nontarget_denominator))

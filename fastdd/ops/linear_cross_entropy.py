@@ -78,9 +78,9 @@ def linear_cross_entropy_reference(z: torch.Tensor, y: torch.Tensor, W: torch.Te
 
 @triton_kernel
 def _lce_forward_kernel(z_ptr, y_ptr, w_ptr, b_ptr, loss_ptr, lse_ptr, M, D, C, stride_zm, stride_zd, stride_wd,
-                        stride_wc, scale, HAS_BIAS: "tl.constexpr", DOT_DTYPE: "tl.constexpr",
-                        PRECISION: "tl.constexpr", BLOCK_M: "tl.constexpr", BLOCK_C: "tl.constexpr",
-                        BLOCK_D: "tl.constexpr"):
+                        stride_wc, scale, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -116,10 +116,10 @@ def _lce_forward_kernel(z_ptr, y_ptr, w_ptr, b_ptr, loss_ptr, lse_ptr, M, D, C, 
 
 @triton_kernel
 def _lce_grad_w_kernel(z_ptr, y_ptr, w_ptr, b_ptr, lse_ptr, g_ptr, dw_ptr, db_ptr, M, D, C, rows_per_split,
-                       stride_zm, stride_zd, stride_wd, stride_wc, scale, HAS_BIAS: "tl.constexpr",
-                       WANT_BIAS: "tl.constexpr", DOT_DTYPE: "tl.constexpr", PRECISION: "tl.constexpr",
-                       BLOCK_M: "tl.constexpr", BLOCK_C: "tl.constexpr", BLOCK_D: "tl.constexpr",
-                       BLOCK_DW: "tl.constexpr"):
+                       stride_zm, stride_zd, stride_wd, stride_wc, scale, HAS_BIAS: tl.constexpr,
+                       WANT_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_DW: tl.constexpr):
     # Program (class block, dW-row block, row split): dw[split, dw_rows, cls] = scale * z^T Delta.
     pid_c = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -170,9 +170,9 @@ def _lce_grad_w_kernel(z_ptr, y_ptr, w_ptr, b_ptr, lse_ptr, g_ptr, dw_ptr, db_pt
 
 @triton_kernel
 def _lce_grad_z_kernel(z_ptr, y_ptr, w_ptr, b_ptr, lse_ptr, g_ptr, dz_ptr, M, D, C, stride_zm, stride_zd, stride_wd,
-                       stride_wc, scale, HAS_BIAS: "tl.constexpr", DOT_DTYPE: "tl.constexpr",
-                       PRECISION: "tl.constexpr", BLOCK_M: "tl.constexpr", BLOCK_C: "tl.constexpr",
-                       BLOCK_D: "tl.constexpr", BLOCK_DZ: "tl.constexpr"):
+                       stride_wc, scale, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_DZ: tl.constexpr):
     # Program (row block, dz-column block): dz[rows, dz_cols] = scale * Delta W^T.
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -261,7 +261,7 @@ def _num_splits(M: int, tiles_per_split: int, D: int, C: int, cfg: TileConfig, d
     if device.type == "cuda":
         target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:
-        target = 2  # interpreter: still exercise the split-and-reduce path
+        target = 4  # interpreter: still exercise the split-and-reduce path
     splits = max(1, cdiv(target, tiles_per_split))
     splits = min(splits, max(1, cfg.max_partial_bytes // max(1, D * C * 4)), cdiv(M, cfg.block_m))
     return max(1, splits)
@@ -448,8 +448,11 @@ def linear_cross_entropy(z: torch.Tensor, y: torch.Tensor, W: torch.Tensor, *, t
             raise TypeError(f"z must be fp16/bf16/fp32 for impl={backend!r} (fp64 runs on impl='torch'), got {z.dtype}")
     if backend == "torch":
         return linear_cross_entropy_reference(z, y, W, tau, bias, reduction)
+    # Kernels index labels and bias with unit stride (they are tiny; 2-D operands keep their strides).
+    y = y.long().contiguous()
+    bias = bias.contiguous() if bias is not None else None
     with no_autocast(z.device):
-        return LinearCrossEntropyFunction.apply(z, y.long(), W, bias, LCEOptions(float(tau), reduction, backend))
+        return LinearCrossEntropyFunction.apply(z, y, W, bias, LCEOptions(float(tau), reduction, backend))
 
 
 def _forced() -> bool:

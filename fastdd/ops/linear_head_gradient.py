@@ -89,23 +89,13 @@ class LinearHeadGradientFunction(torch.autograd.Function):
         z, y, W, b = ctx.saved_tensors
         needs_z, _, needs_w, needs_b = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True: differentiate the reference instead
-            ref = linear_head_gradient_reference
-            (dz, dw, db) = _grad_pair_via_reference(ref, z, y, W, b, (needs_z, needs_w, needs_b), grad_w, grad_b)
+            dz, dw, db = grad_via_reference(lambda z_, W_, b_: linear_head_gradient_reference(z_, y, W_, b_),
+                                            [z, W, b], (needs_z, needs_w, needs_b), (grad_w, grad_b))
             return dz, None, dw, db
         with no_autocast(z.device):
             dz, dw, db = _closed_form_backward(z, y, W, b, grad_w, grad_b)
         return (dz.to(z.dtype) if needs_z else None, None, dw.to(W.dtype) if needs_w else None,
                 db.to(b.dtype) if needs_b else None)
-
-
-def _grad_pair_via_reference(ref, z, y, W, b, needs, grad_w, grad_b):
-    # The reference has two outputs; fold them into one scalar-product so grad_via_reference applies.
-    def folded(z_, W_, b_):
-        gw, gb = ref(z_, y, W_, b_)
-        return (gw * grad_w).sum() + (gb * grad_b).sum()
-
-    one = torch.ones((), dtype=reduce_dtype(z, W, b), device=z.device)
-    return grad_via_reference(folded, [z, W, b], needs, one)
 
 
 def linear_head_gradient(z: torch.Tensor, y: torch.Tensor, W: torch.Tensor, b: torch.Tensor, *,
@@ -142,4 +132,5 @@ def linear_head_gradient(z: torch.Tensor, y: torch.Tensor, W: torch.Tensor, b: t
     if backend == "torch":
         return linear_head_gradient_reference(z, y, W, b)
     with no_autocast(z.device):
-        return LinearHeadGradientFunction.apply(z, y.long(), W, b)
+        # Kernels index labels and bias with unit stride (they are tiny; z and W keep their strides).
+        return LinearHeadGradientFunction.apply(z, y.long().contiguous(), W, b.contiguous())

@@ -1,0 +1,99 @@
+"""flow_matching_loss: fused Triton forward/backward against the fp64 reference (values and gradients)."""
+import pytest
+import torch
+
+from fastdd.ops import flow_matching_loss, real_flow
+from fastdd.ops.flow_matching import flow_matching_loss_reference
+from fastdd.ops.testing import assert_close, kernel_context, noncontiguous, target_devices, tolerance, torch_device
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _data(C, ipc, D, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dev = torch_device(device)
+    means = torch.randn(C, D, generator=g, dtype=torch.float64)
+    feats = (torch.randn(C * ipc, D, generator=g) + 0.5).to(dtype).to(dev)
+    labels = torch.arange(C).repeat_interleave(ipc)[torch.randperm(C * ipc, generator=g)].to(dev)
+    return feats, labels, real_flow(means).to(dev)
+
+
+def _loss_and_grad(fn, feats, labels, flow, upstream, **kw):
+    f = feats.detach().clone().requires_grad_(True) if feats.is_contiguous() else feats.detach().requires_grad_(True)
+    loss = fn(f, labels, flow, **kw)
+    (grad,) = torch.autograd.grad(loss, f, upstream)
+    return loss, grad
+
+
+@pytest.mark.parametrize("device", target_devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("denominator", ["classes", "samples"])
+def test_matches_fp64_reference(device, dtype, denominator):
+    feats, labels, flow = _data(7, 3, 67, dtype, device)  # 67 columns: two column blocks, masked edge
+    upstream = torch.tensor(0.37, device=feats.device)
+    with kernel_context(device):
+        loss, grad = _loss_and_grad(flow_matching_loss, feats, labels, flow, upstream,
+                                    nontarget_denominator=denominator, impl="triton")
+    ref_loss, ref_grad = _loss_and_grad(flow_matching_loss_reference, feats.double(), labels, flow, upstream.double(),
+                                        nontarget_denominator=denominator)
+    rtol, atol = tolerance(dtype, device)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    assert_close(loss, ref_loss, rtol, atol, "loss")
+    # The gradient is rounded to the feature dtype on output.
+    gtol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    assert_close(grad, ref_grad, gtol, gtol * 1e-3, "d loss / d features")
+
+
+@pytest.mark.parametrize("device", target_devices())
+def test_two_classes_noncontiguous_real_flow_and_features(device):
+    feats, labels, flow = _data(2, 1, 5, torch.float32, device)
+    fv, flow_v = noncontiguous(feats), noncontiguous(flow)
+    upstream = torch.tensor(-1.3, device=feats.device)
+    with kernel_context(device):
+        loss, grad = _loss_and_grad(flow_matching_loss, fv, labels, flow_v, upstream, impl="triton")
+    ref_loss, ref_grad = _loss_and_grad(flow_matching_loss_reference, feats.double(), labels, flow, upstream.double())
+    assert_close(loss, ref_loss, 1e-5, 1e-6, "loss")
+    assert_close(grad, ref_grad, 1e-5, 1e-7, "grad")
+
+
+@pytest.mark.parametrize("device", target_devices())
+def test_double_backward_goes_to_reference(device):
+    feats, labels, flow = _data(3, 2, 4, torch.float32, device)
+    f = feats.clone().requires_grad_(True)
+    with kernel_context(device):
+        (g,) = torch.autograd.grad(flow_matching_loss(f, labels, flow, impl="triton"), f, create_graph=True)
+        (h,) = torch.autograd.grad((g ** 2).sum(), f)
+    fd = feats.double().requires_grad_(True)
+    (gd,) = torch.autograd.grad(flow_matching_loss_reference(fd, labels, flow), fd, create_graph=True)
+    (hd,) = torch.autograd.grad((gd ** 2).sum(), fd)
+    assert_close(h, hd, 1e-4, 1e-7, "second derivative")
+
+
+def test_reference_math_and_gradcheck():
+    feats, labels, flow = _data(4, 2, 3, torch.float64, "cpu")
+    # Closed form: F_s = C/(C-1) (mean_k S_k - S_c) for the "classes" denominator.
+    S = torch.stack([feats[labels == c].mean(0) for c in range(4)])
+    Fs = 4 / 3 * (S.mean(0, keepdim=True) - S)
+    expect = 1 - torch.nn.functional.cosine_similarity(Fs.flatten(), flow.flatten(), dim=0)
+    assert_close(flow_matching_loss(feats, labels, flow, impl="torch"), expect, 1e-12, 1e-12, "closed form")
+    f = feats.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: flow_matching_loss_reference(x, labels, flow), (f,))
+    means = torch.randn(5, 3, dtype=torch.float64)
+    expected_flow = torch.stack([means[[k for k in range(5) if k != c]].mean(0) - means[c] for c in range(5)])
+    assert_close(real_flow(means), expected_flow, 1e-12, 1e-12, "real flow")
+
+
+def test_validation():
+    feats, labels, flow = _data(3, 2, 4, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="class 2 is empty"):
+        flow_matching_loss(feats[:4], labels.sort().values[:4], flow)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        flow_matching_loss(feats, torch.zeros_like(labels), flow[:1])
+    with pytest.raises(ValueError, match=r"real_flow must have shape \[C, 4\]"):
+        flow_matching_loss(feats, labels, flow[:, :3])
+    with pytest.raises(ValueError, match="nontarget_denominator"):
+        flow_matching_loss(feats, labels, flow, nontarget_denominator="ipc")
+    with pytest.raises(ValueError, match="labels must lie in"):
+        flow_matching_loss(feats, labels + 1, flow)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        real_flow(torch.ones(1, 3))

@@ -1,0 +1,101 @@
+"""linear_cross_entropy: streamed Triton kernels against the fp64 reference (loss, dW, dz, dbias)."""
+import pytest
+import torch
+
+from fastdd.ops import linear_cross_entropy
+from fastdd.ops.linear_cross_entropy import linear_cross_entropy_reference
+from fastdd.ops.testing import assert_close, kernel_context, noncontiguous, target_devices, tolerance, torch_device
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+GRAD_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _data(M, D, C, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dev = torch_device(device)
+    z = torch.randn(M, D, generator=g).to(dtype).to(dev)
+    W = (torch.randn(D, C, generator=g) / D ** 0.5).to(dev)
+    bias = torch.randn(C, generator=g).to(dev)
+    y = torch.randint(0, C, (M,), generator=g).to(dev)
+    return z, y, W, bias
+
+
+def _grads(fn, z, y, W, bias, upstream, **kw):
+    leaves = [t.detach().requires_grad_(True) for t in (z, W)] + ([bias.detach().requires_grad_(True)] if bias is not None else [])
+    zl, Wl = leaves[:2]
+    loss = fn(zl, y, Wl, bias=leaves[2] if bias is not None else None, **kw)
+    return (loss,) + torch.autograd.grad(loss, leaves, upstream)
+
+
+def _check(device, z, y, W, bias, tau, reduction, dtype):
+    upstream = torch.tensor(0.37, device=z.device)
+    with kernel_context(device):
+        got = _grads(linear_cross_entropy, z, y, W, bias, upstream, tau=tau, reduction=reduction, impl="triton")
+    ref = _grads(lambda z_, y_, W_, bias=None, **kw: linear_cross_entropy_reference(z_, y_, W_, bias=bias, **kw),
+                 z.double(), y, W.double(), None if bias is None else bias.double(), upstream.double(),
+                 tau=tau, reduction=reduction)
+    rtol, atol = tolerance(dtype, device, products=True)
+    assert got[0].dtype == torch.float32
+    assert_close(got[0], ref[0], rtol, atol, "loss")
+    gtol = max(GRAD_TOL[dtype], rtol)
+    for name, g, r in zip(["dz", "dW", "dbias"], got[1:], ref[1:]):
+        assert_close(g, r, gtol, gtol * 1e-2, name)
+    assert got[1].dtype == z.dtype and got[2].dtype == W.dtype
+
+
+@pytest.mark.parametrize("device", target_devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_fp64_reference(device, dtype):
+    z, y, W, bias = _data(37, 23, 13, dtype, device)  # primes: every tile has a masked edge
+    _check(device, z, y, W, bias, 0.7, "mean", dtype)
+
+
+@pytest.mark.parametrize("device", target_devices())
+def test_no_bias_sum_noncontiguous_and_transposed_head(device):
+    z, y, W, _ = _data(41, 19, 17, torch.float32, device, seed=1)
+    Wt = W.t().contiguous().t()  # column-major [D,C] (a [C,D] weight's transpose view)
+    _check(device, noncontiguous(z), y, Wt, None, 0.1, "sum", torch.float32)
+
+
+@pytest.mark.parametrize("device", target_devices())
+def test_single_class(device):
+    z, y, W, bias = _data(5, 7, 1, torch.float32, device)
+    with kernel_context(device):
+        loss = linear_cross_entropy(z, y, W, bias=bias, impl="triton")
+    assert_close(loss, torch.zeros(()), 0, 1e-6, "single-class loss is exactly log 1 = 0")
+    _check(device, z, y, W, bias, 1.0, "mean", torch.float32)
+
+
+@pytest.mark.parametrize("device", target_devices())
+def test_only_w_requires_grad_and_double_backward(device):
+    z, y, W, _ = _data(9, 5, 3, torch.float32, device, seed=2)
+    Wl = W.clone().requires_grad_(True)
+    with kernel_context(device):
+        (gw,) = torch.autograd.grad(linear_cross_entropy(z, y, Wl, tau=0.5, impl="triton"), Wl, create_graph=True)
+        (hw,) = torch.autograd.grad((gw ** 2).sum(), Wl)
+    Wd = W.double().requires_grad_(True)
+    (gwd,) = torch.autograd.grad(linear_cross_entropy_reference(z.double(), y, Wd, 0.5), Wd, create_graph=True)
+    (hwd,) = torch.autograd.grad((gwd ** 2).sum(), Wd)
+    assert_close(gw, gwd, 1e-5, 1e-7, "dW")
+    assert_close(hw, hwd, 1e-4, 1e-7, "second derivative")
+
+
+def test_reference_gradcheck_and_validation():
+    z, y, W, bias = _data(6, 4, 3, torch.float64, "cpu")
+    inputs = tuple(t.double().requires_grad_() for t in (z, W, bias))
+    assert torch.autograd.gradcheck(lambda a, b, c: linear_cross_entropy(a, y, b, tau=0.3, bias=c, impl="torch"), inputs)
+    z, y, W, bias = _data(6, 4, 3, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"W must have shape \[4, C\]"):
+        linear_cross_entropy(z, y, W.t())
+    with pytest.raises(ValueError, match="tau must be a positive"):
+        linear_cross_entropy(z, y, W, tau=0.0)
+    with pytest.raises(ValueError, match="reduction"):
+        linear_cross_entropy(z, y, W, reduction="none")
+    with pytest.raises(ValueError, match="y must lie in"):
+        linear_cross_entropy(z, y + 3, W)
+    with pytest.raises(ValueError, match=r"bias must have shape \[3\]"):
+        linear_cross_entropy(z, y, W, bias=bias[:2])
+    with pytest.raises(ValueError, match="z contains NaN"):
+        linear_cross_entropy(z * float("nan"), y, W)
+    with pytest.raises(TypeError, match="fp64 runs on impl='torch'"), kernel_context("interpreter"):
+        linear_cross_entropy(z.double(), y, W, impl="triton")

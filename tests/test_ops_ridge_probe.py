@@ -1,0 +1,69 @@
+"""ridge_probe: both systems, batched, closed-form backward vs autograd of the fp64 reference."""
+import pytest
+import torch
+
+from fastdd.ops import ridge_probe
+from fastdd.ops.testing import assert_close, noncontiguous
+
+
+def _data(P, N, D, C, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    zs = torch.randn(P, N, D, generator=g, dtype=torch.float64).to(dtype)
+    targets = torch.nn.functional.one_hot(torch.randint(0, C, (P, N), generator=g), C).to(dtype) - 1.0 / C
+    lam = torch.rand(P, generator=g, dtype=torch.float64) + 0.1
+    return zs, targets, lam
+
+
+def _normal_equations(zs, targets, lam):
+    D = zs.shape[-1]
+    return torch.linalg.solve(zs.transpose(-1, -2) @ zs + lam.view(-1, 1, 1) * torch.eye(D, dtype=zs.dtype),
+                              zs.transpose(-1, -2) @ targets)
+
+
+@pytest.mark.parametrize("N,D", [(5, 11), (13, 7)])  # sample-space and feature-space systems
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_solution_and_gradients(N, D, impl):
+    zs, targets, lam = _data(3, N, D, 4)
+    W = ridge_probe(zs, targets, lam, impl=impl)
+    assert W.shape == (3, D, 4) and W.dtype == torch.float64
+    assert_close(W, _normal_equations(zs, targets, lam), 1e-10, 1e-10, "W")
+    leaves = [t.clone().requires_grad_(True) for t in (zs, targets, lam)]
+    upstream = torch.randn(3, D, 4, dtype=torch.float64)
+    got = torch.autograd.grad(ridge_probe(*leaves, impl=impl), leaves, upstream)
+    ref_leaves = [t.clone().requires_grad_(True) for t in (zs, targets, lam)]
+    ref = torch.autograd.grad(_normal_equations(*ref_leaves), ref_leaves, upstream)
+    for name, a, r in zip(["dzs", "dtargets", "dlam"], got, ref):
+        assert_close(a, r, 1e-8, 1e-10, name)
+
+
+def test_closed_form_gradcheck_single_problem_and_double_backward():
+    zs, targets, lam = _data(1, 4, 3, 2)
+    z, y = zs[0].clone().requires_grad_(True), targets[0].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: ridge_probe(a, b, 0.3, impl="triton"), (z, y))
+    assert torch.autograd.gradgradcheck(lambda a, b: ridge_probe(a, b, 0.3, impl="triton"), (z, y))
+
+
+def test_fp32_solve_noncontiguous_and_tensor_lam():
+    zs, targets, lam = _data(2, 6, 9, 3, dtype=torch.float32)
+    W = ridge_probe(noncontiguous(zs[0]), targets[0], torch.tensor([0.5]), impl="triton")
+    assert W.dtype == torch.float32 and W.shape == (9, 3)
+    assert_close(W, _normal_equations(zs[:1].double(), targets[:1].double(), torch.tensor([0.5]).double())[0],
+                 1e-4, 1e-5, "fp32 W")
+    W64 = ridge_probe(zs[0], targets[0], 0.5, solve_dtype=torch.float64)
+    assert W64.dtype == torch.float64
+
+
+def test_validation():
+    zs, targets, lam = _data(2, 6, 9, 3)
+    with pytest.raises(ValueError, match="lam must be a positive"):
+        ridge_probe(zs[0], targets[0], 0.0)
+    with pytest.raises(ValueError, match=r"lam must be a float or a tensor of shape \[2\]"):
+        ridge_probe(zs, targets, lam[:1])
+    with pytest.raises(ValueError, match="targets"):
+        ridge_probe(zs[0], targets[0, :5], 1.0)
+    with pytest.raises(ValueError, match="targets must be 3-D like zs"):
+        ridge_probe(zs, targets[0], 1.0)
+    with pytest.raises(TypeError, match="solve_dtype"):
+        ridge_probe(zs, targets, lam, solve_dtype=torch.float16)
+    with pytest.raises(ValueError, match="zs contains NaN"):
+        ridge_probe(zs * float("nan"), targets, lam)
