@@ -563,12 +563,17 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
     _check_classes(counts, ipc)
     image_size = survey.image_size
 
+    with torch.no_grad():  # D from one blank image at the real size (cheap; the encoder may resize it)
+        probe = encoder(torch.zeros(1, 3, *image_size, device=dev))
+    if probe.dim() != 2 or probe.shape[0] != 1:
+        raise ValueError(f"encoder must map [B,3,H,W] images to features [B,D], got {tuple(probe.shape)}")
+    feature_dim = int(probe.shape[1])
+
     needs_stats = method in ("sfm", "clp") or init == "centroid"
     if stats is None and needs_stats:
         stats = RealStats.from_data(images, encoder, labels=labels, num_classes=num_classes,
                                     bank=(method == "clp"), bank_dtype=bank_dtype, bank_path=bank_path,
                                     batch_size=batch_size, device=dev, progress=progress)
-    feature_dim = encoder.feature_dim if hasattr(encoder, "feature_dim") else None
     if stats is not None:
         if stats.num_classes != num_classes:
             raise ValueError(f"stats has {stats.num_classes} classes, the labels {num_classes}")
