@@ -471,6 +471,8 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
         checkpoint: a file to save the state to every ``checkpoint_every`` steps (atomic) and at the end;
             if it exists and ``resume`` the run continues from it. A corrupt checkpoint raises
             ``CorruptFileError`` and is left untouched; with ``resume=False`` an existing file is an error.
+            Statistics that distill computes are saved beside it (``<checkpoint>.stats``) and reused on
+            resume.
         callback: called as ``callback(step, loss)`` after each step (``loss`` a 0-d tensor).
 
     Returns:
@@ -570,10 +572,16 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
     feature_dim = int(probe.shape[1])
 
     needs_stats = method in ("sfm", "clp") or init == "centroid"
+    # With a checkpoint, computed statistics are kept beside it so a resumed run skips the encoder pass.
+    stats_file = None if checkpoint is None else checkpoint.with_name(checkpoint.name + ".stats")
+    if stats is None and needs_stats and stats_file is not None and stats_file.exists() and checkpoint.exists():
+        stats = RealStats.load(stats_file)
     if stats is None and needs_stats:
         stats = RealStats.from_data(images, encoder, labels=labels, num_classes=num_classes,
                                     bank=(method == "clp"), bank_dtype=bank_dtype, bank_path=bank_path,
                                     batch_size=batch_size, device=dev, progress=progress)
+        if stats_file is not None:
+            stats.save(stats_file)
     if stats is not None:
         if stats.num_classes != num_classes:
             raise ValueError(f"stats has {stats.num_classes} classes, the labels {num_classes}")

@@ -205,6 +205,8 @@ def test_resume_after_crash_continues_exactly(tiny, data, tmp_path, method):
     with pytest.raises(_Crash):
         api.distill(x, tiny, checkpoint=path, checkpoint_every=2, callback=crash, **kw)
     assert path.exists()
+    stats_file = path.with_name(path.name + ".stats")
+    assert stats_file.exists() == (method == "clp")  # statistics kept beside the checkpoint, reused below
     resumed = api.distill(x, tiny, checkpoint=path, checkpoint_every=2, **kw)
     assert resumed.history == pytest.approx(full.history, rel=1e-6, abs=1e-7)
     torch.testing.assert_close(resumed.images, full.images, atol=1e-6, rtol=0)

@@ -17,7 +17,7 @@ Options (METHODS.md's calibration found CLP sensitive to each; ``fastdd.distill`
   from the bank (or the class sums), computed once.
 - ``bias`` (default False): append a constant-1 column to both sides (a ridge-penalised bias).
 - ``real_batch``: None uses the whole bank every call; an int draws that many rows of the bank (uniformly,
-  with replacement, from ``generator``) per call.
+  with replacement, from ``generator``) per call, or uses the whole bank when it has no more rows.
 - ``solve_dtype``: dtype of the inner Cholesky solve (float32 or float64; None: the op's default, fp32
   unless the features are fp64).
 
@@ -137,7 +137,7 @@ class ClosedFormProbeLoss(nn.Module):
             if self._bank_cache is None or self._bank_cache[0].device != torch.device(device):
                 self._bank_cache = (bank.to(device), labels.to(device))
             bank, labels = self._bank_cache
-        if self.real_batch is None:
+        if self.real_batch is None or self.real_batch >= bank.shape[0]:
             return bank.float(), labels
         idx = torch.randint(bank.shape[0], (self.real_batch,), generator=self.generator)
         idx = idx.to(bank.device)
