@@ -192,6 +192,12 @@ class _SmallestPerClass:
 
     def update(self, keys: torch.Tensor, labels: torch.Tensor, items: torch.Tensor) -> None:
         keys, labels, items = keys.double().cpu(), labels.cpu(), items.detach().cpu().float()
+        grow = int(labels.max()) + 1 - self.num_classes  # classes revealed by a stream: add empty slots
+        if grow > 0:
+            self.num_classes += grow
+            self.keys = torch.cat([self.keys, torch.full((grow, self.k), math.inf, dtype=torch.float64)])
+            if self.items is not None:
+                self.items = torch.cat([self.items, self.items.new_zeros(grow, *self.items.shape[1:])])
         if self.items is None:
             self.items = torch.zeros(self.num_classes, self.k, *items.shape[1:])
         for c in torch.unique(labels).tolist():
@@ -237,25 +243,15 @@ def _survey(source, labels, num_classes: Optional[int], batch_size: int, sample_
         label_chunks.append(ys)
         if sample_per_class:
             if reservoir is None:
-                c = num_classes if num_classes is not None else None
-                reservoir = [] if c is None else _SmallestPerClass(sample_per_class, c)
-            keys = torch.rand(ys.shape[0], generator=generator, dtype=torch.float64)
-            if isinstance(reservoir, list):  # classes unknown yet: keep (keys, labels, images) lazily
-                reservoir.append((keys, ys, images.float().clone()))
-            else:
-                reservoir.update(keys, ys, images)
+                reservoir = _SmallestPerClass(sample_per_class, num_classes or 1)
+            reservoir.update(torch.rand(ys.shape[0], generator=generator, dtype=torch.float64), ys, images)
         bar.update(ys.shape[0])
     bar.close()
     all_labels = torch.cat(label_chunks)
     c = num_classes if num_classes is not None else int(all_labels.max()) + 1
     counts = torch.bincount(all_labels, minlength=c)
     samples = None
-    if sample_per_class:
-        if isinstance(reservoir, list):
-            kept = _SmallestPerClass(sample_per_class, c)
-            for keys, ys, images in reservoir:
-                kept.update(keys, ys, images)
-            reservoir = kept
+    if sample_per_class and not bool((counts < sample_per_class).any()):  # else _check_classes reports it
         samples = reservoir.result()
     return _Survey(all_labels, counts, size, samples)
 

@@ -83,7 +83,8 @@ def test_distill_from_dataset_and_loader(tiny, data, kind, method):
     source = _MapDataset(x, y)
     if kind == "loader":
         source = torch.utils.data.DataLoader(source, batch_size=5, shuffle=True)
-    out = api.distill(source, tiny, method=method, ipc=1, steps=2, **FAST)
+    init = "real" if kind == "loader" else "noise"  # streamed per-class sampling, classes found on the way
+    out = api.distill(source, tiny, method=method, ipc=1, steps=2, init=init, **FAST)
     assert out.images.shape == (C, 3, SIZE, SIZE)
 
 
