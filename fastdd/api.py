@@ -385,6 +385,18 @@ def _load_checkpoint(path, settings) -> dict:
     return ck
 
 
+def _flush_losses(pending: List[torch.Tensor], history: List[float], method: str, done: int) -> None:
+    """Move the pending 0-d loss tensors into ``history``; raise on a non-finite loss."""
+    values = torch.stack(pending).cpu().tolist()
+    pending.clear()
+    first = len(history)
+    history.extend(values)
+    for i, v in enumerate(values):
+        if not math.isfinite(v):
+            raise FloatingPointError(f"the {method} loss became {v} at step {done - len(values) + i} "
+                                     f"(history entry {first + i}): lower lr or check the encoder")
+
+
 # --------------------------------------------------------------------------------------------------
 # distill
 # --------------------------------------------------------------------------------------------------
@@ -675,22 +687,14 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
                 callback(step, loss)
             bar.update(1)
             done = step + 1
-            if len(pending) >= 10 or done == steps:
-                history.extend(torch.stack(pending).cpu().tolist())
-                pending = []
-                if not math.isfinite(history[-1]):
-                    raise FloatingPointError(f"the {method} loss became {history[-1]} at step {step}: "
-                                             "lower lr or check the encoder")
+            save = checkpoint is not None and (done % checkpoint_every == 0 or done == steps)
+            if len(pending) >= 10 or done == steps or save:  # one host sync per 10 steps, not per step
+                _flush_losses(pending, history, method, done)
                 bar.set_postfix(loss=f"{history[-1]:.4f}")
-            if checkpoint is not None and (done % checkpoint_every == 0 or done == steps):
-                if pending:
-                    history.extend(torch.stack(pending).cpu().tolist())
-                    pending = []
+            if save:  # never reached with a non-finite loss: _flush_losses raised
                 _save_checkpoint(checkpoint, done, synth, optimizer, history, cpu_gen, dev_gen, settings)
     finally:
         bar.close()
-    if pending:
-        history.extend(torch.stack(pending).cpu().tolist())
 
     with torch.no_grad():
         final = synth().detach().clamp(0, 1).cpu()
