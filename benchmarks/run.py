@@ -1,0 +1,966 @@
+#!/usr/bin/env python
+"""fastdd's comparative benchmark: the reference LGM against SFM and CLP, in one run, on one machine.
+
+``python benchmarks/run.py`` (``make bench``) runs the default profile on the CPU; ``--profile imagenet1k``
+is the ImageNet-scale timing profile for a GPU. ``--help`` lists every option.
+
+Profiles
+--------
+``default``: Fashion-MNIST (60k train / 10k test, at ``fastdd.data.load``'s default size), the pretrained
+ImageNet MobileNetV2, ipc 1, the reference LGM with 10 augmented copies, SFM and CLP with the same encoder,
+parameterisation, step count and pyramid schedule; every other distillation argument is the library's
+per-method default (``fastdd.api.METHOD_DEFAULTS``). Then the linear-probe protocol
+(``fastdd.evaluate`` with its default epochs, views and seeds) on every distilled set and on the real
+baselines: random real images (several draws), the class centroids, and the full-data probe as the ceiling.
+Budgeted to finish in <= 10 minutes on 2 CPU cores.
+
+``imagenet1k``: timing and memory only, at ImageNet-1K's shapes: 1000 classes, ipc 1 and 10, a timm
+ViT-B/16 at 224 px with random weights (timing does not depend on them), random uint8 "real" images of
+the right shape held on the device (``--real-per-class`` per class), and a CLP feature bank of ImageNet's
+1,281,167 rows (random fp16 features). LGM with 3 and 10 copies, SFM, CLP, all under fp16 autocast with the
+memory-flat chunked backward (``--chunk-size``). A run that exhausts GPU memory is reported with status
+``"oom"``; a run longer than ``--max-run-seconds`` stops early with status ``"time-capped"`` (its per-step
+median is still measured). Then the per-op kernel benchmark of ``benchmarks/ops_bench.py``. One command on
+a GPU machine: ``python benchmarks/run.py --profile imagenet1k``. ``--tiny`` shrinks either profile to a
+seconds-long run (the tests use it).
+
+What is measured
+----------------
+- per-step time: the median, over the steps after ``--warmup``, of the wall time between consecutive
+  steps (``distill``'s per-step callback; ``torch.cuda.synchronize`` first on a GPU);
+- total time: the whole ``distill`` call (scanning the real data, set-up, all steps). The statistics pass
+  (``RealStats.from_data`` over the real training set, with CLP's feature bank) is shared set-up: it runs
+  once, before the methods, and is reported separately as ``setup.stats_time_s``; every method reads it
+  from a file (``RealStats.save``/``load``);
+- memory. CPU: each method runs in its own child process (this file in ``--worker`` mode), which loads
+  the data, the encoder and the statistics, then distils. ``peak_memory_bytes`` is the child's
+  ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (its whole life: loading and distilling), and
+  ``extra_memory_bytes`` is the peak resident set during ``distill`` minus the resident set just before
+  it (after loading data, model and statistics), measured by resetting the kernel's high-water mark
+  (``/proc/self/clear_refs``). GPU: in one process, ``torch.cuda.max_memory_allocated`` during ``distill``
+  (peak) and that minus ``torch.cuda.memory_allocated`` before it (extra);
+- accuracy: ``fastdd.evaluate`` (mean and sample std over probe seeds; the random-real baseline pools
+  several draws);
+- ratios against the reference LGM of the same run and ipc (10 copies, or the most copies that
+  finished): ``speedup_vs_lgm`` = LGM step time / method step time, ``memory_ratio_vs_lgm`` and
+  ``extra_memory_ratio_vs_lgm`` = LGM memory / method memory (> 1: the method uses less).
+
+Output (``--out``, default ``benchmarks/results``): ``<device>-<date>[-<profile>].json``, ``.csv`` and
+``.md`` (the printed table), and PNG plots (``benchmarks/plots.py``). The JSON's shape is stable::
+
+    {"schema": "fastdd.benchmark/1", "date", "command", "git": {"revision", "dirty"},
+     "device": {"type", "name", "cpu", "cores", "torch_threads", "memory_bytes", "load_average", ...},
+     "versions": {"python", "torch", "torchvision", "timm", "triton", "numpy", "fastdd", ...},
+     "settings": {...every resolved option...},
+     "setup": {"data_time_s", "encoder_time_s", "stats_time_s", "test_features_time_s", ...},
+     "methods": {"lgm": {...}, "sfm": {...}, "clp": {...}, "random_real": {...},
+                 "class_centroids": {...}, "full_data": {...}},
+     "ops": {...} (imagenet1k profile only), "files": [...]}
+
+Every entry of ``"methods"`` has ``kind`` (``"distilled"``, ``"baseline"`` or ``"ceiling"``), ``method``,
+``ipc``, ``status`` and at least ``step_time_s``, ``total_time_s``, ``peak_memory_bytes``,
+``accuracy_mean``, ``accuracy_std`` (``null`` where they do not apply or were not measured). Keys: the
+method's name for the reference configuration (the first ipc, LGM with 10 copies); other configurations
+add ``_k<copies>`` (LGM) and ``_ipc<ipc>`` (ipc other than the first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH_DIR = Path(__file__).resolve().parent
+if str(REPO) not in sys.path:  # run from a clean clone before `pip install -e .`
+    sys.path.insert(0, str(REPO))
+if str(BENCH_DIR) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR))
+
+# On a CPU shared with other work, OpenMP's default spin-waiting makes torch's 2-thread kernels up to
+# 10x slower (measured on the 2-core development machine); passive waiting costs little when the machine
+# is idle. Set before torch is imported (here, and inherited by every worker); an explicit value wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+SCHEMA = "fastdd.benchmark/1"
+METHOD_NAMES = ("lgm", "sfm", "clp")
+REFERENCE_COPIES = 10  # LGM's published K: the reference the ratios are taken against
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+# Each profile fixes the options left unset on the command line. None means "the library's default".
+PROFILES: Dict[str, Dict[str, Any]] = {
+    "default": dict(
+        dataset="fashion-mnist", size=None, classes=None, real_per_class=None, bank_rows=None,
+        train_limit=None, test_limit=None,
+        encoder="torchvision:mobilenet_v2", weights="imagenet", encoder_image_size=None,
+        ipc=[1], methods=list(METHOD_NAMES), lgm_copies=[REFERENCE_COPIES],
+        # The same step count for every method: the 10-minute budget on 2 CPU cores (LGM's 10 copies
+        # cost ~10x an SFM/CLP step; see README for the measured split of the run time).
+        steps=150, warmup=10, extend_every=None,
+        evaluate=True, probe_epochs=None, probe_views=None, probe_seeds=None, baseline_seeds=3,
+        full_data_epochs=None,
+        autocast=None, chunk_size=None, max_run_seconds=None, ops=False, real_on_device=False),
+    "imagenet1k": dict(
+        dataset="synthetic", size=224, classes=1000, real_per_class=10, bank_rows=IMAGENET_TRAIN_IMAGES,
+        train_limit=None, test_limit=None,
+        encoder="timm:vit_base_patch16_224", weights=None, encoder_image_size=None,
+        ipc=[1, 10], methods=list(METHOD_NAMES), lgm_copies=[3, REFERENCE_COPIES],
+        steps=12, warmup=3, extend_every=None,
+        evaluate=False, probe_epochs=None, probe_views=None, probe_seeds=None, baseline_seeds=0,
+        full_data_epochs=None,
+        autocast="fp16", chunk_size=256, max_run_seconds=75.0, ops=True, real_on_device=True),
+}
+# --tiny: the same code paths at a seconds-long size (tests, smoke runs).
+TINY: Dict[str, Dict[str, Any]] = {
+    "default": dict(dataset="digits", size=16, train_limit=300, test_limit=100, steps=4, warmup=1,
+                    probe_epochs=3, probe_views=2, probe_seeds=[0, 1], baseline_seeds=2, full_data_epochs=1),
+    "imagenet1k": dict(size=32, classes=4, real_per_class=3, bank_rows=64, encoder="timm:vit_tiny_patch16_224",
+                       encoder_image_size=32, ipc=[1, 2], lgm_copies=[1, 2], steps=3, warmup=1,
+                       chunk_size=4, max_run_seconds=60.0),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Options
+# --------------------------------------------------------------------------------------------------
+
+def _int_list(text: str) -> List[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _int_list0(text: str) -> List[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one integer, got {text!r}")
+    return values
+
+
+def _methods(text: str) -> List[str]:
+    values = [v.strip().lower() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in METHOD_NAMES]
+    if bad or not values:
+        raise argparse.ArgumentTypeError(f"methods must be a comma-separated subset of {METHOD_NAMES}, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="benchmarks/run.py", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Options left unset take the profile's value (see PROFILES at the top of this file).")
+    p.add_argument("--profile", choices=sorted(PROFILES), default="default",
+                   help="default: Fashion-MNIST + MobileNetV2 on the CPU; imagenet1k: ImageNet-1K shapes, "
+                        "ViT-B/16, for a GPU")
+    p.add_argument("--tiny", action="store_true", help="shrink the profile to a seconds-long run (tests)")
+    p.add_argument("--dataset", help="fashion-mnist | mnist-5k | digits | synthetic")
+    p.add_argument("--size", type=int, help="image side in pixels (default: fastdd.data.load's)")
+    p.add_argument("--classes", type=int, help="synthetic data: number of classes")
+    p.add_argument("--real-per-class", type=int, help="synthetic data: real images per class")
+    p.add_argument("--bank-rows", type=int, help="synthetic data: rows of CLP's feature bank")
+    p.add_argument("--train-limit", type=int, help="use only the first N training images (stratified)")
+    p.add_argument("--test-limit", type=int, help="use only the first N test images (stratified)")
+    p.add_argument("--encoder", help="an encoder name for fastdd.encoders.load, e.g. torchvision:mobilenet_v2")
+    p.add_argument("--weights", help="encoder weights: 'imagenet', 'none' (random) or a local file")
+    p.add_argument("--ipc", type=_int_list, help="images per class, comma-separated (e.g. 1,10)")
+    p.add_argument("--methods", type=_methods, help="comma-separated subset of lgm,sfm,clp")
+    p.add_argument("--lgm-copies", type=_int_list, help="LGM's augmented copies K, comma-separated (e.g. 3,10)")
+    p.add_argument("--steps", type=int, help="distillation steps, the same for every method")
+    p.add_argument("--warmup", type=int, help="steps left out of the per-step median")
+    p.add_argument("--extend-every", type=int,
+                   help="pyramid extension period (default: full resolution at ~1/3 of the steps, as LGM's "
+                        "200 of 5000 at 256 px)")
+    p.add_argument("--no-evaluate", dest="evaluate", action="store_false", default=None,
+                   help="skip the linear-probe evaluation and the baselines")
+    p.add_argument("--probe-epochs", type=int, help="fastdd.evaluate epochs (default: the library's)")
+    p.add_argument("--probe-views", type=int, help="fastdd.evaluate views (default: the library's)")
+    p.add_argument("--probe-seeds", type=_int_list0, help="fastdd.evaluate probe seeds (default: the library's)")
+    p.add_argument("--baseline-seeds", type=int, help="draws of the random-real baseline")
+    p.add_argument("--full-data-epochs", type=int, help="full-data probe epochs (default: the library's)")
+    p.add_argument("--autocast", choices=["fp16", "bf16", "none"], help="encoder autocast dtype (GPU)")
+    p.add_argument("--chunk-size", type=int, help="memory-flat backward chunk (0: off)")
+    p.add_argument("--max-run-seconds", type=float, help="stop a distillation run after this long (0: never)")
+    p.add_argument("--no-ops", dest="ops", action="store_false", default=None, help="skip the per-op benchmark")
+    p.add_argument("--ops", dest="ops", action="store_true", help="run the per-op benchmark")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--in-process", action="store_true",
+                   help="CPU: run every method in this process (no per-method child; memory then less exact)")
+    p.add_argument("--seed", type=int, default=0, help="distillation seed")
+    p.add_argument("--out", default=str(BENCH_DIR / "results"), help="output folder")
+    p.add_argument("--tag", help="suffix of the output file names")
+    p.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one method from a spec file
+    return p
+
+
+def resolve_settings(args: argparse.Namespace) -> Dict[str, Any]:
+    """Profile values, then --tiny's, then every option given on the command line."""
+    s = dict(PROFILES[args.profile])
+    if args.tiny:
+        s.update(TINY[args.profile])
+    for key in list(PROFILES["default"]):
+        value = getattr(args, key, None)
+        if value is not None:
+            s[key] = value
+    if isinstance(s.get("weights"), str) and s["weights"].lower() == "none":
+        s["weights"] = None
+    if s.get("autocast") == "none":
+        s["autocast"] = None
+    if s.get("chunk_size") == 0:
+        s["chunk_size"] = None
+    if not s.get("max_run_seconds"):
+        s["max_run_seconds"] = None
+    for key in ("steps", "size", "classes", "real_per_class", "bank_rows", "train_limit", "test_limit"):
+        if s.get(key) is not None and s[key] < 1:
+            raise SystemExit(f"--{key.replace('_', '-')} must be >= 1, got {s[key]}")
+    if s["steps"] < 2:
+        raise SystemExit(f"--steps must be >= 2 (a per-step time needs two steps), got {s['steps']}")
+    s["warmup"] = max(0, min(s["warmup"], s["steps"] - 2))
+    s.update(profile=args.profile, tiny=bool(args.tiny), seed=args.seed,
+             omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
+    return s
+
+
+# --------------------------------------------------------------------------------------------------
+# Machine, versions, revision
+# --------------------------------------------------------------------------------------------------
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_total() -> Optional[int]:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def machine_info(device) -> Dict[str, Any]:
+    import torch
+
+    info = {"type": device.type, "cpu": _cpu_name(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "memory_bytes": _memory_total(),
+            "platform": platform.platform(), "load_average": list(os.getloadavg())}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(name=props.name, gpu_memory_bytes=props.total_memory,
+                    capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda)
+    else:
+        info["name"] = f"{info['cpu']} ({info['cores']} cores)"
+    return info
+
+
+def device_slug(device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    import torch
+
+    name = torch.cuda.get_device_name(device).lower().replace("nvidia", "")
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "cuda"
+
+
+def versions() -> Dict[str, Optional[str]]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "torchvision", "timm", "triton", "numpy", "matplotlib", "fastdd", "pytest-benchmark"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            out[dist] = None
+    import torch
+
+    out["torch_cuda"] = torch.version.cuda
+    return out
+
+
+def git_info() -> Dict[str, Any]:
+    def run(*cmd):
+        return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=30)
+
+    try:
+        rev = run("rev-parse", "HEAD")
+        dirty = run("status", "--porcelain", "--untracked-files=no")
+        if rev.returncode != 0:
+            return {"revision": None, "dirty": None}
+        return {"revision": rev.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"revision": None, "dirty": None}
+
+
+# --------------------------------------------------------------------------------------------------
+# Data, encoder, statistics (the same functions run in the parent and in every worker)
+# --------------------------------------------------------------------------------------------------
+
+def _stratified_head(images, labels, limit: Optional[int]):
+    """The first ``limit`` images, taken round-robin over the classes (every class keeps images)."""
+    import torch
+
+    if limit is None or limit >= labels.shape[0]:
+        return images, labels
+    num_classes = int(labels.max()) + 1
+    per_class = [(labels == c).nonzero().flatten() for c in range(num_classes)]
+    order = torch.stack([torch.cat([idx, idx.new_full((labels.shape[0] - idx.numel(),), -1)])
+                         for idx in per_class], 1).flatten()  # c0[0], c1[0], ..., c0[1], ...
+    keep = order[order >= 0][:limit].sort().values
+    return images[keep], labels[keep]
+
+
+def load_real(s: Dict[str, Any], device=None) -> Dict[str, Any]:
+    """``{"train_images", "train_labels", "test_images", "test_labels", "classes"}`` for the settings.
+
+    ``synthetic``: random uint8 images (``classes * real_per_class`` of them, deterministic), labels
+    class-major; no test set. Put on ``device`` when the profile holds the real set on the device."""
+    import torch
+
+    if s["dataset"] == "synthetic":
+        c, per_class, size = s["classes"], s["real_per_class"], s["size"]
+        g = torch.Generator().manual_seed(1234)
+        images = torch.randint(0, 256, (c * per_class, 3, size, size), generator=g, dtype=torch.uint8)
+        labels = torch.arange(c).repeat_interleave(per_class)
+        if device is not None and s.get("real_on_device"):
+            images, labels = images.to(device), labels.to(device)
+        return {"train_images": images, "train_labels": labels, "test_images": None, "test_labels": None,
+                "classes": [f"class {i}" for i in range(c)]}
+    import fastdd.data
+
+    kwargs = {} if s.get("size") is None else {"size": s["size"]}
+    train, test = fastdd.data.load(s["dataset"], **kwargs)
+    tr_x, tr_y = _stratified_head(train.images, train.labels, s.get("train_limit"))
+    te_x, te_y = _stratified_head(test.images, test.labels, s.get("test_limit"))
+    return {"train_images": tr_x, "train_labels": tr_y, "test_images": te_x, "test_labels": te_y,
+            "classes": list(train.classes)}
+
+
+def build_encoder(s: Dict[str, Any], device):
+    """The frozen encoder of the settings, identical in every process (random weights are seeded)."""
+    import torch
+
+    import fastdd.encoders
+
+    torch.manual_seed(0)
+    name = s["encoder"]
+    if s.get("encoder_image_size") and name.startswith("timm:"):
+        # A timm model built for a smaller input (tiny runs): fastdd.encoders.load builds at the model's
+        # native size, so build it here and wrap it with the public wrapper.
+        import timm
+
+        model = timm.create_model(name.split(":", 1)[1], pretrained=False, num_classes=0,
+                                  img_size=s["encoder_image_size"])
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        encoder = fastdd.encoders.wrap(model, input_size=s["encoder_image_size"],
+                                       mean=tuple(cfg.get("mean", fastdd.encoders.IMAGENET_MEAN)),
+                                       std=tuple(cfg.get("std", fastdd.encoders.IMAGENET_STD)),
+                                       name=f"{name}@{s['encoder_image_size']}")
+    else:
+        encoder = fastdd.encoders.load(name, weights=s["weights"])
+    return encoder.to(device)
+
+
+def compute_stats(s: Dict[str, Any], data: Dict[str, Any], encoder, device, progress: bool):
+    """The shared statistics pass; returns ``(stats, seconds, note)``.
+
+    Real data: ``RealStats.from_data`` with CLP's feature bank (the library's bank dtype). Synthetic
+    ImageNet shapes: the timed pass over the device-held images gives the class means' cost, and the
+    bank is ``bank_rows`` random fp16 features (ImageNet's size), built by ``RealStats.from_features``."""
+    import torch
+
+    import fastdd
+
+    _sync(device)
+    t0 = time.perf_counter()
+    stats = fastdd.RealStats.from_data(data["train_images"], encoder, labels=data["train_labels"],
+                                       bank=s.get("bank_rows") is None, device=device, progress=progress)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    note = f"RealStats.from_data over {int(data['train_labels'].shape[0])} training images"
+    if s.get("bank_rows") is not None:
+        g = torch.Generator().manual_seed(4321)
+        rows, dim, c = s["bank_rows"], stats.feature_dim, stats.num_classes
+        bank = torch.empty(rows, dim, dtype=torch.float16)
+        for start in range(0, rows, 1 << 18):  # chunks: no fp32 copy of the whole bank
+            n = min(1 << 18, rows - start)
+            bank[start:start + n] = torch.randn(n, dim, generator=g).half()
+        labels = torch.arange(rows) % c
+        stats = fastdd.RealStats.from_features(bank, labels, num_classes=c, bank=True)
+        note += f" (timed); bank and means from {rows} random fp16 features (ImageNet-1K's shape)"
+    return stats, seconds, note
+
+
+def _sync(device) -> None:
+    if getattr(device, "type", str(device)) == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------------------------------
+# One distillation run, measured
+# --------------------------------------------------------------------------------------------------
+
+class _TimeCap(Exception):
+    """Raised from the step callback to stop a run at --max-run-seconds."""
+
+
+def _proc_status_bytes(field: str) -> Optional[int]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _maxrss_bytes() -> int:
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+
+
+class MemoryMeter:
+    """Peak memory of one ``distill`` call (see the module docstring for what is measured where)."""
+
+    def __init__(self, device, whole_process: bool):
+        self.device, self.whole_process = device, whole_process
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            import torch
+
+            gc.collect()
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before = torch.cuda.memory_allocated(self.device)
+            return
+        gc.collect()
+        self.load_peak = _maxrss_bytes()
+        self.before = _proc_status_bytes("VmRSS")
+        try:  # "5" resets the resident-set high-water mark (VmHWM, and ru_maxrss with it)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.reset = _proc_status_bytes("VmHWM") is not None and self.before is not None
+        except OSError:
+            self.reset = False
+
+    def stop(self) -> Dict[str, Any]:
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            return {"peak_memory_bytes": peak, "extra_memory_bytes": peak - self.before,
+                    "baseline_memory_bytes": self.before,
+                    "memory_measure": "torch.cuda.max_memory_allocated during distill (peak); minus "
+                                      "torch.cuda.memory_allocated before it, with data, encoder and "
+                                      "statistics loaded (extra)"}
+        if self.reset:
+            run_peak = _proc_status_bytes("VmHWM")
+            extra = run_peak - self.before
+            how = "VmHWM reset before distill"
+        else:  # no way to reset the high-water mark: a lower bound
+            run_peak = _maxrss_bytes()
+            extra = max(0, run_peak - self.load_peak)
+            how = "ru_maxrss growth during distill (lower bound: the high-water mark could not be reset)"
+        if self.whole_process:
+            peak = max(self.load_peak, _maxrss_bytes(), run_peak)
+            what = ("ru_maxrss of the method's own child process over its life (loading data, encoder and "
+                    "statistics, then distilling)")
+        else:
+            peak = run_peak
+            what = "peak resident set of this process during distill (in-process run)"
+        return {"peak_memory_bytes": peak, "extra_memory_bytes": extra, "baseline_memory_bytes": self.before,
+                "memory_measure": f"{what} (peak); peak resident set during distill minus the resident set "
+                                  f"just before it, after loading (extra; {how})"}
+
+
+def auto_extend_every(s: Dict[str, Any], image_size: int) -> int:
+    """LGM's schedule scaled to the step count: 200 of 5000 steps brings 256-px images (9 levels) to full
+    resolution at step 1601, about a third of the run; keep that fraction for any step count."""
+    from fastdd.images import pyramid_resolutions
+
+    if s.get("extend_every"):
+        return int(s["extend_every"])
+    extensions = max(1, len(pyramid_resolutions(image_size)) - 1)
+    return max(1, min(200, round(s["steps"] * 1600 / 5000 / extensions)))
+
+
+def distill_kwargs(s: Dict[str, Any], method: str, ipc: int, copies: Optional[int], image_size: int,
+                   device) -> Dict[str, Any]:
+    """The arguments every method shares in this run; the rest are the library's per-method defaults."""
+    import torch
+
+    kwargs: Dict[str, Any] = dict(method=method, ipc=ipc, steps=s["steps"], seed=s["seed"],
+                                  extend_every=auto_extend_every(s, image_size), chunk_size=s.get("chunk_size"))
+    if method == "lgm":
+        kwargs["copies"] = copies
+    if s.get("autocast") and device.type == "cuda":
+        kwargs["autocast_dtype"] = {"fp16": torch.float16, "bf16": torch.bfloat16}[s["autocast"]]
+    return kwargs
+
+
+def run_distillation(s: Dict[str, Any], data: Dict[str, Any], encoder, stats, method: str, ipc: int,
+                     copies: Optional[int], device, out_path: Optional[Path], progress: bool,
+                     whole_process: bool) -> Dict[str, Any]:
+    """Distil once with the settings and measure it; saves the ``DistilledSet`` to ``out_path`` if any."""
+    import torch
+
+    import fastdd
+
+    image_size = int(data["train_images"].shape[-1])
+    kwargs = distill_kwargs(s, method, ipc, copies, image_size, device)
+    stamps: List[float] = []
+    losses: List[float] = []
+    cap = s.get("max_run_seconds")
+
+    def on_step(step, loss):
+        _sync(device)
+        stamps.append(time.perf_counter())
+        if cap is not None and len(stamps) >= 2 and stamps[-1] - stamps[0] > cap and step + 1 < kwargs["steps"]:
+            raise _TimeCap()
+
+    meter = MemoryMeter(device, whole_process)
+    meter.start()
+    status, error, distilled = "ok", None, None
+    t0 = time.perf_counter()
+    try:
+        distilled = fastdd.distill(data["train_images"], encoder, labels=data["train_labels"], stats=stats,
+                                   progress=progress, callback=on_step, **kwargs)
+    except _TimeCap:
+        status = "time-capped"
+    except torch.cuda.OutOfMemoryError as e:  # a CUDA OOM: reported, the run goes on
+        status, error = "oom", str(e).splitlines()[0][:300]
+    except MemoryError as e:
+        status, error = "oom", f"MemoryError: {e}"[:300]
+    _sync(device)
+    total = time.perf_counter() - t0
+    memory = meter.stop()
+    if status == "oom":
+        memory.update(peak_memory_bytes=None, extra_memory_bytes=None)
+        if device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+    intervals = [b - a for a, b in zip(stamps, stamps[1:])]  # interval i is step i + 1
+    timed = intervals[max(0, s["warmup"] - 1):] or intervals
+    result = {
+        "status": status, "error": error, "steps_done": len(stamps),
+        "step_time_s": statistics.median(timed) if timed else None,
+        "step_time_min_s": min(timed) if timed else None,
+        "step_time_max_s": max(timed) if timed else None,
+        "steps_timed": len(timed),
+        "step_times_s": intervals,
+        "total_time_s": total if status == "ok" else None,
+        "elapsed_s": total,
+        **memory,
+    }
+    if distilled is not None:
+        history = distilled.history
+        result.update(loss_first=history[0] if history else None, loss_last=history[-1] if history else None,
+                      distill_settings=distilled.settings)
+        if out_path is not None:
+            distilled.save(out_path)
+    else:
+        result["distill_settings"] = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in kwargs.items()}
+    return result
+
+
+def worker_main(spec_path: str) -> int:
+    """Child-process mode: load data, encoder and statistics, run one method, write its metrics."""
+    spec = json.loads(Path(spec_path).read_text())
+    import torch
+
+    import fastdd
+
+    s, device = spec["settings"], torch.device(spec["device"])
+    data = load_real(s, device)
+    encoder = build_encoder(s, device)
+    stats = fastdd.RealStats.load(spec["stats_path"]) if spec.get("stats_path") else None
+    result = run_distillation(s, data, encoder, stats, spec["method"], spec["ipc"], spec.get("copies"), device,
+                              Path(spec["distilled_path"]), progress=spec["progress"], whole_process=True)
+    tmp = Path(spec["metrics_path"] + ".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, spec["metrics_path"])
+    return 0
+
+
+def run_in_child(s, method, ipc, copies, device, stats_path: Path, workdir: Path, progress: bool) -> Dict[str, Any]:
+    """Run one method in a fresh Python process (its peak memory is its own)."""
+    tag = f"{method}-ipc{ipc}" + (f"-k{copies}" if copies else "")
+    spec = {"settings": s, "method": method, "ipc": ipc, "copies": copies, "device": str(device),
+            "stats_path": str(stats_path), "distilled_path": str(workdir / f"{tag}.pt"),
+            "metrics_path": str(workdir / f"{tag}.json"), "progress": progress}
+    spec_path = workdir / f"{tag}.spec.json"
+    spec_path.write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)],
+                          cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    metrics = Path(spec["metrics_path"])
+    if proc.returncode == 0 and metrics.is_file():
+        return json.loads(metrics.read_text())
+    killed = proc.returncode in (-9, 137)
+    return {"status": "oom" if killed else "error",
+            "error": ("killed (SIGKILL: most likely out of memory)" if killed
+                      else f"worker exited with status {proc.returncode} (see its traceback above)"),
+            "step_time_s": None, "total_time_s": None, "peak_memory_bytes": None, "extra_memory_bytes": None}
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------------
+
+def _probe_kwargs(s: Dict[str, Any]) -> Dict[str, Any]:
+    kwargs = {}
+    if s.get("probe_epochs") is not None:
+        kwargs["epochs"] = s["probe_epochs"]
+    if s.get("probe_views") is not None:
+        kwargs["views"] = s["probe_views"]
+    if s.get("probe_seeds") is not None:
+        kwargs["seeds"] = tuple(s["probe_seeds"])
+    return kwargs
+
+
+def _accuracy_fields(result) -> Dict[str, Any]:
+    return {"accuracy_mean": result.mean, "accuracy_std": result.std, "accuracies": list(result.accuracies),
+            "probe_settings": _jsonable(result.settings)}
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
+
+
+def _entry(kind: str, method: str, ipc: Optional[int], **fields) -> Dict[str, Any]:
+    base = {"kind": kind, "method": method, "ipc": ipc, "copies": None, "status": "ok", "step_time_s": None,
+            "total_time_s": None, "peak_memory_bytes": None, "extra_memory_bytes": None,
+            "accuracy_mean": None, "accuracy_std": None}
+    base.update(fields)
+    return base
+
+
+def run_key(method: str, ipc: int, copies: Optional[int], first_ipc: int) -> str:
+    key = method
+    if method == "lgm" and copies != REFERENCE_COPIES:
+        key += f"_k{copies}"
+    if ipc != first_ipc:
+        key += f"_ipc{ipc}"
+    return key
+
+
+def add_ratios(methods: Dict[str, Dict[str, Any]]) -> None:
+    """Speed and memory ratios of every distilled run against the reference LGM of its ipc."""
+    for key, entry in methods.items():
+        if entry["kind"] != "distilled":
+            continue
+        lgms = [(k, e) for k, e in methods.items() if e["kind"] == "distilled" and e["method"] == "lgm"
+                and e["ipc"] == entry["ipc"] and e.get("step_time_s") is not None and e["status"] != "oom"]
+        ref = [x for x in lgms if x[1]["copies"] == REFERENCE_COPIES] or sorted(lgms, key=lambda x: -x[1]["copies"])
+        entry.update(ratio_reference=None, speedup_vs_lgm=None, memory_ratio_vs_lgm=None,
+                     extra_memory_ratio_vs_lgm=None)
+        if not ref:
+            continue
+        ref_key, r = ref[0]
+        entry["ratio_reference"] = ref_key
+
+        def ratio(a, b):
+            return a / b if a is not None and b else None
+
+        entry["speedup_vs_lgm"] = ratio(r.get("step_time_s"), entry.get("step_time_s"))
+        entry["memory_ratio_vs_lgm"] = ratio(r.get("peak_memory_bytes"), entry.get("peak_memory_bytes"))
+        entry["extra_memory_ratio_vs_lgm"] = ratio(r.get("extra_memory_bytes"), entry.get("extra_memory_bytes"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------------
+
+CSV_COLUMNS = ["key", "kind", "method", "ipc", "copies", "status", "steps_done", "step_time_s", "total_time_s",
+               "peak_memory_bytes", "extra_memory_bytes", "accuracy_mean", "accuracy_std", "speedup_vs_lgm",
+               "memory_ratio_vs_lgm", "extra_memory_ratio_vs_lgm", "device", "date", "git_revision",
+               "dataset", "encoder", "steps"]
+
+
+def write_csv(result: Dict[str, Any], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for key, e in result["methods"].items():
+            row = {c: e.get(c) for c in CSV_COLUMNS}
+            row.update(key=key, device=result["device"].get("name"), date=result["date"],
+                       git_revision=result["git"].get("revision"), dataset=result["settings"].get("dataset"),
+                       encoder=result["settings"].get("encoder"), steps=result["settings"].get("steps"))
+            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+
+
+def _fmt(value, scale=1.0, digits=1, suffix="") -> str:
+    if value is None:
+        return "–"
+    return f"{value * scale:.{digits}f}{suffix}"
+
+
+def format_table(result: Dict[str, Any]) -> str:
+    """The Markdown table printed at the end and written to ``<stem>.md``."""
+    mib = 1.0 / 1024 ** 2
+    rows = ["| run | status | per-step (ms) | total (s) | peak mem (MiB) | extra mem (MiB) | accuracy (%) "
+            "| speed vs LGM | extra mem vs LGM |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for key, e in result["methods"].items():
+        acc = "–" if e.get("accuracy_mean") is None else \
+            f"{e['accuracy_mean']:.1f} ± {e.get('accuracy_std') or 0.0:.1f}"
+        rows.append("| " + " | ".join([
+            key, e.get("status", "ok"), _fmt(e.get("step_time_s"), 1e3), _fmt(e.get("total_time_s")),
+            _fmt(e.get("peak_memory_bytes"), mib, 0), _fmt(e.get("extra_memory_bytes"), mib, 0), acc,
+            _fmt(e.get("speedup_vs_lgm"), 1, 1, "x"), _fmt(e.get("extra_memory_ratio_vs_lgm"), 1, 1, "x")]) + " |")
+    s, dev, setup = result["settings"], result["device"], result["setup"]
+    head = (f"fastdd benchmark, profile {s['profile']}{' (tiny)' if s['tiny'] else ''}: {s['dataset']}, "
+            f"{s['encoder']}, ipc {','.join(map(str, s['ipc']))}, {s['steps']} steps (median per-step time after "
+            f"{s['warmup']} warm-up steps), on {dev.get('name')} [{dev['type']}], torch {result['versions']['torch']}, "
+            f"git {str(result['git'].get('revision'))[:10]}, {result['date']}.\n"
+            f"Command: `{result['command']}`. Shared statistics pass: {_fmt(setup.get('stats_time_s'))} s; "
+            f"whole run: {_fmt(setup.get('run_time_s'))} s.\n")
+    return head + "\n" + "\n".join(rows) + "\n"
+
+
+def run_ops_bench(device, tiny: bool) -> Dict[str, Any]:
+    """The per-op kernel benchmark of ``benchmarks/ops_bench.py`` (written by the ops engineer), called
+    through its public entry point; never re-implemented here."""
+    try:
+        import ops_bench
+    except ImportError as e:
+        return {"status": "unavailable", "error": f"benchmarks/ops_bench.py cannot be imported: {e}"}
+    entry = getattr(ops_bench, "run", None) or getattr(ops_bench, "main_results", None)
+    if entry is None:
+        return {"status": "unavailable", "error": "benchmarks/ops_bench.py has no run() entry point"}
+    try:
+        return {"status": "ok", "results": _jsonable(entry(device=str(device), tiny=tiny))}
+    except Exception as e:  # the op benchmark must not cost the method results
+        return {"status": "error", "error": f"{type(e).__name__}: {e}"[:500]}
+
+
+# --------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    if args.worker:
+        sys.exit(worker_main(args.worker))
+    t_run = time.perf_counter()
+    s = resolve_settings(args)
+    progress = not args.quiet
+
+    import torch
+
+    import fastdd
+    import fastdd.probe as probe
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    isolate = device.type == "cpu" and not args.in_process
+    s["device"], s["isolation"] = str(device), ("one child process per method" if isolate else "in-process")
+    if s["evaluate"] and s["dataset"] == "synthetic":
+        s["evaluate"] = False  # random images have nothing to learn: timing only
+
+    started = _dt.datetime.now(_dt.timezone.utc)
+    result: Dict[str, Any] = {
+        "schema": SCHEMA, "date": started.isoformat(timespec="seconds"),
+        "command": " ".join(["python", "benchmarks/run.py", *map(shlex.quote, argv if argv is not None else sys.argv[1:])]),
+        "git": git_info(), "device": machine_info(device), "versions": versions(), "settings": s,
+        "setup": {}, "methods": {},
+    }
+    setup = result["setup"]
+    print(f"fastdd benchmark: profile {s['profile']}{' (tiny)' if s['tiny'] else ''} on "
+          f"{result['device']['name']}; methods {','.join(s['methods'])}, ipc {s['ipc']}, {s['steps']} steps",
+          flush=True)
+
+    t0 = time.perf_counter()
+    data = load_real(s, device)
+    setup["data_time_s"] = time.perf_counter() - t0
+    setup["train_images"] = int(data["train_labels"].shape[0])
+    setup["test_images"] = None if data["test_labels"] is None else int(data["test_labels"].shape[0])
+    t0 = time.perf_counter()
+    encoder = build_encoder(s, device)
+    setup["encoder_time_s"] = time.perf_counter() - t0
+    setup["feature_dim"] = encoder.feature_dim
+    setup["image_size"] = int(data["train_images"].shape[-1])
+    setup["extend_every"] = auto_extend_every(s, setup["image_size"])
+
+    stats, setup["stats_time_s"], setup["stats_note"] = compute_stats(s, data, encoder, device, progress)
+
+    images_for_grid: Dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="fastdd-bench-") as tmp:
+        workdir = Path(tmp)
+        stats_path = workdir / "stats.pt"
+        if isolate:
+            t0 = time.perf_counter()
+            stats.save(stats_path)
+            setup["stats_save_time_s"] = time.perf_counter() - t0
+
+        # ---- distillation runs -------------------------------------------------------------------
+        first_ipc = s["ipc"][0]
+        for ipc in s["ipc"]:
+            for method in s["methods"]:
+                for copies in (s["lgm_copies"] if method == "lgm" else [None]):
+                    key = run_key(method, ipc, copies, first_ipc)
+                    label = f"{method}" + (f" (K={copies})" if copies else "") + f", ipc {ipc}"
+                    print(f"\n== {key}: {label}", flush=True)
+                    if isolate:
+                        measured = run_in_child(s, method, ipc, copies, device, stats_path, workdir, progress)
+                    else:
+                        measured = run_distillation(s, data, encoder, stats, method, ipc, copies, device,
+                                                    workdir / f"{key}.pt", progress, whole_process=False)
+                    entry = _entry("distilled", method, ipc, copies=copies, steps=s["steps"], **measured)
+                    entry["distilled_path"] = str(workdir / (
+                        f"{method}-ipc{ipc}" + (f"-k{copies}" if copies else "") + ".pt")) if isolate \
+                        else str(workdir / f"{key}.pt")
+                    result["methods"][key] = entry
+                    print(f"   {entry['status']}: per-step {_fmt(entry.get('step_time_s'), 1e3)} ms, "
+                          f"peak {_fmt(entry.get('peak_memory_bytes'), 1 / 1024 ** 2, 0)} MiB, "
+                          f"extra {_fmt(entry.get('extra_memory_bytes'), 1 / 1024 ** 2, 0)} MiB"
+                          + (f" ({entry['error']})" if entry.get("error") else ""), flush=True)
+
+        for key, entry in result["methods"].items():  # the image grid: reference configurations only
+            path = Path(entry["distilled_path"])
+            if entry["ipc"] == first_ipc and entry["copies"] in (None, REFERENCE_COPIES) and path.is_file():
+                distilled = fastdd.DistilledSet.load(path)
+                images_for_grid[key] = (distilled.images, distilled.labels)
+
+        # ---- accuracy under the linear-probe protocol ----------------------------------------------
+        if s["evaluate"]:
+            pk = _probe_kwargs(s)
+            t0 = time.perf_counter()
+            test_features = probe.encode(encoder, data["test_images"], progress=progress, desc="test features")
+            setup["test_features_time_s"] = time.perf_counter() - t0
+            evaluate = fastdd.evaluate
+            for key, entry in list(result["methods"].items()):
+                path = Path(entry.pop("distilled_path"))
+                if entry["status"] != "ok" or not path.is_file():
+                    continue
+                distilled = fastdd.DistilledSet.load(path)
+                print(f"\n== probe on {key}", flush=True)
+                t0 = time.perf_counter()
+                entry.update(_accuracy_fields(evaluate(distilled, encoder, data["test_images"],
+                                                       data["test_labels"], test_features=test_features,
+                                                       progress=progress, **pk)))
+                entry["probe_time_s"] = time.perf_counter() - t0
+            bank = stats.bank_features.float() if stats.has_bank else None
+            for ipc in s["ipc"]:
+                suffix = "" if ipc == first_ipc else f"_ipc{ipc}"
+                if s["baseline_seeds"]:
+                    print(f"\n== baseline: random real images, ipc {ipc} ({s['baseline_seeds']} draws)", flush=True)
+                    t0 = time.perf_counter()
+                    draws = []
+                    for seed in range(s["baseline_seeds"]):
+                        pick = probe.random_real(data["train_images"], data["train_labels"], ipc=ipc, seed=seed)
+                        if seed == 0 and ipc == first_ipc:
+                            images_for_grid["random real"] = pick
+                        draws.append(evaluate(pick, encoder, data["test_images"], data["test_labels"],
+                                              test_features=test_features, progress=progress, **pk))
+                    pooled = probe.ProbeResult.combine(draws)
+                    result["methods"]["random_real" + suffix] = _entry(
+                        "baseline", "random_real", ipc, draws=s["baseline_seeds"], **_accuracy_fields(pooled),
+                        probe_time_s=time.perf_counter() - t0)
+                print(f"\n== baseline: class centroids, ipc {ipc}", flush=True)
+                t0 = time.perf_counter()
+                pick = probe.class_centroids(data["train_images"], data["train_labels"], encoder, ipc=ipc,
+                                             features=bank, progress=progress)
+                if ipc == first_ipc:
+                    images_for_grid["centroids"] = pick
+                result["methods"]["class_centroids" + suffix] = _entry(
+                    "baseline", "class_centroids", ipc,
+                    **_accuracy_fields(evaluate(pick, encoder, data["test_images"], data["test_labels"],
+                                                test_features=test_features, progress=progress, **pk)),
+                    probe_time_s=time.perf_counter() - t0)
+            print("\n== ceiling: full-data probe", flush=True)
+            t0 = time.perf_counter()
+            fkw = {} if s.get("full_data_epochs") is None else {"epochs": s["full_data_epochs"]}
+            if s.get("probe_seeds") is not None:
+                fkw["seeds"] = tuple(s["probe_seeds"])
+            full = probe.full_data_probe(None if bank is not None else data["train_images"], data["train_labels"],
+                                         encoder, data["test_images"], data["test_labels"], train_features=bank,
+                                         test_features=test_features, progress=progress, **fkw)
+            result["methods"]["full_data"] = _entry(
+                "ceiling", "full_data", None, **_accuracy_fields(full), probe_time_s=time.perf_counter() - t0,
+                note="features of the statistics pass (CLP's bank dtype), un-augmented; "
+                     "fastdd.probe.full_data_probe")
+        else:
+            for entry in result["methods"].values():
+                entry.pop("distilled_path", None)
+
+    add_ratios(result["methods"])
+    if s["ops"]:
+        print("\n== per-op kernel benchmark (benchmarks/ops_bench.py)", flush=True)
+        result["ops"] = run_ops_bench(device, s["tiny"])
+    setup["run_time_s"] = time.perf_counter() - t_run
+    result["device"]["load_average_end"] = list(os.getloadavg())
+
+    # ---- files ------------------------------------------------------------------------------------
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{device_slug(device)}-{started.date().isoformat()}"
+    if s["profile"] != "default":
+        stem += f"-{s['profile']}"
+    if s["tiny"]:
+        stem += "-tiny"
+    if args.tag:
+        stem += f"-{args.tag}"
+    json_path, csv_path, md_path = out / f"{stem}.json", out / f"{stem}.csv", out / f"{stem}.md"
+    files = [json_path, csv_path, md_path]
+    result = _jsonable(result)
+    if not args.no_plots:
+        import plots
+
+        files += plots.write_plots(result, json_path, images_for_grid, data["classes"])
+    result["files"] = [os.path.relpath(p, REPO) if str(p).startswith(str(REPO)) else str(p) for p in files]
+    table = format_table(result)
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    write_csv(result, csv_path)
+    md_path.write_text(table)
+    print("\n" + table)
+    print("wrote " + ", ".join(result["files"]), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
