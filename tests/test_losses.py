@@ -169,6 +169,10 @@ def test_closed_form_probe_feature_norms_and_bias(feature_norm):
     got = loss_fn(zs, ys)
     ref = _clp64(norm(zs.double()), ys, norm(zr.double()), yr, c, 0.2, 0.3)
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss_fn(zs, ys), got)  # cached normalised bank on the second call
+    uncached = fnn.ClosedFormProbeLoss(RealStats.from_features(zr, yr), lam=0.2, tau=0.3, feature_norm=feature_norm,
+                                       bias=True, solve_dtype=torch.float64, cache_bank=False)
+    torch.testing.assert_close(uncached(zs, ys), got)
 
 
 def test_closed_form_probe_real_batch_draws_from_the_bank():

@@ -131,25 +131,35 @@ class ClosedFormProbeLoss(nn.Module):
         return ops.ridge_probe(zs, self.targets(ys, zs.dtype), self.ridge_strength(zs), solve_dtype=self.solve_dtype)
 
     def real_features(self, device) -> tuple:
-        """The real rows used this call: ``(zr [M, D] float32 on device, yr [M])``."""
+        """The real rows used this call, normalised: ``(zr [M, D(+1)] float32 on device, yr [M])``.
+
+        With the whole bank in use (``real_batch`` None or >= its rows) and ``cache_bank``, the normalised
+        float32 bank is computed once per device and reused; otherwise the drawn rows are gathered (from the
+        device copy in the stored dtype, or from the CPU bank) and normalised per call."""
         bank, labels = self.stats.bank_features, self.stats.bank_labels
+        device = torch.device(device)
+        whole = self.real_batch is None or self.real_batch >= bank.shape[0]
         if self.cache_bank:
-            if self._bank_cache is None or self._bank_cache[0].device != torch.device(device):
-                self._bank_cache = (bank.to(device), labels.to(device))
+            if self._bank_cache is None or self._bank_cache[0].device != device:
+                if whole:
+                    self._bank_cache = (self.normalize(bank.to(device).float()), labels.to(device))
+                else:
+                    self._bank_cache = (bank.to(device), labels.to(device))
             bank, labels = self._bank_cache
-        if self.real_batch is None or self.real_batch >= bank.shape[0]:
-            return bank.float(), labels
+            if whole:
+                return bank, labels
+        elif whole:
+            return self.normalize(bank.to(device).float()), labels.to(device)
         idx = torch.randint(bank.shape[0], (self.real_batch,), generator=self.generator)
         idx = idx.to(bank.device)
-        return bank[idx].to(device).float(), labels[idx].to(device)
+        return self.normalize(bank[idx].to(device).float()), labels[idx].to(device)
 
     # ---- the loss ----------------------------------------------------------------------------------
     def forward(self, zs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
         check_features(zs, ys, dim=self.stats.feature_dim)
         w = self.probe(self.normalize(zs), ys)
         zr, yr = self.real_features(zs.device)
-        zr = self.normalize(zr).to(w.dtype)
-        return ops.linear_cross_entropy(zr, yr, w, tau=self.tau)
+        return ops.linear_cross_entropy(zr.to(w.dtype), yr, w, tau=self.tau)
 
     def settings(self) -> dict:
         return {"lam": self.lam, "tau": self.tau, "real_batch": self.real_batch,
