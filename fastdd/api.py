@@ -452,8 +452,10 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
         ipc: synthetic images per class. steps: optimisation steps (default per method).
         num_classes: C (default: max label + 1); every class needs at least ``ipc`` real images.
         lr: Adam's learning rate (default per method: LGM 2e-3, SFM/CLP 1e-2).
-        init: ``"noise"`` (published), ``"real"`` (random real images per class) or ``"centroid"`` (the
-            ``ipc`` real images nearest each class mean in feature space).
+        init: ``"noise"`` (published), ``"real"`` (random real images per class), ``"centroid"`` (the
+            ``ipc`` real images nearest each class mean in feature space), or a tensor of initial images
+            ``[C*ipc, 3, H, W]`` in [0, 1], class-major (e.g. a baseline computed once for a sweep;
+            recorded as ``"given"`` in the settings).
         parameterization: ``"pyramid"`` (LGM's, default) or ``"pixels"``; ``extend_every``: the pyramid's
             extension period in steps (from noise only; see ``fastdd.images``).
         copies: K, the augmented copies of the synthetic set per step (default: LGM 10, SFM/CLP 1).
@@ -496,8 +498,16 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
     num_classes = _positive_int("num_classes", num_classes, allow_none=True, minimum=2)
     lr = _positive_float("lr", defaults["lr"] if lr is None else lr)
     init = defaults["init"] if init is None else init
-    if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    given_init = None
+    if isinstance(init, torch.Tensor):  # initial images given: [C*ipc, 3, H, W] in [0, 1], class-major
+        given_init, init = init, "given"
+        if given_init.dim() != 4 or given_init.shape[1] != 3 or not given_init.is_floating_point():
+            raise ValueError(f"init given as images must be a float tensor [C*ipc, 3, H, W], got "
+                             f"{given_init.dtype} {tuple(given_init.shape)}")
+        if not bool(torch.isfinite(given_init).all()) or float(given_init.min()) < 0 or float(given_init.max()) > 1:
+            raise ValueError("init given as images must hold finite values in [0, 1]")
+    elif init not in INITS:
+        raise ValueError(f"init must be one of {INITS} or a tensor of images, got {init!r}")
     parameterization = defaults["parameterization"] if parameterization is None else parameterization
     if parameterization not in PARAMETERIZATIONS:
         raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
@@ -601,7 +611,12 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
 
     n_syn = num_classes * ipc
     init_images = None
-    if init == "real":
+    if given_init is not None:
+        if given_init.shape[0] != n_syn or tuple(given_init.shape[-2:]) != tuple(image_size):
+            raise ValueError(f"init given as images must have shape [{n_syn}, 3, {image_size[0]}, {image_size[1]}] "
+                             f"(C*ipc images at the real size, class-major), got {tuple(given_init.shape)}")
+        init_images = given_init.detach().float()
+    elif init == "real":
         init_images = survey.samples
     elif init == "centroid":
         init_images = _nearest_to_means(images, labels, encoder, stats.means, ipc, batch_size, dev, progress)

@@ -303,3 +303,15 @@ def test_bad_arguments_name_the_argument(tiny, data):
                 return iter(zip(x, y.tolist()))
         api.distill(torch.utils.data.DataLoader(Stream(), batch_size=4), tiny, method="lgm", steps=1,
                     progress=False)
+
+
+def test_init_given_as_images(tiny, data):
+    x, y = data
+    start = torch.stack([x[y == c][0] for c in range(C)])
+    out = api.distill(x, tiny, method="clp", labels=y, ipc=1, steps=0, init=start, **FAST)
+    torch.testing.assert_close(out.images, start, atol=1e-4, rtol=0)
+    assert out.settings["init"] == "given"
+    with pytest.raises(ValueError, match="init"):
+        api.distill(x, tiny, method="clp", labels=y, ipc=2, steps=0, init=start, **FAST)
+    with pytest.raises(ValueError, match="init"):
+        api.distill(x, tiny, method="clp", labels=y, ipc=1, steps=0, init=start * 2, **FAST)
