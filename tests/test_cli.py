@@ -5,7 +5,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from fastdd import cli
 from fastdd.api import DistilledSet

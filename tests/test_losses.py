@@ -1,7 +1,5 @@
 """The three losses (fastdd.nn) against fp64 formulas written independently here, and their gradients
 against autograd through explicit solves / double backward."""
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F

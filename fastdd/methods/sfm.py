@@ -15,8 +15,6 @@ The computation is ``fastdd.ops.real_flow`` (once, at construction) and ``fastdd
 
 from __future__ import annotations
 
-from typing import Union
-
 import torch
 import torch.nn as nn
 
