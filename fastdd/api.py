@@ -685,7 +685,10 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
                     xr, yr = real_batches.sample(ipc * copies, cpu_gen)
                     xr, yr = xr.to(dev), yr.to(dev)
                     real_params = augmenter.sample(xr.shape[0], xr.shape[-2:], dev_gen, dev)
-                    zr = _encode_rows(encoder, augmenter, xr, real_params, 0, xr.shape[0], autocast_dtype)
+                    step_rows = chunk_size or xr.shape[0]  # chunked too: memory flat in ipc*K*C
+                    zr = torch.cat([_encode_rows(encoder, augmenter, xr, real_params, lo,
+                                                 min(lo + step_rows, xr.shape[0]), autocast_dtype)
+                                    for lo in range(0, xr.shape[0], step_rows)])
 
                 def loss_fn(zs, zr=zr, yr=yr):
                     return loss_module(zs, syn_labels_k, zr, yr)

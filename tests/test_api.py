@@ -178,10 +178,11 @@ def test_chunked_backward_equals_plain_backward(tiny, data, method, chunk_size):
         torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-5 * scale)
 
 
-def test_distill_with_chunk_size_follows_the_plain_run(tiny, data):
+@pytest.mark.parametrize("method", ["sfm", "lgm"])
+def test_distill_with_chunk_size_follows_the_plain_run(tiny, data, method):
     x, y = data
-    a = api.distill(x, tiny, method="sfm", labels=y, ipc=2, steps=3, **FAST)
-    b = api.distill(x, tiny, method="sfm", labels=y, ipc=2, steps=3, chunk_size=5, **FAST)
+    a = api.distill(x, tiny, method=method, labels=y, ipc=2, steps=3, **FAST)
+    b = api.distill(x, tiny, method=method, labels=y, ipc=2, steps=3, chunk_size=5, **FAST)
     torch.testing.assert_close(torch.tensor(b.history), torch.tensor(a.history), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(b.images, a.images, atol=1e-3, rtol=0)
 
