@@ -220,3 +220,60 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
+
+
+TRITON_TYPE_NAMES = {
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.float64: "fp64",
+    torch.int32: "i32",
+    torch.int64: "i64",
+}
+
+
+def pointer(dtype: torch.dtype) -> str:
+    """Triton signature string of a pointer to ``dtype`` (``"*bf16"``), for ahead-of-time compilation."""
+    return "*" + TRITON_TYPE_NAMES[dtype]
+
+
+class AOTSpec:
+    """One kernel specialisation to compile ahead of time: ``triton.compile(ASTSource(...), target)``.
+
+    ``args``: every kernel argument in order, each a Triton type string (``"*fp32"``, ``"i32"``,
+    ``"fp32"``) or, for a ``tl.constexpr``, its value. Each op module lists the specialisations its
+    launchers use on a GPU in ``aot_specs()`` (tests/test_kernels_compile.py compiles them for sm_90).
+    """
+
+    def __init__(self, kernel: TritonKernel, args: dict, num_warps: int = 4, num_stages: int = 3):
+        self.kernel, self.args, self.num_warps, self.num_stages = kernel, args, num_warps, num_stages
+
+    @property
+    def name(self) -> str:
+        consts = ",".join(f"{k}={v}" for k, v in self.args.items() if not isinstance(v, str) or not _is_type(v))
+        types = ",".join(v for v in self.args.values() if isinstance(v, str) and v.startswith("*"))
+        return f"{self.kernel.__name__}[{types}|{consts}]"
+
+    def compile(self, arch: int = 90):
+        """Compile for ``GPUTarget("cuda", arch, 32)``; returns the compiled kernel (asm has ptx, cubin)."""
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        fn = self.kernel.jit_function()
+        names = list(self.args)
+        if names != fn.arg_names:
+            raise ValueError(f"{self.kernel.__name__}: spec arguments {names} != kernel arguments {fn.arg_names}")
+        signature, constexprs = {}, {}
+        for k, v in self.args.items():
+            if isinstance(v, str) and _is_type(v):
+                signature[k] = v
+            else:
+                signature[k] = "constexpr"
+                constexprs[k] = v
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": self.num_warps, "num_stages": self.num_stages})
+
+
+def _is_type(v: str) -> bool:
+    return v.startswith("*") or v in ("i1", "i8", "i16", "i32", "i64", "u32", "u64", "fp16", "bf16", "fp32", "fp64")

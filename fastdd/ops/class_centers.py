@@ -253,3 +253,21 @@ def class_centers(features: torch.Tensor, labels: torch.Tensor, num_classes: int
         return _class_centers_cuda(features, labels, out, deterministic)
     return class_centers_reference(features, labels, out, deterministic)
 
+
+
+def aot_specs():
+    """The kernel specialisations the launchers above use on a GPU (compiled for sm_90 in CI)."""
+    from fastdd._backend import AOTSpec, pointer
+
+    specs = []
+    variants = [(dt, torch.float32, True) for dt in (torch.float32, torch.float16, torch.bfloat16)]
+    variants += [(torch.bfloat16, torch.float32, False), (torch.float32, torch.float64, True)]
+    for x_dtype, acc, second in variants:
+        specs.append(AOTSpec(_class_sums_atomic_kernel, dict(
+            x_ptr=pointer(x_dtype), labels_ptr="*i64", sums_ptr=pointer(acc), sq_ptr=pointer(acc), B="i32", D="i32",
+            stride_xb="i32", stride_xd="i32", SECOND_MOMENT=second, BLOCK_B=ATOMIC_BLOCK_B, BLOCK_D=BLOCK_D)))
+        specs.append(AOTSpec(_class_sums_sorted_kernel, dict(
+            x_ptr=pointer(x_dtype), order_ptr="*i64", offsets_ptr="*i64", sums_ptr=pointer(acc), sq_ptr=pointer(acc),
+            D="i32", stride_xb="i32", stride_xd="i32", SECOND_MOMENT=second, BLOCK_B=SORTED_BLOCK_B,
+            BLOCK_D=BLOCK_D)))
+    return specs

@@ -254,3 +254,19 @@ def flow_matching_loss(features: torch.Tensor, labels: torch.Tensor, real_flow: 
         return flow_matching_loss_reference(features, labels, real_flow, nontarget_denominator)
     return FlowMatchingFunction.apply(features, labels.long().contiguous(), real_flow.detach(),
                                       FlowOptions(nontarget_denominator))
+
+
+def aot_specs():
+    """The kernel specialisations the launchers above use on a GPU (compiled for sm_90 in CI)."""
+    from fastdd._backend import AOTSpec, pointer
+
+    specs = []
+    for acc, fr in ((torch.float32, torch.float32), (torch.float32, torch.float64), (torch.float64, torch.float64)):
+        common = dict(C="i32", D="i32", inv_den="fp32", BLOCK_C=FLOW_BLOCK_C, BLOCK_D=FLOW_BLOCK_D)
+        specs.append(AOTSpec(_flow_forward_kernel, dict(
+            sums_ptr=pointer(acc), counts_ptr="*i64", fr_ptr=pointer(fr), stride_fc="i32", stride_fd="i32",
+            partial_ptr=pointer(acc), **common)))
+        specs.append(AOTSpec(_flow_backward_kernel, dict(
+            sums_ptr=pointer(acc), counts_ptr="*i64", fr_ptr=pointer(fr), stride_fc="i32", stride_fd="i32",
+            coef_ptr=pointer(acc), dmean_ptr=pointer(acc), **common)))
+    return specs

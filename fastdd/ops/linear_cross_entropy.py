@@ -229,15 +229,23 @@ GPU_TILES = TileConfig(block_m=128, block_c=128, block_d=64, block_dw=256, block
                        max_partial_bytes=64 << 20)
 GPU_TILES_GRAD = TileConfig(block_m=64, block_c=64, block_d=64, block_dw=256, block_dz=128, num_warps=8,
                             num_stages=3, max_partial_bytes=64 << 20)
+# fp32 operands (TF32 products) take twice the registers and shared memory per K step: smaller tiles.
+# Sizes chosen from ptxas register/spill reports of the sm_90 builds (no spills with TF32 products).
+GPU_TILES_FP32 = TileConfig(block_m=64, block_c=128, block_d=32, block_dw=128, block_dz=64, num_warps=8,
+                            num_stages=3, max_partial_bytes=64 << 20)
+GPU_TILES_GRAD_FP32 = TileConfig(block_m=64, block_c=64, block_d=32, block_dw=128, block_dz=64, num_warps=8,
+                                 num_stages=3, max_partial_bytes=64 << 20)
 # The interpreter's cost grows with the number of programs and loop trips, not tile area: small tiles
 # keep every masked edge exercised at test shapes.
 INTERPRETER_TILES = TileConfig(block_m=16, block_c=16, block_d=16, block_dw=16, block_dz=16, num_warps=1,
                                num_stages=1, max_partial_bytes=1 << 20)
 
 
-def _tiles(grad: bool) -> TileConfig:
+def _tiles(grad: bool, z_dtype: torch.dtype = torch.bfloat16) -> TileConfig:
     if interpreter_enabled():
         return INTERPRETER_TILES
+    if z_dtype == torch.float32:
+        return GPU_TILES_GRAD_FP32 if grad else GPU_TILES_FP32
     return GPU_TILES_GRAD if grad else GPU_TILES
 
 
@@ -249,6 +257,17 @@ def _dot_dtype(*dtypes: torch.dtype):
     if half:
         return (tl.bfloat16 if half[0] == torch.bfloat16 else tl.float16), "ieee"
     return tl.float32, ("tf32" if matmul_allows_tf32() else "ieee")
+
+
+def head_operand(W_dc: torch.Tensor, z_dtype: torch.dtype) -> torch.Tensor:
+    """The head in the product dtype of the dtype policy (a [D,C] copy at most, tiny next to z).
+
+    Converting once on the host lets the kernels feed their loads straight to the tensor cores: a
+    per-tile conversion inside the K loop costs registers (measured: spills at 128 x 128 tiles).
+    """
+    if z_dtype in (torch.float16, torch.bfloat16) and not interpreter_enabled():
+        return W_dc.to(z_dtype)
+    return W_dc.to(torch.float32) if W_dc.dtype != torch.float32 else W_dc
 
 
 @functools.lru_cache(maxsize=None)
@@ -271,7 +290,7 @@ def lce_forward_triton(z, y, W_dc, bias, scale: float) -> Tuple[torch.Tensor, to
     """Per-row losses and log-sum-exps [M] fp32 of logits ``scale * z @ W_dc + bias`` (W_dc: [D,C] view)."""
     M, D = z.shape
     C = W_dc.shape[1]
-    cfg = _tiles(grad=False)
+    cfg = _tiles(grad=False, z_dtype=z.dtype)
     dot_dtype, precision = _dot_dtype(z.dtype, W_dc.dtype)
     loss_rows = torch.empty(M, dtype=torch.float32, device=z.device)
     lse = torch.empty(M, dtype=torch.float32, device=z.device)
@@ -292,7 +311,7 @@ def lce_grad_w_triton(z, y, W_dc, bias, lse, row_grad, scale: float, want_bias: 
     """
     M, D = z.shape
     C = W_dc.shape[1]
-    cfg = _tiles(grad=True)
+    cfg = _tiles(grad=True, z_dtype=z.dtype)
     dot_dtype, precision = _dot_dtype(z.dtype, W_dc.dtype)
     tiles = cdiv(C, cfg.block_c) * cdiv(D, cfg.block_dw)
     splits = _num_splits(M, tiles, D, C, cfg, z.device)
@@ -313,7 +332,7 @@ def lce_grad_z_triton(z, y, W_dc, bias, lse, row_grad, scale: float) -> torch.Te
     """``dz [M,D]`` fp32 of the streamed CE, from the forward's lse."""
     M, D = z.shape
     C = W_dc.shape[1]
-    cfg = _tiles(grad=True)
+    cfg = _tiles(grad=True, z_dtype=z.dtype)
     dot_dtype, precision = _dot_dtype(z.dtype, W_dc.dtype)
     dz = torch.empty(M, D, dtype=torch.float32, device=z.device)
     grid = (cdiv(M, cfg.block_m), cdiv(D, cfg.block_dz))
@@ -364,7 +383,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             total, _, _, _ = _lce_cuda(z, y, W, bias, scale, None, False, False)
             lse = None
         else:
-            loss_rows, lse = lce_forward_triton(z, y, W, bias, scale)
+            loss_rows, lse = lce_forward_triton(z, y, head_operand(W, z.dtype), bias, scale)
             total = loss_rows.sum()
         loss = total / M if options.reduction == "mean" else total
         ctx.save_for_backward(z, y, W, bias, lse)
@@ -390,10 +409,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if opts.backend == "cuda":
             _, dw, db, dz = _lce_cuda(z, y, W, bias, scale, row_grad, needs_z, needs_w or needs_b)
         else:
+            W_k = head_operand(W, z.dtype)
             if needs_w or needs_b:
-                dw, db = lce_grad_w_triton(z, y, W, bias, lse, row_grad, scale, want_bias=needs_b)
+                dw, db = lce_grad_w_triton(z, y, W_k, bias, lse, row_grad, scale, want_bias=needs_b)
             if needs_z:
-                dz = lce_grad_z_triton(z, y, W, bias, lse, row_grad, scale)
+                dz = lce_grad_z_triton(z, y, W_k, bias, lse, row_grad, scale)
         return (dz.to(z.dtype) if needs_z else None, None, dw.to(W.dtype) if needs_w else None,
                 db.to(bias.dtype) if needs_b else None, None)
 
@@ -457,3 +477,38 @@ def linear_cross_entropy(z: torch.Tensor, y: torch.Tensor, W: torch.Tensor, *, t
 
 def _forced() -> bool:
     return bool(os.environ.get("FASTDD_IMPL"))
+
+
+def aot_specs():
+    """The kernel specialisations the launchers above use on a GPU (compiled for sm_90 in CI).
+
+    Feature dtypes bf16 / fp16 / fp32 (TF32 and IEEE products), with and without bias; the head arrives
+    in the product dtype (:func:`head_operand`).
+    """
+    from fastdd._backend import AOTSpec, pointer
+
+    specs = []
+    variants = [(torch.bfloat16, torch.bfloat16, tl.bfloat16, "ieee", True),
+                (torch.bfloat16, torch.bfloat16, tl.bfloat16, "ieee", False),
+                (torch.float16, torch.float16, tl.float16, "ieee", True),
+                (torch.float32, torch.float32, tl.float32, "tf32", True),
+                (torch.float32, torch.float32, tl.float32, "ieee", False)]
+    for z_dtype, w_dtype, dot, precision, has_bias in variants:
+        f, g = (GPU_TILES_FP32, GPU_TILES_GRAD_FP32) if z_dtype == torch.float32 else (GPU_TILES, GPU_TILES_GRAD)
+        io = dict(z_ptr=pointer(z_dtype), y_ptr="*i64", w_ptr=pointer(w_dtype),
+                  b_ptr=pointer(torch.float32))
+        specs.append(AOTSpec(_lce_forward_kernel, dict(
+            **io, loss_ptr="*fp32", lse_ptr="*fp32", M="i32", D="i32", C="i32", stride_zm="i32", stride_zd="i32",
+            stride_wd="i32", stride_wc="i32", scale="fp32", HAS_BIAS=has_bias, DOT_DTYPE=dot, PRECISION=precision,
+            BLOCK_M=f.block_m, BLOCK_C=f.block_c, BLOCK_D=f.block_d), num_warps=f.num_warps, num_stages=f.num_stages))
+        specs.append(AOTSpec(_lce_grad_w_kernel, dict(
+            **io, lse_ptr="*fp32", g_ptr="*fp32", dw_ptr="*fp32", db_ptr="*fp32", M="i32", D="i32", C="i32",
+            rows_per_split="i32", stride_zm="i32", stride_zd="i32", stride_wd="i32", stride_wc="i32", scale="fp32",
+            HAS_BIAS=has_bias, WANT_BIAS=has_bias, DOT_DTYPE=dot, PRECISION=precision, BLOCK_M=g.block_m,
+            BLOCK_C=g.block_c, BLOCK_D=g.block_d, BLOCK_DW=g.block_dw), num_warps=g.num_warps, num_stages=g.num_stages))
+        specs.append(AOTSpec(_lce_grad_z_kernel, dict(
+            **io, lse_ptr="*fp32", g_ptr="*fp32", dz_ptr="*fp32", M="i32", D="i32", C="i32", stride_zm="i32",
+            stride_zd="i32", stride_wd="i32", stride_wc="i32", scale="fp32", HAS_BIAS=has_bias, DOT_DTYPE=dot,
+            PRECISION=precision, BLOCK_M=g.block_m, BLOCK_C=g.block_c, BLOCK_D=g.block_d, BLOCK_DZ=g.block_dz),
+            num_warps=g.num_warps, num_stages=g.num_stages))
+    return specs

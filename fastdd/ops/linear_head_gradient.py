@@ -40,7 +40,7 @@ from fastdd.ops._common import (
     no_autocast,
     reduce_dtype,
 )
-from fastdd.ops.linear_cross_entropy import lce_forward_triton, lce_grad_w_triton
+from fastdd.ops.linear_cross_entropy import head_operand, lce_forward_triton, lce_grad_w_triton
 
 __all__ = ["linear_head_gradient", "linear_head_gradient_reference"]
 
@@ -77,7 +77,7 @@ class LinearHeadGradientFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, y, W, b):
         B = z.shape[0]
-        W_dc = W.t()
+        W_dc = head_operand(W.t(), z.dtype)
         _, lse = lce_forward_triton(z, y, W_dc, b, 1.0)
         row_grad = torch.full((1,), 1.0 / B, dtype=torch.float32, device=z.device)
         dw, db = lce_grad_w_triton(z, y, W_dc, b, lse, row_grad, 1.0, want_bias=True)
