@@ -316,3 +316,42 @@ def test_init_given_as_images(tiny, data):
         api.distill(x, tiny, method="clp", labels=y, ipc=2, steps=0, init=start, **FAST)
     with pytest.raises(ValueError, match="init"):
         api.distill(x, tiny, method="clp", labels=y, ipc=1, steps=0, init=start * 2, **FAST)
+
+
+class _Counting(nn.Module):
+    """Logs (rows, grad enabled, input ids) of every call between step boundaries."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.log = []
+
+    def forward(self, x):
+        self.log.append((x.shape[0], torch.is_grad_enabled() and x.requires_grad))
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("method", ["sfm", "clp", "lgm"])
+def test_what_goes_through_the_encoder_each_step(data, method):
+    """SFM/CLP: only the K*N_s synthetic rows (with a graph). LGM: also ipc*K*C real rows, without one."""
+    x, y = data
+    torch.manual_seed(0)
+    counting = _Counting(_TinyNet())
+    enc = encoders.wrap(counting)
+    per_step = []
+
+    def mark(step, loss):
+        per_step.append(list(counting.log))
+        counting.log.clear()
+
+    ipc, copies = 2, 3
+    api.distill(x, enc, method=method, labels=y, ipc=ipc, steps=3, copies=copies, progress=False,
+                callback=mark)
+    for calls in per_step[1:]:  # step 0's log also holds the set-up passes
+        synthetic = [(n, g) for n, g in calls if g]
+        real = [(n, g) for n, g in calls if not g]
+        assert sum(n for n, _ in synthetic) == C * ipc * copies
+        if method == "lgm":
+            assert sum(n for n, _ in real) == C * ipc * copies
+        else:
+            assert real == []
