@@ -54,11 +54,11 @@ CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "fastdd.Checkpoint", 1
 # from the milder chain (crop scale [0.5, 1], no noise) and lr 1e-2. The "eval" engineer's sweeps set
 # the final values; edit this table only, with the evidence in the README.
 METHOD_DEFAULTS: Dict[str, Dict[str, Any]] = {
-    "lgm": dict(steps=5000, lr=2e-3, copies=10, init="noise", parameterization="pyramid",
+    "lgm": dict(steps=5000, lr=2e-3, copies=10, init="noise", parameterization="pyramid", extend_every=200,
                 crop_scale=CROP_SCALE, noise_prob=NOISE_PROB),
-    "sfm": dict(steps=1000, lr=1e-2, copies=1, init="noise", parameterization="pyramid",
+    "sfm": dict(steps=1000, lr=1e-2, copies=1, init="noise", parameterization="pyramid", extend_every=200,
                 crop_scale=(0.5, 1.0), noise_prob=0.0),
-    "clp": dict(steps=1000, lr=1e-2, copies=1, init="noise", parameterization="pyramid",
+    "clp": dict(steps=1000, lr=1e-2, copies=1, init="noise", parameterization="pyramid", extend_every=200,
                 crop_scale=(0.5, 1.0), noise_prob=0.0),
 }
 
@@ -406,7 +406,7 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
             lr: Optional[float] = None,
             init: Optional[str] = None,
             parameterization: Optional[str] = None,
-            extend_every: int = 200,
+            extend_every: Optional[int] = None,
             copies: Optional[int] = None,
             augment: bool = True,
             crop_size=None,
@@ -457,7 +457,8 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
             ``[C*ipc, 3, H, W]`` in [0, 1], class-major (e.g. a baseline computed once for a sweep;
             recorded as ``"given"`` in the settings).
         parameterization: ``"pyramid"`` (LGM's, default) or ``"pixels"``; ``extend_every``: the pyramid's
-            extension period in steps (from noise only; see ``fastdd.images``).
+            extension period in steps (from noise only; see ``fastdd.images``; default 200 as LGM: note that
+            32-px images then get their last level only at step 1000).
         copies: K, the augmented copies of the synthetic set per step (default: LGM 10, SFM/CLP 1).
         augment: apply the augmentation chain (False: none). ``crop_size`` (default: the image size),
             ``flip_prob``, ``crop_scale`` (default: LGM (0.08, 1), SFM/CLP (0.5, 1)), ``crop_log_ratio``,
@@ -511,7 +512,7 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
     parameterization = defaults["parameterization"] if parameterization is None else parameterization
     if parameterization not in PARAMETERIZATIONS:
         raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
-    extend_every = _positive_int("extend_every", extend_every)
+    extend_every = _positive_int("extend_every", defaults["extend_every"] if extend_every is None else extend_every)
     copies = _positive_int("copies", defaults["copies"] if copies is None else copies)
     crop_scale = _range("crop_scale", defaults["crop_scale"] if crop_scale is None else crop_scale)
     if not 0 < crop_scale[0]:
