@@ -24,7 +24,7 @@ import glob
 import os
 from typing import List, Optional
 
-__all__ = ["build", "error", "is_available", "load", "sources"]
+__all__ = ["build", "error", "find_cuda_home", "is_available", "load", "sources"]
 
 _module = None
 _error: Optional[str] = None
@@ -52,15 +52,57 @@ def _try_import():
         _error = f"fastdd._C is not importable ({type(exc).__name__}: {exc})"
 
 
-def build(build_dir: Optional[str] = None, verbose: bool = False, arch_list: Optional[str] = None):
+def find_cuda_home() -> Optional[str]:
+    """The CUDA toolkit root: ``$CUDA_HOME`` / ``$CUDA_PATH``, else the install behind ``nvcc`` (wrappers
+    such as ``/usr/local/bin/nvcc`` -> ``exec /usr/local/cuda-13.0/bin/nvcc`` are followed), else
+    ``/usr/local/cuda``. ``None`` when no toolkit with ``bin/nvcc`` and ``include/cuda_runtime.h`` exists."""
+    import re
+    import shutil
+
+    def ok(root):
+        return bool(root) and os.path.isfile(os.path.join(root, "bin", "nvcc")) and os.path.isfile(
+            os.path.join(root, "include", "cuda_runtime.h"))
+
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        candidates.append(os.path.dirname(os.path.dirname(real)))
+        try:  # a shell wrapper that execs the real compiler
+            with open(real, "r", errors="ignore") as fh:
+                head = fh.read(4096)
+            found = re.search(r"(/\S+)/bin/nvcc", head)
+            if found:
+                candidates.append(found.group(1))
+        except OSError:
+            pass
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for root in candidates:
+        if ok(root):
+            return root
+    return None
+
+
+def build(build_dir: Optional[str] = None, verbose: bool = False, arch_list: Optional[str] = None,
+          activate: bool = True):
     """Compile ``csrc/`` just in time with ninja and return the loaded module.
+
+    ``activate``: make it the module :func:`load` returns (the ``"cuda"`` backend); ``False`` only
+    checks that it compiles, links and imports.
 
     ``build_dir``: where objects go (default ``$FASTDD_EXT_DIR`` or ``~/.cache/fastdd/ext``).
     ``arch_list``: value for ``TORCH_CUDA_ARCH_LIST`` (e.g. ``"9.0"``); default: the environment's,
     else the visible GPU's. Needs nvcc (``CUDA_HOME`` or on ``PATH``) and ninja. Raises on failure.
     """
     global _module, _error, _tried
-    from torch.utils.cpp_extension import load as _load
+    cuda_home = find_cuda_home()
+    if cuda_home is None:
+        raise RuntimeError("no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc)")
+    os.environ["CUDA_HOME"] = cuda_home
+    import torch.utils.cpp_extension as cpp_extension
+
+    cpp_extension.CUDA_HOME = cuda_home  # read at its import; a wrapper nvcc on PATH misleads it
+    _load = cpp_extension.load
 
     srcs = sources()
     if not srcs:
@@ -76,8 +118,8 @@ def build(build_dir: Optional[str] = None, verbose: bool = False, arch_list: Opt
         module = _load(
             name="fastdd_C",
             sources=srcs,
-            extra_cflags=["-O3", "-std=c++17"],
-            extra_cuda_cflags=["-O3", "-std=c++17", "--use_fast_math"],
+            extra_cflags=["-O3"],  # the C++ standard comes from torch (C++20 for torch >= 2.10)
+            extra_cuda_cflags=["-O3", "--use_fast_math"],
             build_directory=build_dir,
             verbose=verbose,
             with_cuda=True,
@@ -88,7 +130,8 @@ def build(build_dir: Optional[str] = None, verbose: bool = False, arch_list: Opt
                 os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
             else:
                 os.environ["TORCH_CUDA_ARCH_LIST"] = old_arch
-    _module, _error, _tried = module, None, True
+    if activate:
+        _module, _error, _tried = module, None, True
     return module
 
 
