@@ -20,9 +20,11 @@ the right shape held on the device (``--real-per-class`` per class), and a CLP f
 1,281,167 rows (random fp16 features). LGM with 3 and 10 copies, SFM, CLP, all under fp16 autocast with the
 memory-flat chunked backward (``--chunk-size``). A run that exhausts GPU memory is reported with status
 ``"oom"``; a run longer than ``--max-run-seconds`` stops early with status ``"time-capped"`` (its per-step
-median is still measured). Then the per-op kernel benchmark of ``benchmarks/ops_bench.py``. One command on
-a GPU machine: ``python benchmarks/run.py --profile imagenet1k``. ``--tiny`` shrinks either profile to a
-seconds-long run (the tests use it).
+median covers the steps it did); under ``--max-total-seconds`` the runs go cheapest first and those that no
+longer fit are reported as ``"skipped"`` (rerun them alone, e.g. ``--ipc 10``: such partial runs write
+``...-ipc10.json`` and never overwrite the full one). First, the per-op kernel benchmark of
+``benchmarks/ops_bench.py``. One command on a GPU machine: ``python benchmarks/run.py --profile
+imagenet1k``. ``--tiny`` shrinks either profile to a seconds-long run (the tests use it).
 
 What is measured
 ----------------
@@ -115,7 +117,9 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         steps=120, warmup=10, extend_every=None,
         evaluate=True, probe_epochs=None, probe_views=None, probe_seeds=None, baseline_seeds=3,
         full_data_epochs=10,
-        autocast=None, chunk_size=None, max_run_seconds=None, ops=False, real_on_device=False),
+        parameterization="pyramid",
+        autocast=None, chunk_size=None, max_run_seconds=None, max_total_seconds=None, ops=False,
+        real_on_device=False),
     "imagenet1k": dict(
         dataset="synthetic", size=224, classes=1000, real_per_class=10, bank_rows=IMAGENET_TRAIN_IMAGES,
         train_limit=None, test_limit=None,
@@ -124,7 +128,12 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         steps=12, warmup=3, extend_every=None,
         evaluate=False, probe_epochs=None, probe_views=None, probe_seeds=None, baseline_seeds=0,
         full_data_epochs=None,
-        autocast="fp16", chunk_size=256, max_run_seconds=75.0, ops=True, real_on_device=True),
+        parameterization="pyramid",
+        # A GPU session allows 10 minutes a command: runs go cheapest first, each stops after
+        # max_run_seconds, and runs that no longer fit in max_total_seconds are reported as skipped
+        # (run them alone with --ipc 10 or --methods lgm --lgm-copies 10).
+        autocast="fp16", chunk_size=256, max_run_seconds=75.0, max_total_seconds=500.0, ops=True,
+        real_on_device=True),
 }
 # --tiny: the same code paths at a seconds-long size (tests, smoke runs).
 TINY: Dict[str, Dict[str, Any]] = {
@@ -132,7 +141,7 @@ TINY: Dict[str, Dict[str, Any]] = {
                     probe_epochs=3, probe_views=2, probe_seeds=[0, 1], baseline_seeds=2, full_data_epochs=1),
     "imagenet1k": dict(size=32, classes=4, real_per_class=3, bank_rows=64, encoder="timm:vit_tiny_patch16_224",
                        encoder_image_size=32, ipc=[1, 2], lgm_copies=[1, 2], steps=3, warmup=1,
-                       chunk_size=4, max_run_seconds=60.0),
+                       chunk_size=4, max_run_seconds=60.0, max_total_seconds=None),
 }
 
 
@@ -204,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--autocast", choices=["fp16", "bf16", "none"], help="encoder autocast dtype (GPU)")
     p.add_argument("--chunk-size", type=int, help="memory-flat backward chunk (0: off)")
     p.add_argument("--max-run-seconds", type=float, help="stop a distillation run after this long (0: never)")
+    p.add_argument("--max-total-seconds", type=float,
+                   help="skip the distillation runs that start after this long (0: never)")
+    p.add_argument("--parameterization", choices=["pyramid", "pixels"],
+                   help="image parameterisation, the same for every method (default: LGM's pyramid)")
     p.add_argument("--no-ops", dest="ops", action="store_false", default=None, help="skip the per-op benchmark")
     p.add_argument("--ops", dest="ops", action="store_true", help="run the per-op benchmark")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -233,8 +246,9 @@ def resolve_settings(args: argparse.Namespace) -> Dict[str, Any]:
         s["autocast"] = None
     if s.get("chunk_size") == 0:
         s["chunk_size"] = None
-    if not s.get("max_run_seconds"):
-        s["max_run_seconds"] = None
+    for key in ("max_run_seconds", "max_total_seconds"):
+        if not s.get(key):
+            s[key] = None
     for key in ("steps", "size", "classes", "real_per_class", "bank_rows", "train_limit", "test_limit"):
         if s.get(key) is not None and s[key] < 1:
             raise SystemExit(f"--{key.replace('_', '-')} must be >= 1, got {s[key]}")
@@ -528,6 +542,7 @@ def distill_kwargs(s: Dict[str, Any], method: str, ipc: int, copies: Optional[in
     import torch
 
     kwargs: Dict[str, Any] = dict(method=method, ipc=ipc, steps=s["steps"], seed=s["seed"],
+                                  parameterization=s["parameterization"],
                                   extend_every=auto_extend_every(s, image_size), chunk_size=s.get("chunk_size"))
     if method == "lgm":
         kwargs["copies"] = copies
@@ -538,8 +553,12 @@ def distill_kwargs(s: Dict[str, Any], method: str, ipc: int, copies: Optional[in
 
 def run_distillation(s: Dict[str, Any], data: Dict[str, Any], encoder, stats, method: str, ipc: int,
                      copies: Optional[int], device, out_path: Optional[Path], progress: bool,
-                     whole_process: bool) -> Dict[str, Any]:
-    """Distil once with the settings and measure it; saves the ``DistilledSet`` to ``out_path`` if any."""
+                     whole_process: bool, cap: Optional[float] = None) -> Dict[str, Any]:
+    """Distil once with the settings and measure it; saves the ``DistilledSet`` to ``out_path`` if any.
+
+    ``cap`` (seconds, default ``s["max_run_seconds"]``): the step callback stops the run once the time
+    since ``distill`` started exceeds it (status ``"time-capped"``); the per-step median then covers the
+    steps done (None if only the first, whose time includes the set-up, was done)."""
     import torch
 
     import fastdd
@@ -548,12 +567,12 @@ def run_distillation(s: Dict[str, Any], data: Dict[str, Any], encoder, stats, me
     kwargs = distill_kwargs(s, method, ipc, copies, image_size, device)
     stamps: List[float] = []
     losses: List[float] = []
-    cap = s.get("max_run_seconds")
+    cap = s.get("max_run_seconds") if cap is None else cap
 
     def on_step(step, loss):
         _sync(device)
         stamps.append(time.perf_counter())
-        if cap is not None and len(stamps) >= 2 and stamps[-1] - stamps[0] > cap and step + 1 < kwargs["steps"]:
+        if cap is not None and stamps[-1] - t0 > cap and step + 1 < kwargs["steps"]:
             raise _TimeCap()
 
     meter = MemoryMeter(device, whole_process)
@@ -585,6 +604,7 @@ def run_distillation(s: Dict[str, Any], data: Dict[str, Any], encoder, stats, me
         "step_time_min_s": min(timed) if timed else None,
         "step_time_max_s": max(timed) if timed else None,
         "steps_timed": len(timed),
+        "first_step_s": stamps[0] - t0 if stamps else None,  # includes distill's set-up
         "step_times_s": intervals,
         "total_time_s": total if status == "ok" else None,
         "elapsed_s": total,
@@ -613,17 +633,19 @@ def worker_main(spec_path: str) -> int:
     encoder = build_encoder(s, device)
     stats = fastdd.RealStats.load(spec["stats_path"]) if spec.get("stats_path") else None
     result = run_distillation(s, data, encoder, stats, spec["method"], spec["ipc"], spec.get("copies"), device,
-                              Path(spec["distilled_path"]), progress=spec["progress"], whole_process=True)
+                              Path(spec["distilled_path"]), progress=spec["progress"], whole_process=True,
+                              cap=spec.get("cap"))
     tmp = Path(spec["metrics_path"] + ".tmp")
     tmp.write_text(json.dumps(result))
     os.replace(tmp, spec["metrics_path"])
     return 0
 
 
-def run_in_child(s, method, ipc, copies, device, stats_path: Path, workdir: Path, progress: bool) -> Dict[str, Any]:
+def run_in_child(s, method, ipc, copies, device, stats_path: Path, workdir: Path, progress: bool,
+                 cap: Optional[float] = None) -> Dict[str, Any]:
     """Run one method in a fresh Python process (its peak memory is its own)."""
     tag = f"{method}-ipc{ipc}" + (f"-k{copies}" if copies else "")
-    spec = {"settings": s, "method": method, "ipc": ipc, "copies": copies, "device": str(device),
+    spec = {"settings": s, "method": method, "ipc": ipc, "copies": copies, "device": str(device), "cap": cap,
             "stats_path": str(stats_path), "distilled_path": str(workdir / f"{tag}.pt"),
             "metrics_path": str(workdir / f"{tag}.json"), "progress": progress}
     spec_path = workdir / f"{tag}.spec.json"
@@ -828,6 +850,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     setup["image_size"] = int(data["train_images"].shape[-1])
     setup["extend_every"] = auto_extend_every(s, setup["image_size"])
 
+    if s["ops"]:  # first: a few minutes at most, and never cut by the methods' time budget
+        print("\n== per-op kernel benchmark (benchmarks/ops_bench.py)", flush=True)
+        t0 = time.perf_counter()
+        result["ops"] = run_ops_bench(device, s["tiny"])
+        setup["ops_time_s"] = time.perf_counter() - t0
+
     stats, setup["stats_time_s"], setup["stats_note"] = compute_stats(s, data, encoder, device, progress)
 
     images_for_grid: Dict[str, Any] = {}
@@ -841,30 +869,48 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
         # ---- distillation runs -------------------------------------------------------------------
         first_ipc = s["ipc"][0]
-        for ipc in s["ipc"]:
-            for method in s["methods"]:
-                for copies in (s["lgm_copies"] if method == "lgm" else [None]):
-                    key = run_key(method, ipc, copies, first_ipc)
-                    label = f"{method}" + (f" (K={copies})" if copies else "") + f", ipc {ipc}"
-                    print(f"\n== {key}: {label}", flush=True)
-                    if isolate:
-                        measured = run_in_child(s, method, ipc, copies, device, stats_path, workdir, progress)
-                    else:
-                        measured = run_distillation(s, data, encoder, stats, method, ipc, copies, device,
-                                                    workdir / f"{key}.pt", progress, whole_process=False)
-                    entry = _entry("distilled", method, ipc, copies=copies, steps=s["steps"], **measured)
-                    entry["distilled_path"] = str(workdir / (
-                        f"{method}-ipc{ipc}" + (f"-k{copies}" if copies else "") + ".pt")) if isolate \
-                        else str(workdir / f"{key}.pt")
-                    result["methods"][key] = entry
-                    print(f"   {entry['status']}: per-step {_fmt(entry.get('step_time_s'), 1e3)} ms, "
-                          f"peak {_fmt(entry.get('peak_memory_bytes'), 1 / 1024 ** 2, 0)} MiB, "
-                          f"extra {_fmt(entry.get('extra_memory_bytes'), 1 / 1024 ** 2, 0)} MiB"
-                          + (f" ({entry['error']})" if entry.get("error") else ""), flush=True)
+        plan = [(ipc, method, copies) for ipc in s["ipc"] for method in s["methods"]
+                for copies in (s["lgm_copies"] if method == "lgm" else [None])]
+        order = plan
+        if s.get("max_total_seconds"):  # under a time budget the cheap runs go first
+            cost = {"sfm": 0, "clp": 1, "lgm": 2}
+            order = sorted(plan, key=lambda r: (r[0], cost[r[1]], r[2] or 0))
+        t_runs = time.perf_counter()
+        measured_runs: Dict[Tuple, Dict[str, Any]] = {}
+        for ipc, method, copies in order:
+            key = run_key(method, ipc, copies, first_ipc)
+            label = f"{method}" + (f" (K={copies})" if copies else "") + f", ipc {ipc}"
+            print(f"\n== {key}: {label}", flush=True)
+            cap = s.get("max_run_seconds")
+            if s.get("max_total_seconds"):
+                left = s["max_total_seconds"] - (time.perf_counter() - t_runs)
+                if left < 10:
+                    measured_runs[(ipc, method, copies)] = {
+                        "status": "skipped", "error": f"--max-total-seconds {s['max_total_seconds']:g} used up"}
+                    print("   skipped: the time budget is used up", flush=True)
+                    continue
+                cap = left if cap is None else min(cap, left)
+            tag = f"{method}-ipc{ipc}" + (f"-k{copies}" if copies else "")
+            if isolate:
+                measured = run_in_child(s, method, ipc, copies, device, stats_path, workdir, progress, cap=cap)
+            else:
+                measured = run_distillation(s, data, encoder, stats, method, ipc, copies, device,
+                                            workdir / f"{tag}.pt", progress, whole_process=False, cap=cap)
+            measured["distilled_path"] = str(workdir / f"{tag}.pt")
+            measured_runs[(ipc, method, copies)] = measured
+            print(f"   {measured['status']}: per-step {_fmt(measured.get('step_time_s'), 1e3)} ms, "
+                  f"peak {_fmt(measured.get('peak_memory_bytes'), 1 / 1024 ** 2, 0)} MiB, "
+                  f"extra {_fmt(measured.get('extra_memory_bytes'), 1 / 1024 ** 2, 0)} MiB"
+                  + (f" ({measured['error']})" if measured.get("error") else ""), flush=True)
+        for ipc, method, copies in plan:  # results in the plan's order: lgm, sfm, clp per ipc
+            measured = {"distilled_path": "", **measured_runs[(ipc, method, copies)]}
+            result["methods"][run_key(method, ipc, copies, first_ipc)] = _entry(
+                "distilled", method, ipc, copies=copies, steps=s["steps"], **measured)
 
         for key, entry in result["methods"].items():  # the image grid: reference configurations only
             path = Path(entry["distilled_path"])
-            if entry["ipc"] == first_ipc and entry["copies"] in (None, REFERENCE_COPIES) and path.is_file():
+            if entry["ipc"] == first_ipc and entry["copies"] in (None, REFERENCE_COPIES) and path.name \
+                    and path.is_file():
                 distilled = fastdd.DistilledSet.load(path)
                 images_for_grid[key] = (distilled.images, distilled.labels)
 
@@ -877,7 +923,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             evaluate = fastdd.evaluate
             for key, entry in list(result["methods"].items()):
                 path = Path(entry.pop("distilled_path"))
-                if entry["status"] != "ok" or not path.is_file():
+                if entry["status"] != "ok" or not path.name or not path.is_file():
                     continue
                 distilled = fastdd.DistilledSet.load(path)
                 print(f"\n== probe on {key}", flush=True)
@@ -931,9 +977,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 entry.pop("distilled_path", None)
 
     add_ratios(result["methods"])
-    if s["ops"]:
-        print("\n== per-op kernel benchmark (benchmarks/ops_bench.py)", flush=True)
-        result["ops"] = run_ops_bench(device, s["tiny"])
     setup["run_time_s"] = time.perf_counter() - t_run
     result["device"]["load_average_end"] = list(os.getloadavg())
 
@@ -945,6 +988,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         stem += f"-{s['profile']}"
     if s["tiny"]:
         stem += "-tiny"
+    if not s["tiny"] and s["ipc"] != PROFILES[s["profile"]]["ipc"]:  # partial runs never overwrite the full one
+        stem += "-ipc" + "-".join(map(str, s["ipc"]))
     if args.tag:
         stem += f"-{args.tag}"
     json_path, csv_path, md_path = out / f"{stem}.json", out / f"{stem}.csv", out / f"{stem}.md"

@@ -132,8 +132,16 @@ def test_time_cap_stops_a_run_and_keeps_its_timing(bench, tmp_path):
                          "--methods", "sfm", "--ipc", "1", "--steps", "5", "--max-run-seconds", "1e-6",
                          "--out", str(tmp_path)])
     e = result["methods"]["sfm"]
-    assert e["status"] == "time-capped" and e["steps_done"] == 2
-    assert e["step_time_s"] > 0 and e["total_time_s"] is None
+    assert e["status"] == "time-capped" and e["steps_done"] == 1  # stopped at the first step's callback
+    assert e["step_time_s"] is None and e["first_step_s"] > 0 and e["total_time_s"] is None
+
+
+def test_total_budget_skips_runs_and_keeps_the_table_order(bench, tmp_path):
+    result = bench.main(["--profile", "imagenet1k", "--tiny", "--in-process", "--quiet", "--no-ops", "--no-plots",
+                         "--ipc", "1", "--methods", "lgm,sfm", "--lgm-copies", "1", "--max-total-seconds", "1e-3",
+                         "--out", str(tmp_path)])
+    assert list(result["methods"]) == ["lgm_k1", "sfm"]
+    assert all(e["status"] == "skipped" and e["step_time_s"] is None for e in result["methods"].values())
 
 
 def test_out_of_memory_is_reported_not_raised(bench, monkeypatch):
