@@ -1,0 +1,366 @@
+"""Per-op benchmark of fastdd.ops: torch eager (the reference), torch.compile (of the reference), Triton
+and the CUDA extension, at the shapes the methods meet on a GPU.
+
+One command on a GPU machine (builds the optional CUDA extension first, ~1-2 min, then about 5-10 min):
+
+    python benchmarks/ops_bench.py --build-ext --out benchmarks/results/ops
+
+On a CPU (small shapes; Triton and the extension need a GPU and are reported as skipped):
+
+    python benchmarks/ops_bench.py --quick --out benchmarks/results/ops
+
+Shapes (full / --quick):
+  class_centers         1.28M x 768 bf16 features into 1000 classes (ImageNet-1K statistics pass),
+                        atomic and deterministic / 20000 x 256 fp32 into 100 classes
+  linear_cross_entropy  1.28M x 768 bf16 bank against a 768 x 1000 head, loss + dL/dW (CLP's outer
+                        loss over the whole bank) and forward only / 8192 x 256, 100 classes
+  flow_matching_loss    1000 x 768 synthetic features, 1000 classes, loss + gradient / 100 x 256
+  ridge_probe           1000 x 768 features, 1000 classes, solve + backward (CLP's inner problem)
+  linear_head_gradient  3000 x 768 features (LGM on ImageNet-1K: 3 copies x ipc 1 x 1000 classes),
+                        1000 classes, forward + backward / 1000 x 256, 100 classes
+
+Timing: ``triton.testing.do_bench`` on a GPU (median of its repetitions, with the 20th/80th percentiles),
+the median wall-clock of ``--reps`` runs after warm-up on a CPU. Data-dependent input checks (one host
+sync each) are off while timing (``FASTDD_CHECKS=0``) unless ``--checks``. Achieved FLOP/s and bytes/s use
+model counts (the useful work: e.g. 2*M*D*C per GEMM-shaped product, each input read once), not what a
+backend executes (the Triton cross-entropy recomputes logits in its backward). Peak memory on a GPU is
+``torch.cuda.max_memory_allocated`` above the inputs. Writes ``ops_bench_<device>_<time>.json`` under
+``--out`` and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import fastdd.ops as ops  # noqa: E402
+from fastdd import _backend, _ext  # noqa: E402
+from fastdd.ops.class_centers import class_centers_reference, empty_class_sums  # noqa: E402
+from fastdd.ops.flow_matching import flow_matching_loss_reference, real_flow  # noqa: E402
+from fastdd.ops.linear_cross_entropy import linear_cross_entropy_reference  # noqa: E402
+from fastdd.ops.linear_head_gradient import linear_head_gradient_reference  # noqa: E402
+from fastdd.ops.ridge_probe import ridge_probe_reference  # noqa: E402
+
+BACKENDS = ("torch", "torch.compile", "triton", "cuda")
+
+
+@dataclass
+class Case:
+    """One benchmark: ``build(device)`` makes the inputs; ``runners[backend](inputs)`` returns a no-arg
+    callable doing one timed call; ``flops``/``bytes`` are the model counts of that call."""
+
+    op: str
+    variant: str
+    shape: Dict[str, object]
+    flops: float
+    bytes: float
+    build: Callable[[torch.device], dict]
+    runners: Dict[str, Callable[[dict], Callable[[], object]]] = field(default_factory=dict)
+
+
+def _elt(dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _grad_call(loss_fn, leaves):
+    def call():
+        loss = loss_fn()
+        return torch.autograd.grad(loss, leaves)
+    return call
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cases
+
+
+def class_centers_cases(quick: bool) -> List[Case]:
+    B, D, C, dtype = (20_000, 256, 100, torch.float32) if quick else (1_280_000, 768, 1000, torch.bfloat16)
+
+    def build(device):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(B, D, generator=g).to(dtype).to(device)
+        labels = torch.randint(0, C, (B,), generator=g).to(device)
+        return {"x": x, "labels": labels}
+
+    cases = []
+    for deterministic in (False, True):
+        def eager(inp, det=deterministic):
+            return lambda: ops.class_centers(inp["x"], inp["labels"], C, deterministic=det, impl="torch")
+
+        def compiled(inp, det=deterministic):
+            fn = torch.compile(lambda x, l, out: class_centers_reference(x, l, out, det))
+            return lambda: fn(inp["x"], inp["labels"], empty_class_sums(C, D, device=inp["x"].device))
+
+        def triton_(inp, det=deterministic):
+            return lambda: ops.class_centers(inp["x"], inp["labels"], C, deterministic=det, impl="triton")
+
+        def cuda_(inp, det=deterministic):
+            return lambda: ops.class_centers(inp["x"], inp["labels"], C, deterministic=det, impl="cuda")
+
+        cases.append(Case(
+            "class_centers", "deterministic" if deterministic else "atomic", {"B": B, "D": D, "C": C,
+                                                                                "dtype": str(dtype)},
+            flops=B * D, bytes=B * D * _elt(dtype) + B * 8 + 2 * C * D * 4, build=build,
+            runners={"torch": eager, "torch.compile": compiled, "triton": triton_, "cuda": cuda_}))
+    return cases
+
+
+def linear_cross_entropy_cases(quick: bool) -> List[Case]:
+    M, D, C, dtype = (8192, 256, 100, torch.float32) if quick else (1_280_000, 768, 1000, torch.bfloat16)
+    tau = 0.1
+
+    def build(device):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        z = torch.randn(M, D, generator=g).to(dtype).to(device)
+        y = torch.randint(0, C, (M,), generator=g).to(device)
+        W = (torch.randn(D, C, generator=g) / D ** 0.5).to(device).requires_grad_(True)
+        return {"z": z, "y": y, "W": W}
+
+    def make(fn, backward):
+        def runner(inp):
+            loss_fn = lambda: fn(inp["z"], inp["y"], inp["W"])  # noqa: E731
+            if backward:
+                return _grad_call(loss_fn, [inp["W"]])
+            return lambda: loss_fn().detach()
+        return runner
+
+    cases = []
+    for backward in (False, True):
+        pub = lambda impl: (lambda z, y, W: ops.linear_cross_entropy(z, y, W, tau=tau, impl=impl))  # noqa: E731
+        ref = lambda z, y, W: linear_cross_entropy_reference(z, y, W, tau)  # noqa: E731
+        compiled = torch.compile(ref)
+        gemms = 2 if backward else 1
+        cases.append(Case(
+            "linear_cross_entropy", "loss+dW" if backward else "loss", {"M": M, "D": D, "C": C, "dtype": str(dtype)},
+            flops=gemms * 2.0 * M * D * C, bytes=M * D * _elt(dtype) + M * 8 + D * C * 4 * (2 if backward else 1),
+            build=build,
+            runners={"torch": make(pub("torch"), backward), "torch.compile": make(compiled, backward),
+                     "triton": make(pub("triton"), backward), "cuda": make(pub("cuda"), backward)}))
+    return cases
+
+
+def flow_cases(quick: bool) -> List[Case]:
+    C, D = (100, 256) if quick else (1000, 768)
+    N = C  # ipc 1
+
+    def build(device):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        means = torch.randn(C, D, generator=g)
+        feats = torch.randn(N, D, generator=g).to(device).requires_grad_(True)
+        labels = torch.arange(C).to(device)
+        return {"f": feats, "labels": labels, "flow": real_flow(means).to(device)}
+
+    def make(fn):
+        return lambda inp: _grad_call(lambda: fn(inp["f"], inp["labels"], inp["flow"]), [inp["f"]])
+
+    compiled = torch.compile(flow_matching_loss_reference)
+    return [Case("flow_matching_loss", "loss+grad", {"N": N, "D": D, "C": C, "dtype": "torch.float32"},
+                 flops=2 * N * D + 12 * C * D, bytes=2 * N * D * 4 + 3 * C * D * 4, build=build,
+                 runners={"torch": make(lambda f, l, r: ops.flow_matching_loss(f, l, r, impl="torch")),
+                          "torch.compile": make(compiled),
+                          "triton": make(lambda f, l, r: ops.flow_matching_loss(f, l, r, impl="triton"))})]
+
+
+def ridge_cases(quick: bool) -> List[Case]:
+    N, D, C = (100, 256, 100) if quick else (1000, 768, 1000)
+
+    def build(device):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        zs = torch.randn(N, D, generator=g).to(device).requires_grad_(True)
+        targets = torch.nn.functional.one_hot(torch.arange(N) % C, C).float().to(device)
+        G = torch.randn(D, C, generator=g).to(device)
+        return {"zs": zs, "targets": targets, "G": G}
+
+    def make(fn):
+        return lambda inp: _grad_call(lambda: (fn(inp["zs"], inp["targets"]) * inp["G"]).sum(), [inp["zs"]])
+
+    lam = 0.1
+    compiled = torch.compile(lambda z, t: ridge_probe_reference(z[None], t[None],
+                                                                torch.full((1,), lam, device=z.device))[0])
+    n = min(N, D)
+    flops = 2.0 * n * n * max(N, D) + n ** 3 / 3 + 4.0 * n * n * C + 2.0 * N * D * C
+    return [Case("ridge_probe", "solve+grad", {"N": N, "D": D, "C": C, "dtype": "torch.float32"},
+                 flops=3 * flops, bytes=(N * D + N * C + D * C) * 4 * 3, build=build,
+                 runners={"torch": make(lambda z, t: ops.ridge_probe(z, t, lam, impl="torch")),
+                          "torch.compile": make(compiled),
+                          "triton": make(lambda z, t: ops.ridge_probe(z, t, lam, impl="triton"))})]
+
+
+def head_gradient_cases(quick: bool) -> List[Case]:
+    B, D, C, dtype = (1000, 256, 100, torch.float32) if quick else (3000, 768, 1000, torch.bfloat16)
+
+    def build(device):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        z = torch.randn(B, D, generator=g).to(dtype).to(device).requires_grad_(True)
+        y = (torch.arange(B) % C).to(device)
+        W = (0.01 * torch.randn(C, D, generator=g)).to(device)
+        b = torch.zeros(C, device=device)
+        target = torch.randn(C, D, generator=g).to(device)
+        return {"z": z, "y": y, "W": W, "b": b, "target": target}
+
+    def make(fn):
+        def runner(inp):
+            def loss():
+                gw, gb = fn(inp["z"], inp["y"], inp["W"], inp["b"])
+                return torch.nn.functional.cosine_similarity(gw.flatten(), inp["target"].flatten(), dim=0) + gb.sum()
+            return _grad_call(loss, [inp["z"]])
+        return runner
+
+    compiled = torch.compile(linear_head_gradient_reference)
+    return [Case("linear_head_gradient", "fwd+bwd", {"B": B, "D": D, "C": C, "dtype": str(dtype)},
+                 flops=4 * 2.0 * B * D * C, bytes=2 * B * D * _elt(dtype) + 3 * C * D * 4, build=build,
+                 runners={"torch": make(lambda *a: ops.linear_head_gradient(*a, impl="torch")),
+                          "torch.compile": make(compiled),
+                          "triton": make(lambda *a: ops.linear_head_gradient(*a, impl="triton"))})]
+
+
+ALL_CASES = {
+    "class_centers": class_centers_cases,
+    "linear_cross_entropy": linear_cross_entropy_cases,
+    "flow_matching_loss": flow_cases,
+    "ridge_probe": ridge_cases,
+    "linear_head_gradient": head_gradient_cases,
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Timing
+
+
+def _time(fn, device: torch.device, reps: int, warmup: int):
+    """(median, p20, p80) milliseconds."""
+    if device.type == "cuda":
+        import triton.testing
+
+        q = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+        return float(q[0]), float(q[1]), float(q[2])
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    samples.sort()
+    return (statistics.median(samples), samples[int(0.2 * (len(samples) - 1))],
+            samples[int(round(0.8 * (len(samples) - 1)))])
+
+
+def _unavailable(backend: str, device: torch.device) -> Optional[str]:
+    if backend in ("triton", "cuda") and device.type != "cuda":
+        return "needs a CUDA device"
+    if backend == "triton" and not _backend.has_triton():
+        return "triton not installed"
+    if backend == "cuda" and not _ext.is_available():
+        return "fastdd._C not built (" + (_ext.error() or "") + "); pass --build-ext"
+    return None
+
+
+def run_case(case: Case, backend: str, device: torch.device, reps: int, warmup: int) -> dict:
+    row = {"op": case.op, "variant": case.variant, "shape": case.shape, "backend": backend,
+           "flops": case.flops, "bytes": case.bytes}
+    if backend not in case.runners:
+        return {**row, "status": "skipped", "reason": "no such backend for this op"}
+    reason = _unavailable(backend, device)
+    if reason:
+        return {**row, "status": "skipped", "reason": reason}
+    inputs = None
+    try:
+        inputs = case.build(device)
+        fn = case.runners[backend](inputs)
+        fn()  # compile / autotune / first-call costs stay out of the timing
+        peak = None
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            torch.cuda.synchronize()
+            peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        med, p20, p80 = _time(fn, device, reps, warmup)
+        return {**row, "status": "ok", "median_ms": med, "p20_ms": p20, "p80_ms": p80,
+                "tflops": case.flops / (med * 1e-3) / 1e12, "gbytes_per_s": case.bytes / (med * 1e-3) / 1e9,
+                "peak_extra_mib": peak}
+    except Exception as exc:  # an OOM or a compile failure is a result too
+        return {**row, "status": "error", "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+    finally:
+        del inputs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "backends": _backend.available_backends()}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, sm_count=props.multi_processor_count, gpu_memory_gib=props.total_memory / 2 ** 30,
+                    cuda=torch.version.cuda, allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+    return info
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="benchmarks/results/ops", help="folder for the JSON result")
+    p.add_argument("--quick", action="store_true", help="small CPU-sized shapes")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--ops", nargs="*", default=list(ALL_CASES), choices=list(ALL_CASES))
+    p.add_argument("--backends", nargs="*", default=list(BACKENDS), choices=list(BACKENDS))
+    p.add_argument("--reps", type=int, default=10, help="CPU timing repetitions")
+    p.add_argument("--warmup", type=int, default=2, help="CPU warm-up calls")
+    p.add_argument("--checks", action="store_true", help="keep the data-dependent input checks on")
+    p.add_argument("--build-ext", action="store_true", help="build the CUDA extension just in time first")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not args.checks:
+        os.environ["FASTDD_CHECKS"] = "0"
+    if args.build_ext:
+        try:
+            _ext.build(arch_list=os.environ.get("TORCH_CUDA_ARCH_LIST"))
+        except Exception as exc:
+            print(f"extension build failed: {exc}", file=sys.stderr)
+    results = []
+    for name in args.ops:
+        for case in ALL_CASES[name](args.quick):
+            for backend in args.backends:
+                row = run_case(case, backend, device, args.reps, args.warmup)
+                results.append(row)
+                if row["status"] == "ok":
+                    mem = f"{row['peak_extra_mib']:9.1f} MiB" if row.get("peak_extra_mib") is not None else ""
+                    print(f"{case.op:22s} {case.variant:14s} {backend:14s} {row['median_ms']:10.3f} ms "
+                          f"{row['tflops']:8.3f} TFLOP/s {row['gbytes_per_s']:8.1f} GB/s {mem}", flush=True)
+                else:
+                    print(f"{case.op:22s} {case.variant:14s} {backend:14s} {row['status']}: "
+                          f"{row.get('reason') or row.get('error')}", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    slug = (machine_info(device).get("gpu") or "cpu").replace(" ", "_").replace("/", "_")
+    path = os.path.join(args.out, f"ops_bench_{slug}_{time.strftime('%Y%m%d-%H%M%S')}.json")
+    with open(path, "w") as fh:
+        json.dump({"device": str(device), "quick": args.quick, "checks": args.checks, "machine": machine_info(device),
+                   "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "results": results}, fh,
+                  indent=1)
+    print(f"wrote {path}")
+    return 0 if all(r["status"] != "error" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
