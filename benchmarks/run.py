@@ -119,7 +119,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         full_data_epochs=10,
         parameterization="pyramid",
         autocast=None, chunk_size=None, max_run_seconds=None, max_total_seconds=None, ops=False,
-        real_on_device=False),
+        ops_max_seconds=None, real_on_device=False),
     "imagenet1k": dict(
         dataset="synthetic", size=224, classes=1000, real_per_class=10, bank_rows=IMAGENET_TRAIN_IMAGES,
         train_limit=None, test_limit=None,
@@ -132,8 +132,8 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         # A GPU session allows 10 minutes a command: runs go cheapest first, each stops after
         # max_run_seconds, and runs that no longer fit in max_total_seconds are reported as skipped
         # (run them alone with --ipc 10 or --methods lgm --lgm-copies 10).
-        autocast="fp16", chunk_size=256, max_run_seconds=75.0, max_total_seconds=500.0, ops=True,
-        real_on_device=True),
+        autocast="fp16", chunk_size=256, max_run_seconds=75.0, max_total_seconds=270.0, ops=True,
+        ops_max_seconds=180.0, real_on_device=True),
 }
 # --tiny: the same code paths at a seconds-long size (tests, smoke runs).
 TINY: Dict[str, Dict[str, Any]] = {
@@ -782,23 +782,100 @@ def format_table(result: Dict[str, Any]) -> str:
             f"git {str(result['git'].get('revision'))[:10]}, {result['date']}.\n"
             f"Command: `{result['command']}`. Shared statistics pass: {_fmt(setup.get('stats_time_s'))} s; "
             f"whole run: {_fmt(setup.get('run_time_s'))} s.\n")
-    return head + "\n" + "\n".join(rows) + "\n"
+    text = head + "\n" + "\n".join(rows) + "\n"
+    ops = result.get("ops") or {}
+    if ops.get("results"):
+        text += (f"\nPer-op kernel benchmark ({ops.get('timer')}, {ops.get('shapes')} shapes of "
+                 "benchmarks/ops_bench.py):\n\n| op | variant | backend | median (ms) | status |\n|---|---|---|---:|---|\n")
+        for r in ops["results"]:
+            text += (f"| {r.get('op')} | {r.get('variant')} | {r.get('backend')} | {_fmt(r.get('median_ms'), 1, 3)} "
+                     f"| {r.get('status')}{': ' + str(r.get('reason') or r.get('error')) if r.get('status') != 'ok' else ''} |\n")
+    elif ops:
+        text += f"\nPer-op kernel benchmark: {ops.get('status')} ({ops.get('error')})\n"
+    return text
 
 
-def run_ops_bench(device, tiny: bool) -> Dict[str, Any]:
-    """The per-op kernel benchmark of ``benchmarks/ops_bench.py`` (written by the ops engineer), called
-    through its public entry point; never re-implemented here."""
+OPS_BACKENDS_ENV = "FASTDD_OPS_BENCH_BACKENDS"  # read by the pytest-benchmark cases in tests/test_benchmark.py
+
+
+def _import_ops_bench():
+    import ops_bench  # benchmarks/ops_bench.py, the ops engineer's per-op cases and timing
+
+    return ops_bench
+
+
+def run_ops_bench(device, tiny: bool, max_seconds: Optional[float] = None) -> Dict[str, Any]:
+    """The per-op kernel benchmark: the cases of ``benchmarks/ops_bench.py`` (torch eager, torch.compile,
+    Triton, the CUDA extension), never re-implemented here.
+
+    GPU: ``ops_bench.run_case`` for every case and backend (it times with ``triton.testing.do_bench``), at
+    the full ImageNet-1K shapes (``--tiny``: its quick shapes); cases that would start after
+    ``max_seconds`` are reported as skipped. CPU: the quick shapes through pytest-benchmark
+    (``tests/test_benchmark.py::test_ops_case``, eager and torch.compile; Triton and the extension need a
+    GPU), in a child pytest whose ``--benchmark-json`` is folded in here.
+    """
     try:
-        import ops_bench
-    except ImportError as e:
-        return {"status": "unavailable", "error": f"benchmarks/ops_bench.py cannot be imported: {e}"}
-    entry = getattr(ops_bench, "run", None) or getattr(ops_bench, "main_results", None)
-    if entry is None:
-        return {"status": "unavailable", "error": "benchmarks/ops_bench.py has no run() entry point"}
+        ops_bench = _import_ops_bench()
+    except Exception as e:
+        return {"status": "unavailable", "error": f"benchmarks/ops_bench.py cannot be imported: {e}"[:500]}
+    if device.type != "cuda":
+        return _ops_bench_pytest(tiny)
+    return _ops_bench_cases(ops_bench, device, tiny, max_seconds)
+
+
+def _ops_bench_cases(ops_bench, device, tiny: bool, max_seconds: Optional[float]) -> Dict[str, Any]:
+    """Every case x backend of ``ops_bench`` through its ``run_case`` (do_bench on a GPU)."""
+    import torch
+
+    previous = os.environ.get("FASTDD_CHECKS")
+    os.environ["FASTDD_CHECKS"] = "0"  # as ops_bench's own command: no data-dependent host syncs while timing
+    rows, t0 = [], time.perf_counter()
     try:
-        return {"status": "ok", "results": _jsonable(entry(device=str(device), tiny=tiny))}
-    except Exception as e:  # the op benchmark must not cost the method results
-        return {"status": "error", "error": f"{type(e).__name__}: {e}"[:500]}
+        for name, make_cases in ops_bench.ALL_CASES.items():
+            for case in make_cases(tiny):
+                for backend in ops_bench.BACKENDS:
+                    if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+                        rows.append({"op": case.op, "variant": case.variant, "backend": backend,
+                                     "status": "skipped", "reason": f"ops time budget {max_seconds:g} s used up"})
+                        continue
+                    row = ops_bench.run_case(case, backend, device, reps=10, warmup=2)
+                    rows.append(row)
+                    print(f"   {case.op:22s} {case.variant:14s} {backend:14s} "
+                          + (f"{row['median_ms']:10.3f} ms" if row["status"] == "ok" else row["status"]), flush=True)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+    finally:
+        if previous is None:
+            os.environ.pop("FASTDD_CHECKS", None)
+        else:
+            os.environ["FASTDD_CHECKS"] = previous
+    timer = "triton.testing.do_bench (median, p20, p80)" if device.type == "cuda" else "wall clock (median)"
+    return {"status": "ok", "timer": timer, "shapes": "quick" if tiny else "full",
+            "machine": _jsonable(ops_bench.machine_info(device)), "results": _jsonable(rows)}
+
+
+def _ops_bench_pytest(tiny: bool) -> Dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="fastdd-ops-") as tmp:
+        out = Path(tmp) / "ops.json"
+        backends = "torch" if tiny else "torch,torch.compile"
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests" / "test_benchmark.py"),
+               "-k", "test_ops_case", "--benchmark-only", f"--benchmark-json={out}"]
+        proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, OPS_BACKENDS_ENV: backends, "FASTDD_CHECKS": "0"},
+                              capture_output=True, text=True)
+        if not out.is_file():
+            return {"status": "error", "error": f"pytest-benchmark wrote no result (exit {proc.returncode}): "
+                                                f"{(proc.stdout + proc.stderr)[-800:]}"}
+        raw = json.loads(out.read_text())
+    rows = []
+    for b in raw.get("benchmarks", []):
+        stats = b.get("stats", {})
+        rows.append({"op": b.get("extra_info", {}).get("op"), "variant": b.get("extra_info", {}).get("variant"),
+                     "shape": b.get("extra_info", {}).get("shape"), "backend": b.get("extra_info", {}).get("backend"),
+                     "status": "ok", "median_ms": stats.get("median", 0) * 1e3, "min_ms": stats.get("min", 0) * 1e3,
+                     "iqr_ms": stats.get("iqr", 0) * 1e3, "rounds": stats.get("rounds")})
+    return {"status": "ok" if proc.returncode == 0 else "error", "timer": "pytest-benchmark (median of rounds)",
+            "shapes": "quick", "backends": backends.split(","), "results": rows,
+            "error": None if proc.returncode == 0 else (proc.stdout + proc.stderr)[-800:]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -853,7 +930,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if s["ops"]:  # first: a few minutes at most, and never cut by the methods' time budget
         print("\n== per-op kernel benchmark (benchmarks/ops_bench.py)", flush=True)
         t0 = time.perf_counter()
-        result["ops"] = run_ops_bench(device, s["tiny"])
+        result["ops"] = run_ops_bench(device, s["tiny"], s.get("ops_max_seconds"))
         setup["ops_time_s"] = time.perf_counter() - t0
 
     stats, setup["stats_time_s"], setup["stats_note"] = compute_stats(s, data, encoder, device, progress)

@@ -183,3 +183,54 @@ def test_bad_options_are_refused(bench, tmp_path):
         bench.main(["--methods", "lgm,foo", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         bench.main(["--steps", "1", "--out", str(tmp_path)])
+
+
+def test_ops_bench_loop_covers_every_case_and_backend(bench, monkeypatch):
+    """The GPU path's loop (ops_bench.run_case per case and backend), here on the CPU: GPU-only backends
+    are reported as skipped, and the time budget skips what is left."""
+    ops_bench = pytest.importorskip("ops_bench")
+    monkeypatch.setattr(ops_bench, "BACKENDS", ("torch", "triton"))
+    monkeypatch.setattr(ops_bench, "ALL_CASES", {"flow_matching_loss": ops_bench.ALL_CASES["flow_matching_loss"],
+                                                 "ridge_probe": ops_bench.ALL_CASES["ridge_probe"]})
+    out = bench._ops_bench_cases(ops_bench, torch.device("cpu"), True, None)
+    rows = {(r["op"], r["backend"]): r for r in out["results"]}
+    assert set(rows) == {(op, b) for op in ("flow_matching_loss", "ridge_probe") for b in ("torch", "triton")}
+    assert rows[("ridge_probe", "torch")]["status"] == "ok" and rows[("ridge_probe", "torch")]["median_ms"] > 0
+    assert rows[("ridge_probe", "triton")]["status"] == "skipped"
+    out = bench._ops_bench_cases(ops_bench, torch.device("cpu"), True, 0.0)
+    assert all(r["status"] == "skipped" for r in out["results"])
+    assert "| ridge_probe | solve+grad | torch |" in bench.format_table(
+        {"methods": {}, "settings": {"profile": "x", "tiny": True, "dataset": "d", "encoder": "e", "ipc": [1],
+                                     "steps": 2, "warmup": 0}, "device": {"type": "cpu", "name": "cpu"},
+         "versions": {"torch": "t"}, "git": {}, "date": "", "command": "", "setup": {},
+         "ops": bench._ops_bench_cases(ops_bench, torch.device("cpu"), True, None)})
+
+
+# ---- the per-op kernel benchmark on the CPU, through pytest-benchmark -------------------------------
+# The cases are ops' (benchmarks/ops_bench.py, quick CPU shapes); benchmarks/run.py --ops runs this test
+# in a child pytest with eager and torch.compile backends and folds its --benchmark-json into its result.
+# In the plain test suite it times the eager reference only, a few rounds each.
+
+def _ops_cases():
+    import os
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import ops_bench
+    except Exception:  # ops' file is optional for this suite
+        return []
+    backends = os.environ.get("FASTDD_OPS_BENCH_BACKENDS", "torch").split(",")
+    return [pytest.param(case, backend, id=f"{case.op}-{case.variant}-{backend}")
+            for make_cases in ops_bench.ALL_CASES.values() for case in make_cases(True)
+            for backend in backends if backend in case.runners]
+
+
+@pytest.mark.parametrize("case,backend", _ops_cases())
+def test_ops_case(benchmark, case, backend):
+    fn = case.runners[backend](case.build(torch.device("cpu")))
+    first = fn()  # compilation and first-call costs stay out of the timing
+    assert first is not None
+    benchmark.extra_info.update(op=case.op, variant=case.variant, backend=backend,
+                                shape={k: str(v) for k, v in case.shape.items()})
+    benchmark.pedantic(fn, rounds=5, warmup_rounds=1, iterations=1)
