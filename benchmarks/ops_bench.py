@@ -5,6 +5,11 @@ One command on a GPU machine (builds the optional CUDA extension first, ~1-2 min
 
     python benchmarks/ops_bench.py --build-ext --out benchmarks/results/ops
 
+The GPU correctness checks to run in the same session (Triton kernels on the device against the fp64
+references, the CUDA extension's kernels, sm_90 lowering):
+
+    pytest tests/test_ops_*.py tests/test_cuda_extension.py tests/test_kernels_compile.py
+
 On a CPU (small shapes; Triton and the extension need a GPU and are reported as skipped):
 
     python benchmarks/ops_bench.py --quick --out benchmarks/results/ops

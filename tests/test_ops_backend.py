@@ -37,3 +37,21 @@ def test_checks_can_be_disabled(monkeypatch):
     assert not _backend.checks_enabled()
     out = class_centers(torch.ones(2, 2), torch.zeros(2, dtype=torch.int64), 1, impl="torch")
     assert out.counts.tolist() == [2]
+
+
+def test_fastdd_ops_work_without_triton_and_extension():
+    """A process where ``import triton`` fails still imports fastdd.ops and runs the references."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, fastdd.ops as ops, fastdd._backend as b\n"
+        "assert b.available_backends()['triton'] is False\n"
+        "x = torch.randn(6, 3); y = torch.tensor([0, 1, 2, 0, 1, 2])\n"
+        "print(ops.class_centers(x, y, 3).counts.tolist())\n"
+        "print(float(ops.linear_cross_entropy(x, y, torch.randn(3, 3))) > 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[2,", "2,", "2]", "True"]

@@ -1,4 +1,6 @@
 """linear_cross_entropy: streamed Triton kernels against the fp64 reference (loss, dW, dz, dbias)."""
+import importlib
+
 import pytest
 import torch
 
@@ -99,3 +101,18 @@ def test_reference_gradcheck_and_validation():
         linear_cross_entropy(z * float("nan"), y, W)
     with pytest.raises(TypeError, match="fp64 runs on impl='torch'"), kernel_context("interpreter"):
         linear_cross_entropy(z.double(), y, W, impl="triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_tile_configuration_under_the_interpreter(monkeypatch, dtype):
+    """The tiles, split count and masking used on a GPU, run by the interpreter (fp32 products)."""
+    lce = importlib.import_module("fastdd.ops.linear_cross_entropy")  # the package attribute is the function
+
+    def gpu_tiles(grad, z_dtype=torch.bfloat16):
+        if z_dtype == torch.float32:
+            return lce.GPU_TILES_GRAD_FP32 if grad else lce.GPU_TILES_FP32
+        return lce.GPU_TILES_GRAD if grad else lce.GPU_TILES
+
+    monkeypatch.setattr(lce, "_tiles", gpu_tiles)
+    z, y, W, bias = _data(131, 67, 133, dtype, "interpreter", seed=4)  # past one tile: rows, classes, K steps
+    _check("interpreter", z, y, W, bias, 0.2, "mean", dtype)

@@ -37,7 +37,7 @@ def test_solution_and_gradients(N, D, impl):
 
 
 def test_closed_form_gradcheck_single_problem_and_double_backward():
-    zs, targets, lam = _data(1, 4, 3, 2)
+    zs, targets, lam = _data(1, 3, 2, 2)
     z, y = zs[0].clone().requires_grad_(True), targets[0].clone().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a, b: ridge_probe(a, b, 0.3, impl="triton"), (z, y))
     assert torch.autograd.gradgradcheck(lambda a, b: ridge_probe(a, b, 0.3, impl="triton"), (z, y))
