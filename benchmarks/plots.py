@@ -54,30 +54,27 @@ def plot_time_memory(result: dict, path: Path) -> Optional[Path]:
     if not runs:
         return None
     plt = _pyplot()
-    memory_key = "extra_memory_bytes" if all(v.get("extra_memory_bytes") is not None for _, v in runs) \
-        else "peak_memory_bytes"
-    memory_label = {"extra_memory_bytes": "extra memory over the loaded baseline (MiB)",
-                    "peak_memory_bytes": "peak memory (MiB)"}[memory_key]
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(runs) + 4), 4.2))
+    panels = [("step_time_s", 1e3, "per-step time (ms, median)", "speedup_vs_lgm", "time per step"),
+              ("peak_memory_bytes", 1 / MiB, "peak memory (MiB)", "memory_ratio_vs_lgm", "peak memory"),
+              ("extra_memory_bytes", 1 / MiB, "extra memory over the loaded baseline (MiB)",
+               "extra_memory_ratio_vs_lgm", "memory added by distill")]
+    panels = [p for p in panels if any(v.get(p[0]) is not None for _, v in runs)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(9, (0.9 * len(runs) + 1.5) * len(panels)), 4.2),
+                             squeeze=False)
     names = [k for k, _ in runs]
     colors = [_color(v) for _, v in runs]
-    times = [v["step_time_s"] * 1e3 for _, v in runs]
-    memory = [(v.get(memory_key) or 0) / MiB for _, v in runs]
-    for ax, values, label, ratio_key in ((axes[0], times, "per-step time (ms, median)", "speedup_vs_lgm"),
-                                         (axes[1], memory, memory_label,
-                                          "extra_memory_ratio_vs_lgm" if memory_key == "extra_memory_bytes"
-                                          else "memory_ratio_vs_lgm")):
+    for ax, (key, scale, label, ratio_key, title) in zip(axes[0], panels):
+        values = [(v.get(key) or 0) * scale for _, v in runs]
         bars = ax.bar(range(len(names)), values, color=colors)
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=30, ha="right")
-        ax.set_ylabel(label)
+        ax.set_ylabel(label, fontsize=8)
+        ax.set_title(f"{title} (ratio: LGM / method)", fontsize=9)
         for bar, (_, v) in zip(bars, runs):
             ratio = v.get(ratio_key)
             if ratio is not None:
                 ax.annotate(f"{ratio:.1f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                             ha="center", va="bottom", fontsize=8)
-    axes[0].set_title("time per step (ratio: LGM / method)", fontsize=9)
-    axes[1].set_title("memory (ratio: LGM / method)", fontsize=9)
     fig.suptitle(_title(result), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -96,9 +93,9 @@ def plot_accuracy(result: dict, path: Path) -> Optional[Path]:
     means = [v["accuracy_mean"] for _, v in entries]
     stds = [v.get("accuracy_std") or 0.0 for _, v in entries]
     ax.bar(range(len(entries)), means, yerr=stds, capsize=4, color=[_color(v) for _, v in entries])
-    for i, m in enumerate(means):
-        ax.annotate(f"{m:.1f}", (i, m), ha="center", va="bottom", fontsize=8,
-                    xytext=(0, 3 + 0 * stds[i]), textcoords="offset points")
+    for i, (m, sd) in enumerate(zip(means, stds)):  # above the error bar
+        ax.annotate(f"{m:.1f}", (i, m + sd), ha="center", va="bottom", fontsize=8,
+                    xytext=(0, 3), textcoords="offset points")
     ceilings = [(k, v) for k, v in result["methods"].items()
                 if v.get("kind") == "ceiling" and v.get("accuracy_mean") is not None]
     for k, v in ceilings:
