@@ -1083,7 +1083,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             import plots
 
             files += plots.write_plots(result, json_path, images_for_grid, data["classes"])
-    result["files"] = [os.path.relpath(p, REPO) if str(p).startswith(str(REPO)) else str(p) for p in files]
+    result["files"] = [str(Path(p).resolve().relative_to(REPO)) if Path(p).resolve().is_relative_to(REPO)
+                       else str(p) for p in files]
     table = format_table(result)
     json_path.write_text(json.dumps(result, indent=1) + "\n")
     write_csv(result, csv_path)
