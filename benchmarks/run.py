@@ -243,6 +243,8 @@ def resolve_settings(args: argparse.Namespace) -> Dict[str, Any]:
             s[key] = value
     if isinstance(s.get("weights"), str) and s["weights"].lower() == "none":
         s["weights"] = None
+    if args.weights is None and args.encoder and args.encoder.startswith("timm:") and s["weights"] == "imagenet":
+        s["weights"] = None  # timm models load offline: random weights unless a local file is given
     if s.get("autocast") == "none":
         s["autocast"] = None
     if s.get("chunk_size") == 0:
