@@ -277,3 +277,27 @@ class AOTSpec:
 
 def _is_type(v: str) -> bool:
     return v.startswith("*") or v in ("i1", "i8", "i16", "i32", "i64", "u32", "u64", "fp16", "bf16", "fp32", "fp64")
+
+
+def ptxas_report(compiled) -> Dict[str, int]:
+    """Registers and spill bytes of a compiled kernel, from ``ptxas -v`` on its PTX (Triton's bundled
+    ptxas, or ``$TRITON_PTXAS_PATH``); empty when no ptxas is found. Needs no GPU."""
+    import re
+    import subprocess
+    import tempfile
+
+    ptxas = os.environ.get("TRITON_PTXAS_PATH") or os.path.join(os.path.dirname(triton.__file__), "backends",
+                                                                  "nvidia", "bin", "ptxas")
+    if not os.path.isfile(ptxas):
+        return {}
+    ptx = compiled.asm["ptx"]
+    arch = re.search(r"\.target (\S+)", ptx).group(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as fh:
+            fh.write(ptx)
+        out = subprocess.run([ptxas, f"-arch={arch}", "-v", path, "-o", os.path.join(tmp, "kernel.cubin")],
+                             capture_output=True, text=True, timeout=300)
+    regs = re.search(r"Used (\d+) registers", out.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", out.stderr)
+    return {"registers": int(regs.group(1)) if regs else -1, "spill_bytes": int(spills.group(1)) if spills else 0}

@@ -428,7 +428,9 @@ def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes: O
 
 
 def _full_data_heads(features, labels, num_classes, epochs, seeds, batch_size, lr, progress):
-    labels = _check_labels(labels, labels.shape[0] if isinstance(labels, torch.Tensor) else -1, "labels")
+    if not isinstance(features, torch.Tensor) or features.dim() != 2:
+        raise ValueError(f"features must be a tensor [N, D], got {getattr(features, 'shape', type(features))}")
+    labels = _check_labels(labels, features.shape[0], "labels")
     features = _check_features(features, labels.shape[0], "features")
     epochs = _check_positive_int(epochs, "epochs")
     batch_size = _check_positive_int(batch_size, "batch_size")

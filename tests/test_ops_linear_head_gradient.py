@@ -20,21 +20,23 @@ def _data(B, D, C, dtype, device, seed=0):
     return z, y, W, b
 
 
-def _outputs_and_grads(fn, z, y, W, b, up_w, up_b):
-    leaves = [t.detach().requires_grad_(True) for t in (z, W, b)]
+def _outputs_and_grads(fn, z, y, W, b, up_w, up_b, z_only):
+    leaves = [t.detach().requires_grad_(not z_only or i == 0) for i, t in enumerate((z, W, b))]
     gw, gb = fn(leaves[0], y, leaves[1], leaves[2])
-    grads = torch.autograd.grad((gw * up_w).sum() + (gb * up_b).sum(), leaves)
+    wanted = leaves[:1] if z_only else leaves
+    grads = torch.autograd.grad((gw * up_w).sum() + (gb * up_b).sum(), wanted)
     return (gw, gb) + grads
 
 
-def _check(device, z, y, W, b, dtype):
+def _check(device, z, y, W, b, dtype, z_only=False):
+    """z_only: LGM's case, the Triton dz kernels; else the closed form for (z, W, b) together."""
     g = torch.Generator().manual_seed(5)
     up_w = torch.randn(W.shape, generator=g).to(z.device)
     up_b = torch.randn(W.shape[0], generator=g).to(z.device)
     with kernel_context(device):
-        got = _outputs_and_grads(lambda *a: linear_head_gradient(*a, impl="triton"), z, y, W, b, up_w, up_b)
+        got = _outputs_and_grads(lambda *a: linear_head_gradient(*a, impl="triton"), z, y, W, b, up_w, up_b, z_only)
     ref = _outputs_and_grads(linear_head_gradient_reference, z.double(), y, W.double(), b.double(), up_w.double(),
-                             up_b.double())
+                             up_b.double(), z_only)
     rtol, atol = tolerance(dtype, device, products=True)
     assert got[0].dtype == torch.float32 and got[0].shape == W.shape
     assert_close(got[0], ref[0], rtol, atol * 1e-2, "g_W")
@@ -46,17 +48,20 @@ def _check(device, z, y, W, b, dtype):
 
 @pytest.mark.parametrize("device", target_devices())
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_matches_fp64_reference(device, dtype):
-    z, y, W, b = _data(29, 19, 11, dtype, device)
-    _check(device, z, y, W, b, dtype)
+@pytest.mark.parametrize("z_only", [True, False])
+def test_matches_fp64_reference(device, dtype, z_only):
+    z, y, W, b = _data(29, 37, 19, dtype, device)  # past one interpreter tile in rows, K steps and classes
+    _check(device, z, y, W, b, dtype, z_only)
 
 
 @pytest.mark.parametrize("device", target_devices())
 def test_single_class_and_noncontiguous(device):
     z, y, W, b = _data(7, 5, 1, torch.float32, device)
     _check(device, noncontiguous(z), y, noncontiguous(W), b, torch.float32)
+    _check(device, noncontiguous(z), y, noncontiguous(W), b, torch.float32, z_only=True)
     z, y, W, b = _data(23, 17, 3, torch.float32, device, seed=3)
     _check(device, noncontiguous(z), y, W, noncontiguous(b), torch.float32)
+    _check(device, noncontiguous(z), y, W, noncontiguous(b), torch.float32, z_only=True)
 
 
 @pytest.mark.parametrize("device", target_devices())

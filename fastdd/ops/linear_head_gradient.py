@@ -20,9 +20,12 @@ the reference); the input gradients have their inputs' dtypes. Autocast is disab
 Backends: torch (reference, autograd). triton: the forward is the streamed cross-entropy's forward
 (log-sum-exp per row) and dW kernels of :mod:`fastdd.ops.linear_cross_entropy` applied to
 :math:`W^\top` (the same computation: :math:`g_W` is that op's dW for unit temperature and weight 1/B),
-so no [B,C] buffer is allocated; the backward is the closed form above in torch (it forms the [B,C]
-matrices P, Q and J, which at LGM's batch sizes are small next to the encoder). The cuda backend
-runs the Triton kernels. Double backward goes to the reference.
+so no [B,C] buffer is allocated. Backward for z alone (LGM's case): two Triton kernels, one for the
+row terms :math:`u_i = \sum_c P_{ic} Q_{ic}` and one accumulating :math:`R\bar G_W/B + JW` per
+[BLOCK_M, BLOCK_DZ] tile while recomputing the logit and Q tiles over the classes (no [B,C] buffer,
+products in the feature dtype as in the forward); when W or b also need gradients, the closed form in
+torch (it forms the [B,C] matrices P, Q and J). The cuda backend runs the Triton kernels. Double
+backward goes to the reference.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from typing import Tuple
 
 import torch
 
-from fastdd._backend import resolve_impl
+from fastdd._backend import cdiv, interpreter_enabled, resolve_impl, tl, triton_kernel
 from fastdd.ops._common import (
     KERNEL_DTYPES,
     check_finite,
@@ -40,7 +43,14 @@ from fastdd.ops._common import (
     no_autocast,
     reduce_dtype,
 )
-from fastdd.ops.linear_cross_entropy import head_operand, lce_forward_triton, lce_grad_w_triton
+from fastdd.ops.linear_cross_entropy import (
+    INTERPRETER_TILES,
+    TileConfig,
+    _dot_dtype,
+    head_operand,
+    lce_forward_triton,
+    lce_grad_w_triton,
+)
 
 __all__ = ["linear_head_gradient", "linear_head_gradient_reference"]
 
@@ -71,8 +81,130 @@ def _closed_form_backward(z, y, W, b, grad_w, grad_b):
     return dz, jac.t() @ zz, jac.sum(0)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Triton backward for dz (the input LGM differentiates). W and the upstream G_W ([C,D]) are addressed
+# as [D,C] transpose views, like the head of the streamed cross-entropy kernels.
+
+
+@triton_kernel
+def _lhg_row_dot_kernel(z_ptr, y_ptr, w_ptr, b_ptr, gw_ptr, gb_ptr, lse_ptr, u_ptr, M, D, C, stride_zm, stride_zd,
+                        stride_wd, stride_wc, stride_gd, stride_gc, inv_b, DOT_DTYPE: tl.constexpr,
+                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
+    # u[i] = sum_c P_ic Q_ic, Q = (z G_W^T + G_b) / B: the softmax Jacobian's row term.
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    u = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cls = c0 + tl.arange(0, BLOCK_C)
+        cls_ok = cls < C
+        s = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+        q = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            d_ok = dd < D
+            a = tl.load(z_ptr + rows64[:, None] * stride_zm + dd[None, :] * stride_zd,
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
+            wt = tl.load(w_ptr + dd[:, None] * stride_wd + cls[None, :] * stride_wc,
+                         mask=d_ok[:, None] & cls_ok[None, :], other=0.0).to(DOT_DTYPE)
+            gt = tl.load(gw_ptr + dd[:, None] * stride_gd + cls[None, :] * stride_gc,
+                         mask=d_ok[:, None] & cls_ok[None, :], other=0.0).to(DOT_DTYPE)
+            s = tl.dot(a, wt, s, input_precision=PRECISION)
+            q = tl.dot(a, gt, q, input_precision=PRECISION)
+        s += tl.load(b_ptr + cls, mask=cls_ok, other=0.0).to(tl.float32)[None, :]
+        q = (q + tl.load(gb_ptr + cls, mask=cls_ok, other=0.0).to(tl.float32)[None, :]) * inv_b
+        p = tl.where(row_ok[:, None] & cls_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
+        u += tl.sum(p * q, axis=1)
+    tl.store(u_ptr + rows, u, mask=row_ok)
+
+
+@triton_kernel
+def _lhg_grad_z_kernel(z_ptr, y_ptr, w_ptr, b_ptr, gw_ptr, gb_ptr, lse_ptr, u_ptr, dz_ptr, M, D, C, stride_zm,
+                       stride_zd, stride_wd, stride_wc, stride_gd, stride_gc, inv_b, DOT_DTYPE: tl.constexpr,
+                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_DZ: tl.constexpr):
+    # dz[rows, cols] = (R G_W / B + J W)[rows, cols], R = P - Y, J = P (Q - u).
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    dz_cols = pid_d * BLOCK_DZ + tl.arange(0, BLOCK_DZ)
+    dz_ok = dz_cols < D
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    u = tl.load(u_ptr + rows, mask=row_ok, other=0.0)
+    y = tl.load(y_ptr + rows, mask=row_ok, other=0).to(tl.int32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DZ], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cls = c0 + tl.arange(0, BLOCK_C)
+        cls_ok = cls < C
+        s = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+        q = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            d_ok = dd < D
+            a = tl.load(z_ptr + rows64[:, None] * stride_zm + dd[None, :] * stride_zd,
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
+            wt = tl.load(w_ptr + dd[:, None] * stride_wd + cls[None, :] * stride_wc,
+                         mask=d_ok[:, None] & cls_ok[None, :], other=0.0).to(DOT_DTYPE)
+            gt = tl.load(gw_ptr + dd[:, None] * stride_gd + cls[None, :] * stride_gc,
+                         mask=d_ok[:, None] & cls_ok[None, :], other=0.0).to(DOT_DTYPE)
+            s = tl.dot(a, wt, s, input_precision=PRECISION)
+            q = tl.dot(a, gt, q, input_precision=PRECISION)
+        s += tl.load(b_ptr + cls, mask=cls_ok, other=0.0).to(tl.float32)[None, :]
+        q = (q + tl.load(gb_ptr + cls, mask=cls_ok, other=0.0).to(tl.float32)[None, :]) * inv_b
+        valid = row_ok[:, None] & cls_ok[None, :]
+        p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+        r = tl.where(valid, p - tl.where(cls[None, :] == y[:, None], 1.0, 0.0), 0.0) * inv_b
+        j = p * (q - u[:, None])
+        gw_t = tl.load(gw_ptr + dz_cols[:, None] * stride_gd + cls[None, :] * stride_gc,
+                       mask=dz_ok[:, None] & cls_ok[None, :], other=0.0).to(DOT_DTYPE)
+        w_t = tl.load(w_ptr + dz_cols[:, None] * stride_wd + cls[None, :] * stride_wc,
+                      mask=dz_ok[:, None] & cls_ok[None, :], other=0.0).to(DOT_DTYPE)
+        acc = tl.dot(r.to(DOT_DTYPE), tl.trans(gw_t), acc, input_precision=PRECISION)
+        acc = tl.dot(j.to(DOT_DTYPE), tl.trans(w_t), acc, input_precision=PRECISION)
+    tl.store(dz_ptr + rows64[:, None] * D + dz_cols[None, :], acc, mask=row_ok[:, None] & dz_ok[None, :])
+
+
+# Two logit-shaped accumulators (S and Q) per class tile: narrower tiles than the cross-entropy's dz kernel
+# (sizes from ptxas register/spill reports of the sm_90 builds: no spills).
+GPU_TILES_DZ = TileConfig(block_m=64, block_c=64, block_d=64, block_dw=0, block_dz=64, num_warps=8, num_stages=3,
+                          max_partial_bytes=0)
+GPU_TILES_DZ_FP32 = TileConfig(block_m=64, block_c=32, block_d=32, block_dw=0, block_dz=64, num_warps=8,
+                               num_stages=3, max_partial_bytes=0)
+
+
+def _dz_tiles(z_dtype: torch.dtype) -> TileConfig:
+    if interpreter_enabled():
+        return INTERPRETER_TILES
+    return GPU_TILES_DZ_FP32 if z_dtype == torch.float32 else GPU_TILES_DZ
+
+
+def lhg_grad_z_triton(z, y, W_dc, b, lse, gw_dc, gb) -> torch.Tensor:
+    """dz [B,D] fp32 of the closed-form backward (W_dc, gw_dc: [D,C] views in the product dtype)."""
+    B, D = z.shape
+    C = W_dc.shape[1]
+    cfg = _dz_tiles(z.dtype)
+    dot_dtype, precision = _dot_dtype(z.dtype, W_dc.dtype)
+    u = torch.empty(B, dtype=torch.float32, device=z.device)
+    dz = torch.empty(B, D, dtype=torch.float32, device=z.device)
+    strides = (z.stride(0), z.stride(1), W_dc.stride(0), W_dc.stride(1), gw_dc.stride(0), gw_dc.stride(1))
+    launch = dict(DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c,
+                  BLOCK_D=cfg.block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _lhg_row_dot_kernel[(cdiv(B, cfg.block_m),)](z, y, W_dc, b, gw_dc, gb, lse, u, B, D, C, *strides, 1.0 / B,
+                                                  **launch)
+    _lhg_grad_z_kernel[(cdiv(B, cfg.block_m), cdiv(D, cfg.block_dz))](z, y, W_dc, b, gw_dc, gb, lse, u, dz, B, D, C,
+                                                                       *strides, 1.0 / B, BLOCK_DZ=cfg.block_dz,
+                                                                       **launch)
+    return dz
+
+
 class LinearHeadGradientFunction(torch.autograd.Function):
-    """Fused forward (streamed CE kernels on W^T), closed-form backward."""
+    """Fused forward (streamed CE kernels on W^T); backward: Triton kernels for dz, the closed form in
+    torch when W or b also need gradients; double backward by the reference."""
 
     @staticmethod
     def forward(ctx, z, y, W, b):
@@ -81,21 +213,45 @@ class LinearHeadGradientFunction(torch.autograd.Function):
         _, lse = lce_forward_triton(z, y, W_dc, b, 1.0)
         row_grad = torch.full((1,), 1.0 / B, dtype=torch.float32, device=z.device)
         dw, db = lce_grad_w_triton(z, y, W_dc, b, lse, row_grad, 1.0, want_bias=True)
-        ctx.save_for_backward(z, y, W, b)
+        ctx.save_for_backward(z, y, W, b, lse)
         return dw.t().contiguous(), db
 
     @staticmethod
     def backward(ctx, grad_w, grad_b):
-        z, y, W, b = ctx.saved_tensors
+        z, y, W, b, lse = ctx.saved_tensors
         needs_z, _, needs_w, needs_b = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True: differentiate the reference instead
             dz, dw, db = grad_via_reference(lambda z_, W_, b_: linear_head_gradient_reference(z_, y, W_, b_),
                                             [z, W, b], (needs_z, needs_w, needs_b), (grad_w, grad_b))
             return dz, None, dw, db
-        with no_autocast(z.device):
-            dz, dw, db = _closed_form_backward(z, y, W, b, grad_w, grad_b)
+        if needs_w or needs_b:
+            with no_autocast(z.device):
+                dz, dw, db = _closed_form_backward(z, y, W, b, grad_w, grad_b)
+        else:
+            dw = db = None
+            dz = lhg_grad_z_triton(z, y, head_operand(W.t(), z.dtype), b, lse, head_operand(grad_w.t(), z.dtype),
+                                   grad_b.to(torch.float32).contiguous())
         return (dz.to(z.dtype) if needs_z else None, None, dw.to(W.dtype) if needs_w else None,
                 db.to(b.dtype) if needs_b else None)
+
+
+def aot_specs():
+    """The dz-kernel specialisations the backward uses on a GPU (compiled for sm_90 in CI)."""
+    from fastdd._backend import AOTSpec, pointer
+
+    specs = []
+    for z_dtype, dot, precision in ((torch.bfloat16, tl.bfloat16, "ieee"), (torch.float16, tl.float16, "ieee"),
+                                    (torch.float32, tl.float32, "tf32")):
+        g = GPU_TILES_DZ_FP32 if z_dtype == torch.float32 else GPU_TILES_DZ
+        common = dict(z_ptr=pointer(z_dtype), y_ptr="*i64", w_ptr=pointer(z_dtype), b_ptr="*fp32",
+                      gw_ptr=pointer(z_dtype), gb_ptr="*fp32", lse_ptr="*fp32", u_ptr="*fp32")
+        scalars = dict(M="i32", D="i32", C="i32", stride_zm="i32", stride_zd="i32", stride_wd="i32", stride_wc="i32",
+                       stride_gd="i32", stride_gc="i32", inv_b="fp32", DOT_DTYPE=dot, PRECISION=precision,
+                       BLOCK_M=g.block_m, BLOCK_C=g.block_c, BLOCK_D=g.block_d)
+        specs.append(AOTSpec(_lhg_row_dot_kernel, dict(**common, **scalars), g.num_warps, g.num_stages))
+        specs.append(AOTSpec(_lhg_grad_z_kernel, dict(**common, dz_ptr="*fp32", **scalars, BLOCK_DZ=g.block_dz),
+                             g.num_warps, g.num_stages))
+    return specs
 
 
 def linear_head_gradient(z: torch.Tensor, y: torch.Tensor, W: torch.Tensor, b: torch.Tensor, *,
