@@ -234,14 +234,16 @@ TRITON_TYPE_NAMES = {
 
 def pointer(dtype: torch.dtype) -> str:
     """Triton signature string of a pointer to ``dtype`` (``"*bf16"``), for ahead-of-time compilation."""
-    return "*" + TRITON_TYPE_NAMES[dtype]
+    return "*" + TRITON_TYPE_NAMES[dtype] + ":16"
 
 
 class AOTSpec:
     """One kernel specialisation to compile ahead of time: ``triton.compile(ASTSource(...), target)``.
 
     ``args``: every kernel argument in order, each a Triton type string (``"*fp32"``, ``"i32"``,
-    ``"fp32"``) or, for a ``tl.constexpr``, its value. Each op module lists the specialisations its
+    ``"fp32"``; a ``":16"`` suffix declares the divisibility by 16 the JIT infers at launch for aligned
+    pointers and integers) or, for a ``tl.constexpr``, its value. :func:`pointer` strings carry ``:16``
+    (torch allocations are aligned). Each op module lists the specialisations its
     launchers use on a GPU in ``aot_specs()`` (tests/test_kernels_compile.py compiles them for sm_90).
     """
 
@@ -250,8 +252,9 @@ class AOTSpec:
 
     @property
     def name(self) -> str:
-        consts = ",".join(f"{k}={v}" for k, v in self.args.items() if not isinstance(v, str) or not _is_type(v))
-        types = ",".join(v for v in self.args.values() if isinstance(v, str) and v.startswith("*"))
+        consts = ",".join(f"{k}={v}" for k, v in self.args.items()
+                          if not isinstance(v, str) or not _is_type(v.split(":")[0]))
+        types = ",".join(v.split(":")[0] for v in self.args.values() if isinstance(v, str) and v.startswith("*"))
         return f"{self.kernel.__name__}[{types}|{consts}]"
 
     def compile(self, arch: int = 90):
@@ -263,14 +266,17 @@ class AOTSpec:
         names = list(self.args)
         if names != fn.arg_names:
             raise ValueError(f"{self.kernel.__name__}: spec arguments {names} != kernel arguments {fn.arg_names}")
-        signature, constexprs = {}, {}
-        for k, v in self.args.items():
-            if isinstance(v, str) and _is_type(v):
-                signature[k] = v
+        signature, constexprs, attrs = {}, {}, {}
+        for i, (k, v) in enumerate(self.args.items()):
+            if isinstance(v, str) and _is_type(v.split(":")[0]):
+                ty, _, div = v.partition(":")
+                signature[k] = ty
+                if div:  # what the JIT infers at launch for 16-aligned pointers / multiples of 16
+                    attrs[(i,)] = [["tt.divisibility", int(div)]]
             else:
                 signature[k] = "constexpr"
                 constexprs[k] = v
-        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
         return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": self.num_warps, "num_stages": self.num_stages})
 

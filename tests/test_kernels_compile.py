@@ -4,8 +4,7 @@ No GPU needed: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32)
 pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin with Triton's bundled ptxas). A kernel that only works
 under the interpreter fails here. The tensor-core kernels must also lower to Hopper's wgmma.
 Run: ``pytest tests/test_kernels_compile.py`` (about 1-2 min cold on 2 CPU cores; Triton caches results
-in ~/.triton/cache, so a rerun takes seconds). Each build's register spills (``ptxas -v``) must stay
-within a few bytes.
+in ~/.triton/cache, so a rerun takes seconds). No build may spill registers (``ptxas -v``).
 """
 import importlib
 
@@ -17,7 +16,7 @@ OP_MODULES = ["class_centers", "flow_matching", "linear_cross_entropy", "linear_
 SPECS = [spec for name in OP_MODULES for spec in importlib.import_module(f"fastdd.ops.{name}").aot_specs()]
 
 pytestmark = pytest.mark.slow
-MAX_SPILL_BYTES = 64
+MAX_SPILL_BYTES = 0
 
 
 from fastdd._backend import ptxas_report  # noqa: E402
@@ -40,8 +39,8 @@ def test_compiles_for_sm90(spec):
     dot_dtype = spec.args.get("DOT_DTYPE")
     if dot_dtype is not None and (str(dot_dtype) in ("bf16", "fp16") or spec.args.get("PRECISION") == "tf32"):
         assert "wgmma" in ptx, "tensor-core kernel did not lower to wgmma on sm_90"
-    # Tile sizes were chosen spill-free (a few bytes at most); a change that makes registers spill to
-    # local memory in earnest (hundreds of bytes, measured with the first tile choices) fails here.
+    # Every build is spill-free (tile sizes chosen from these reports; unit inner strides are constexpr,
+    # the head is a padded row-major copy); a change that makes registers spill to local memory fails here.
     report = ptxas_report(compiled)
     if report:
         assert report["spill_bytes"] <= MAX_SPILL_BYTES, f"register spills: {report}"

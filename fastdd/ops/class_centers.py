@@ -80,11 +80,12 @@ def class_centers_reference(features: torch.Tensor, labels: torch.Tensor, out: C
 
 
 # ----------------------------------------------------------------------------------------------------
-# Triton kernels
+# Triton kernels. The column stride is a compile-time constant (1 for contiguous features): Triton does
+# not specialise integer arguments equal to 1, and without it the loads are not vectorised.
 
 
 @triton_kernel
-def _class_sums_atomic_kernel(x_ptr, labels_ptr, sums_ptr, sq_ptr, B, D, stride_xb, stride_xd,
+def _class_sums_atomic_kernel(x_ptr, labels_ptr, sums_ptr, sq_ptr, B, D, stride_xb, stride_xd: tl.constexpr,
                               SECOND_MOMENT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -114,7 +115,7 @@ def _class_sums_atomic_kernel(x_ptr, labels_ptr, sums_ptr, sq_ptr, B, D, stride_
 
 
 @triton_kernel
-def _class_sums_sorted_kernel(x_ptr, order_ptr, offsets_ptr, sums_ptr, sq_ptr, D, stride_xb, stride_xd,
+def _class_sums_sorted_kernel(x_ptr, order_ptr, offsets_ptr, sums_ptr, sq_ptr, D, stride_xb, stride_xd: tl.constexpr,
                               SECOND_MOMENT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     # One program per (class, column block): sums that class's rows in a fixed order, no atomics.
     c = tl.program_id(0)
@@ -264,10 +265,10 @@ def aot_specs():
     variants += [(torch.bfloat16, torch.float32, False), (torch.float32, torch.float64, True)]
     for x_dtype, acc, second in variants:
         specs.append(AOTSpec(_class_sums_atomic_kernel, dict(
-            x_ptr=pointer(x_dtype), labels_ptr="*i64", sums_ptr=pointer(acc), sq_ptr=pointer(acc), B="i32", D="i32",
-            stride_xb="i32", stride_xd="i32", SECOND_MOMENT=second, BLOCK_B=ATOMIC_BLOCK_B, BLOCK_D=BLOCK_D)))
+            x_ptr=pointer(x_dtype), labels_ptr="*i64", sums_ptr=pointer(acc), sq_ptr=pointer(acc), B="i32", D="i32:16",
+            stride_xb="i32:16", stride_xd=1, SECOND_MOMENT=second, BLOCK_B=ATOMIC_BLOCK_B, BLOCK_D=BLOCK_D)))
         specs.append(AOTSpec(_class_sums_sorted_kernel, dict(
             x_ptr=pointer(x_dtype), order_ptr="*i64", offsets_ptr="*i64", sums_ptr=pointer(acc), sq_ptr=pointer(acc),
-            D="i32", stride_xb="i32", stride_xd="i32", SECOND_MOMENT=second, BLOCK_B=SORTED_BLOCK_B,
+            D="i32:16", stride_xb="i32:16", stride_xd=1, SECOND_MOMENT=second, BLOCK_B=SORTED_BLOCK_B,
             BLOCK_D=BLOCK_D)))
     return specs

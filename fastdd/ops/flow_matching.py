@@ -86,7 +86,7 @@ def flow_matching_loss_reference(features: torch.Tensor, labels: torch.Tensor, r
 
 
 @triton_kernel
-def _flow_forward_kernel(sums_ptr, counts_ptr, fr_ptr, stride_fc, stride_fd, partial_ptr, C, D, inv_den,
+def _flow_forward_kernel(sums_ptr, counts_ptr, fr_ptr, stride_fc, stride_fd: tl.constexpr, partial_ptr, C, D, inv_den,
                          BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     cols = pid * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -118,7 +118,7 @@ def _flow_forward_kernel(sums_ptr, counts_ptr, fr_ptr, stride_fc, stride_fd, par
 
 
 @triton_kernel
-def _flow_backward_kernel(sums_ptr, counts_ptr, fr_ptr, stride_fc, stride_fd, coef_ptr, dmean_ptr, C, D, inv_den,
+def _flow_backward_kernel(sums_ptr, counts_ptr, fr_ptr, stride_fc, stride_fd: tl.constexpr, coef_ptr, dmean_ptr, C, D, inv_den,
                           BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     # dmean[c] = dL/dS_c / n_c with G = alpha * F_r + beta * F_s (alpha, beta from the forward sums).
     pid = tl.program_id(0)
@@ -262,11 +262,11 @@ def aot_specs():
 
     specs = []
     for acc, fr in ((torch.float32, torch.float32), (torch.float32, torch.float64), (torch.float64, torch.float64)):
-        common = dict(C="i32", D="i32", inv_den="fp32", BLOCK_C=FLOW_BLOCK_C, BLOCK_D=FLOW_BLOCK_D)
+        common = dict(C="i32", D="i32:16", inv_den="fp32", BLOCK_C=FLOW_BLOCK_C, BLOCK_D=FLOW_BLOCK_D)
         specs.append(AOTSpec(_flow_forward_kernel, dict(
-            sums_ptr=pointer(acc), counts_ptr="*i64", fr_ptr=pointer(fr), stride_fc="i32", stride_fd="i32",
+            sums_ptr=pointer(acc), counts_ptr="*i64", fr_ptr=pointer(fr), stride_fc="i32:16", stride_fd=1,
             partial_ptr=pointer(acc), **common)))
         specs.append(AOTSpec(_flow_backward_kernel, dict(
-            sums_ptr=pointer(acc), counts_ptr="*i64", fr_ptr=pointer(fr), stride_fc="i32", stride_fd="i32",
+            sums_ptr=pointer(acc), counts_ptr="*i64", fr_ptr=pointer(fr), stride_fc="i32:16", stride_fd=1,
             coef_ptr=pointer(acc), dmean_ptr=pointer(acc), **common)))
     return specs

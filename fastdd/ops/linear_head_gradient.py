@@ -82,13 +82,13 @@ def _closed_form_backward(z, y, W, b, grad_w, grad_b):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Triton backward for dz (the input LGM differentiates). W and the upstream G_W ([C,D]) are addressed
-# as [D,C] transpose views, like the head of the streamed cross-entropy kernels.
+# Triton backward for dz (the input LGM differentiates). W and the upstream G_W ([C,D]) arrive as
+# row-major [D,C] copies (head_operand), like the head of the streamed cross-entropy kernels.
 
 
 @triton_kernel
-def _lhg_row_dot_kernel(z_ptr, y_ptr, w_ptr, b_ptr, gw_ptr, gb_ptr, lse_ptr, u_ptr, M, D, C, stride_zm, stride_zd,
-                        stride_wd, stride_wc, stride_gd, stride_gc, inv_b, DOT_DTYPE: tl.constexpr,
+def _lhg_row_dot_kernel(z_ptr, y_ptr, w_ptr, b_ptr, gw_ptr, gb_ptr, lse_ptr, u_ptr, M, D, C, stride_zm, stride_zd: tl.constexpr,
+                        stride_wd, stride_wc: tl.constexpr, stride_gd, stride_gc: tl.constexpr, inv_b, DOT_DTYPE: tl.constexpr,
                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                         BLOCK_D: tl.constexpr):
     # u[i] = sum_c P_ic Q_ic, Q = (z G_W^T + G_b) / B: the softmax Jacobian's row term.
@@ -123,7 +123,7 @@ def _lhg_row_dot_kernel(z_ptr, y_ptr, w_ptr, b_ptr, gw_ptr, gb_ptr, lse_ptr, u_p
 
 @triton_kernel
 def _lhg_grad_z_kernel(z_ptr, y_ptr, w_ptr, b_ptr, gw_ptr, gb_ptr, lse_ptr, u_ptr, dz_ptr, M, D, C, stride_zm,
-                       stride_zd, stride_wd, stride_wc, stride_gd, stride_gc, inv_b, DOT_DTYPE: tl.constexpr,
+                       stride_zd: tl.constexpr, stride_wd, stride_wc: tl.constexpr, stride_gd, stride_gc: tl.constexpr, inv_b, DOT_DTYPE: tl.constexpr,
                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_DZ: tl.constexpr):
     # dz[rows, cols] = (R G_W / B + J W)[rows, cols], R = P - Y, J = P (Q - u).
@@ -245,8 +245,8 @@ def aot_specs():
         g = GPU_TILES_DZ_FP32 if z_dtype == torch.float32 else GPU_TILES_DZ
         common = dict(z_ptr=pointer(z_dtype), y_ptr="*i64", w_ptr=pointer(z_dtype), b_ptr="*fp32",
                       gw_ptr=pointer(z_dtype), gb_ptr="*fp32", lse_ptr="*fp32", u_ptr="*fp32")
-        scalars = dict(M="i32", D="i32", C="i32", stride_zm="i32", stride_zd="i32", stride_wd="i32", stride_wc="i32",
-                       stride_gd="i32", stride_gc="i32", inv_b="fp32", DOT_DTYPE=dot, PRECISION=precision,
+        scalars = dict(M="i32", D="i32:16", C="i32", stride_zm="i32:16", stride_zd=1, stride_wd="i32:16", stride_wc=1,
+                       stride_gd="i32:16", stride_gc=1, inv_b="fp32", DOT_DTYPE=dot, PRECISION=precision,
                        BLOCK_M=g.block_m, BLOCK_C=g.block_c, BLOCK_D=g.block_d)
         specs.append(AOTSpec(_lhg_row_dot_kernel, dict(**common, **scalars), g.num_warps, g.num_stages))
         specs.append(AOTSpec(_lhg_grad_z_kernel, dict(**common, dz_ptr="*fp32", **scalars, BLOCK_DZ=g.block_dz),
