@@ -1,0 +1,433 @@
+#!/usr/bin/env python
+"""Calibration: what moves the linear-probe accuracy of distilled sets, and the README's accuracy table.
+
+Fashion-MNIST (60k/10k) with the ImageNet MobileNetV2 (``torchvision:mobilenet_v2``), on the CPU, at a
+small image size (default 32 px, grey images expanded to 3 channels). Every set -- distilled or a real
+baseline -- is scored by ``fastdd.probe.evaluate`` (the linear-probe protocol of METHODS.md: Adam,
+lr = 1e-3 * bs / 256, cosine schedule, flip + random resized crop, top-1 on the 10k test set), mean and
+sample std over the probe seeds and the distillation seeds (or baseline draws) of a row.
+
+Modes (``--mode``):
+
+- ``sweep``: one-factor-at-a-time sweeps around a base configuration per method, at ipc 1 (initial
+  images, learning rate, augmentation strength, steps, parameterisation, CLP's lam x tau grid and
+  feature normalisation, LGM's copies), plus ipc 10 for the main variants. The groups are listed in
+  ``sweep_runs``; ``--groups`` selects some.
+- ``table``: the README's table at ipc 1 and 10 with the library's defaults
+  (``fastdd.api.METHOD_DEFAULTS``): random real images, class centroids, LGM, SFM, CLP, SFM with
+  classifier inheritance, and the full-data probe (on precomputed, un-augmented features: see
+  ``fastdd.probe.full_data_probe``).
+- ``views``: the probe's pool of pre-encoded augmented views against re-encoding every epoch.
+
+Output: ``benchmarks/results/calibration_<mode>.{json,csv,md}`` with every run's settings, accuracies,
+times, the device, the versions and the command. Runs are appended as they finish and a restarted
+command skips the runs already in the JSON (``--fresh`` starts over), so long sweeps can run under
+``nohup timeout ...`` and be resumed. The real statistics (feature bank of the training set) and the test
+features are computed once and cached under ``runs/calibration_cache/`` (not committed).
+
+Examples::
+
+    python scripts/calibrate.py --mode sweep --groups init,lr          # ~minutes per group on 2 cores
+    python scripts/calibrate.py --mode table
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import fastdd  # noqa: E402
+from fastdd import data, encoders, probe  # noqa: E402
+from fastdd.api import METHOD_DEFAULTS  # noqa: E402
+from fastdd.stats import RealStats  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+CACHE = ROOT / "runs" / "calibration_cache"
+ENCODER = "torchvision:mobilenet_v2"
+DATASET = "fashion-mnist"
+MILD = dict(crop_scale=(0.5, 1.0), noise_prob=0.0)
+LGM_CHAIN = dict(crop_scale=(0.08, 1.0), noise_prob=0.5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared set-up (cached)
+# --------------------------------------------------------------------------------------------------
+
+class Setup:
+    """Data, encoder, real statistics with the training set's feature bank, and the test features."""
+
+    def __init__(self, size: int, progress: bool):
+        t0 = time.perf_counter()
+        self.train, self.test = data.load(DATASET, size=size)
+        self.encoder = encoders.load(ENCODER)
+        CACHE.mkdir(parents=True, exist_ok=True)
+        stats_file = CACHE / f"fmnist{size}_stats.pt"
+        test_file = CACHE / f"fmnist{size}_test_features.pt"
+        t1 = time.perf_counter()
+        if stats_file.exists():
+            self.stats = RealStats.load(stats_file)
+        else:
+            self.stats = RealStats.from_data(self.train.images, self.encoder, labels=self.train.labels,
+                                             bank=True, bank_dtype=torch.float32, progress=progress)
+            self.stats.save(stats_file)
+        if test_file.exists():
+            self.test_features = torch.load(test_file)
+        else:
+            self.test_features = probe.encode(self.encoder, self.test.images, progress=progress,
+                                              desc="test features")
+            torch.save(self.test_features, test_file)
+        self.train_features = self.stats.bank_features.float()
+        self.times = {"load_s": round(t1 - t0, 2), "features_s": round(time.perf_counter() - t1, 2)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Runs
+# --------------------------------------------------------------------------------------------------
+
+# spec keys that describe the run rather than being arguments of fastdd.distill
+NOT_DISTILL_ARGUMENTS = ("group", "kind", "method", "ipc", "seed", "steps", "aug_name", "probe_views",
+                         "nearest_real", "inheritance")
+
+
+def run_key(spec: dict) -> str:
+    return json.dumps(spec, sort_keys=True)
+
+
+def distilled_spec(group, method, ipc, seed, steps, **overrides):
+    return dict(group=group, kind="distilled", method=method, ipc=ipc, seed=seed, steps=steps, **overrides)
+
+
+def baseline_spec(group, kind, ipc, seed=0):
+    return dict(group=group, kind=kind, method=kind, ipc=ipc, seed=seed)
+
+
+def execute(spec: dict, setup: Setup, args) -> dict:
+    """Make the set a spec describes, score it with the probe, and return the record."""
+    kw = {k: v for k, v in spec.items() if k not in NOT_DISTILL_ARGUMENTS}
+    if "crop_scale" in kw:
+        kw["crop_scale"] = tuple(kw["crop_scale"])
+    views = spec.get("probe_views", args.probe_views)
+    ev = dict(epochs=args.probe_epochs, seeds=tuple(args.probe_seeds), views=None if views == "per-epoch" else views,
+              test_features=setup.test_features, progress=False)
+    train, test = setup.train, setup.test
+    t0 = time.perf_counter()
+    record = dict(spec)
+    kind, ipc = spec["kind"], spec["ipc"]
+    if kind == "distilled":
+        out = fastdd.distill(train.images, setup.encoder, method=spec["method"], labels=train.labels, ipc=ipc,
+                             steps=spec["steps"], seed=spec["seed"], stats=setup.stats, progress=args.progress,
+                             **kw)
+        record["distill_s"] = round(time.perf_counter() - t0, 2)
+        record["step_s"] = round(record["distill_s"] / max(1, spec["steps"]), 4)
+        record["final_loss"] = out.history[-1] if out.history else None
+        record["distill_settings"] = out.settings
+        result = probe.evaluate(out, setup.encoder, test.images, test.labels, **ev)
+        if spec.get("nearest_real"):
+            near = probe.nearest_real(out, train.images, train.labels, setup.encoder,
+                                      features=setup.train_features, progress=False)
+            record["nearest_real"] = summary(probe.evaluate(near, setup.encoder, test.images, test.labels, **ev))
+        if spec.get("inheritance"):
+            head = full_data_head(setup, args)
+            record["inheritance"] = summary(probe.classifier_inheritance(
+                out, setup.encoder, test.images, test.labels, head=head, seeds=tuple(args.probe_seeds),
+                views=args.probe_views, test_features=setup.test_features, progress=False))
+    elif kind == "random_real":
+        pick = probe.random_real(train.images, train.labels, ipc=ipc, seed=spec["seed"])
+        result = probe.evaluate(pick, setup.encoder, test.images, test.labels, **ev)
+    elif kind == "class_centroids":
+        pick = probe.class_centroids(train.images, train.labels, ipc=ipc, features=setup.train_features,
+                                     seed=spec["seed"], progress=False)
+        result = probe.evaluate(pick, setup.encoder, test.images, test.labels, **ev)
+    elif kind == "full_data":
+        result = probe.full_data_probe(None, train.labels, setup.encoder, None, test.labels,
+                                       epochs=args.full_epochs, seeds=tuple(args.probe_seeds),
+                                       train_features=setup.train_features, test_features=setup.test_features,
+                                       progress=args.progress)
+    else:
+        raise ValueError(f"unknown run kind {kind!r}")
+    record.update(summary(result))
+    record["probe_settings"] = result.settings
+    record["total_s"] = round(time.perf_counter() - t0, 2)
+    return record
+
+
+_HEADS = {}
+
+
+def full_data_head(setup: Setup, args) -> torch.nn.Linear:
+    """The head of SFM's classifier inheritance: the full-data probe of probe seed 0 (trained once)."""
+    if "head" not in _HEADS:
+        _HEADS["head"] = probe.fit_linear_head(setup.train_features, setup.train.labels, epochs=args.full_epochs,
+                                               seed=0, progress=args.progress)
+    return _HEADS["head"]
+
+
+def summary(result: probe.ProbeResult) -> dict:
+    return {"mean": round(result.mean, 2), "std": round(result.std, 2),
+            "accuracies": [round(a, 2) for a in result.accuracies]}
+
+
+# --------------------------------------------------------------------------------------------------
+# What each mode runs
+# --------------------------------------------------------------------------------------------------
+
+def sweep_runs(args) -> list:
+    """One-factor-at-a-time sweeps at ipc 1 (and a few at ipc 10). Base per method: METHOD_DEFAULTS as of
+    the commit that ran it (SFM/CLP: lr 1e-2, crop scale [0.5, 1] without noise, pyramid, CLP lam 0.1
+    relative, tau 0.1, centred targets, raw features) with ``--steps`` and ``--base-init`` (chosen from the
+    "init" group); each group changes one thing, so the base row of a group is the "init" group's row for
+    ``--base-init``."""
+    steps, seeds, ipc, base = args.steps, args.distill_seeds, 1, dict(init=args.base_init)
+    runs = []
+
+    def add(group, method, steps=steps, ipc=ipc, **kw):
+        for seed in seeds:
+            runs.append(distilled_spec(group, method, ipc, seed, steps, **kw))
+
+    for s in range(args.baseline_draws):
+        runs.append(baseline_spec("baselines", "random_real", 1, s))
+    runs.append(baseline_spec("baselines", "class_centroids", 1))
+    runs.append(baseline_spec("baselines", "full_data", 0))
+    for method in ("sfm", "clp"):
+        for init in ("noise", "real", "centroid"):
+            add("init", method, init=init)
+    add("control", "sfm", steps=0, **base)  # the initial images alone: what distilling adds to them
+    for method in ("sfm", "clp"):
+        for lr in (3e-3, 3e-2, 1e-1):
+            add("lr", method, lr=lr, **base)
+        for name, aug in (("lgm-chain", LGM_CHAIN), ("crop-0.25", dict(crop_scale=(0.25, 1.0), noise_prob=0.0)),
+                          ("none", dict(augment=False))):
+            add("augmentation", method, aug_name=name, **aug, **base)
+        for st in (100, 3 * steps):
+            add("steps", method, steps=st, **base)
+        add("parameterization", method, parameterization="pixels", **base)
+    for lam in (0.01, 0.1, 1.0):
+        for tau in (0.03, 0.1, 0.3):
+            if (lam, tau) != (0.1, 0.1):  # the base: the "init" group's row
+                add("clp-lam-tau", "clp", lam=lam, tau=tau, **base)
+    for norm in ("standardize", "l2"):
+        add("clp-feature-norm", "clp", feature_norm=norm, **base)
+    add("lgm", "lgm", aug_name="published", init="noise", **LGM_CHAIN)  # LGM's recipe (but few steps)
+    add("lgm", "lgm", aug_name="mild", **MILD, **base)
+    add("lgm", "lgm", aug_name="mild", copies=1, **MILD, **base)
+    for s in range(args.baseline_draws):
+        runs.append(baseline_spec("ipc10", "random_real", 10, s))
+    runs.append(baseline_spec("ipc10", "class_centroids", 10))
+    for method in ("sfm", "clp"):
+        for init in ("noise", args.base_init):
+            add("ipc10", method, steps=args.steps_ipc10, ipc=10, init=init)
+    if args.groups:
+        runs = [r for r in runs if r["group"] in args.groups]
+    return runs
+
+
+def table_runs(args) -> list:
+    runs = []
+    for ipc in (1, 10):
+        for s in range(args.baseline_draws):
+            runs.append(baseline_spec(f"ipc{ipc}", "random_real", ipc, s))
+        runs.append(baseline_spec(f"ipc{ipc}", "class_centroids", ipc))
+        for method in ("lgm", "sfm", "clp"):
+            steps = args.steps if ipc == 1 else args.steps_ipc10
+            for seed in args.distill_seeds:
+                extra = dict(inheritance=True) if method == "sfm" else {}
+                extra.update(nearest_real=True) if seed == args.distill_seeds[0] else None
+                if method == "lgm" and ipc == 10:
+                    extra.update(copies=args.lgm_copies_ipc10)
+                runs.append(distilled_spec(f"ipc{ipc}", method, ipc, seed, steps, **extra))
+    runs.append(baseline_spec("ceiling", "full_data", 0))
+    return runs
+
+
+def views_runs(args) -> list:
+    runs = []
+    for s in range(args.baseline_draws):
+        runs.append(dict(baseline_spec("views", "random_real", 1, s), probe_views="per-epoch"))
+        for v in (10, 30, 100):
+            runs.append(dict(baseline_spec("views", "random_real", 1, s), probe_views=v))
+    return runs
+
+
+# --------------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------------
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"device": "cpu", "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__, "fastdd": fastdd.__version__}
+
+
+def git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_json(path: Path, doc: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+VARIED = ("init", "lr", "aug_name", "crop_scale", "noise_prob", "augment", "steps", "parameterization", "lam", "tau",
+          "feature_norm", "centered_targets", "copies", "probe_views")
+
+
+def rows_of(runs: list) -> list:
+    """Group runs that differ only in their seed: one row with mean/std over all their accuracies."""
+    groups = {}
+    for r in runs:
+        key = run_key({k: v for k, v in r.items() if k in ("group", "kind", "method", "ipc") + VARIED})
+        groups.setdefault(key, []).append(r)
+    rows = []
+    for members in groups.values():
+        accs = [a for r in members for a in r["accuracies"]]
+        first = members[0]
+        row = {"group": first["group"], "method": first["method"], "ipc": first["ipc"],
+               "setting": ", ".join(f"{k}={first[k]}" for k in VARIED if k in first and not
+                                    (k == "crop_scale" and "aug_name" in first) and not
+                                    (k == "noise_prob" and "aug_name" in first)) or "-",
+               "runs": len(members), "seeds": [r["seed"] for r in members],
+               "mean": round(statistics.fmean(accs), 2),
+               "std": round(statistics.stdev(accs), 2) if len(accs) > 1 else 0.0,
+               "per_run_means": [r["mean"] for r in members],
+               "step_s": round(statistics.fmean(r["step_s"] for r in members), 4) if "step_s" in first else None}
+        for extra in ("nearest_real", "inheritance"):
+            if extra in first:
+                ex = [a for r in members if extra in r for a in r[extra]["accuracies"]]
+                row[extra] = f"{statistics.fmean(ex):.1f} +- {statistics.stdev(ex) if len(ex) > 1 else 0:.1f}"
+        rows.append(row)
+    return rows
+
+
+def write_tables(stem: Path, doc: dict) -> None:
+    rows = rows_of(doc["runs"])
+    fields = ["group", "method", "ipc", "setting", "runs", "mean", "std", "per_run_means", "step_s",
+              "nearest_real", "inheritance"]
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    m, p = doc["machine"], doc["probe"]
+    lines = [f"# fastdd calibration: {doc['mode']}", "",
+             f"Command: `{doc['command']}` (git {doc['git']}, started {doc['started']}).", "",
+             f"Device: {m['device']} ({m['cpu']}, {m['cores']} cores shared with other jobs, torch threads "
+             f"{m['torch_threads']}, load average at start {m['load_average_at_start']}); torch {m['torch']}.", "",
+             f"Data: {DATASET} (60,000 train / 10,000 test) at {doc['image_size']} px; encoder {ENCODER} "
+             f"(ImageNet weights, frozen).", "",
+             f"Probe (fastdd.probe.evaluate): {p['epochs']} epochs, probe seeds {p['seeds']}, views "
+             f"{p['views']}; full-data probe {p['full_epochs']} epochs on un-augmented features. "
+             "Accuracy: top-1 % on the 10k test set, mean +- sample std over all (distillation or draw seed) x "
+             "(probe seed) runs of a row.", "",
+             "| group | method | ipc | setting | runs | top-1 % | per-run means | s/step | nearest real | inheritance |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['group']} | {r['method']} | {r['ipc']} | {r['setting']} | {r['runs']} | "
+                     f"{r['mean']:.1f} +- {r['std']:.1f} | {', '.join(f'{x:.1f}' for x in r['per_run_means'])} | "
+                     f"{'' if r['step_s'] is None else r['step_s']} | {r.get('nearest_real', '')} | "
+                     f"{r.get('inheritance', '')} |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=("sweep", "table", "views"), default="sweep")
+    p.add_argument("--groups", type=lambda s: [g for g in s.split(",") if g], default=None,
+                   help="sweep groups to run (comma-separated; default: all)")
+    p.add_argument("--size", type=int, default=32, help="image side in pixels")
+    p.add_argument("--steps", type=int, default=200, help="distillation steps at ipc 1")
+    p.add_argument("--steps-ipc10", type=int, default=100, help="distillation steps at ipc 10")
+    p.add_argument("--lgm-copies-ipc10", type=int, default=2, help="LGM's copies at ipc 10 (CPU budget)")
+    p.add_argument("--distill-seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0],
+                   help="distillation seeds of each sweep row")
+    p.add_argument("--baseline-draws", type=int, default=3, help="random-real draws per ipc")
+    p.add_argument("--base-init", default="real", help="initialisation of the sweep groups after 'init'")
+    p.add_argument("--probe-epochs", type=int, default=probe.DEFAULT_EPOCHS)
+    p.add_argument("--probe-views", type=int, default=30)
+    p.add_argument("--probe-seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
+    p.add_argument("--full-epochs", type=int, default=probe.DEFAULT_FULL_DATA_EPOCHS)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--tag", default="", help="suffix of the output files")
+    p.add_argument("--fresh", action="store_true", help="ignore results already in the JSON")
+    p.add_argument("--progress", action="store_true", help="tqdm bars for each distillation")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    runs = {"sweep": sweep_runs, "table": table_runs, "views": views_runs}[args.mode](args)
+    if args.dry_run:
+        for r in runs:
+            print(run_key(r))
+        print(f"{len(runs)} runs")
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"calibration_{args.mode}{args.tag}"
+    json_path = stem.with_suffix(".json")
+    doc = None
+    if json_path.exists() and not args.fresh:
+        doc = json.loads(json_path.read_text())
+    if doc is None:
+        doc = {"mode": args.mode, "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+               "runs": []}
+    doc.update(command="python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
+               git=git_revision(), machine=machine(), image_size=args.size, dataset=DATASET, encoder=ENCODER,
+               probe={"epochs": args.probe_epochs, "views": args.probe_views, "seeds": args.probe_seeds,
+                      "full_epochs": args.full_epochs},
+               method_defaults={k: {kk: list(vv) if isinstance(vv, tuple) else vv for kk, vv in v.items()}
+                                for k, v in METHOD_DEFAULTS.items()})
+    done = {run_key(r["spec"]) for r in doc["runs"]}
+    todo = [r for r in runs if run_key(r) not in done]
+    print(f"{len(runs)} runs, {len(runs) - len(todo)} already done", flush=True)
+    setup = Setup(args.size, args.progress)
+    doc["setup_times"] = setup.times
+    for i, spec in enumerate(todo):
+        record = execute(spec, setup, args)
+        record["spec"] = spec
+        doc["runs"].append(record)
+        write_json(json_path, doc)
+        write_tables(stem, doc)
+        print(f"[{i + 1}/{len(todo)}] {run_key(spec)}: {record['mean']:.1f} +- {record['std']:.1f} "
+              f"({record['total_s']:.0f} s)", flush=True)
+    write_json(json_path, doc)
+    write_tables(stem, doc)
+    print(f"wrote {stem}.{{json,csv,md}}")
+
+
+if __name__ == "__main__":
+    main()
