@@ -23,9 +23,10 @@ their inputs' dtypes. fp64 inputs run on the reference only.
 
 Backends:
 - torch (reference): materialises the logits; the oracle and the CPU path.
-- triton: forward, one program per block of BLOCK_M rows: for each block of BLOCK_C classes the logit
-  tile is a tl.dot over D, folded into an online log-sum-exp (running max and sum) and the target
-  logit; it writes the per-row loss and lse (M floats each). Backward recomputes the logit tiles from
+- triton: forward, one program per block of BLOCK_M rows (and, when there are few row blocks, per
+  split of the classes): for each block of BLOCK_C classes the logit tile is a tl.dot over D, folded
+  into an online log-sum-exp (running max and sum) and the target logit; the splits' partials (3 x
+  splits x M floats) merge into the per-row loss and lse. Backward recomputes the logit tiles from
   the saved lse: dW by programs that own a [BLOCK_DW, BLOCK_C] tile of dW and a split of the rows,
   accumulating :math:`z^\top\Delta` in registers, then one fixed-order sum over the splits (no atomics,
   run-to-run identical); dz (only when z requires grad) by programs owning [BLOCK_M, BLOCK_DZ] of dz.
@@ -79,11 +80,14 @@ def linear_cross_entropy_reference(z: torch.Tensor, y: torch.Tensor, W: torch.Te
 
 
 @triton_kernel
-def _lce_forward_kernel(z_ptr, y_ptr, w_ptr, b_ptr, loss_ptr, lse_ptr, M, D, C, stride_zm, stride_zd: tl.constexpr, stride_wd,
-                        stride_wc: tl.constexpr, scale, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                        BLOCK_D: tl.constexpr):
+def _lce_forward_kernel(z_ptr, y_ptr, w_ptr, b_ptr, m_ptr, l_ptr, t_ptr, M, D, C, classes_per_split, stride_zm,
+                        stride_zd: tl.constexpr, stride_wd, stride_wc: tl.constexpr, scale, HAS_BIAS: tl.constexpr,
+                        DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Program (row block, class split): running max m, sum l = sum exp(s - m) and target logit t over the
+    # split's classes, written to [split, M]; the host merges the splits (few rows: more programs).
     pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     rows64 = rows.to(tl.int64)
@@ -91,9 +95,11 @@ def _lce_forward_kernel(z_ptr, y_ptr, w_ptr, b_ptr, loss_ptr, lse_ptr, M, D, C, 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     t_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
+    c_start = pid_s * classes_per_split
+    c_end = tl.minimum(c_start + classes_per_split, C)
+    for c0 in range(c_start, c_end, BLOCK_C):
         cls = c0 + tl.arange(0, BLOCK_C)
-        cls_ok = cls < C
+        cls_ok = cls < c_end
         acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
@@ -111,9 +117,10 @@ def _lce_forward_kernel(z_ptr, y_ptr, w_ptr, b_ptr, loss_ptr, lse_ptr, M, D, C, 
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
         m_i = m_new
         t_i += tl.sum(tl.where(cls[None, :] == y[:, None], s, 0.0), axis=1)
-    lse = m_i + tl.log(l_i)
-    tl.store(loss_ptr + rows, lse - t_i, mask=row_ok)
-    tl.store(lse_ptr + rows, lse, mask=row_ok)
+    out = pid_s.to(tl.int64) * M + rows
+    tl.store(m_ptr + out, m_i, mask=row_ok)
+    tl.store(l_ptr + out, l_i, mask=row_ok)
+    tl.store(t_ptr + out, t_i, mask=row_ok)
 
 
 @triton_kernel
@@ -284,31 +291,47 @@ def _sm_count(index: int) -> int:
 
 def _num_splits(M: int, tiles_per_split: int, D: int, C: int, cfg: TileConfig, device: torch.device) -> int:
     """Row splits of the dW kernel: enough programs to fill the GPU, bounded partial-buffer memory."""
-    if device.type == "cuda":
-        target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    else:
-        target = 4  # interpreter: still exercise the split-and-reduce path
-    splits = max(1, cdiv(target, tiles_per_split))
+    splits = max(1, cdiv(_target_programs(device), tiles_per_split))
     splits = min(splits, max(1, cfg.max_partial_bytes // max(1, D * C * 4)), cdiv(M, cfg.block_m))
     return max(1, splits)
 
 
+def _target_programs(device: torch.device) -> int:
+    """Programs that fill the GPU (4 per SM); 4 on the interpreter (still exercises every split path)."""
+    if device.type == "cuda":
+        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4
+
+
 def lce_forward_triton(z, y, W_dc, bias, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-row losses and log-sum-exps [M] fp32 of logits ``scale * z @ W_dc + bias`` (W_dc: [D,C] view)."""
+    """Per-row losses and log-sum-exps [M] fp32 of logits ``scale * z @ W_dc + bias`` (W_dc: [D,C] view).
+
+    With few row blocks (a sampled bank batch) the classes are split over extra programs and the
+    splits' (max, sum, target) merged here: lse = m + log(sum_s l_s exp(m_s - m)).
+    """
     M, D = z.shape
     C = W_dc.shape[1]
     cfg = _tiles(grad=False, z_dtype=z.dtype)
     dot_dtype, precision = _dot_dtype(z.dtype, W_dc.dtype)
-    loss_rows = torch.empty(M, dtype=torch.float32, device=z.device)
-    lse = torch.empty(M, dtype=torch.float32, device=z.device)
-    if M == 0:
-        return loss_rows, lse
-    grid = (cdiv(M, cfg.block_m),)
-    _lce_forward_kernel[grid](z, y, W_dc, bias if bias is not None else lse, loss_rows, lse, M, D, C, z.stride(0),
-                              z.stride(1), W_dc.stride(0), W_dc.stride(1), scale, HAS_BIAS=bias is not None,
-                              DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c,
-                              BLOCK_D=cfg.block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return loss_rows, lse
+    row_blocks = cdiv(M, cfg.block_m)
+    class_blocks = cdiv(C, cfg.block_c)
+    splits = max(1, min(class_blocks, _target_programs(z.device) // row_blocks))
+    classes_per_split = cdiv(class_blocks, splits) * cfg.block_c
+    splits = cdiv(C, classes_per_split)
+    parts = torch.empty(3, splits, M, dtype=torch.float32, device=z.device)
+    grid = (row_blocks, splits)
+    _lce_forward_kernel[grid](z, y, W_dc, bias if bias is not None else parts, parts[0], parts[1], parts[2], M, D, C,
+                              classes_per_split, z.stride(0), z.stride(1), W_dc.stride(0), W_dc.stride(1), scale,
+                              HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype, PRECISION=precision,
+                              BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
+                              num_stages=cfg.num_stages)
+    m_parts, l_parts, t_parts = parts.unbind(0)
+    if splits == 1:
+        lse = m_parts[0] + torch.log(l_parts[0])
+        return lse - t_parts[0], lse
+    m = m_parts.amax(0)
+    lse = m + torch.log((l_parts * torch.exp(m_parts - m)).sum(0))
+    return lse - t_parts.sum(0), lse
 
 
 def lce_grad_w_triton(z, y, W_dc, bias, lse, row_grad, scale: float, want_bias: bool):
@@ -505,7 +528,8 @@ def aot_specs():
         io = dict(z_ptr=pointer(z_dtype), y_ptr="*i64", w_ptr=pointer(w_dtype),
                   b_ptr=pointer(torch.float32))
         specs.append(AOTSpec(_lce_forward_kernel, dict(
-            **io, loss_ptr="*fp32", lse_ptr="*fp32", M="i32", D="i32:16", C="i32", stride_zm="i32:16", stride_zd=1,
+            **io, m_ptr="*fp32", l_ptr="*fp32", t_ptr="*fp32", M="i32", D="i32:16", C="i32", classes_per_split="i32",
+            stride_zm="i32:16", stride_zd=1,
             stride_wd="i32:16", stride_wc=1, scale="fp32", HAS_BIAS=has_bias, DOT_DTYPE=dot, PRECISION=precision,
             BLOCK_M=f.block_m, BLOCK_C=f.block_c, BLOCK_D=f.block_d), num_warps=f.num_warps, num_stages=f.num_stages))
         specs.append(AOTSpec(_lce_grad_w_kernel, dict(
