@@ -157,30 +157,31 @@ class TritonKernel:
         return self._variants[interpret]
 
     def __getitem__(self, grid):
-        if not interpreter_enabled():
-            return self._variant(False)[grid]
-        launch = self._variant(True)[grid]
+        interpret = interpreter_enabled()
+        launch = self._variant(interpret)[grid]
 
-        def launch_interpreted(*args, **kwargs):
-            with _interpretable_stdlib():
+        def launch_with_matching_stdlib(*args, **kwargs):
+            with _stdlib_variant(interpret):
                 return launch(*args, **kwargs)
 
-        return launch_interpreted
+        return launch_with_matching_stdlib
 
 
 _STDLIB_MODULES = ("triton.language", "triton.language.standard", "triton.language.math")
 
 
-class _interpretable_stdlib:
-    """Temporarily make Triton's own ``@jit`` library functions (``tl.sum``, ``tl.max``, their combine
-    functions...) interpretable.
+class _stdlib_variant:
+    """Temporarily give Triton's own ``@jit`` library functions (``tl.sum``, ``tl.max``, their combine
+    functions...) the flavour one launch or compilation needs, then restore them.
 
-    They are decorated when ``triton`` is imported; imported without ``TRITON_INTERPRET=1`` they are
-    compiled-path ``JITFunction``s, which the interpreter refuses to call ("Cannot call @triton.jit'd
-    outside of the scope of a kernel"). Swapping them for ``InterpretedFunction``s for the duration of
-    one interpreted launch, then restoring them, lets a process (a test session) use the interpreter and
-    the compiled path, whatever the variable was at import.
+    They are decorated when ``triton`` is imported, as compiled-path ``JITFunction``s, or as
+    ``InterpretedFunction``s when ``TRITON_INTERPRET=1`` was set then. The interpreter refuses the former
+    ("Cannot call @triton.jit'd outside of the scope of a kernel") and the compiler the latter, so one
+    process (a test session) could otherwise use only one of the two paths.
     """
+
+    def __init__(self, interpret: bool):
+        self.interpret = interpret
 
     def __enter__(self):
         import importlib
@@ -188,13 +189,16 @@ class _interpretable_stdlib:
         from triton.runtime.interpreter import InterpretedFunction
         from triton.runtime.jit import JITFunction
 
+        wrong, make = (JITFunction, InterpretedFunction) if self.interpret else (InterpretedFunction, JITFunction)
         self._saved = []
+        if not isinstance(tl.sum, wrong):  # the usual case: already the right flavour, nothing to swap
+            return self
         for name in _STDLIB_MODULES:
             module = importlib.import_module(name)
             for attr, member in list(vars(module).items()):
-                if isinstance(member, JITFunction):
+                if isinstance(member, wrong):
                     self._saved.append((module, attr, member))
-                    setattr(module, attr, InterpretedFunction(member.fn))
+                    setattr(module, attr, make(member.fn))
         return self
 
     def __exit__(self, *exc):
@@ -277,8 +281,9 @@ class AOTSpec:
                 signature[k] = "constexpr"
                 constexprs[k] = v
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-        return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": self.num_warps, "num_stages": self.num_stages})
+        with _stdlib_variant(interpret=False):  # works even when TRITON_INTERPRET=1 was set at import
+            return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": self.num_warps, "num_stages": self.num_stages})
 
 
 def _is_type(v: str) -> bool:
