@@ -1,14 +1,13 @@
 """Per-op benchmark of fastdd.ops: torch eager (the reference), torch.compile (of the reference), Triton
 and the CUDA extension, at the shapes the methods meet on a GPU.
 
-One command on a GPU machine (builds the optional CUDA extension first, ~1-2 min, then about 5-10 min):
+One command on a GPU machine: builds the optional CUDA extension (~1 min), runs the GPU correctness
+tests (the Triton kernels on the device and the extension's kernels against the fp64 references, the
+sm_90 lowering; their summary goes into the JSON), then the benchmark (a few minutes):
 
-    python benchmarks/ops_bench.py --build-ext --out benchmarks/results/ops
+    python benchmarks/ops_bench.py --build-ext --with-tests --max-seconds 480 --out benchmarks/results/ops
 
-The GPU correctness checks to run in the same session (Triton kernels on the device against the fp64
-references, the CUDA extension's kernels, sm_90 lowering):
-
-    pytest tests/test_ops_*.py tests/test_cuda_extension.py tests/test_kernels_compile.py
+(the same tests alone: ``pytest tests/test_ops_*.py tests/test_cuda_extension.py tests/test_kernels_compile.py``).
 
 On a CPU (small shapes; Triton and the extension need a GPU and are reported as skipped):
 
@@ -71,10 +70,25 @@ class Case:
     bytes: float
     build: Callable[[torch.device], dict]
     runners: Dict[str, Callable[[dict], Callable[[], object]]] = field(default_factory=dict)
+    _inputs: Optional[dict] = field(default=None, repr=False)
+
+    def inputs(self, device: torch.device) -> dict:
+        """The case's inputs, built once and shared by its backends (``release`` frees them)."""
+        if self._inputs is None or self._inputs.get("_device") != device:
+            self._inputs = {**self.build(device), "_device": device}
+        return self._inputs
+
+    def release(self) -> None:
+        self._inputs = None
 
 
 def _elt(dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def _generator(device: torch.device) -> torch.Generator:
+    """A seeded generator on ``device``: the full-size inputs are drawn where they are used."""
+    return torch.Generator(device=device).manual_seed(0)
 
 
 def _grad_call(loss_fn, leaves):
@@ -92,9 +106,9 @@ def class_centers_cases(quick: bool) -> List[Case]:
     B, D, C, dtype = (20_000, 256, 100, torch.float32) if quick else (1_280_000, 768, 1000, torch.bfloat16)
 
     def build(device):
-        g = torch.Generator(device="cpu").manual_seed(0)
-        x = torch.randn(B, D, generator=g).to(dtype).to(device)
-        labels = torch.randint(0, C, (B,), generator=g).to(device)
+        g = _generator(device)
+        x = torch.randn(B, D, generator=g, device=device).to(dtype)
+        labels = torch.randint(0, C, (B,), generator=g, device=device)
         return {"x": x, "labels": labels}
 
     cases = []
@@ -125,10 +139,10 @@ def linear_cross_entropy_cases(quick: bool) -> List[Case]:
     tau = 0.1
 
     def build(device):
-        g = torch.Generator(device="cpu").manual_seed(0)
-        z = torch.randn(M, D, generator=g).to(dtype).to(device)
-        y = torch.randint(0, C, (M,), generator=g).to(device)
-        W = (torch.randn(D, C, generator=g) / D ** 0.5).to(device).requires_grad_(True)
+        g = _generator(device)
+        z = torch.randn(M, D, generator=g, device=device).to(dtype)
+        y = torch.randint(0, C, (M,), generator=g, device=device)
+        W = (torch.randn(D, C, generator=g, device=device) / D ** 0.5).requires_grad_(True)
         return {"z": z, "y": y, "W": W}
 
     def make(fn, backward):
@@ -159,7 +173,7 @@ def flow_cases(quick: bool) -> List[Case]:
     N = C  # ipc 1
 
     def build(device):
-        g = torch.Generator(device="cpu").manual_seed(0)
+        g = torch.Generator(device="cpu").manual_seed(0)  # small: CPU generation is fine
         means = torch.randn(C, D, generator=g)
         feats = torch.randn(N, D, generator=g).to(device).requires_grad_(True)
         labels = torch.arange(C).to(device)
@@ -279,10 +293,8 @@ def run_case(case: Case, backend: str, device: torch.device, reps: int, warmup: 
     reason = _unavailable(backend, device)
     if reason:
         return {**row, "status": "skipped", "reason": reason}
-    inputs = None
     try:
-        inputs = case.build(device)
-        fn = case.runners[backend](inputs)
+        fn = case.runners[backend](case.inputs(device))
         fn()  # compile / autotune / first-call costs stay out of the timing
         peak = None
         if device.type == "cuda":
@@ -299,7 +311,6 @@ def run_case(case: Case, backend: str, device: torch.device, reps: int, warmup: 
     except Exception as exc:  # an OOM or a compile failure is a result too
         return {**row, "status": "error", "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
     finally:
-        del inputs
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -321,6 +332,26 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
+TEST_FILES = ["tests/test_ops_backend.py", "tests/test_ops_class_centers.py", "tests/test_ops_flow_matching.py",
+              "tests/test_ops_linear_cross_entropy.py", "tests/test_ops_linear_head_gradient.py",
+              "tests/test_ops_ridge_probe.py", "tests/test_cuda_extension.py", "tests/test_kernels_compile.py"]
+
+
+def run_tests() -> dict:
+    """Run the ops' tests in a child pytest (CUDA tests run where a GPU is visible); exit code and summary."""
+    import subprocess
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider"] + TEST_FILES
+    t0 = time.perf_counter()
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTDD_CHECKS", "FASTDD_IMPL")}  # tests set their own
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, env=env)
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    print("\n".join(lines[-15:]), flush=True)
+    return {"command": " ".join(cmd[2:]), "exit_code": proc.returncode, "seconds": time.perf_counter() - t0,
+            "summary": lines[-1] if lines else "", "tail": lines[-40:]}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -333,6 +364,10 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="CPU warm-up calls")
     p.add_argument("--checks", action="store_true", help="keep the data-dependent input checks on")
     p.add_argument("--build-ext", action="store_true", help="build the CUDA extension just in time first")
+    p.add_argument("--with-tests", action="store_true",
+                   help="first run the ops' correctness tests (pytest, on this machine's GPU) and record the outcome")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="skip the remaining cases once this much time has passed (device time limits)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -343,10 +378,16 @@ def main(argv=None) -> int:
             _ext.build(arch_list=os.environ.get("TORCH_CUDA_ARCH_LIST"))
         except Exception as exc:
             print(f"extension build failed: {exc}", file=sys.stderr)
+    t_start = time.perf_counter()
+    tests = run_tests() if args.with_tests else None
     results = []
     for name in args.ops:
         for case in ALL_CASES[name](args.quick):
             for backend in args.backends:
+                if args.max_seconds is not None and time.perf_counter() - t_start > args.max_seconds:
+                    results.append({"op": case.op, "variant": case.variant, "backend": backend, "status": "skipped",
+                                    "reason": f"--max-seconds {args.max_seconds:g} used up"})
+                    continue
                 row = run_case(case, backend, device, args.reps, args.warmup)
                 results.append(row)
                 if row["status"] == "ok":
@@ -356,15 +397,17 @@ def main(argv=None) -> int:
                 else:
                     print(f"{case.op:22s} {case.variant:14s} {backend:14s} {row['status']}: "
                           f"{row.get('reason') or row.get('error')}", flush=True)
+            case.release()
     os.makedirs(args.out, exist_ok=True)
     slug = (machine_info(device).get("gpu") or "cpu").replace(" ", "_").replace("/", "_")
     path = os.path.join(args.out, f"ops_bench_{slug}_{time.strftime('%Y%m%d-%H%M%S')}.json")
     with open(path, "w") as fh:
         json.dump({"device": str(device), "quick": args.quick, "checks": args.checks, "machine": machine_info(device),
-                   "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "results": results}, fh,
-                  indent=1)
+                   "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "tests": tests,
+                   "results": results}, fh, indent=1)
     print(f"wrote {path}")
-    return 0 if all(r["status"] != "error" for r in results) else 1
+    ok = all(r["status"] != "error" for r in results) and (tests is None or tests["exit_code"] == 0)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
