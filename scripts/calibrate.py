@@ -18,6 +18,8 @@ Modes (``--mode``):
   classifier inheritance, and the full-data probe (on precomputed, un-augmented features: see
   ``fastdd.probe.full_data_probe``).
 - ``views``: the probe's pool of pre-encoded augmented views against re-encoding every epoch.
+- ``summary``: merge the sweep files (``calibration_sweep*.json``, one per process) into
+  ``calibration_summary.{json,csv,md}``.
 
 Output: ``benchmarks/results/calibration_<mode>.{json,csv,md}`` with every run's settings, accuracies,
 times, the device, the versions and the command. Runs are appended as they finish and a restarted
@@ -133,7 +135,7 @@ def execute(spec: dict, setup: Setup, args) -> dict:
                              steps=spec["steps"], seed=spec["seed"], stats=setup.stats, progress=args.progress,
                              **kw)
         record["distill_s"] = round(time.perf_counter() - t0, 2)
-        record["step_s"] = round(record["distill_s"] / max(1, spec["steps"]), 4)
+        record["step_s"] = round(record["distill_s"] / spec["steps"], 4) if spec["steps"] else None
         record["final_loss"] = out.history[-1] if out.history else None
         record["distill_settings"] = out.settings
         result = probe.evaluate(out, setup.encoder, test.images, test.labels, **ev)
@@ -220,6 +222,8 @@ def sweep_runs(args) -> list:
         for tau in (0.03, 0.1, 0.3):
             if (lam, tau) != (0.1, 0.1):  # the base: the "init" group's row
                 add("clp-lam-tau", "clp", lam=lam, tau=tau, **base)
+    for lam, tau in ((1.0, 0.01), (10.0, 0.01), (10.0, 0.03), (10.0, 0.1)):  # extends the grid towards its best corner
+        add("clp-lam-tau-wide", "clp", lam=lam, tau=tau, **base)
     for norm in ("standardize", "l2"):
         add("clp-feature-norm", "clp", feature_norm=norm, **base)
     add("lgm", "lgm", aug_name="published", init="noise", **LGM_CHAIN)  # LGM's recipe (but few steps)
@@ -236,21 +240,34 @@ def sweep_runs(args) -> list:
     return runs
 
 
+# The settings the sweeps chose (benchmarks/results/calibration_sweep*.md), used by the table and proposed
+# as fastdd.distill's defaults: initialise from real images (noise init stays near chance at these step
+# counts), lr 1e-2, crop scale [0.5, 1] without noise; CLP lam 1 (relative), tau 0.03 (group clp-lam-tau).
+RECOMMENDED = {
+    "sfm": dict(init="real", lr=1e-2, crop_scale=(0.5, 1.0), noise_prob=0.0),
+    "clp": dict(init="real", lr=1e-2, crop_scale=(0.5, 1.0), noise_prob=0.0, lam=1.0, tau=0.03),
+    "lgm": dict(init="real", lr=1e-2, crop_scale=(0.5, 1.0), noise_prob=0.0, copies=10),
+}
+
+
 def table_runs(args) -> list:
-    runs = []
+    runs = [baseline_spec("ceiling", "full_data", 0)]
     for ipc in (1, 10):
         for s in range(args.baseline_draws):
             runs.append(baseline_spec(f"ipc{ipc}", "random_real", ipc, s))
         runs.append(baseline_spec(f"ipc{ipc}", "class_centroids", ipc))
-        for method in ("lgm", "sfm", "clp"):
+        for method in ("sfm", "clp", "lgm"):
             steps = args.steps if ipc == 1 else args.steps_ipc10
-            for seed in args.distill_seeds:
-                extra = dict(inheritance=True) if method == "sfm" else {}
-                extra.update(nearest_real=True) if seed == args.distill_seeds[0] else None
+            seeds = args.distill_seeds if ipc == 1 and method != "lgm" else args.distill_seeds[:1]
+            for seed in seeds:
+                extra = dict(RECOMMENDED[method])
+                if method == "sfm":
+                    extra.update(inheritance=True)
+                if seed == seeds[0]:
+                    extra.update(nearest_real=True)
                 if method == "lgm" and ipc == 10:
                     extra.update(copies=args.lgm_copies_ipc10)
                 runs.append(distilled_spec(f"ipc{ipc}", method, ipc, seed, steps, **extra))
-    runs.append(baseline_spec("ceiling", "full_data", 0))
     return runs
 
 
@@ -317,7 +334,7 @@ def rows_of(runs: list) -> list:
                "mean": round(statistics.fmean(accs), 2),
                "std": round(statistics.stdev(accs), 2) if len(accs) > 1 else 0.0,
                "per_run_means": [r["mean"] for r in members],
-               "step_s": round(statistics.fmean(r["step_s"] for r in members), 4) if "step_s" in first else None}
+               "step_s": round(statistics.fmean(r["step_s"] for r in members), 4) if first.get("step_s") else None}
         for extra in ("nearest_real", "inheritance"):
             if extra in first:
                 ex = [a for r in members if extra in r for a in r[extra]["accuracies"]]
@@ -345,7 +362,9 @@ def write_tables(stem: Path, doc: dict) -> None:
              f"Probe (fastdd.probe.evaluate): {p['epochs']} epochs, probe seeds {p['seeds']}, views "
              f"{p['views']}; full-data probe {p['full_epochs']} epochs on un-augmented features. "
              "Accuracy: top-1 % on the 10k test set, mean +- sample std over all (distillation or draw seed) x "
-             "(probe seed) runs of a row.", "",
+             "(probe seed) runs of a row. s/step: the whole distill call's wall time (set-up included, e.g. "
+             "init=centroid's pass over the 60k real images) / steps, on a machine shared with other jobs: "
+             "a rough cost, not a benchmark (see benchmarks/run.py for timings).", "",
              "| group | method | ipc | setting | runs | top-1 % | per-run means | s/step | nearest real | inheritance |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -363,7 +382,7 @@ def write_tables(stem: Path, doc: dict) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=("sweep", "table", "views"), default="sweep")
+    p.add_argument("--mode", choices=("sweep", "table", "views", "summary"), default="sweep")
     p.add_argument("--groups", type=lambda s: [g for g in s.split(",") if g], default=None,
                    help="sweep groups to run (comma-separated; default: all)")
     p.add_argument("--size", type=int, default=32, help="image side in pixels")
@@ -387,8 +406,28 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def summarize(args) -> None:
+    """Merge every ``calibration_sweep*.json`` under ``--out`` into ``calibration_summary.{json,csv,md}``
+    (the sweeps run as several processes, one file each)."""
+    docs = [json.loads(p.read_text()) for p in sorted(args.out.glob("calibration_sweep*.json"))]
+    if not docs:
+        raise SystemExit(f"no calibration_sweep*.json under {args.out}")
+    merged = dict(docs[0], mode="summary of " + ", ".join(sorted({d["command"] for d in docs})),
+                  runs=[r for d in docs for r in d["runs"]])
+    order = ["baselines", "init", "control", "lr", "augmentation", "steps", "parameterization", "clp-lam-tau",
+             "clp-lam-tau-wide", "clp-feature-norm", "lgm", "ipc10"]
+    merged["runs"].sort(key=lambda r: order.index(r["group"]) if r["group"] in order else len(order))
+    stem = args.out / "calibration_summary"
+    write_json(stem.with_suffix(".json"), merged)
+    write_tables(stem, merged)
+    print(f"wrote {stem}.{{json,csv,md}} ({len(merged['runs'])} runs from {len(docs)} files)")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.mode == "summary":
+        summarize(args)
+        return
     torch.set_num_threads(args.threads)
     runs = {"sweep": sweep_runs, "table": table_runs, "views": views_runs}[args.mode](args)
     if args.dry_run:
