@@ -784,7 +784,9 @@ def format_table(result: Dict[str, Any]) -> str:
             f"{s['warmup']} warm-up steps), on {dev.get('name')} [{dev['type']}], torch {result['versions']['torch']}, "
             f"git {str(result['git'].get('revision'))[:10]}, {result['date']}.\n"
             f"Command: `{result['command']}`. Shared statistics pass: {_fmt(setup.get('stats_time_s'))} s; "
-            f"whole run: {_fmt(setup.get('run_time_s'))} s.\n")
+            f"whole run: {_fmt(setup.get('run_time_s'))} s"
+            + (f" (1-min load average {dev['load_average'][0]:.1f} at the start on {dev.get('cores')} cores)"
+               if dev.get("load_average") else "") + ".\n")
     text = head + "\n" + "\n".join(rows) + "\n"
     ops = result.get("ops") or {}
     if ops.get("results"):
