@@ -130,38 +130,37 @@ def execute(spec: dict, setup: Setup, args) -> dict:
     t0 = time.perf_counter()
     record = dict(spec)
     kind, ipc = spec["kind"], spec["ipc"]
-    if kind == "distilled":
-        out = fastdd.distill(train.images, setup.encoder, method=spec["method"], labels=train.labels, ipc=ipc,
-                             steps=spec["steps"], seed=spec["seed"], stats=setup.stats, progress=args.progress,
-                             **kw)
-        record["distill_s"] = round(time.perf_counter() - t0, 2)
-        record["step_s"] = round(record["distill_s"] / spec["steps"], 4) if spec["steps"] else None
-        record["final_loss"] = out.history[-1] if out.history else None
-        record["distill_settings"] = out.settings
-        result = probe.evaluate(out, setup.encoder, test.images, test.labels, **ev)
-        if spec.get("nearest_real"):
-            near = probe.nearest_real(out, train.images, train.labels, setup.encoder,
-                                      features=setup.train_features, progress=False)
-            record["nearest_real"] = summary(probe.evaluate(near, setup.encoder, test.images, test.labels, **ev))
-        if spec.get("inheritance"):
-            head = full_data_head(setup, args)
-            record["inheritance"] = summary(probe.classifier_inheritance(
-                out, setup.encoder, test.images, test.labels, head=head, seeds=tuple(args.probe_seeds),
-                views=args.probe_views, test_features=setup.test_features, progress=False))
-    elif kind == "random_real":
-        pick = probe.random_real(train.images, train.labels, ipc=ipc, seed=spec["seed"])
-        result = probe.evaluate(pick, setup.encoder, test.images, test.labels, **ev)
-    elif kind == "class_centroids":
-        pick = probe.class_centroids(train.images, train.labels, ipc=ipc, features=setup.train_features,
-                                     seed=spec["seed"], progress=False)
-        result = probe.evaluate(pick, setup.encoder, test.images, test.labels, **ev)
-    elif kind == "full_data":
+    if kind == "full_data":
         result = probe.full_data_probe(None, train.labels, setup.encoder, None, test.labels,
                                        epochs=args.full_epochs, seeds=tuple(args.probe_seeds),
                                        train_features=setup.train_features, test_features=setup.test_features,
                                        progress=args.progress)
     else:
-        raise ValueError(f"unknown run kind {kind!r}")
+        if kind == "distilled":
+            chosen = fastdd.distill(train.images, setup.encoder, method=spec["method"], labels=train.labels,
+                                    ipc=ipc, steps=spec["steps"], seed=spec["seed"], stats=setup.stats,
+                                    progress=args.progress, **kw)
+            record["distill_s"] = round(time.perf_counter() - t0, 2)
+            record["step_s"] = round(record["distill_s"] / spec["steps"], 4) if spec["steps"] else None
+            record["final_loss"] = chosen.history[-1] if chosen.history else None
+            record["distill_settings"] = chosen.settings
+        elif kind == "random_real":
+            chosen = probe.random_real(train.images, train.labels, ipc=ipc, seed=spec["seed"])
+        elif kind == "class_centroids":
+            chosen = probe.class_centroids(train.images, train.labels, ipc=ipc, features=setup.train_features,
+                                           seed=spec["seed"], progress=False)
+        else:
+            raise ValueError(f"unknown run kind {kind!r}")
+        result = probe.evaluate(chosen, setup.encoder, test.images, test.labels, **ev)
+        if spec.get("nearest_real"):
+            near = probe.nearest_real(chosen, train.images, train.labels, setup.encoder,
+                                      features=setup.train_features, progress=False)
+            record["nearest_real"] = summary(probe.evaluate(near, setup.encoder, test.images, test.labels, **ev))
+        if spec.get("inheritance"):
+            head = full_data_head(setup, args)
+            record["inheritance"] = summary(probe.classifier_inheritance(
+                chosen, setup.encoder, test.images, test.labels, head=head, seeds=tuple(args.probe_seeds),
+                views=args.probe_views, test_features=setup.test_features, progress=False))
     record.update(summary(result))
     record["probe_settings"] = result.settings
     record["total_s"] = round(time.perf_counter() - t0, 2)
@@ -242,10 +241,10 @@ def sweep_runs(args) -> list:
 
 # The settings the sweeps chose (benchmarks/results/calibration_sweep*.md), used by the table and proposed
 # as fastdd.distill's defaults: initialise from real images (noise init stays near chance at these step
-# counts), lr 1e-2, crop scale [0.5, 1] without noise; CLP lam 1 (relative), tau 0.03 (group clp-lam-tau).
+# counts), lr 1e-2, crop scale [0.5, 1] without noise; CLP lam 1 (relative), tau 0.1 (group clp-lam-tau).
 RECOMMENDED = {
     "sfm": dict(init="real", lr=1e-2, crop_scale=(0.5, 1.0), noise_prob=0.0),
-    "clp": dict(init="real", lr=1e-2, crop_scale=(0.5, 1.0), noise_prob=0.0, lam=1.0, tau=0.03),
+    "clp": dict(init="real", lr=1e-2, crop_scale=(0.5, 1.0), noise_prob=0.0, lam=1.0, tau=0.1),
     "lgm": dict(init="real", lr=1e-2, crop_scale=(0.5, 1.0), noise_prob=0.0, copies=10),
 }
 
@@ -254,11 +253,12 @@ def table_runs(args) -> list:
     runs = [baseline_spec("ceiling", "full_data", 0)]
     for ipc in (1, 10):
         for s in range(args.baseline_draws):
-            runs.append(baseline_spec(f"ipc{ipc}", "random_real", ipc, s))
+            # with classifier inheritance as a control: the inherited head carries the full real set
+            runs.append(dict(baseline_spec(f"ipc{ipc}", "random_real", ipc, s), inheritance=True))
         runs.append(baseline_spec(f"ipc{ipc}", "class_centroids", ipc))
         for method in ("sfm", "clp", "lgm"):
             steps = args.steps if ipc == 1 else args.steps_ipc10
-            seeds = args.distill_seeds if ipc == 1 and method != "lgm" else args.distill_seeds[:1]
+            seeds = args.distill_seeds if ipc == 1 or method != "lgm" else args.distill_seeds[:1]
             for seed in seeds:
                 extra = dict(RECOMMENDED[method])
                 if method == "sfm":
@@ -299,9 +299,13 @@ def machine() -> dict:
 
 
 def git_revision() -> str:
+    """HEAD's short hash, with "+dirty" when fastdd/ or scripts/ have uncommitted changes."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "fastdd", "scripts"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -343,8 +347,11 @@ def rows_of(runs: list) -> list:
     return rows
 
 
-def write_tables(stem: Path, doc: dict) -> None:
-    rows = rows_of(doc["runs"])
+def write_tables(stem: Path, doc: dict, current=None) -> None:
+    """CSV and Markdown tables of ``doc``'s runs. With ``current`` (spec keys of the mode's run list),
+    runs whose spec is no longer in it (settings changed since) are listed in a separate section."""
+    superseded = [] if current is None else [r for r in doc["runs"] if run_key(r["spec"]) not in current]
+    rows = rows_of([r for r in doc["runs"] if current is None or run_key(r["spec"]) in current])
     fields = ["group", "method", "ipc", "setting", "runs", "mean", "std", "per_run_means", "step_s",
               "nearest_real", "inheritance"]
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
@@ -353,8 +360,10 @@ def write_tables(stem: Path, doc: dict) -> None:
         for r in rows:
             w.writerow(r)
     m, p = doc["machine"], doc["probe"]
+    invocations = doc.get("invocations") or [{"command": doc["command"], "git": doc["git"], "started": doc["started"]}]
     lines = [f"# fastdd calibration: {doc['mode']}", "",
-             f"Command: `{doc['command']}` (git {doc['git']}, started {doc['started']}).", "",
+             "Commands (a resumed file lists each invocation that added runs): " + "; ".join(
+                 f"`{i['command']}` (git {i['git']}, {i['started']})" for i in invocations) + ".", "",
              f"Device: {m['device']} ({m['cpu']}, {m['cores']} cores shared with other jobs, torch threads "
              f"{m['torch_threads']}, load average at start {m['load_average_at_start']}); torch {m['torch']}.", "",
              f"Data: {DATASET} (60,000 train / 10,000 test) at {doc['image_size']} px; encoder {ENCODER} "
@@ -367,11 +376,19 @@ def write_tables(stem: Path, doc: dict) -> None:
              "a rough cost, not a benchmark (see benchmarks/run.py for timings).", "",
              "| group | method | ipc | setting | runs | top-1 % | per-run means | s/step | nearest real | inheritance |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['group']} | {r['method']} | {r['ipc']} | {r['setting']} | {r['runs']} | "
-                     f"{r['mean']:.1f} +- {r['std']:.1f} | {', '.join(f'{x:.1f}' for x in r['per_run_means'])} | "
-                     f"{'' if r['step_s'] is None else r['step_s']} | {r.get('nearest_real', '')} | "
-                     f"{r.get('inheritance', '')} |")
+    header = lines[-2:]
+
+    def add_rows(rows):
+        for r in rows:
+            lines.append(f"| {r['group']} | {r['method']} | {r['ipc']} | {r['setting']} | {r['runs']} | "
+                         f"{r['mean']:.1f} +- {r['std']:.1f} | {', '.join(f'{x:.1f}' for x in r['per_run_means'])} | "
+                         f"{'' if r['step_s'] is None else r['step_s']} | {r.get('nearest_real', '')} | "
+                         f"{r.get('inheritance', '')} |")
+    add_rows(rows)
+    if superseded:
+        lines += ["", "Earlier runs of this file whose settings the script has since changed (kept for the record):",
+                  ""] + header
+        add_rows(rows_of(superseded))
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
@@ -403,6 +420,7 @@ def parse_args(argv=None):
     p.add_argument("--fresh", action="store_true", help="ignore results already in the JSON")
     p.add_argument("--progress", action="store_true", help="tqdm bars for each distillation")
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    p.add_argument("--render-only", action="store_true", help="rewrite the CSV/MD tables from the JSON")
     return p.parse_args(argv)
 
 
@@ -412,8 +430,10 @@ def summarize(args) -> None:
     docs = [json.loads(p.read_text()) for p in sorted(args.out.glob("calibration_sweep*.json"))]
     if not docs:
         raise SystemExit(f"no calibration_sweep*.json under {args.out}")
-    merged = dict(docs[0], mode="summary of " + ", ".join(sorted({d["command"] for d in docs})),
-                  runs=[r for d in docs for r in d["runs"]])
+    merged = dict(docs[0], mode="summary of the sweeps (calibration_sweep*.json)",
+                  runs=[r for d in docs for r in d["runs"]],
+                  invocations=[i for d in docs for i in (d.get("invocations") or [
+                      {"command": d["command"], "git": d["git"], "started": d["started"]}])])
     order = ["baselines", "init", "control", "lr", "augmentation", "steps", "parameterization", "clp-lam-tau",
              "clp-lam-tau-wide", "clp-feature-norm", "lgm", "ipc10"]
     merged["runs"].sort(key=lambda r: order.index(r["group"]) if r["group"] in order else len(order))
@@ -444,27 +464,37 @@ def main(argv=None) -> None:
     if doc is None:
         doc = {"mode": args.mode, "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                "runs": []}
-    doc.update(command="python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
-               git=git_revision(), machine=machine(), image_size=args.size, dataset=DATASET, encoder=ENCODER,
-               probe={"epochs": args.probe_epochs, "views": args.probe_views, "seeds": args.probe_seeds,
-                      "full_epochs": args.full_epochs},
+    runs = [json.loads(json.dumps(r)) for r in runs]  # tuples as lists, as they come back from the JSON
+    current = {run_key(r) for r in runs}
+    if args.render_only:
+        write_tables(stem, doc, current)
+        print(f"wrote {stem}.{{csv,md}}")
+        return
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT)] + sys.argv[1:])
+    doc.update(command=command, git=git_revision(), machine=machine(), image_size=args.size, dataset=DATASET,
+               encoder=ENCODER, probe={"epochs": args.probe_epochs, "views": args.probe_views,
+                                       "seeds": args.probe_seeds, "full_epochs": args.full_epochs},
                method_defaults={k: {kk: list(vv) if isinstance(vv, tuple) else vv for kk, vv in v.items()}
                                 for k, v in METHOD_DEFAULTS.items()})
+    # a resumed file lists every invocation that added runs to it
+    doc.setdefault("invocations", []).append(
+        {"command": command, "git": doc["git"], "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+         "load_average": doc["machine"]["load_average_at_start"]})
     done = {run_key(r["spec"]) for r in doc["runs"]}
     todo = [r for r in runs if run_key(r) not in done]
     print(f"{len(runs)} runs, {len(runs) - len(todo)} already done", flush=True)
     setup = Setup(args.size, args.progress)
     doc["setup_times"] = setup.times
     for i, spec in enumerate(todo):
-        record = execute(spec, setup, args)
-        record["spec"] = spec
+        record = json.loads(json.dumps(execute(spec, setup, args), default=str))
+        record["spec"] = json.loads(json.dumps(spec))
         doc["runs"].append(record)
         write_json(json_path, doc)
-        write_tables(stem, doc)
+        write_tables(stem, doc, current)
         print(f"[{i + 1}/{len(todo)}] {run_key(spec)}: {record['mean']:.1f} +- {record['std']:.1f} "
               f"({record['total_s']:.0f} s)", flush=True)
     write_json(json_path, doc)
-    write_tables(stem, doc)
+    write_tables(stem, doc, current)
     print(f"wrote {stem}.{{json,csv,md}}")
 
 
