@@ -22,6 +22,16 @@ from typing import List, Optional
 __all__ = ["main", "build_parser"]
 
 
+def _distill_defaults() -> dict:
+    """distill()'s keyword defaults, so flags and the library never disagree."""
+    import inspect
+
+    from .api import distill
+
+    return {k: p.default for k, p in inspect.signature(distill).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
 def _weights(value: str):
     return None if value.lower() in ("none", "random") else value
 
@@ -32,6 +42,7 @@ def _optional_int(value: str):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastdd", description="Dataset distillation for frozen vision encoders.")
+    _DISTILL_DEFAULTS = _distill_defaults()
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p):
@@ -57,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-augment", action="store_true", help="no augmentation while distilling")
     d.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("LO", "HI"))
     d.add_argument("--noise-prob", type=float, default=None)
-    d.add_argument("--lam", type=float, default=0.1, help="CLP ridge (relative to the kernel's mean diagonal)")
-    d.add_argument("--tau", type=float, default=0.1, help="CLP temperature")
+    d.add_argument("--lam", type=float, default=_DISTILL_DEFAULTS["lam"],
+                   help="CLP ridge (relative to the kernel's mean diagonal; default %(default)s)")
+    d.add_argument("--tau", type=float, default=_DISTILL_DEFAULTS["tau"], help="CLP temperature (default %(default)s)")
     d.add_argument("--real-batch", type=_optional_int, default=4096, help="CLP bank rows per step ('all')")
     d.add_argument("--feature-norm", choices=("none", "center", "standardize", "l2"), default="none")
     d.add_argument("--chunk-size", type=int, default=None, help="memory-flat backward chunk (rows)")

@@ -21,8 +21,9 @@ Options (METHODS.md's calibration found CLP sensitive to each; ``fastdd.distill`
 - ``solve_dtype``: dtype of the inner Cholesky solve (float32 or float64; None: the op's default, fp32
   unless the features are fp64).
 
-Defaults (lam 0.1 relative, tau 0.1, centred targets, raw features) are the calibration's best CLP variant
-on Fashion-MNIST / MobileNetV2; the paper's values are not public.
+Defaults (lam 1.0 relative, tau 0.1, centred targets, raw features) are the best of a measured lam x tau
+sweep (lam 0.01..10, tau 0.01..0.3) and of the feature maps on Fashion-MNIST / MobileNetV2
+(benchmarks/results/calibration_sweep_clp_*.md); the paper's values are not public.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class ClosedFormProbeLoss(nn.Module):
             call; False gathers the rows from the (possibly memory-mapped) CPU bank every call.
     """
 
-    def __init__(self, stats, lam: float = 0.1, tau: float = 0.1, real_batch: Optional[int] = None, *,
+    def __init__(self, stats, lam: float = 1.0, tau: float = 0.1, real_batch: Optional[int] = None, *,
                  relative_lam: bool = True, centered_targets: bool = True, feature_norm: str = "none",
                  bias: bool = False, solve_dtype: Optional[torch.dtype] = None,
                  generator: Optional[torch.Generator] = None, cache_bank: bool = True):
