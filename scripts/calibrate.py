@@ -228,6 +228,9 @@ def sweep_runs(args) -> list:
     add("lgm", "lgm", aug_name="published", init="noise", **LGM_CHAIN)  # LGM's recipe (but few steps)
     add("lgm", "lgm", aug_name="mild", **MILD, **base)
     add("lgm", "lgm", aug_name="mild", copies=1, **MILD, **base)
+    for method in ("sfm", "clp"):  # does noise init catch up with the library's 1000 steps?
+        for init in ("noise", "real"):
+            add("init-long", method, steps=1000, init=init)
     for s in range(args.baseline_draws):
         runs.append(baseline_spec("ipc10", "random_real", 10, s))
     runs.append(baseline_spec("ipc10", "class_centroids", 10))
@@ -348,10 +351,13 @@ def rows_of(runs: list) -> list:
 
 
 def write_tables(stem: Path, doc: dict, current=None) -> None:
-    """CSV and Markdown tables of ``doc``'s runs. With ``current`` (spec keys of the mode's run list),
+    """CSV and Markdown tables of ``doc``'s runs. With ``current`` (spec key -> position in the mode's run list),
     runs whose spec is no longer in it (settings changed since) are listed in a separate section."""
     superseded = [] if current is None else [r for r in doc["runs"] if run_key(r["spec"]) not in current]
-    rows = rows_of([r for r in doc["runs"] if current is None or run_key(r["spec"]) in current])
+    kept = [r for r in doc["runs"] if current is None or run_key(r["spec"]) in current]
+    if current is not None:  # the order of the mode's run list, not the order the runs finished in
+        kept.sort(key=lambda r: current[run_key(r["spec"])])
+    rows = rows_of(kept)
     fields = ["group", "method", "ipc", "setting", "runs", "mean", "std", "per_run_means", "step_s",
               "nearest_real", "inheritance"]
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
@@ -434,7 +440,7 @@ def summarize(args) -> None:
                   runs=[r for d in docs for r in d["runs"]],
                   invocations=[i for d in docs for i in (d.get("invocations") or [
                       {"command": d["command"], "git": d["git"], "started": d["started"]}])])
-    order = ["baselines", "init", "control", "lr", "augmentation", "steps", "parameterization", "clp-lam-tau",
+    order = ["baselines", "init", "init-long", "control", "lr", "augmentation", "steps", "parameterization", "clp-lam-tau",
              "clp-lam-tau-wide", "clp-feature-norm", "lgm", "ipc10"]
     merged["runs"].sort(key=lambda r: order.index(r["group"]) if r["group"] in order else len(order))
     stem = args.out / "calibration_summary"
@@ -465,7 +471,7 @@ def main(argv=None) -> None:
         doc = {"mode": args.mode, "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                "runs": []}
     runs = [json.loads(json.dumps(r)) for r in runs]  # tuples as lists, as they come back from the JSON
-    current = {run_key(r) for r in runs}
+    current = {run_key(r): i for i, r in enumerate(runs)}
     if args.render_only:
         write_tables(stem, doc, current)
         print(f"wrote {stem}.{{csv,md}}")
