@@ -323,6 +323,25 @@ VARIED = ("init", "lr", "aug_name", "crop_scale", "noise_prob", "augment", "step
           "feature_norm", "centered_targets", "copies", "probe_views")
 
 
+def effective_setting(run: dict) -> str:
+    """The settings a distilled run actually used (from ``DistilledSet.settings``), so that a row stays
+    correct when the library's defaults change; other runs show the spec's varied keys."""
+    s = run.get("distill_settings")
+    if not s:
+        return ", ".join(f"{k}={run[k]}" for k in VARIED if k in run) or "-"
+    parts = [f"init={s['init']}", f"lr={s['lr']:g}", f"steps={s['steps']}", f"copies={s['copies']}"]
+    parts.append(f"crop_scale={tuple(s['crop_scale'])}, noise_prob={s['noise_prob']:g}" if s["augment"] else "no augmentation")
+    if s["parameterization"] != "pyramid":
+        parts.append(f"parameterization={s['parameterization']}")
+    if run["method"] == "clp":
+        parts += [f"lam={s['lam']:g}", f"tau={s['tau']:g}"]
+        if s["feature_norm"] != "none":
+            parts.append(f"feature_norm={s['feature_norm']}")
+        if not s["centered_targets"]:
+            parts.append("one-hot targets")
+    return ", ".join(parts)
+
+
 def rows_of(runs: list) -> list:
     """Group runs that differ only in their seed: one row with mean/std over all their accuracies."""
     groups = {}
@@ -334,9 +353,7 @@ def rows_of(runs: list) -> list:
         accs = [a for r in members for a in r["accuracies"]]
         first = members[0]
         row = {"group": first["group"], "method": first["method"], "ipc": first["ipc"],
-               "setting": ", ".join(f"{k}={first[k]}" for k in VARIED if k in first and not
-                                    (k == "crop_scale" and "aug_name" in first) and not
-                                    (k == "noise_prob" and "aug_name" in first)) or "-",
+               "setting": effective_setting(first),
                "runs": len(members), "seeds": [r["seed"] for r in members],
                "mean": round(statistics.fmean(accs), 2),
                "std": round(statistics.stdev(accs), 2) if len(accs) > 1 else 0.0,
