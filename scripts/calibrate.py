@@ -254,7 +254,7 @@ RECOMMENDED = {
 
 def table_runs(args) -> list:
     runs = [baseline_spec("ceiling", "full_data", 0)]
-    for ipc in (1, 10):
+    for ipc in args.ipcs:
         for s in range(args.baseline_draws):
             # with classifier inheritance as a control: the inherited head carries the full real set
             runs.append(dict(baseline_spec(f"ipc{ipc}", "random_real", ipc, s), inheritance=True))
@@ -428,6 +428,8 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=32, help="image side in pixels")
     p.add_argument("--steps", type=int, default=200, help="distillation steps at ipc 1")
     p.add_argument("--steps-ipc10", type=int, default=100, help="distillation steps at ipc 10")
+    p.add_argument("--ipcs", type=lambda s: [int(x) for x in s.split(",")], default=[1, 10],
+                   help="table mode: the images-per-class settings (comma-separated; ipc 1 runs --steps, others --steps-ipc10)")
     p.add_argument("--lgm-copies-ipc10", type=int, default=2, help="LGM's copies at ipc 10 (CPU budget)")
     p.add_argument("--distill-seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0],
                    help="distillation seeds of each sweep row")
