@@ -452,9 +452,9 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
             for ``fastdd.encoders.load`` (e.g. ``"torchvision:mobilenet_v2"``).
         method: ``"lgm"``, ``"sfm"`` or ``"clp"``.
         labels: int64 ``[N]`` in ``0..C-1`` when ``images`` is a tensor.
-        ipc: synthetic images per class. steps: optimisation steps (default per method).
+        ipc: synthetic images per class. steps: optimisation steps (default 1000).
         num_classes: C (default: max label + 1); every class needs at least ``ipc`` real images.
-        lr: Adam's learning rate (default per method: LGM 2e-3, SFM/CLP 1e-2).
+        lr: Adam's learning rate (default 1e-2 for every method; LGM's published recipe uses 2e-3).
         init: ``"noise"`` (published), ``"real"`` (random real images per class), ``"centroid"`` (the
             ``ipc`` real images nearest each class mean in feature space), or a tensor of initial images
             ``[C*ipc, 3, H, W]`` in [0, 1], class-major (e.g. a baseline computed once for a sweep;
@@ -464,9 +464,10 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
             32-px images then get their last level only at step 1000).
         copies: K, the augmented copies of the synthetic set per step (default: LGM 10, SFM/CLP 1).
         augment: apply the augmentation chain (False: none). ``crop_size`` (default: the image size),
-            ``flip_prob``, ``crop_scale`` (default: LGM (0.08, 1), SFM/CLP (0.5, 1)), ``crop_log_ratio``,
-            ``noise_prob`` (default: LGM 0.5, SFM/CLP 0), ``noise_mean``, ``noise_std``: see
-            ``fastdd.augment``.
+            ``flip_prob``, ``crop_scale`` (default (0.5, 1) for every method; LGM's published chain:
+            (0.08, 1)), ``crop_log_ratio``, ``noise_prob`` (default 0; LGM's published chain: 0.5),
+            ``noise_mean``, ``noise_std``: see ``fastdd.augment``. Every ``None`` default comes from
+            ``METHOD_DEFAULTS`` (the measured calibration in the README).
         lam, tau, real_batch, relative_lam, centered_targets, feature_norm, probe_bias: CLP's options
             (``fastdd.nn.ClosedFormProbeLoss``; ``probe_bias`` is its ``bias``). ``real_batch``: bank rows
             per step (None: the whole bank).
