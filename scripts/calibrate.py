@@ -225,6 +225,9 @@ def sweep_runs(args) -> list:
         add("clp-lam-tau-wide", "clp", lam=lam, tau=tau, **base)
     for norm in ("standardize", "l2"):
         add("clp-feature-norm", "clp", feature_norm=norm, **base)
+    for norm in ("none", "l2"):  # l2 won at lam 0.1: does it still at the chosen lam 1?
+        for tau in (0.03, 0.1):
+            add("clp-feature-norm-lam1", "clp", feature_norm=norm, lam=1.0, tau=tau, **base)
     add("lgm", "lgm", aug_name="published", init="noise", **LGM_CHAIN)  # LGM's recipe (but few steps)
     add("lgm", "lgm", aug_name="mild", **MILD, **base)
     add("lgm", "lgm", aug_name="mild", copies=1, **MILD, **base)
@@ -460,7 +463,7 @@ def summarize(args) -> None:
                   invocations=[i for d in docs for i in (d.get("invocations") or [
                       {"command": d["command"], "git": d["git"], "started": d["started"]}])])
     order = ["baselines", "init", "init-long", "control", "lr", "augmentation", "steps", "parameterization", "clp-lam-tau",
-             "clp-lam-tau-wide", "clp-feature-norm", "lgm", "ipc10"]
+             "clp-lam-tau-wide", "clp-feature-norm", "clp-feature-norm-lam1", "lgm", "ipc10"]
     merged["runs"].sort(key=lambda r: order.index(r["group"]) if r["group"] in order else len(order))
     stem = args.out / "calibration_summary"
     write_json(stem.with_suffix(".json"), merged)
