@@ -18,7 +18,8 @@ Dtype policy: features bf16/fp16/fp32 (and W, bias any float dtype); every logit
 all gradient sums accumulate in fp32. The Triton products run on tensor cores in the narrower of the
 dtypes of z and W (bf16 x bf16 when z is bf16, whatever W is: the precision autocast would use), fp32
 products follow ``torch.backends.cuda.matmul.allow_tf32``; under the Triton interpreter products are
-fp32 (numpy has no bf16). The loss is fp32 (fp64 for fp64 inputs on the reference); gradients have
+fp32 (numpy has no bf16). The operands are P - Y, never g(P - Y): the weight g (1/M for "mean", below
+fp16's smallest normal number for M > 16k rows) multiplies the fp32 accumulators. The loss is fp32 (fp64 for fp64 inputs on the reference); gradients have
 their inputs' dtypes. fp64 inputs run on the reference only.
 
 Backends:
@@ -163,7 +164,9 @@ def _lce_grad_w_kernel(z_ptr, y_ptr, w_ptr, b_ptr, lse_ptr, g_ptr, dw_ptr, db_pt
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         y = tl.load(y_ptr + rows, mask=row_ok, other=0).to(tl.int32)
         p = tl.exp(s - lse[:, None])
-        delta = (p - tl.where(cls[None, :] == y[:, None], 1.0, 0.0)) * g
+        # P - Y unweighted: the weight g (1/M for "mean", ~1e-6 on a whole bank) is applied to the fp32
+        # accumulator at the store, since g * (P - Y) would underflow in fp16 operands.
+        delta = p - tl.where(cls[None, :] == y[:, None], 1.0, 0.0)
         delta = tl.where(row_ok[:, None] & cls_ok[None, :], delta, 0.0)
         zt = tl.load(z_ptr + rows64[:, None] * stride_zm + dw_rows[None, :] * stride_zd,
                      mask=row_ok[:, None] & dw_ok[None, :], other=0.0)
@@ -171,10 +174,10 @@ def _lce_grad_w_kernel(z_ptr, y_ptr, w_ptr, b_ptr, lse_ptr, g_ptr, dw_ptr, db_pt
         if WANT_BIAS:
             db += tl.sum(delta, axis=0)
     out = dw_ptr + pid_s.to(tl.int64) * D * C + dw_rows[:, None] * C + cls[None, :]
-    tl.store(out, acc * scale, mask=dw_ok[:, None] & cls_ok[None, :])
+    tl.store(out, acc * (scale * g), mask=dw_ok[:, None] & cls_ok[None, :])
     if WANT_BIAS:
         if pid_d == 0:
-            tl.store(db_ptr + pid_s * C + cls, db, mask=cls_ok)
+            tl.store(db_ptr + pid_s * C + cls, db * g, mask=cls_ok)
 
 
 @triton_kernel
@@ -210,12 +213,12 @@ def _lce_grad_z_kernel(z_ptr, y_ptr, w_ptr, b_ptr, lse_ptr, g_ptr, dz_ptr, M, D,
         if HAS_BIAS:
             s += tl.load(b_ptr + cls, mask=cls_ok, other=0.0).to(tl.float32)[None, :]
         p = tl.exp(s - lse[:, None])
-        delta = (p - tl.where(cls[None, :] == y[:, None], 1.0, 0.0)) * g
+        delta = p - tl.where(cls[None, :] == y[:, None], 1.0, 0.0)  # g applied at the store (see dW)
         delta = tl.where(row_ok[:, None] & cls_ok[None, :], delta, 0.0)
         wt = tl.load(w_ptr + dz_cols[:, None] * stride_wd + cls[None, :] * stride_wc,
                      mask=dz_ok[:, None] & cls_ok[None, :], other=0.0)
         acc = tl.dot(delta.to(DOT_DTYPE), tl.trans(wt.to(DOT_DTYPE)), acc, input_precision=PRECISION)
-    tl.store(dz_ptr + rows64[:, None] * D + dz_cols[None, :], acc * scale, mask=row_ok[:, None] & dz_ok[None, :])
+    tl.store(dz_ptr + rows64[:, None] * D + dz_cols[None, :], acc * (scale * g), mask=row_ok[:, None] & dz_ok[None, :])
 
 
 @dataclass(frozen=True)

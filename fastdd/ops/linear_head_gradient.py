@@ -88,10 +88,11 @@ def _closed_form_backward(z, y, W, b, grad_w, grad_b):
 
 @triton_kernel
 def _lhg_row_dot_kernel(z_ptr, y_ptr, w_ptr, b_ptr, gw_ptr, gb_ptr, lse_ptr, u_ptr, M, D, C, stride_zm, stride_zd: tl.constexpr,
-                        stride_wd, stride_wc: tl.constexpr, stride_gd, stride_gc: tl.constexpr, inv_b, DOT_DTYPE: tl.constexpr,
+                        stride_wd, stride_wc: tl.constexpr, stride_gd, stride_gc: tl.constexpr, DOT_DTYPE: tl.constexpr,
                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                         BLOCK_D: tl.constexpr):
-    # u[i] = sum_c P_ic Q_ic, Q = (z G_W^T + G_b) / B: the softmax Jacobian's row term.
+    # u[i] = sum_c P_ic Q_ic with Q = z G_W^T + G_b: the softmax Jacobian's row term, times B (the 1/B of
+    # Q and of R is applied to dz's fp32 accumulator at the store: scaled, they underflow in fp16).
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -115,7 +116,7 @@ def _lhg_row_dot_kernel(z_ptr, y_ptr, w_ptr, b_ptr, gw_ptr, gb_ptr, lse_ptr, u_p
             s = tl.dot(a, wt, s, input_precision=PRECISION)
             q = tl.dot(a, gt, q, input_precision=PRECISION)
         s += tl.load(b_ptr + cls, mask=cls_ok, other=0.0).to(tl.float32)[None, :]
-        q = (q + tl.load(gb_ptr + cls, mask=cls_ok, other=0.0).to(tl.float32)[None, :]) * inv_b
+        q = q + tl.load(gb_ptr + cls, mask=cls_ok, other=0.0).to(tl.float32)[None, :]
         p = tl.where(row_ok[:, None] & cls_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
         u += tl.sum(p * q, axis=1)
     tl.store(u_ptr + rows, u, mask=row_ok)
@@ -126,7 +127,7 @@ def _lhg_grad_z_kernel(z_ptr, y_ptr, w_ptr, b_ptr, gw_ptr, gb_ptr, lse_ptr, u_pt
                        stride_zd: tl.constexpr, stride_wd, stride_wc: tl.constexpr, stride_gd, stride_gc: tl.constexpr, inv_b, DOT_DTYPE: tl.constexpr,
                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_DZ: tl.constexpr):
-    # dz[rows, cols] = (R G_W / B + J W)[rows, cols], R = P - Y, J = P (Q - u).
+    # dz[rows, cols] = (R G_W + J W)[rows, cols] / B, R = P - Y, J = P (Q - u) with Q and u times B.
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -155,10 +156,10 @@ def _lhg_grad_z_kernel(z_ptr, y_ptr, w_ptr, b_ptr, gw_ptr, gb_ptr, lse_ptr, u_pt
             s = tl.dot(a, wt, s, input_precision=PRECISION)
             q = tl.dot(a, gt, q, input_precision=PRECISION)
         s += tl.load(b_ptr + cls, mask=cls_ok, other=0.0).to(tl.float32)[None, :]
-        q = (q + tl.load(gb_ptr + cls, mask=cls_ok, other=0.0).to(tl.float32)[None, :]) * inv_b
+        q = q + tl.load(gb_ptr + cls, mask=cls_ok, other=0.0).to(tl.float32)[None, :]
         valid = row_ok[:, None] & cls_ok[None, :]
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
-        r = tl.where(valid, p - tl.where(cls[None, :] == y[:, None], 1.0, 0.0), 0.0) * inv_b
+        r = tl.where(valid, p - tl.where(cls[None, :] == y[:, None], 1.0, 0.0), 0.0)
         j = p * (q - u[:, None])
         gw_t = tl.load(gw_ptr + dz_cols[:, None] * stride_gd + cls[None, :] * stride_gc,
                        mask=dz_ok[:, None] & cls_ok[None, :], other=0.0).to(DOT_DTYPE)
@@ -166,7 +167,7 @@ def _lhg_grad_z_kernel(z_ptr, y_ptr, w_ptr, b_ptr, gw_ptr, gb_ptr, lse_ptr, u_pt
                       mask=dz_ok[:, None] & cls_ok[None, :], other=0.0).to(DOT_DTYPE)
         acc = tl.dot(r.to(DOT_DTYPE), tl.trans(gw_t), acc, input_precision=PRECISION)
         acc = tl.dot(j.to(DOT_DTYPE), tl.trans(w_t), acc, input_precision=PRECISION)
-    tl.store(dz_ptr + rows64[:, None] * D + dz_cols[None, :], acc, mask=row_ok[:, None] & dz_ok[None, :])
+    tl.store(dz_ptr + rows64[:, None] * D + dz_cols[None, :], acc * inv_b, mask=row_ok[:, None] & dz_ok[None, :])
 
 
 # Two logit-shaped accumulators (S and Q) per class tile: narrower tiles than the cross-entropy's dz kernel
@@ -194,8 +195,7 @@ def lhg_grad_z_triton(z, y, W_dc, b, lse, gw_dc, gb) -> torch.Tensor:
     strides = (z.stride(0), z.stride(1), W_dc.stride(0), W_dc.stride(1), gw_dc.stride(0), gw_dc.stride(1))
     launch = dict(DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c,
                   BLOCK_D=cfg.block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    _lhg_row_dot_kernel[(cdiv(B, cfg.block_m),)](z, y, W_dc, b, gw_dc, gb, lse, u, B, D, C, *strides, 1.0 / B,
-                                                  **launch)
+    _lhg_row_dot_kernel[(cdiv(B, cfg.block_m),)](z, y, W_dc, b, gw_dc, gb, lse, u, B, D, C, *strides, **launch)
     _lhg_grad_z_kernel[(cdiv(B, cfg.block_m), cdiv(D, cfg.block_dz))](z, y, W_dc, b, gw_dc, gb, lse, u, dz, B, D, C,
                                                                        *strides, 1.0 / B, BLOCK_DZ=cfg.block_dz,
                                                                        **launch)
@@ -245,12 +245,12 @@ def aot_specs():
         g = GPU_TILES_DZ_FP32 if z_dtype == torch.float32 else GPU_TILES_DZ
         common = dict(z_ptr=pointer(z_dtype), y_ptr="*i64", w_ptr=pointer(z_dtype), b_ptr="*fp32",
                       gw_ptr=pointer(z_dtype), gb_ptr="*fp32", lse_ptr="*fp32", u_ptr="*fp32")
-        scalars = dict(M="i32", D="i32:16", C="i32", stride_zm="i32:16", stride_zd=1, stride_wd="i32:16", stride_wc=1,
-                       stride_gd="i32:16", stride_gc=1, inv_b="fp32", DOT_DTYPE=dot, PRECISION=precision,
-                       BLOCK_M=g.block_m, BLOCK_C=g.block_c, BLOCK_D=g.block_d)
-        specs.append(AOTSpec(_lhg_row_dot_kernel, dict(**common, **scalars), g.num_warps, g.num_stages))
-        specs.append(AOTSpec(_lhg_grad_z_kernel, dict(**common, dz_ptr="*fp32", **scalars, BLOCK_DZ=g.block_dz),
-                             g.num_warps, g.num_stages))
+        sizes = dict(M="i32", D="i32:16", C="i32", stride_zm="i32:16", stride_zd=1, stride_wd="i32:16", stride_wc=1,
+                     stride_gd="i32:16", stride_gc=1)
+        consts = dict(DOT_DTYPE=dot, PRECISION=precision, BLOCK_M=g.block_m, BLOCK_C=g.block_c, BLOCK_D=g.block_d)
+        specs.append(AOTSpec(_lhg_row_dot_kernel, dict(**common, **sizes, **consts), g.num_warps, g.num_stages))
+        specs.append(AOTSpec(_lhg_grad_z_kernel, dict(**common, dz_ptr="*fp32", **sizes, inv_b="fp32", **consts,
+                                                      BLOCK_DZ=g.block_dz), g.num_warps, g.num_stages))
     return specs
 
 
