@@ -32,6 +32,8 @@ import numpy as np
 import torch
 
 from . import ops
+from .methods._checks import positive_int
+from .ops._common import check_num_classes
 
 __all__ = ["RealStats", "CorruptFileError", "save_checked", "load_checked", "resolve_encoder"]
 
@@ -292,9 +294,8 @@ class RealStats:
             bank = True
         if bank_dtype not in _BANK_DTYPES:
             raise ValueError(f"bank_dtype must be one of {_BANK_DTYPES}, got {bank_dtype}")
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                        or num_classes < 1):
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if num_classes is not None:
+            check_num_classes(num_classes)
         if num_classes is None and isinstance(source, torch.Tensor) and labels is not None:
             from .data import num_classes_of
             num_classes = num_classes_of(torch.as_tensor(labels))
@@ -334,6 +335,10 @@ class RealStats:
                 sums, counts, sq_sums = _grow_add(sums, counts, sq_sums, part, c, feats.shape[1])
                 if bank:
                     chunk = feats.detach().to("cpu", bank_dtype)
+                    if not bool(torch.isfinite(chunk).all()):  # finite features beyond fp16's range
+                        raise ValueError(f"encoder features of real images {rows}..{rows + feats.shape[0] - 1} "
+                                         f"exceed the range of bank_dtype={bank_dtype} (largest |value| "
+                                         f"{float(feats.abs().max()):.4g}): pass bank_dtype=torch.float32")
                     if bank_file is not None:
                         bank_file.write(_raw_bytes(chunk))
                     else:
@@ -376,10 +381,10 @@ class RealStats:
             raise ValueError(f"labels must be integers, got {labels.dtype}")
         if features.shape[0] == 0:
             raise ValueError("features is empty")
+        chunk_size = positive_int("chunk_size", chunk_size)
         labels = labels.long()
         lo, hi = int(labels.min()), int(labels.max())
-        if num_classes is None:
-            num_classes = hi + 1
+        num_classes = hi + 1 if num_classes is None else check_num_classes(num_classes)
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"labels must lie in [0, num_classes={num_classes}), found [{lo}, {hi}]")
         sums = sq_sums = counts = None

@@ -258,3 +258,66 @@ def test_linear_gradient_matching_errors():
         fnn.LinearGradientMatchingLoss()(zs, ys, zs, ys, head=(torch.zeros(3, 5), torch.zeros(3)))
     with pytest.raises(ValueError, match="num_classes"):
         fnn.LinearGradientMatchingLoss(num_classes=1)
+
+
+# ---- bad input: clear errors naming the argument ---------------------------------------------------
+
+def test_losses_reject_constant_losses_and_non_finite_options():
+    z, y = _balanced(3, 4, 5)
+    stats = RealStats.from_features(z, y)
+    with pytest.raises(ValueError, match="same mean"):  # zero real flow: constant loss, zero gradient
+        fnn.FlowMatchingLoss(torch.full((3, 5), 0.1))
+    for kwargs, name in [({"lam": float("inf")}, "lam"), ({"lam": float("nan")}, "lam"),
+                         ({"tau": float("inf")}, "tau")]:
+        with pytest.raises(ValueError, match=name):
+            fnn.ClosedFormProbeLoss(stats, **kwargs)
+    for head_std in ("a", float("inf")):
+        with pytest.raises(ValueError, match="head_std"):
+            fnn.LinearGradientMatchingLoss(head_std=head_std)
+
+
+def test_label_and_nan_errors_name_the_loss_arguments():
+    z, y = _balanced(3, 2, 5)
+    stats = RealStats.from_features(z, y)
+    bad = torch.tensor([0, 1, 2, 0, 1, 5])
+    nan = z.clone()
+    nan[0, 0] = float("nan")
+    lgm = fnn.LinearGradientMatchingLoss(num_classes=3)
+    for loss in (fnn.FlowMatchingLoss(stats), fnn.ClosedFormProbeLoss(stats)):
+        with pytest.raises(ValueError, match="ys must lie"):
+            loss(z, bad)
+        with pytest.raises(ValueError, match="zs contains NaN"):  # CLP: not "lam must be positive"
+            loss(nan, y)
+    with pytest.raises(ValueError, match="ys must lie"):
+        lgm(z, bad, z, y)
+    with pytest.raises(ValueError, match="yr must lie"):
+        lgm(z, y, z, bad)
+    with pytest.raises(ValueError, match="zr contains NaN"):
+        lgm(z, y, nan, y)
+    with pytest.raises(ValueError, match="zs and zr"):  # zs is the odd one: do not blame zr alone
+        lgm(z[:, :4], y, z, y)
+
+
+def test_linear_gradient_matching_inferred_classes_must_agree():
+    zs, ys = _balanced(3, 2, 4)
+    zr, yr = _balanced(3, 4, 4, seed=1)
+    loss = fnn.LinearGradientMatchingLoss()
+    loss(zs, ys, zr, yr)
+    with pytest.raises(ValueError, match=r"\[3\] only in ys"):  # would add a phantom class 3
+        loss(zs, torch.tensor([0, 1, 2, 0, 1, 3]), zr, yr)
+    with pytest.raises(ValueError, match=r"\[2\] only in yr"):
+        loss(zs, ys % 2, zr, yr)
+    fnn.LinearGradientMatchingLoss(num_classes=3)(zs, ys % 2, zr, yr)  # fine once C is given
+
+
+def test_closed_form_probe_fp16_features_and_fp64_solve(monkeypatch):
+    z, y = _balanced(3, 4, 8)
+    stats = RealStats.from_features(z * 300, y)
+    zs = (_balanced(3, 1, 8, seed=1)[0] * 300).half()  # squared norms overflow fp16
+    loss = fnn.ClosedFormProbeLoss(stats)(zs, torch.arange(3))
+    assert torch.isfinite(loss)
+    seen = []
+    real_op = ops.linear_cross_entropy
+    monkeypatch.setattr(ops, "linear_cross_entropy", lambda zr, *a, **k: seen.append(zr.dtype) or real_op(zr, *a, **k))
+    fnn.ClosedFormProbeLoss(stats, solve_dtype=torch.float64)(zs.float(), torch.arange(3))
+    assert seen == [torch.float32]  # the bank is not copied to fp64

@@ -196,3 +196,24 @@ def test_from_data_rejects_bad_encoder_output(data):
         RealStats.from_data(x, encoders.wrap(Nan()), labels=y, progress=False)
     with pytest.raises(ValueError, match="bank_dtype"):
         RealStats.from_data(x, encoders.wrap(Nan()), labels=y, bank=True, bank_dtype=torch.int8, progress=False)
+
+
+def test_fp16_bank_overflow_is_an_error_not_inf(data):
+    x, y = data
+
+    class Big(nn.Module):  # finite features beyond fp16's 65504
+        def forward(self, x):
+            return x.mean(dim=(2, 3)) * 1e5 + 1e5
+
+    with pytest.raises(ValueError, match="bank_dtype=torch.float32"):
+        RealStats.from_data(x, encoders.wrap(Big()), labels=y, bank=True, progress=False)
+    s = RealStats.from_data(x, encoders.wrap(Big()), labels=y, bank=True, bank_dtype=torch.float32, progress=False)
+    assert bool(torch.isfinite(s.bank_features).all())
+
+
+def test_from_features_bad_options_name_the_argument():
+    z, y = torch.randn(6, 4), torch.arange(6) % 3
+    for kwargs, name in [({"chunk_size": 0}, "chunk_size"), ({"num_classes": "3"}, "num_classes"),
+                         ({"num_classes": 3.0}, "num_classes")]:
+        with pytest.raises(ValueError, match=name):
+            RealStats.from_features(z, y, **kwargs)

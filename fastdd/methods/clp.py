@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ._checks import check_features
+from ._checks import check_features, positive_float
 
 __all__ = ["ClosedFormProbeLoss", "FEATURE_NORMS"]
 
@@ -65,10 +65,8 @@ class ClosedFormProbeLoss(nn.Module):
         if not getattr(stats, "has_bank", False):
             raise ValueError("ClosedFormProbeLoss needs stats with a feature bank: build them with "
                              "RealStats.from_data(..., bank=True) or RealStats.from_features(..., bank=True)")
-        if not (isinstance(lam, (int, float)) and not isinstance(lam, bool) and lam > 0):
-            raise ValueError(f"lam must be a positive number, got {lam!r}")
-        if not (isinstance(tau, (int, float)) and not isinstance(tau, bool) and tau > 0):
-            raise ValueError(f"tau must be a positive number, got {tau!r}")
+        lam = positive_float("lam", lam)  # inf: W = 0 and a constant loss; NaN: NaN every step
+        tau = positive_float("tau", tau)
         n_bank = stats.bank_features.shape[0]
         if n_bank == 0:
             raise ValueError("stats: the feature bank is empty")
@@ -84,8 +82,8 @@ class ClosedFormProbeLoss(nn.Module):
         stats.require_nonempty("ClosedFormProbeLoss(stats)")
         self.stats = stats
         self.num_classes = stats.num_classes
-        self.lam = float(lam)
-        self.tau = float(tau)
+        self.lam = lam
+        self.tau = tau
         self.real_batch = real_batch
         self.relative_lam = bool(relative_lam)
         self.centered_targets = bool(centered_targets)
@@ -125,7 +123,9 @@ class ClosedFormProbeLoss(nn.Module):
         when ``relative_lam``."""
         if not self.relative_lam:
             return self.lam
-        return self.lam * zs.detach().pow(2).sum(1).mean().clamp(min=torch.finfo(zs.dtype).tiny)
+        # at least fp32: squared norms of fp16 features overflow fp16 (|z| ~ 100 and D ~ 10 suffice)
+        z = zs.detach().to(torch.promote_types(zs.dtype, torch.float32))
+        return self.lam * z.pow(2).sum(1).mean().clamp(min=torch.finfo(z.dtype).tiny)
 
     def probe(self, zs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
         """The ridge probe ``W [D(+1), C]`` fitted on ``zs`` (already normalised), in the solve dtype."""
@@ -157,10 +157,13 @@ class ClosedFormProbeLoss(nn.Module):
 
     # ---- the loss ----------------------------------------------------------------------------------
     def forward(self, zs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-        check_features(zs, ys, dim=self.stats.feature_dim)
+        # labels and NaN/Inf first: the ridge strength of NaN features would be reported as a bad lam
+        check_features(zs, ys, dim=self.stats.feature_dim, num_classes=self.num_classes)
         w = self.probe(self.normalize(zs), ys)
         zr, yr = self.real_features(zs.device)
-        return ops.linear_cross_entropy(zr.to(w.dtype), yr, w, tau=self.tau)
+        # zr stays float32 (the op converts W of any dtype): casting the bank to an fp64 W would copy it
+        # whole and push the op onto its reference path, which materialises the logits
+        return ops.linear_cross_entropy(zr, yr, w, tau=self.tau)
 
     def settings(self) -> dict:
         return {"lam": self.lam, "tau": self.tau, "real_batch": self.real_batch,

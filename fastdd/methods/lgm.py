@@ -16,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ._checks import check_features
+from ..ops._common import check_labels
+from ._checks import check_features, positive_float, positive_int
 
 __all__ = ["LinearGradientMatchingLoss"]
 
@@ -26,7 +27,8 @@ class LinearGradientMatchingLoss(nn.Module):
 
     Args:
         num_classes: C. When None it is inferred per call as ``max(ys.max(), yr.max()) + 1`` (a host
-            sync; pass it to avoid one per step) unless a head is given.
+            sync; pass it to avoid one per step) unless a head is given; ys and yr must then hold the
+            same classes.
         head_std: standard deviation of the fresh head's weights (LGM: 0.01).
         generator: the ``torch.Generator`` drawing fresh heads (on the features' device), for
             reproducibility; None uses the global RNG.
@@ -37,13 +39,8 @@ class LinearGradientMatchingLoss(nn.Module):
     def __init__(self, num_classes: Optional[int] = None, head_std: float = 0.01,
                  generator: Optional[torch.Generator] = None):
         super().__init__()
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                        or num_classes < 2):
-            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-        if not float(head_std) > 0:
-            raise ValueError(f"head_std must be > 0, got {head_std!r}")
-        self.num_classes = num_classes
-        self.head_std = float(head_std)
+        self.num_classes = positive_int("num_classes", num_classes, allow_none=True, minimum=2)
+        self.head_std = positive_float("head_std", head_std)
         self.generator = generator
 
     def sample_head(self, num_classes: int, dim: int, device=None,
@@ -57,13 +54,17 @@ class LinearGradientMatchingLoss(nn.Module):
     def forward(self, zs: torch.Tensor, ys: torch.Tensor, zr: torch.Tensor, yr: torch.Tensor,
                 head: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         check_features(zs, ys)
-        check_features(zr, yr, "zr", "yr", dim=zs.shape[1])
+        check_features(zr, yr, "zr", "yr")
+        if zr.shape[1] != zs.shape[1]:
+            raise ValueError(f"zs and zr must have the same feature dimension, got zs {tuple(zs.shape)}, "
+                             f"zr {tuple(zr.shape)}")
         if zr.device != zs.device:
             raise ValueError(f"zr is on {zr.device} but zs is on {zs.device}")
+        same_classes = True
         if head is None:
             c = self.num_classes
             if c is None:
-                c = int(torch.maximum(ys.max(), yr.max())) + 1
+                c, same_classes = _inferred_num_classes(ys, yr)
             w, b = self.sample_head(c, zs.shape[1], zs.device)
         else:
             if not isinstance(head, (tuple, list)) or len(head) != 2:
@@ -73,6 +74,13 @@ class LinearGradientMatchingLoss(nn.Module):
                 raise ValueError(f"head must be (W [C, {zs.shape[1]}], b [C]), got W {tuple(w.shape)}, "
                                  f"b {tuple(b.shape)}")
             w, b = w.to(zs.device, torch.float32), b.to(zs.device, torch.float32)
+        check_labels("ys", ys, zs.shape[0], w.shape[0], zs.device)
+        check_labels("yr", yr, zr.shape[0], w.shape[0], zs.device)
+        if not same_classes:
+            only_s = sorted(set(ys.unique().tolist()) - set(yr.unique().tolist()))
+            only_r = sorted(set(yr.unique().tolist()) - set(ys.unique().tolist()))
+            raise ValueError(f"ys and yr must hold the same classes when num_classes is inferred (None): "
+                             f"classes {only_s[:10]} only in ys, {only_r[:10]} only in yr; pass num_classes")
         zs32 = zs if zs.dtype == torch.float32 else zs.float()
         gw_s, gb_s = ops.linear_head_gradient(zs32, ys, w, b)
         with torch.no_grad():
@@ -83,3 +91,13 @@ class LinearGradientMatchingLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, head_std={self.head_std}"
+
+
+def _inferred_num_classes(ys: torch.Tensor, yr: torch.Tensor) -> Tuple[int, bool]:
+    """``(C, same)``: C = max label + 1 and whether ys and yr hold the same set of classes, in one host
+    transfer (as C alone needed). A class on one side only would still get a head row: a silently
+    different loss, so the caller refuses it."""
+    ys, yr = ys.long(), yr.long()
+    same = torch.isin(ys, yr).all() & torch.isin(yr, ys).all()
+    hi, same = torch.stack([torch.maximum(ys.max(), yr.max()), same.long()]).tolist()
+    return hi + 1, bool(same)

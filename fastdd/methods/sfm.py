@@ -52,15 +52,20 @@ class FlowMatchingLoss(nn.Module):
             raise ValueError(f"flow matching needs at least 2 classes, the statistics have {means.shape[0]}")
         if not bool(torch.isfinite(means).all()):
             raise ValueError("stats: the class means contain NaN or Inf")
+        flow = ops.real_flow(means)
+        # identical class means (up to rounding): the loss would be a constant with zero gradient
+        if float(flow.abs().max()) <= 1e-5 * float(means.abs().max()):
+            raise ValueError("stats: every class has the same mean (zero real flow), so there is nothing to "
+                             "match: check the encoder (constant features?) and the labels")
         self.nontarget_denominator = nontarget_denominator
-        self.register_buffer("real_flow", ops.real_flow(means))
+        self.register_buffer("real_flow", flow)
 
     @property
     def num_classes(self) -> int:
         return self.real_flow.shape[0]
 
     def forward(self, zs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-        check_features(zs, ys, dim=self.real_flow.shape[1])
+        check_features(zs, ys, dim=self.real_flow.shape[1], num_classes=self.num_classes)
         real_flow = self.real_flow.to(zs.device)
         return ops.flow_matching_loss(zs, ys, real_flow, nontarget_denominator=self.nontarget_denominator)
 
