@@ -189,6 +189,12 @@ class _stdlib_variant:
         from triton.runtime.interpreter import InterpretedFunction
         from triton.runtime.jit import JITFunction
 
+        # The interpreter patches triton.language for a launch and restores it afterwards, except when an
+        # interpreted @jit function (tl.sum's combine function, say) is called inside the kernel: that
+        # patch is never undone (triton 3.8), and a later compilation in the same process then fails
+        # ("'ir.value' object has no attribute 'dtype'"). So every interpreted launch puts back the
+        # members of the language namespaces that it replaced.
+        self._namespaces = [(obj, dict(vars(obj))) for obj in _language_namespaces()] if self.interpret else []
         wrong, make = (JITFunction, InterpretedFunction) if self.interpret else (InterpretedFunction, JITFunction)
         self._saved = []
         if not isinstance(tl.sum, wrong):  # the usual case: already the right flavour, nothing to swap
@@ -204,7 +210,24 @@ class _stdlib_variant:
     def __exit__(self, *exc):
         for module, attr, member in reversed(self._saved):
             setattr(module, attr, member)
+        for obj, before in self._namespaces:  # names it added (its rewritten functions' globals) stay
+            for attr, value in before.items():
+                if vars(obj).get(attr, _ABSENT) is not value:
+                    setattr(obj, attr, value)
         return False
+
+
+_ABSENT = object()
+
+
+def _language_namespaces() -> list:
+    """The modules and classes of triton.language that the interpreter patches."""
+    import importlib
+
+    modules = [importlib.import_module(name) for name in _STDLIB_MODULES + ("triton.language.core",)]
+    core = importlib.import_module("triton.language.core")
+    classes = [getattr(core, name) for name in ("tensor", "dtype", "tensor_descriptor_base") if hasattr(core, name)]
+    return modules + classes
 
 
 def triton_kernel(fn: Callable) -> TritonKernel:

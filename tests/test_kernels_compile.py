@@ -44,3 +44,29 @@ def test_compiles_for_sm90(spec):
     report = ptxas_report(compiled)
     if report:
         assert report["spill_bytes"] <= MAX_SPILL_BYTES, f"register spills: {report}"
+
+
+def test_compiles_after_interpreted_launches_in_one_process(tmp_path):
+    """An interpreted kernel that calls a Triton library function (tl.sum) leaves triton.language patched
+    in triton 3.8; fastdd's launcher puts it back, so a later compilation in the same process works. Run
+    in a child process with an empty Triton cache (a cached cubin would hide the failure)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch
+        from fastdd.ops import flow_matching_loss, real_flow
+        from fastdd.ops.flow_matching import aot_specs
+        from fastdd.ops.testing import interpreter
+        z = torch.randn(6, 8, requires_grad=True)
+        with interpreter():
+            flow_matching_loss(z, torch.tensor([0, 0, 1, 1, 2, 2]), real_flow(torch.randn(3, 8)), impl="triton").backward()
+        aot_specs()[0].compile(arch=90)
+        print("compiled")
+    """)
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton-cache"))
+    env.pop("TRITON_INTERPRET", None)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]

@@ -41,9 +41,25 @@ def check_labels(name: str, labels, length: int, num_classes: int, device: torch
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
-    """Raise when ``t`` holds NaN or Inf (a data-dependent check: skipped with FASTDD_CHECKS=0)."""
-    if checks_enabled() and t.numel() > 0 and not bool(torch.isfinite(t).all()):
+    """Raise when ``t`` holds NaN or Inf (a data-dependent check: skipped with FASTDD_CHECKS=0).
+
+    One sum (fp32, fp64 for fp64 inputs): NaN and Inf propagate into it, and it allocates nothing of
+    ``t``'s size (``isfinite(t).all()`` would build a bool copy: ~1 GB for a 1.28M x 768 bank). Only a
+    non-finite sum, which finite values can also give by overflow, is confirmed element by element."""
+    if not checks_enabled() or t.numel() == 0:
+        return
+    total = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+    if not bool(torch.isfinite(total)) and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or Inf")
+
+
+def int32_safe_columns(t: torch.Tensor) -> torch.Tensor:
+    """``t`` [R, D] as the kernels can index it: they take row offsets in int64 but column offsets
+    ``col * stride(1)`` in int32, which overflows only for a column-major view of more than 2^31 / D rows;
+    such an input gets a contiguous copy (differentiable), every other layout passes unchanged."""
+    if t.stride(1) != 1 and (t.shape[1] - 1) * t.stride(1) >= 2 ** 31:
+        return t.contiguous()
+    return t
 
 
 def check_same_device(**tensors: Optional[torch.Tensor]) -> torch.device:

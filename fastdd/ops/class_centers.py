@@ -32,7 +32,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from fastdd._backend import cdiv, resolve_impl, tl, triton_kernel
-from fastdd.ops._common import check_finite, check_float, check_labels, check_num_classes
+from fastdd.ops._common import check_finite, check_float, check_labels, check_num_classes, int32_safe_columns
 
 __all__ = ["ClassSums", "class_centers", "class_centers_reference", "empty_class_sums"]
 
@@ -249,7 +249,7 @@ def class_centers(features: torch.Tensor, labels: torch.Tensor, num_classes: int
     backend = resolve_impl(impl, features)
     labels = labels.long().contiguous()  # kernels index labels with unit stride
     if backend == "triton":
-        return _class_centers_triton(features, labels, out, deterministic)
+        return _class_centers_triton(int32_safe_columns(features), labels, out, deterministic)
     if backend == "cuda":
         return _class_centers_cuda(features, labels, out, deterministic)
     return class_centers_reference(features, labels, out, deterministic)

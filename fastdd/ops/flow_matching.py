@@ -86,12 +86,14 @@ def flow_matching_loss_reference(features: torch.Tensor, labels: torch.Tensor, r
 
 
 @triton_kernel
-def _flow_forward_kernel(sums_ptr, counts_ptr, fr_ptr, stride_fc, stride_fd: tl.constexpr, partial_ptr, C, D, inv_den,
+def _flow_forward_kernel(sums_ptr, counts_ptr, fr_ptr, stride_fc, stride_fd: tl.constexpr, partial_ptr, C, D, inv_den_ptr,
                          BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     cols = pid * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
     acc_t = sums_ptr.dtype.element_ty
+    # 1 / (non-target denominator) from memory in acc_t: a Python float argument would arrive as fp32.
+    inv_den = tl.load(inv_den_ptr)
     total = tl.zeros([BLOCK_D], dtype=acc_t)
     for c0 in range(0, C, BLOCK_C):
         rows = c0 + tl.arange(0, BLOCK_C)
@@ -118,15 +120,17 @@ def _flow_forward_kernel(sums_ptr, counts_ptr, fr_ptr, stride_fc, stride_fd: tl.
 
 
 @triton_kernel
-def _flow_backward_kernel(sums_ptr, counts_ptr, fr_ptr, stride_fc, stride_fd: tl.constexpr, coef_ptr, dmean_ptr, C, D, inv_den,
+def _flow_backward_kernel(sums_ptr, counts_ptr, fr_ptr, stride_fc, stride_fd: tl.constexpr, coef_ptr, dmean_ptr, C, D,
                           BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    # dmean[c] = dL/dS_c / n_c with G = alpha * F_r + beta * F_s (alpha, beta from the forward sums).
+    # dmean[c] = dL/dS_c / n_c with G = alpha * F_r + beta * F_s (alpha, beta from the forward sums);
+    # coef = (alpha, beta, 1 / non-target denominator) in acc_t.
     pid = tl.program_id(0)
     cols = pid * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
     acc_t = sums_ptr.dtype.element_ty
     alpha = tl.load(coef_ptr + 0)
     beta = tl.load(coef_ptr + 1)
+    inv_den = tl.load(coef_ptr + 2)
     total = tl.zeros([BLOCK_D], dtype=acc_t)
     for c0 in range(0, C, BLOCK_C):
         rows = c0 + tl.arange(0, BLOCK_C)
@@ -180,8 +184,9 @@ class FlowMatchingFunction(torch.autograd.Function):
         inv_den = 1.0 / _nontarget_denominator(options.nontarget_denominator, C, features.shape[0])
         grid = (cdiv(D, FLOW_BLOCK_D),)
         partial = torch.empty(grid[0], 3, dtype=acc.sums.dtype, device=features.device)
+        inv_den_t = torch.full((1,), inv_den, dtype=acc.sums.dtype, device=features.device)
         _flow_forward_kernel[grid](acc.sums, counts, real_flow, real_flow.stride(0), real_flow.stride(1), partial, C,
-                                   D, inv_den, BLOCK_C=FLOW_BLOCK_C, BLOCK_D=FLOW_BLOCK_D)
+                                   D, inv_den_t, BLOCK_C=FLOW_BLOCK_C, BLOCK_D=FLOW_BLOCK_D)
         dot, nr2, ns2 = partial.sum(0).unbind()
         denom = (nr2.sqrt() * ns2.sqrt()).clamp_min(EPS)
         cos = dot / denom
@@ -211,12 +216,12 @@ def _flow_backward(ctx, grad_loss, features, labels, real_flow, sums, counts, mo
     alpha = -g / denom
     # Above the clamp the cosine also depends on |F_s| (the beta term); below it only through <F_r, F_s>.
     beta = torch.where(prod > EPS, g * cos / ns2, torch.zeros_like(g))
-    coef = torch.stack([alpha, beta]).contiguous()
-    dmean = torch.empty(C, D, dtype=sums.dtype, device=sums.device)
     inv_den = 1.0 / _nontarget_denominator(ctx.options.nontarget_denominator, C, features.shape[0])
+    coef = torch.stack([alpha, beta, torch.full_like(alpha, inv_den)]).contiguous()
+    dmean = torch.empty(C, D, dtype=sums.dtype, device=sums.device)
     grid = (cdiv(D, FLOW_BLOCK_D),)
     _flow_backward_kernel[grid](sums, counts, real_flow, real_flow.stride(0), real_flow.stride(1), coef, dmean, C, D,
-                                inv_den, BLOCK_C=FLOW_BLOCK_C, BLOCK_D=FLOW_BLOCK_D)
+                                BLOCK_C=FLOW_BLOCK_C, BLOCK_D=FLOW_BLOCK_D)
     return dmean.index_select(0, labels.long()).to(features.dtype)
 
 
@@ -262,11 +267,12 @@ def aot_specs():
 
     specs = []
     for acc, fr in ((torch.float32, torch.float32), (torch.float32, torch.float64), (torch.float64, torch.float64)):
-        common = dict(C="i32", D="i32:16", inv_den="fp32", BLOCK_C=FLOW_BLOCK_C, BLOCK_D=FLOW_BLOCK_D)
+        common = dict(C="i32", D="i32:16")
+        blocks = dict(BLOCK_C=FLOW_BLOCK_C, BLOCK_D=FLOW_BLOCK_D)
         specs.append(AOTSpec(_flow_forward_kernel, dict(
             sums_ptr=pointer(acc), counts_ptr="*i64", fr_ptr=pointer(fr), stride_fc="i32:16", stride_fd=1,
-            partial_ptr=pointer(acc), **common)))
+            partial_ptr=pointer(acc), **common, inv_den_ptr=pointer(acc), **blocks)))
         specs.append(AOTSpec(_flow_backward_kernel, dict(
             sums_ptr=pointer(acc), counts_ptr="*i64", fr_ptr=pointer(fr), stride_fc="i32:16", stride_fd=1,
-            coef_ptr=pointer(acc), dmean_ptr=pointer(acc), **common)))
+            coef_ptr=pointer(acc), dmean_ptr=pointer(acc), **common, **blocks)))
     return specs

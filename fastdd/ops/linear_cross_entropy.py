@@ -40,6 +40,7 @@ Double backward goes to the reference.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -54,6 +55,7 @@ from fastdd.ops._common import (
     check_float,
     check_labels,
     grad_via_reference,
+    int32_safe_columns,
     no_autocast,
     reduce_dtype,
 )
@@ -484,8 +486,8 @@ def linear_cross_entropy(z: torch.Tensor, y: torch.Tensor, W: torch.Tensor, *, t
         check_float("bias", bias, (1,))
         if bias.shape[0] != C or bias.device != z.device:
             raise ValueError(f"bias must have shape [{C}] on {z.device}, got {tuple(bias.shape)} on {bias.device}")
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
-        raise ValueError(f"tau must be a positive float, got {tau!r}")
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau < math.inf:
+        raise ValueError(f"tau must be a positive finite float, got {tau!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     check_labels("y", y, M, C, z.device)
@@ -505,7 +507,8 @@ def linear_cross_entropy(z: torch.Tensor, y: torch.Tensor, W: torch.Tensor, *, t
     y = y.long().contiguous()
     bias = bias.contiguous() if bias is not None else None
     with no_autocast(z.device):
-        return LinearCrossEntropyFunction.apply(z, y, W, bias, LCEOptions(float(tau), reduction, backend))
+        return LinearCrossEntropyFunction.apply(int32_safe_columns(z), y, W, bias,
+                                                LCEOptions(float(tau), reduction, backend))
 
 
 def _forced() -> bool:

@@ -40,6 +40,7 @@ from fastdd.ops._common import (
     check_float,
     check_labels,
     grad_via_reference,
+    int32_safe_columns,
     no_autocast,
     reduce_dtype,
 )
@@ -289,4 +290,4 @@ def linear_head_gradient(z: torch.Tensor, y: torch.Tensor, W: torch.Tensor, b: t
         return linear_head_gradient_reference(z, y, W, b)
     with no_autocast(z.device):
         # Kernels index labels and bias with unit stride (they are tiny; z and W keep their strides).
-        return LinearHeadGradientFunction.apply(z, y.long().contiguous(), W, b.contiguous())
+        return LinearHeadGradientFunction.apply(int32_safe_columns(z), y.long().contiguous(), W, b.contiguous())
