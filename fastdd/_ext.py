@@ -15,8 +15,8 @@ can be used, :func:`load` returns it (or ``None``), :func:`error` says why it is
 The extension exposes (all on CUDA tensors):
   class_centers_atomic(features, labels, sums, counts, sq_sums_or_empty)
   class_centers_sorted(features, order, offsets, sums, sq_sums_or_empty)
-  linear_cross_entropy_chunk(z, y, W, bias_or_empty, scale, row_weight, want_dz) -> see
-  :mod:`fastdd.ops.linear_cross_entropy`.
+  linear_cross_entropy_chunked(z, y, W, bias_or_empty, scale, row_grad, want_grad_w, want_grad_z, chunk_rows)
+    -> (loss_sum, dW, db, dz): see :mod:`fastdd.ops.linear_cross_entropy`.
 """
 from __future__ import annotations
 

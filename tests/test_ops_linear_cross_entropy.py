@@ -91,6 +91,8 @@ def test_reference_gradcheck_and_validation():
         linear_cross_entropy(z, y, W.t())
     with pytest.raises(ValueError, match="tau must be a positive"):
         linear_cross_entropy(z, y, W, tau=0.0)
+    with pytest.raises(ValueError, match="tau must be a positive finite"):  # logits 0: a constant loss
+        linear_cross_entropy(z, y, W, tau=float("inf"))
     with pytest.raises(ValueError, match="reduction"):
         linear_cross_entropy(z, y, W, reduction="none")
     with pytest.raises(ValueError, match="y must lie in"):

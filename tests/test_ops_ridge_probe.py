@@ -57,6 +57,10 @@ def test_validation():
     zs, targets, lam = _data(2, 6, 9, 3)
     with pytest.raises(ValueError, match="lam must be a positive"):
         ridge_probe(zs[0], targets[0], 0.0)
+    with pytest.raises(ValueError, match="lam must be a positive finite"):  # W = 0: a constant loss
+        ridge_probe(zs[0], targets[0], float("inf"))
+    with pytest.raises(ValueError, match="lam must be positive and finite"):
+        ridge_probe(zs, targets, torch.tensor([1.0, float("inf")]))
     with pytest.raises(ValueError, match=r"lam must be a float or a tensor of shape \[2\]"):
         ridge_probe(zs, targets, lam[:1])
     with pytest.raises(ValueError, match="targets"):

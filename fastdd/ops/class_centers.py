@@ -191,6 +191,8 @@ def _class_centers_cuda(features, labels, out: ClassSums, deterministic: bool) -
         order, offsets, chunk_counts = _sorted_segments(labels, out.sums.shape[0])
         out.counts.add_(chunk_counts)
         ext.class_centers_sorted(features, order, offsets, out.sums, sq)
+    elif features.shape[1] == 0:  # the atomic kernel counts rows as it sums them: with no columns, here
+        out.counts.index_add_(0, labels, torch.ones_like(labels))
     else:
         ext.class_centers_atomic(features, labels, out.sums, out.counts, sq)
     return out

@@ -30,6 +30,7 @@ triangular solve instead of autograd's saved intermediates); double backward goe
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -155,12 +156,12 @@ def ridge_probe(zs: torch.Tensor, targets: torch.Tensor, lam: Union[float, torch
             raise ValueError(f"lam is on {lam.device} but zs is on {zs.device}")
         if not lam.is_floating_point():
             raise TypeError(f"lam must be a floating tensor, got {lam.dtype}")
-        if checks_enabled() and not bool((lam > 0).all()):
-            raise ValueError("lam must be positive")
+        if checks_enabled() and not bool(((lam > 0) & torch.isfinite(lam)).all()):
+            raise ValueError("lam must be positive and finite")
         lam_t = lam.reshape(P).to(solve_dtype)
     else:
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam > 0:
-            raise ValueError(f"lam must be a positive float, got {lam!r}")
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 < lam < math.inf:
+            raise ValueError(f"lam must be a positive finite float, got {lam!r}")
         lam_t = torch.full((P,), float(lam), dtype=solve_dtype, device=zs.device)
     check_finite("zs", zs)
     check_finite("targets", targets)
