@@ -36,6 +36,7 @@ import torch
 from .augment import Augment, AugmentParams, CROP_LOG_RATIO, CROP_SCALE, FLIP_PROB, NOISE_MEAN, NOISE_PROB, \
     NOISE_STD
 from .images import PARAMETERIZATIONS, images_from_state, make_images
+from .methods._checks import positive_float, positive_int
 from .methods.clp import FEATURE_NORMS, ClosedFormProbeLoss
 from .methods.lgm import LinearGradientMatchingLoss
 from .methods.sfm import FlowMatchingLoss
@@ -86,6 +87,12 @@ class DistilledSet:
         if self.images.dim() != 4 or self.labels.dim() != 1 or self.labels.shape[0] != self.images.shape[0]:
             raise ValueError(f"images [N,3,H,W] and labels [N] do not match: {tuple(self.images.shape)}, "
                              f"{tuple(self.labels.shape)}")
+        # num_classes and ipc are read off the labels: they must be 0..C-1, ipc each, class-major
+        n, y = self.labels.shape[0], self.labels
+        c = int(y.max()) + 1 if n and not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool) else 0
+        if c < 1 or n % c or not torch.equal(y.cpu(), torch.arange(c, dtype=y.dtype).repeat_interleave(n // c)):
+            raise ValueError(f"labels must be integers, class-major with the same count per class (0,..,0, "
+                             f"1,..,1, ..., C-1), got {y.tolist()[:20]}{'...' if n > 20 else ''}")
 
     def __iter__(self):
         return iter((self.images, self.labels))
@@ -122,20 +129,6 @@ class DistilledSet:
 # Argument checks
 # --------------------------------------------------------------------------------------------------
 
-def _positive_int(name: str, value, allow_none: bool = False, minimum: int = 1):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-def _positive_float(name: str, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
 def _probability(name: str, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
@@ -153,16 +146,42 @@ def _range(name: str, value):
 
 
 def _resolve_device(device, encoder) -> torch.device:
+    """``device`` checked (the CPU or a CUDA device this machine has), else the encoder module's device,
+    else CUDA when available. Called before anything is moved: a bad device must not leave the user's
+    module on it."""
     if device is not None:
         try:
-            return torch.device(device)
+            dev = torch.device(device)
         except (RuntimeError, TypeError) as e:
             raise ValueError(f"device={device!r} is not a device") from e
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"device={device!r}: CUDA is not available on this machine (use 'cpu')")
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA "
+                                 "device(s)")
+        elif dev.type != "cpu":
+            raise ValueError(f"device={device!r}: fastdd runs on 'cpu' or 'cuda' devices")
+        return dev
     if isinstance(encoder, torch.nn.Module):
         for t in list(encoder.parameters()) + list(encoder.buffers()):
             return t.device
         return torch.device("cpu")
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _check_output_path(name: str, path) -> Path:
+    """``path`` as a Path, refused up front if it cannot be written later (it is a directory, or a file
+    stands where a parent folder should be): otherwise a long run would fail only when saving."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{name}={str(path)!r} is a directory: give a file path")
+    folder = path.parent
+    while not folder.exists():  # missing folders are created when saving
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{name}={str(path)!r} cannot be written: {str(folder)!r} is a file, not a folder")
+    return path
 
 
 def _indexable(source):
@@ -366,9 +385,10 @@ def _chunked_backward(encoder, augment, images, params, loss_fn, chunk_size: int
 # Checkpoints
 # --------------------------------------------------------------------------------------------------
 
-# settings that must match for a checkpoint to be resumed (the rest, e.g. steps, may change)
+# settings that must match for a checkpoint to be resumed (the rest, e.g. steps and lr, may change);
+# class_counts and encoder tell another data set or encoder apart (same counts and name pass: a cheap check)
 _RESUME_KEYS = ("method", "ipc", "num_classes", "image_size", "parameterization", "copies", "init", "seed",
-                "feature_dim")
+                "feature_dim", "class_counts", "encoder")
 
 
 def _save_checkpoint(path, step, images, optimizer, history, cpu_gen, dev_gen, settings) -> None:
@@ -381,11 +401,21 @@ def _save_checkpoint(path, step, images, optimizer, history, cpu_gen, dev_gen, s
 def _load_checkpoint(path, settings) -> dict:
     ck = load_checked(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
     saved = ck.get("settings", {})
-    diff = {k: (saved.get(k), settings.get(k)) for k in _RESUME_KEYS if saved.get(k) != settings.get(k)}
+    # a key a checkpoint of an earlier fastdd lacks (class_counts) cannot be compared: it is not held against it
+    diff = {k: (saved[k], settings.get(k)) for k in _RESUME_KEYS if k in saved and saved[k] != settings.get(k)}
     if diff:
         raise ValueError(f"checkpoint {path} was made with other settings {diff} (saved, now): "
                          "use another checkpoint path, or delete it to start afresh")
     return ck
+
+
+def _raise_if_not_finite(error: Exception, step: int, zs: torch.Tensor, zr: Optional[torch.Tensor] = None) -> None:
+    """After the loss raised ``error``: if the encoder's features hold NaN/Inf, say so instead. Checked
+    only on that error path, so a healthy step costs nothing extra."""
+    for side, z in (("synthetic", zs), ("real", zr)):
+        if z is not None and not bool(torch.isfinite(z.detach()).all()):
+            raise ValueError(f"the encoder returned NaN or Inf features for the {side} images at step {step}: "
+                             "check the encoder (and lower lr if the synthetic images diverged)") from error
 
 
 def _flush_losses(pending: List[torch.Tensor], history: List[float], method: str, done: int) -> None:
@@ -473,7 +503,8 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
             per step (None: the whole bank).
         nontarget_denominator: SFM's (``"classes"``, or ``"samples"`` for the official code's).
         head_std: LGM's random-head scale.
-        stats: precomputed ``RealStats`` (SFM: means; CLP: with a bank), skipping the statistics pass.
+        stats: precomputed ``RealStats`` (SFM: means; CLP: with a bank), skipping the statistics pass;
+            their class counts must equal the real data's.
         bank_dtype, bank_path: CLP's feature bank dtype, and a file to memory-map it from.
         batch_size: real images per encoder call in the statistics and scanning passes.
         chunk_size: encode and back-propagate at most this many synthetic rows at a time
@@ -481,10 +512,13 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
         autocast_dtype: run the encoder under ``torch.autocast`` with this dtype (e.g. torch.float16 on
             GPUs, as LGM does); losses always run in fp32.
         seed: seeds every random draw (reproducible on one device and software stack).
-        device: where the loop runs (default: the encoder module's device; for names CUDA if available).
+        device: where the loop runs, ``"cpu"`` or an available CUDA device (default: the encoder module's
+            device; for names CUDA if available).
         progress: tqdm progress bars.
         checkpoint: a file to save the state to every ``checkpoint_every`` steps (atomic) and at the end;
-            if it exists and ``resume`` the run continues from it. A corrupt checkpoint raises
+            if it exists and ``resume`` the run continues from it (``steps`` and ``lr`` may change; a
+            checkpoint of other settings, another encoder name or data with other class counts is
+            refused with a ValueError). The path is checked before any work. A corrupt checkpoint raises
             ``CorruptFileError`` and is left untouched; with ``resume=False`` an existing file is an error.
             Statistics that distill computes are saved beside it (``<checkpoint>.stats``) and reused on
             resume.
@@ -498,10 +532,10 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     defaults = METHOD_DEFAULTS[method]
-    ipc = _positive_int("ipc", ipc)
-    steps = _positive_int("steps", defaults["steps"] if steps is None else steps, minimum=0)
-    num_classes = _positive_int("num_classes", num_classes, allow_none=True, minimum=2)
-    lr = _positive_float("lr", defaults["lr"] if lr is None else lr)
+    ipc = positive_int("ipc", ipc)
+    steps = positive_int("steps", defaults["steps"] if steps is None else steps, minimum=0)
+    num_classes = positive_int("num_classes", num_classes, allow_none=True, minimum=2)
+    lr = positive_float("lr", defaults["lr"] if lr is None else lr)
     init = defaults["init"] if init is None else init
     given_init = None
     if isinstance(init, torch.Tensor):  # initial images given: [C*ipc, 3, H, W] in [0, 1], class-major
@@ -516,8 +550,8 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
     parameterization = defaults["parameterization"] if parameterization is None else parameterization
     if parameterization not in PARAMETERIZATIONS:
         raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
-    extend_every = _positive_int("extend_every", defaults["extend_every"] if extend_every is None else extend_every)
-    copies = _positive_int("copies", defaults["copies"] if copies is None else copies)
+    extend_every = positive_int("extend_every", defaults["extend_every"] if extend_every is None else extend_every)
+    copies = positive_int("copies", defaults["copies"] if copies is None else copies)
     crop_scale = _range("crop_scale", defaults["crop_scale"] if crop_scale is None else crop_scale)
     if not 0 < crop_scale[0]:
         raise ValueError(f"crop_scale must lie in (0, inf), got {crop_scale!r}")
@@ -525,23 +559,30 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
     flip_prob = _probability("flip_prob", flip_prob)
     noise_prob = _probability("noise_prob", defaults["noise_prob"] if noise_prob is None else noise_prob)
     if crop_size is not None:
-        crop_size = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(int(v) for v in crop_size)
+        given = crop_size
+        if isinstance(crop_size, int):
+            crop_size = (crop_size, crop_size)
+        else:
+            try:  # not from a string: it would iterate into digits
+                crop_size = () if isinstance(crop_size, str) else tuple(int(v) for v in crop_size)
+            except (TypeError, ValueError):
+                crop_size = ()
         if len(crop_size) != 2 or min(crop_size) < 1:
-            raise ValueError(f"crop_size must be a positive int or (h, w), got {crop_size!r}")
+            raise ValueError(f"crop_size must be a positive int or (h, w), got {given!r}")
     for name, v in (("noise_mean", noise_mean), ("noise_std", noise_std)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise ValueError(f"{name} must be a finite number, got {v!r}")
-    lam = _positive_float("lam", lam)
-    tau = _positive_float("tau", tau)
-    real_batch = _positive_int("real_batch", real_batch, allow_none=True)
+    lam = positive_float("lam", lam)
+    tau = positive_float("tau", tau)
+    real_batch = positive_int("real_batch", real_batch, allow_none=True)
     if feature_norm not in FEATURE_NORMS:
         raise ValueError(f"feature_norm must be one of {FEATURE_NORMS}, got {feature_norm!r}")
     if nontarget_denominator not in ("classes", "samples"):
         raise ValueError(f"nontarget_denominator must be 'classes' or 'samples', got {nontarget_denominator!r}")
-    head_std = _positive_float("head_std", head_std)
-    batch_size = _positive_int("batch_size", batch_size)
-    chunk_size = _positive_int("chunk_size", chunk_size, allow_none=True)
-    checkpoint_every = _positive_int("checkpoint_every", checkpoint_every)
+    head_std = positive_float("head_std", head_std)
+    batch_size = positive_int("batch_size", batch_size)
+    chunk_size = positive_int("chunk_size", chunk_size, allow_none=True)
+    checkpoint_every = positive_int("checkpoint_every", checkpoint_every)
     if autocast_dtype not in (None, torch.float16, torch.bfloat16):
         raise ValueError(f"autocast_dtype must be None, torch.float16 or torch.bfloat16, got {autocast_dtype!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -562,7 +603,7 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
         if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
             raise ValueError(f"labels must hold integer class indices, got {labels.dtype}")
     if checkpoint is not None:
-        checkpoint = Path(checkpoint)
+        checkpoint = _check_output_path("checkpoint", checkpoint)
         if checkpoint.exists() and not resume:
             raise FileExistsError(f"checkpoint {checkpoint} exists and resume=False: delete it or resume")
 
@@ -594,11 +635,33 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
         raise ValueError(f"encoder must map [B,3,H,W] images to features [B,D], got {tuple(probe.shape)}")
     feature_dim = int(probe.shape[1])
 
+    settings = {
+        "method": method, "ipc": ipc, "steps": steps, "num_classes": num_classes, "image_size": list(image_size),
+        "feature_dim": feature_dim, "encoder": getattr(encoder, "name", type(encoder).__name__),
+        "class_counts": counts.tolist(),
+        "lr": lr, "init": init, "parameterization": parameterization, "extend_every": extend_every,
+        "copies": copies, "augment": augment, "crop_size": None if crop_size is None else list(crop_size),
+        "flip_prob": flip_prob, "crop_scale": list(crop_scale), "crop_log_ratio": list(crop_log_ratio),
+        "noise_prob": noise_prob, "noise_mean": float(noise_mean), "noise_std": float(noise_std),
+        "lam": lam, "tau": tau, "real_batch": real_batch, "relative_lam": bool(relative_lam),
+        "centered_targets": bool(centered_targets), "feature_norm": feature_norm, "probe_bias": bool(probe_bias),
+        "nontarget_denominator": nontarget_denominator, "head_std": head_std,
+        "bank_dtype": str(bank_dtype), "chunk_size": chunk_size,
+        "autocast_dtype": None if autocast_dtype is None else str(autocast_dtype), "seed": seed,
+        "device": str(dev),
+    }
+    # A checkpoint is checked against this run (method, data's class counts, encoder, ...) before anything
+    # saved beside it is reused: a checkpoint of another run must not continue silently.
+    resumed = None
+    if checkpoint is not None and checkpoint.exists():
+        resumed = _load_checkpoint(checkpoint, settings)
+
     needs_stats = method in ("sfm", "clp") or init == "centroid"
     # With a checkpoint, computed statistics are kept beside it so a resumed run skips the encoder pass.
     stats_file = None if checkpoint is None else checkpoint.with_name(checkpoint.name + ".stats")
-    if stats is None and needs_stats and stats_file is not None and stats_file.exists() and checkpoint.exists():
-        stats = RealStats.load(stats_file)
+    stats_name = "stats"
+    if stats is None and needs_stats and resumed is not None and stats_file.exists():
+        stats, stats_name = RealStats.load(stats_file), f"statistics file {stats_file}"
     if stats is None and needs_stats:
         stats = RealStats.from_data(images, encoder, labels=labels, num_classes=num_classes,
                                     bank=(method == "clp"), bank_dtype=bank_dtype, bank_path=bank_path,
@@ -607,12 +670,17 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
             stats.save(stats_file)
     if stats is not None:
         if stats.num_classes != num_classes:
-            raise ValueError(f"stats has {stats.num_classes} classes, the labels {num_classes}")
-        if feature_dim is not None and stats.feature_dim != feature_dim:
-            raise ValueError(f"stats has feature dimension {stats.feature_dim}, the encoder {feature_dim}")
+            raise ValueError(f"{stats_name} has {stats.num_classes} classes, the labels {num_classes}")
+        if stats.feature_dim != feature_dim:
+            raise ValueError(f"{stats_name} has feature dimension {stats.feature_dim}, the encoder {feature_dim}")
         if method == "clp" and not stats.has_bank:
-            raise ValueError("stats: method='clp' needs statistics with a feature bank (bank=True)")
-        stats.require_nonempty("stats")
+            raise ValueError(f"{stats_name}: method='clp' needs statistics with a feature bank (bank=True)")
+        stats.require_nonempty(stats_name)
+        differ = torch.nonzero(stats.counts != counts).flatten().tolist()
+        if differ:  # C and D can match by chance: per-class counts tell other data apart
+            raise ValueError(f"{stats_name} was computed from other data: classes {differ[:10]} have "
+                             f"{stats.counts[differ[:10]].tolist()} samples there but "
+                             f"{counts[differ[:10]].tolist()} real images here")
 
     n_syn = num_classes * ipc
     init_images = None
@@ -644,33 +712,20 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
         loss_module = LinearGradientMatchingLoss(num_classes=num_classes, head_std=head_std, generator=dev_gen)
         real_batches = _RealBatches(lgm_source, survey.labels, labels, num_classes)
 
-    settings = {
-        "method": method, "ipc": ipc, "steps": steps, "num_classes": num_classes, "image_size": list(image_size),
-        "feature_dim": feature_dim, "encoder": getattr(encoder, "name", type(encoder).__name__),
-        "lr": lr, "init": init, "parameterization": parameterization, "extend_every": extend_every,
-        "copies": copies, "augment": augment, "crop_size": None if crop_size is None else list(crop_size),
-        "flip_prob": flip_prob, "crop_scale": list(crop_scale), "crop_log_ratio": list(crop_log_ratio),
-        "noise_prob": noise_prob, "noise_mean": float(noise_mean), "noise_std": float(noise_std),
-        "lam": lam, "tau": tau, "real_batch": real_batch, "relative_lam": bool(relative_lam),
-        "centered_targets": bool(centered_targets), "feature_norm": feature_norm, "probe_bias": bool(probe_bias),
-        "nontarget_denominator": nontarget_denominator, "head_std": head_std,
-        "bank_dtype": str(bank_dtype), "chunk_size": chunk_size,
-        "autocast_dtype": None if autocast_dtype is None else str(autocast_dtype), "seed": seed,
-        "device": str(dev),
-    }
 
     optimizer = torch.optim.Adam(synth.parameters(), lr=lr)
     history: List[float] = []
     start = 0
-    if checkpoint is not None and checkpoint.exists():
-        ck = _load_checkpoint(checkpoint, settings)
-        synth = images_from_state(ck["images"], dev)
+    if resumed is not None:
+        synth = images_from_state(resumed["images"], dev)
         optimizer = torch.optim.Adam(synth.parameters(), lr=lr)
-        optimizer.load_state_dict(ck["optimizer"])
-        history = list(ck["history"])
-        start = int(ck["step"])
-        cpu_gen.set_state(ck["cpu_rng"])
-        dev_gen.set_state(ck["device_rng"].to(dev_gen.get_state().device))
+        optimizer.load_state_dict(resumed["optimizer"])
+        for group in optimizer.param_groups:  # load_state_dict restores the saved lr; lr, like steps, may change
+            group["lr"] = lr
+        history = list(resumed["history"])
+        start = int(resumed["step"])
+        cpu_gen.set_state(resumed["cpu_rng"])
+        dev_gen.set_state(resumed["device_rng"].to(dev_gen.get_state().device))
 
     # ---- the loop ----------------------------------------------------------------------------------
     from tqdm.auto import tqdm
@@ -694,12 +749,16 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
                     zr = torch.cat([_encode_rows(encoder, augmenter, xr, real_params, lo,
                                                  min(lo + step_rows, xr.shape[0]), autocast_dtype)
                                     for lo in range(0, xr.shape[0], step_rows)])
-
-                def loss_fn(zs, zr=zr, yr=yr):
-                    return loss_module(zs, syn_labels_k, zr, yr)
+                real_side = (zr, yr)
             else:
-                def loss_fn(zs):
-                    return loss_module(zs, syn_labels_k)
+                real_side = ()
+
+            def loss_fn(zs, real_side=real_side, step=step):
+                try:
+                    return loss_module(zs, syn_labels_k, *real_side)
+                except ValueError as e:  # the loss's own NaN/Inf check: blame the encoder, at this step
+                    _raise_if_not_finite(e, step, zs, *real_side[:1])
+                    raise
             if chunk_size is None:                                            # 2. loss, 3. backward
                 loss = _plain_backward(encoder, augmenter, s, params, loss_fn, autocast_dtype)
             else:

@@ -328,6 +328,7 @@ def _check_batch(images: torch.Tensor, labels: torch.Tensor, where: str) -> Tupl
         images = images.float().div_(255.0)
     if not images.is_floating_point():
         raise DataError(f"{where}: images must be floating point in [0, 1] (or uint8), got {images.dtype}")
+    images = images.float()  # fp16/bf16/fp64 sources: fastdd computes in fp32 (a no-op for fp32)
     if images.dim() != 4 or images.shape[1] not in (1, 3):
         raise DataError(f"{where}: images must have shape [B, 3, H, W] (or [B, 1, H, W]), got {tuple(images.shape)}")
     if images.shape[1] == 1:
@@ -351,7 +352,7 @@ def _check_batch(images: torch.Tensor, labels: torch.Tensor, where: str) -> Tupl
 
 def iterate_batches(source, labels: Optional[torch.Tensor] = None, batch_size: int = 256
                     ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    """Yield validated ``(images [B,3,H,W] float in [0,1], labels int64 [B])`` batches from ``source``.
+    """Yield validated ``(images [B,3,H,W] float32 in [0,1], labels int64 [B])`` batches from ``source``.
 
     ``source`` is a tensor ``[N,3,H,W]`` (then ``labels`` is required), a map-style ``Dataset`` yielding
     ``(image, label)`` (images as tensors ``[3,H,W]``, PIL images or uint8 arrays), or a ``DataLoader``

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import itertools
 import os
 import re
 import shutil
@@ -89,6 +90,13 @@ class FrozenEncoder(nn.Module):
                 self._feature_dim = int(self(torch.zeros(1, 3, side, side, device=self.device)).shape[1])
         return self._feature_dim
 
+    def _input_dtype(self) -> torch.dtype:
+        """The dtype of the backbone's first floating parameter (or buffer); float32 if it has none."""
+        for t in itertools.chain(self.backbone.parameters(), self.backbone.buffers()):
+            if t.is_floating_point():
+                return t.dtype
+        return torch.float32
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
@@ -98,13 +106,17 @@ class FrozenEncoder(nn.Module):
         if images.device != self.mean.device:
             raise ValueError(f"images are on {images.device} but the encoder is on {self.mean.device}: "
                              "move one of them (encoder.to(device))")
-        x = images
+        # the backbone's own dtype (an fp16 model, fp64 images): conv layers refuse mixed dtypes
+        x = images.to(self._input_dtype())
         if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         features = self.backbone(x)
         if isinstance(features, (tuple, list)):
             features = features[0]
+        if not isinstance(features, torch.Tensor) or not features.is_floating_point():
+            raise TypeError(f"the backbone must return floating-point features, got "
+                            f"{getattr(features, 'dtype', type(features).__name__)}")
         if features.dim() == 4:
             features = features.mean(dim=(2, 3))
         elif features.dim() == 3:  # token sequences [B, T, D]: mean over tokens

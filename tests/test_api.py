@@ -237,6 +237,90 @@ def test_checkpoint_with_other_settings_is_refused(tiny, data, tmp_path):
     api.distill(x, tiny, method="sfm", labels=y, steps=2, checkpoint=path, **FAST)
     with pytest.raises(ValueError, match="other settings"):
         api.distill(x, tiny, method="sfm", labels=y, ipc=2, steps=2, checkpoint=path, **FAST)
+    # another data set (other class counts) or encoder, same C and D: refused, not continued silently
+    with pytest.raises(ValueError, match="class_counts"):
+        api.distill(x[1:], tiny, method="sfm", labels=y[1:], steps=4, checkpoint=path, **FAST)
+    with pytest.raises(ValueError, match="encoder"):
+        api.distill(x, encoders.wrap(_TinyNet(), name="other"), method="sfm", labels=y, steps=4,
+                    checkpoint=path, **FAST)
+    # the checkpoint's settings come before its statistics file (SFM's has no bank for CLP)
+    with pytest.raises(ValueError, match="'method': \\('sfm', 'clp'\\)"):
+        api.distill(x, tiny, method="clp", labels=y, steps=4, checkpoint=path, **FAST)
+
+
+def test_resume_with_another_lr_uses_it(tiny, data, tmp_path):
+    from fastdd.stats import load_checked
+
+    x, y = data
+    path = tmp_path / "run.ckpt"
+    kw = dict(method="sfm", labels=y, init="noise", parameterization="pixels", checkpoint=path, **FAST)
+    api.distill(x, tiny, steps=2, **kw)
+    out = api.distill(x, tiny, steps=3, lr=0.5, **kw)
+    saved = load_checked(path, api.CHECKPOINT_FORMAT, api.CHECKPOINT_VERSION)
+    assert out.settings["lr"] == 0.5 and [g["lr"] for g in saved["optimizer"]["param_groups"]] == [0.5]
+
+
+def test_output_paths_are_checked_before_any_step(tiny, data, tmp_path):
+    x, y = data
+    (tmp_path / "file").write_text("x")
+    steps = []
+    for path, match in [(tmp_path / "file" / "run.ckpt", "is a file"), (tmp_path, "is a directory")]:
+        with pytest.raises(ValueError, match=f"checkpoint.*{match}"):
+            api.distill(x, tiny, method="lgm", labels=y, steps=3, checkpoint=path,
+                        callback=lambda step, loss: steps.append(step), **FAST)
+    assert steps == []  # no work done, none lost
+    api.distill(x, tiny, method="sfm", labels=y, steps=1, checkpoint=tmp_path / "new" / "run.ckpt", **FAST)
+
+
+def test_stats_of_other_data_are_refused(tiny, data):
+    x, y = data
+    other = RealStats.from_data(x[1:], tiny, labels=y[1:], progress=False)  # same C and D
+    with pytest.raises(ValueError, match=r"other data: classes \[0\]"):
+        api.distill(x, tiny, method="sfm", labels=y, steps=1, stats=other, **FAST)
+
+
+def test_bad_device_is_refused_before_the_encoder_moves(data):
+    x, y = data
+    module = _TinyNet()
+    devices = ["meta", "cuda:99" if torch.cuda.is_available() else "cuda"]
+    for device in devices:
+        with pytest.raises(ValueError, match="device"):
+            api.distill(x, module, method="sfm", labels=y, steps=1, device=device, **FAST)
+    assert module.conv.weight.device.type == "cpu"
+
+
+@pytest.mark.parametrize("method, side", [("sfm", "synthetic"), ("clp", "synthetic"), ("lgm", "synthetic"),
+                                          ("lgm", "real")])
+def test_encoder_nan_names_the_images_and_the_step(data, method, side):
+    x, y = data
+
+    class NaNOn(nn.Module):  # NaN features for the synthetic (graph) or the real (no graph) images only
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 4)
+
+        def forward(self, images):
+            z = self.lin(images.mean(dim=(2, 3)))
+            return z * float("nan") if images.requires_grad == (side == "synthetic") else z
+
+    with pytest.raises(ValueError, match=f"NaN or Inf features for the {side} images at step 0"):
+        api.distill(x, NaNOn(), method=method, labels=y, steps=2, **FAST)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_half_and_double_images(tiny, data, dtype):
+    x, y = data
+    out = api.distill(x.to(dtype), tiny, method="clp", labels=y, steps=1, **FAST)
+    assert out.images.dtype == torch.float32 and len(out.history) == 1
+
+
+def test_distilled_set_labels_must_be_class_major_and_balanced():
+    images = torch.zeros(3, 3, 4, 4)
+    for labels in ([0, 2, 5], [1, 0, 2], [0, 0, 1], [0.0, 1.0, 2.0]):
+        with pytest.raises(ValueError, match="class-major"):
+            api.DistilledSet(images, torch.tensor(labels), "sfm")
+    ds = api.DistilledSet(torch.zeros(4, 3, 4, 4), torch.tensor([0, 0, 1, 1]), "sfm")
+    assert ds.num_classes == 2 and ds.ipc == 2
 
 
 # ---- files ---------------------------------------------------------------------------------------
@@ -281,6 +365,8 @@ def test_bad_arguments_name_the_argument(tiny, data):
         (dict(num_classes=5), "empty"),
         (dict(seed=1.5), "seed"),
         (dict(device="warp-drive"), "device"),
+        (dict(device="meta"), "device"),
+        (dict(crop_size="a"), "crop_size"),
         (dict(labels=y[:-1]), "labels"),
         (dict(labels=y.float()), "labels"),
         (dict(labels=None), "labels"),

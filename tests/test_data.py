@@ -172,3 +172,10 @@ def test_num_classes_of():
     assert data.num_classes_of(torch.tensor([0, 4, 2])) == 5
     with pytest.raises(DataError):
         data.num_classes_of(torch.tensor([], dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_iterate_batches_gives_float32(dtype):
+    images = torch.rand(5, 3, 4, 4).to(dtype)
+    (batch, _), = data.iterate_batches(images, torch.arange(5) % 2)
+    assert batch.dtype == torch.float32 and torch.equal(batch, images.float())

@@ -116,3 +116,27 @@ def test_pretrained_weights_are_real(fmnist32, mobilenet):
     print(scores)
     assert scores["pretrained"] > 0.70, scores
     assert scores["pretrained"] > scores["random"] + 0.15, scores
+
+
+def _tiny_conv():
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+@pytest.mark.parametrize("image_dtype", [torch.float16, torch.float64])
+def test_inputs_are_cast_to_the_backbone_dtype(image_dtype):
+    enc = encoders.wrap(_tiny_conv(), input_size=16)
+    x = torch.rand(2, 3, 16, 16)
+    out = enc(x.to(image_dtype))  # conv refused mixed dtypes before
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, enc(x), atol=1e-2, rtol=0)
+    double = encoders.wrap(_tiny_conv().to(torch.float64))
+    assert double(x).dtype == torch.float32  # fp32 images into an fp64 model
+
+
+def test_non_floating_backbone_output_is_a_clear_error():
+    class Ints(nn.Module):
+        def forward(self, x):
+            return (x.mean(dim=(2, 3)) * 10).long()
+
+    with pytest.raises(TypeError, match="floating-point features"):
+        encoders.wrap(Ints())(torch.rand(2, 3, 8, 8))
