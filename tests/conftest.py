@@ -1,7 +1,18 @@
-"""Shared test set-up: deterministic seeds, a `gpu` marker that skips without CUDA, and the tiny real
-data and encoder fixtures that several test files use (built once per session)."""
+"""Shared test set-up: deterministic seeds, a `gpu` marker that skips without CUDA, the tiny real
+data and encoder fixtures that several test files use (built once per session), and `missing_tool`."""
+import os
+
 import pytest
 import torch
+
+
+def missing_tool(reason: str) -> None:
+    """Skip a test whose build tool (nvcc, ninja, Triton, ptxas) is absent, or fail it under
+    FASTDD_REQUIRE_TOOLCHAIN=1 (set by .ci/run: CI must compile the kernels and the extension, so a
+    missing tool there is an error, not a silent skip)."""
+    if os.environ.get("FASTDD_REQUIRE_TOOLCHAIN") == "1":
+        pytest.fail(f"{reason} (FASTDD_REQUIRE_TOOLCHAIN=1)")
+    pytest.skip(reason)
 
 
 def pytest_collection_modifyitems(config, items):

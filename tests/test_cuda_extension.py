@@ -4,7 +4,7 @@ a GPU its kernels match the fp64 references.
 Build: ``fastdd._ext.build(arch_list="9.0")`` (torch.utils.cpp_extension.load, ninja, nvcc found through
 CUDA_HOME or the nvcc on PATH). About 70 s cold on 2 CPU cores, seconds when the build folder
 (``$FASTDD_EXT_DIR``, default ``~/.cache/fastdd/ext``) is warm. Skips with the reason when nvcc or ninja
-is missing.
+is missing (fails instead under FASTDD_REQUIRE_TOOLCHAIN=1, as in CI).
 """
 import importlib
 import shutil
@@ -16,6 +16,7 @@ from fastdd import _ext
 from fastdd.ops import class_centers, empty_class_sums, linear_cross_entropy
 from fastdd.ops.linear_cross_entropy import linear_cross_entropy_reference
 from fastdd.ops.testing import assert_close
+from conftest import missing_tool
 
 pytestmark = pytest.mark.slow
 HAS_GPU = torch.cuda.is_available()
@@ -24,12 +25,12 @@ HAS_GPU = torch.cuda.is_available()
 @pytest.fixture(scope="module")
 def extension():
     if _ext.find_cuda_home() is None:
-        pytest.skip("nvcc not found (set CUDA_HOME to the CUDA toolkit, e.g. /usr/local/cuda-13.0)")
+        missing_tool("nvcc not found (set CUDA_HOME to the CUDA toolkit, e.g. /usr/local/cuda-13.0)")
     if shutil.which("ninja") is None:
         try:
             import ninja  # noqa: F401  (the PyPI wheel puts a binary on PATH)
         except ImportError:
-            pytest.skip("ninja not found (pip install ninja)")
+            missing_tool("ninja not found (pip install ninja)")
     # Activate it as the "cuda" backend only where it can run; elsewhere only compile, link and import.
     return _ext.build(arch_list="9.0", activate=HAS_GPU)
 
