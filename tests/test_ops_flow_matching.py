@@ -45,6 +45,23 @@ def test_matches_fp64_reference(device, dtype, denominator):
 
 
 @pytest.mark.parametrize("device", target_devices())
+@pytest.mark.parametrize("denominator", ["classes", "samples"])
+def test_fp64_features_and_more_classes_than_a_block(device, denominator):
+    """fp64 stays fp64 end to end (sums, the non-target denominator, the cosine), and C = 37 > FLOW_BLOCK_C
+    walks the class loops over two blocks with a masked edge."""
+    feats, labels, flow = _data(37, 2, 19, torch.float64, device, seed=3)
+    upstream = torch.tensor(0.61, dtype=torch.float64, device=feats.device)
+    with kernel_context(device):
+        loss, grad = _loss_and_grad(flow_matching_loss, feats, labels, flow, upstream,
+                                    nontarget_denominator=denominator, impl="triton")
+    ref_loss, ref_grad = _loss_and_grad(flow_matching_loss_reference, feats, labels, flow, upstream,
+                                        nontarget_denominator=denominator)
+    assert loss.dtype == torch.float64 and grad.dtype == torch.float64
+    assert_close(loss, ref_loss, 1e-12, 1e-14, "loss")
+    assert_close(grad, ref_grad, 1e-11, 1e-14, "d loss / d features")
+
+
+@pytest.mark.parametrize("device", target_devices())
 def test_two_classes_noncontiguous_real_flow_and_features(device):
     feats, labels, flow = _data(2, 1, 5, torch.float32, device)
     fv, flow_v = noncontiguous(feats), noncontiguous(flow)
