@@ -15,12 +15,13 @@ gradient (divided by M for "mean"), :math:`\Delta = g(P - Y)` and
 This is CLP's outer loss (real features against the ridge probe, :math:`\tau` the temperature).
 
 Dtype policy: features bf16/fp16/fp32 (and W, bias any float dtype); every logit, the log-sum-exp and
-all gradient sums accumulate in fp32. The Triton products run on tensor cores in the narrower of the
-dtypes of z and W (bf16 x bf16 when z is bf16, whatever W is: the precision autocast would use), fp32
-products follow ``torch.backends.cuda.matmul.allow_tf32``; under the Triton interpreter products are
-fp32 (numpy has no bf16). The operands are P - Y, never g(P - Y): the weight g (1/M for "mean", below
-fp16's smallest normal number for M > 16k rows) multiplies the fp32 accumulators. The loss is fp32 (fp64 for fp64 inputs on the reference); gradients have
-their inputs' dtypes. fp64 inputs run on the reference only.
+all gradient sums accumulate in fp32. The Triton products run on tensor cores in z's dtype: bf16 x bf16
+(or fp16 x fp16) when z is bf16 (fp16), W converted once, whatever its dtype (the precision autocast
+would use); fp32 z gives fp32 products, TF32 where ``torch.backends.cuda.matmul.allow_tf32`` allows it.
+Under the Triton interpreter products are fp32 (numpy has no bf16). The operands are P - Y, never
+g(P - Y): the weight g (1/M for "mean", below fp16's smallest normal number for M > 16k rows)
+multiplies the fp32 accumulators. The loss is fp32 (fp64 for fp64 inputs on the reference); gradients
+have their inputs' dtypes. fp64 inputs run on the reference only.
 
 Backends:
 - torch (reference): materialises the logits; the oracle and the CPU path.
