@@ -37,7 +37,12 @@ def _weights(value: str):
 
 
 def _optional_int(value: str):
-    return None if value.lower() in ("none", "all") else int(value)
+    if value.lower() in ("none", "all"):
+        return None
+    try:
+        return int(value)
+    except ValueError:  # argparse would only say "invalid _optional_int value"
+        raise argparse.ArgumentTypeError(f"expected an int or 'all', got {value!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,9 +119,15 @@ def _encoder(args):
 def _distill(args) -> int:
     import os
 
-    from .api import distill
+    from .api import _check_output_path, distill
     from .stats import RealStats
 
+    # every file this run writes is checked before the data, the statistics pass and the steps
+    _check_output_path("--out", args.out)
+    if args.checkpoint:
+        _check_output_path("--checkpoint", args.checkpoint)
+    if args.stats and not os.path.exists(args.stats):
+        _check_output_path("--stats", args.stats)
     split = _load_split(args.data, args.size, test=False)
     encoder = _encoder(args)
     stats = None
@@ -170,9 +181,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     run = {"distill": _distill, "evaluate": _evaluate}[args.command]
     try:
+        if args.device is not None:  # before an encoder is loaded onto it
+            from .api import _resolve_device
+
+            _resolve_device(args.device, None)
         return run(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
-        # bad arguments, data or files: one clear line, no traceback
+    except (ValueError, TypeError, OSError) as e:
+        # bad arguments, data or files (OSError: unreadable, unwritable, a folder): one clear line, no traceback
         print(f"fastdd {args.command}: error: {e}", file=sys.stderr)
         return 2
 

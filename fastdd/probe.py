@@ -51,6 +51,7 @@ import torch
 import torch.nn as nn
 
 from .augment import CROP_SCALE, Augment
+from .methods._checks import positive_float
 from .stats import resolve_encoder
 
 __all__ = ["ProbeResult", "evaluate", "encode", "fit_linear_head", "full_data_probe", "random_real",
@@ -193,6 +194,19 @@ def _check_features(features, n: int, name: str) -> torch.Tensor:
     if not bool(torch.isfinite(features).all()):
         raise ValueError(f"{name} contains NaN or Inf")
     return features.float()
+
+
+def _test_features(encoder, train_images: torch.Tensor, test_images: torch.Tensor,
+                   test_features: Optional[torch.Tensor], progress: bool) -> torch.Tensor:
+    """The test set's features: encoded now, or the given ones checked (one row per test image, the
+    encoder's width, found from one training image) so a mismatch is not a matmul error later."""
+    if test_features is None:
+        return encode(encoder, test_images, progress=progress, desc="test features")
+    test_features = _check_features(test_features, test_images.shape[0], "test_features")
+    dim = encode(encoder, train_images[:1]).shape[1]
+    if test_features.shape[1] != dim:
+        raise ValueError(f"test_features have {test_features.shape[1]} features per image, the encoder gives {dim}")
+    return test_features
 
 
 def _check_same_geometry(encoder, train_images: torch.Tensor, test_images: torch.Tensor) -> None:
@@ -356,7 +370,8 @@ def evaluate(distilled, encoder, test_images: torch.Tensor, test_labels: torch.T
             ``[N,3,H,W]`` in [0,1], integer labels ``[N]``.
         encoder: the frozen encoder (a ``FrozenEncoder``, any nn.Module, or a name for
             ``fastdd.encoders.load``); the probe runs on its features.
-        test_images, test_labels: the real test set (``[M,3,H,W]`` in [0,1], ``[M]``).
+        test_images, test_labels: the real test set (``[M,3,H,W]`` in [0,1], ``[M]``); each of its
+            classes needs distilled images.
         epochs: passes over the N images (one step per epoch when N <= 100).
         seeds: probe seeds; each trains one probe (initialisation, augmentation, batch order).
         views: augmented views encoded per image and seed (see the module docstring); None re-encodes
@@ -378,20 +393,19 @@ def evaluate(distilled, encoder, test_images: torch.Tensor, test_labels: torch.T
     seeds = _check_seeds(seeds)
     n = images.shape[0]
     batch_size = _check_positive_int(batch_size, "batch_size", allow_none=True) or min(MAX_BATCH_SIZE, n)
-    lr = _default_lr(batch_size) if lr is None else float(lr)
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
+    lr = _default_lr(batch_size) if lr is None else positive_float("lr", lr)
     c_seen = 1 + max(int(labels.max()), int(test_labels.max()))
     if num_classes is None:
         num_classes = c_seen
     elif _check_positive_int(num_classes, "num_classes") < c_seen:
         raise ValueError(f"labels must lie in [0, num_classes={num_classes}), found {c_seen - 1}")
+    missing = sorted(set(test_labels.unique().tolist()) - set(labels.unique().tolist()))
+    if missing:  # the probe never sees them: every such test image counts as an error, silently
+        raise ValueError(f"test_labels hold classes {missing[:10]}{'...' if len(missing) > 10 else ''} that "
+                         "the distilled set has no image of: evaluate on the distilled classes only")
     encoder = resolve_encoder(encoder)
     _check_same_geometry(encoder, images, test_images)
-    if test_features is None:
-        test_features = encode(encoder, test_images, progress=progress, desc="test features")
-    else:
-        test_features = _check_features(test_features, test_images.shape[0], "test_features")
+    test_features = _test_features(encoder, images, test_images, test_features, progress)
 
     augment = Augment.evaluation(crop_scale=crop_scale)
     device = _encoder_device(encoder)
@@ -438,7 +452,7 @@ def _full_data_heads(features, labels, num_classes, epochs, seeds, batch_size, l
     epochs = _check_positive_int(epochs, "epochs")
     batch_size = _check_positive_int(batch_size, "batch_size")
     num_classes = num_classes or 1 + int(labels.max())
-    lr = _default_lr(batch_size) if lr is None else float(lr)
+    lr = _default_lr(batch_size) if lr is None else positive_float("lr", lr)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     weight, bias = _train_probes(lambda epoch: features, labels, num_classes, generators, epochs, batch_size,
                                  lr, progress, desc="full-data probe")
@@ -621,15 +635,11 @@ def classifier_inheritance(distilled, encoder, test_images: torch.Tensor, test_l
         raise TypeError(f"head must be an nn.Linear (D_d -> C), got {type(head).__name__}")
     seeds = _check_seeds(seeds)
     views = _check_positive_int(views, "views")
-    if not float(ridge) > 0:
-        raise ValueError(f"ridge must be > 0, got {ridge!r}")
+    ridge = positive_float("ridge", ridge)
     encoder = resolve_encoder(encoder)
     distill_encoder = encoder if distill_encoder is None else resolve_encoder(distill_encoder)
     _check_same_geometry(encoder, images, test_images)
-    if test_features is None:
-        test_features = encode(encoder, test_images, progress=progress, desc="test features")
-    else:
-        test_features = _check_features(test_features, test_images.shape[0], "test_features")
+    test_features = _test_features(encoder, images, test_images, test_features, progress)
     augment = Augment.evaluation(crop_scale=crop_scale)
     device = _encoder_device(encoder)
     images = images.detach().to(device, torch.float32)

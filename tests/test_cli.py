@@ -1,5 +1,6 @@
 """The command line: distill and evaluate on a tiny image folder with a randomly initialised encoder."""
 import json
+import re
 import subprocess
 import sys
 
@@ -56,3 +57,40 @@ def test_python_dash_m_entry_point():
     done = subprocess.run([sys.executable, "-m", "fastdd", "distill", "--help"], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and "--method" in done.stdout and "--chunk-size" in done.stdout
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("the arguments should have been refused before any work")
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--out", "DIR"], "--out=.* is a directory"),
+    (["--out", "DIR/file/x.pt"], "is a file, not a folder"),
+    (["--out", "DIR/x.pt", "--checkpoint", "DIR"], "--checkpoint=.* is a directory"),
+    (["--out", "DIR/x.pt", "--device", "meta"], "device='meta'"),
+])
+def test_bad_outputs_and_device_are_refused_before_any_work(tmp_path, capsys, monkeypatch, extra, match):
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(cli, "_load_split", _no_work)
+    monkeypatch.setattr(cli, "_encoder", _no_work)
+    extra = [a.replace("DIR", str(tmp_path)) for a in extra]
+    code = cli.main(["distill", "--data", str(tmp_path), *ENCODER, *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("fastdd distill: error:") and re.search(match, err), err
+
+
+def test_os_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    def fails(args):
+        raise IsADirectoryError(21, "Is a directory", str(tmp_path))
+
+    monkeypatch.setattr(cli, "_distill", fails)
+    code = cli.main(["distill", "--data", str(tmp_path), *ENCODER, "--out", str(tmp_path / "x.pt")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Is a directory" in err and len(err.strip().splitlines()) == 1
+
+
+def test_real_batch_flag_message(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["distill", "--data", "x", "--out", "x.pt", "--real-batch", "foo"])
+    assert "--real-batch: expected an int or 'all', got 'foo'" in capsys.readouterr().err

@@ -281,3 +281,15 @@ def test_full_data_probe_and_classifier_inheritance(train_set, test_set, encoder
     with pytest.raises(ValueError, match="head takes 32 features"):
         probe.classifier_inheritance(train_set, encoder, *test_set, head=nn.Linear(32, 4), views=2,
                                      progress=False)
+
+
+def test_silent_wrong_evaluations_are_refused(encoder, test_set):
+    train = colour_images(2, seed=1)
+    without_last = (train[0][:-2], train[1][:-2])  # no distilled image of the last class
+    with pytest.raises(ValueError, match=rf"test_labels hold classes \[{NUM_CLASSES - 1}\]"):
+        run(without_last, encoder, test_set)
+    for lr in (float("inf"), "a", 0.0):
+        with pytest.raises(ValueError, match="lr"):
+            run(train, encoder, test_set, lr=lr)
+    with pytest.raises(ValueError, match="test_features have 5 features"):
+        run(train, encoder, test_set, test_features=torch.zeros(test_set[0].shape[0], 5))
