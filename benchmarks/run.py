@@ -83,6 +83,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -583,8 +584,11 @@ def run_distillation(s: Dict[str, Any], data: Dict[str, Any], encoder, stats, me
     status, error, distilled = "ok", None, None
     t0 = time.perf_counter()
     try:
-        distilled = fastdd.distill(data["train_images"], encoder, labels=data["train_labels"], stats=stats,
-                                   progress=progress, callback=on_step, **kwargs)
+        with warnings.catch_warnings():
+            if s.get("bank_rows") is not None:  # the bank stands for a larger set than the images: intended
+                warnings.simplefilter("ignore", fastdd.api.StatsMismatchWarning)
+            distilled = fastdd.distill(data["train_images"], encoder, labels=data["train_labels"], stats=stats,
+                                       progress=progress, callback=on_step, **kwargs)
     except _TimeCap:
         status = "time-capped"
     except torch.cuda.OutOfMemoryError as e:  # a CUDA OOM: reported, the run goes on

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -42,12 +43,19 @@ from .methods.lgm import LinearGradientMatchingLoss
 from .methods.sfm import FlowMatchingLoss
 from .stats import CorruptFileError, RealStats, load_checked, resolve_encoder, save_checked
 
-__all__ = ["distill", "DistilledSet", "METHODS", "INITS", "METHOD_DEFAULTS", "CorruptFileError"]
+__all__ = ["distill", "DistilledSet", "METHODS", "INITS", "METHOD_DEFAULTS", "CorruptFileError",
+           "StatsMismatchWarning"]
 
 METHODS = ("lgm", "sfm", "clp")
 INITS = ("noise", "real", "centroid")
 DISTILLED_FORMAT, DISTILLED_VERSION = "fastdd.DistilledSet", 1
 CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "fastdd.Checkpoint", 1
+
+
+class StatsMismatchWarning(UserWarning):
+    """``stats=`` hold other per-class counts than the real data given to ``distill``: statistics of
+    another data set (a wrong result), or of a larger set than the images passed (intended: e.g. a
+    feature bank of the whole training set with a subset of its images for the initialisation)."""
 
 # Per-method defaults for every argument left as None, chosen by measurement (scripts/calibrate.py,
 # benchmarks/results/calibration_*.md: Fashion-MNIST at 32 px, MobileNetV2, ipc 1, CPU). The published
@@ -504,7 +512,7 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
         nontarget_denominator: SFM's (``"classes"``, or ``"samples"`` for the official code's).
         head_std: LGM's random-head scale.
         stats: precomputed ``RealStats`` (SFM: means; CLP: with a bank), skipping the statistics pass;
-            their class counts must equal the real data's.
+            other class counts than the real data's give a ``StatsMismatchWarning``.
         bank_dtype, bank_path: CLP's feature bank dtype, and a file to memory-map it from.
         batch_size: real images per encoder call in the statistics and scanning passes.
         chunk_size: encode and back-propagate at most this many synthetic rows at a time
@@ -678,9 +686,10 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
         stats.require_nonempty(stats_name)
         differ = torch.nonzero(stats.counts != counts).flatten().tolist()
         if differ:  # C and D can match by chance: per-class counts tell other data apart
-            raise ValueError(f"{stats_name} was computed from other data: classes {differ[:10]} have "
-                             f"{stats.counts[differ[:10]].tolist()} samples there but "
-                             f"{counts[differ[:10]].tolist()} real images here")
+            warnings.warn(f"{stats_name} was computed from other data: classes {differ[:10]} have "
+                          f"{stats.counts[differ[:10]].tolist()} samples there but {counts[differ[:10]].tolist()} "
+                          "real images here (fine for statistics of a larger set than the images given; "
+                          "otherwise a wrong result)", StatsMismatchWarning, stacklevel=2)
 
     n_syn = num_classes * ipc
     init_images = None
