@@ -15,7 +15,7 @@ import torch
 from fastdd import _ext
 from fastdd.ops import class_centers, empty_class_sums, linear_cross_entropy
 from fastdd.ops.linear_cross_entropy import linear_cross_entropy_reference
-from fastdd.ops.testing import assert_close
+from fastdd.ops.testing import assert_close, noncontiguous
 from conftest import missing_tool
 
 pytestmark = pytest.mark.slow
@@ -44,11 +44,13 @@ gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
 
 
 @gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_class_centers_matches_reference(extension, dtype, deterministic):
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_class_centers_matches_reference(extension, dtype, deterministic, contiguous):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1031, 257, generator=g).to(dtype).cuda()
+    x = x if contiguous else noncontiguous(x)
     labels = torch.randint(0, 13, (1031,), generator=g).cuda()
     labels[:300] = 4  # a long run of one class exercises the run-flush path
     got = class_centers(x, labels, 13, second_moment=True, deterministic=deterministic, impl="cuda")
@@ -63,14 +65,17 @@ def test_class_centers_matches_reference(extension, dtype, deterministic):
 
 
 @gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_cross_entropy_matches_reference(extension, dtype, with_bias, monkeypatch):
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_linear_cross_entropy_matches_reference(extension, dtype, with_bias, reduction, contiguous, monkeypatch):
     lce = importlib.import_module("fastdd.ops.linear_cross_entropy")  # the package attribute is the function
 
     monkeypatch.setattr(lce, "CUDA_CHUNK_ELEMENTS", 97 * 11)  # several chunks of 97 rows at C = 11
     g = torch.Generator().manual_seed(1)
     z = torch.randn(1009, 67, generator=g).to(dtype).cuda()
+    z = z if contiguous else noncontiguous(z)
     y = torch.randint(0, 11, (1009,), generator=g).cuda()
     W = (torch.randn(67, 11, generator=g) / 8).cuda()
     b = torch.randn(11, generator=g).cuda() if with_bias else None
@@ -81,10 +86,11 @@ def test_linear_cross_entropy_matches_reference(extension, dtype, with_bias, mon
         loss = fn(leaves[0], leaves[1], leaves[2] if bb is not None else None)
         return (loss,) + torch.autograd.grad(loss, leaves, up)
 
-    got = run(lambda a, w, c: linear_cross_entropy(a, y, w, tau=0.5, bias=c, impl="cuda"), z, W, b)
-    ref = run(lambda a, w, c: linear_cross_entropy_reference(a, y, w, 0.5, c), z.double(), W.double(),
+    got = run(lambda a, w, c: linear_cross_entropy(a, y, w, tau=0.5, bias=c, reduction=reduction, impl="cuda"),
+              z, W, b)
+    ref = run(lambda a, w, c: linear_cross_entropy_reference(a, y, w, 0.5, c, reduction), z.double(), W.double(),
               b.double() if b is not None else None)
     tol = 5e-3 if torch.backends.cuda.matmul.allow_tf32 else 1e-4
-    tol = max(tol, 1e-2 if dtype == torch.bfloat16 else 0)
+    tol = max(tol, {torch.bfloat16: 1e-2, torch.float16: 2e-3}.get(dtype, 0))  # dz is rounded to z's dtype
     for name, a, r in zip(["loss", "dz", "dW", "db"], got, ref):
         assert_close(a, r, tol, tol * 1e-2, name)
