@@ -28,7 +28,11 @@ Timing: ``triton.testing.do_bench`` on a GPU (median of its repetitions, with th
 the median wall-clock of ``--reps`` runs after warm-up on a CPU. Data-dependent input checks (one host
 sync each) are off while timing (``FASTDD_CHECKS=0``) unless ``--checks``. Achieved FLOP/s and bytes/s use
 model counts (the useful work: e.g. 2*M*D*C per GEMM-shaped product, each input read once), not what a
-backend executes (the Triton cross-entropy recomputes logits in its backward). Peak memory on a GPU is
+backend executes (the Triton cross-entropy recomputes logits in its backward). Ceilings, measured first
+on the same device and timed the same way: a square matmul in the cases' dtype (8192^3 bf16; 1024^3 fp32
+with --quick) and a 2 GiB device-to-device copy (64 MiB with --quick); every row gets its fraction of
+both, and the JSON's "targets" says whether the kernels issue's targets are met (linear_cross_entropy
+>= 60% of the matmul rate, class_centers >= 75% of the copy bandwidth, both faster than torch.compile). Peak memory on a GPU is
 ``torch.cuda.max_memory_allocated`` above the inputs. Writes ``ops_bench_<device>_<time>.json`` under
 ``--out`` and prints a table.
 """
@@ -316,6 +320,58 @@ def run_case(case: Case, backend: str, device: torch.device, reps: int, warmup: 
             torch.cuda.empty_cache()
 
 
+# The per-op targets of the kernels issue, stated against rates measured on the same device:
+# (op, backend, ceiling, fraction): the op's achieved rate (model FLOP/s or bytes/s) over the ceiling.
+TARGETS = (("linear_cross_entropy", "triton", "matmul", 0.60), ("class_centers", "triton", "copy", 0.75))
+
+
+def measure_ceilings(device: torch.device, quick: bool, reps: int = 10, warmup: int = 2) -> dict:
+    """The rates the targets are stated against, timed like the cases: a square matmul in the cases'
+    feature dtype (bf16 on full shapes, fp32 with ``quick``) and a copy between two device buffers
+    (bytes/s counts the read and the write)."""
+    dtype = torch.float32 if quick else torch.bfloat16
+    n = 1024 if quick else 8192
+    g = _generator(device)
+    a = torch.randn(n, n, generator=g, device=device).to(dtype)
+    b = torch.randn(n, n, generator=g, device=device).to(dtype)
+    mm_ms = _time(lambda: torch.mm(a, b), device, reps, warmup)[0]
+    del a, b
+    nbytes = (64 << 20) if quick else (2 << 30)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    copy_ms = _time(lambda: dst.copy_(src), device, reps, warmup)[0]
+    del src, dst
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"matmul": {"dtype": str(dtype), "shape": [n, n, n], "median_ms": mm_ms,
+                       "tflops": 2.0 * n ** 3 / (mm_ms * 1e-3) / 1e12},
+            "copy": {"bytes": nbytes, "median_ms": copy_ms, "gbytes_per_s": 2.0 * nbytes / (copy_ms * 1e-3) / 1e9}}
+
+
+def against_ceilings(rows: List[dict], ceilings: dict) -> List[dict]:
+    """Add each timed row's fraction of the measured matmul rate and copy bandwidth (in place), and
+    return the verdict on every target of ``TARGETS`` and on "faster than torch.compile" for the
+    targeted ops (one entry per op, variant and check; ``met`` None where a side was not measured)."""
+    for r in rows:
+        if r.get("status") == "ok":
+            r["matmul_fraction"] = r["tflops"] / ceilings["matmul"]["tflops"]
+            r["copy_fraction"] = r["gbytes_per_s"] / ceilings["copy"]["gbytes_per_s"]
+    ok = {(r["op"], r["variant"], r["backend"]): r for r in rows if r.get("status") == "ok"}
+    verdicts = []
+    for op, backend, ceiling, fraction in TARGETS:
+        for variant in sorted({r["variant"] for r in rows if r["op"] == op}):
+            row = ok.get((op, variant, backend))
+            value = row[f"{ceiling}_fraction"] if row else None
+            verdicts.append({"op": op, "variant": variant, "backend": backend,
+                             "check": f">= {fraction:.0%} of the measured {ceiling} rate", "value": value,
+                             "met": None if value is None else value >= fraction})
+            base = ok.get((op, variant, "torch.compile"))
+            speedup = base["median_ms"] / row["median_ms"] if row and base else None
+            verdicts.append({"op": op, "variant": variant, "backend": backend, "check": "faster than torch.compile",
+                             "value": speedup, "met": None if speedup is None else speedup > 1.0})
+    return verdicts
+
+
 def machine_info(device: torch.device) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
@@ -381,6 +437,9 @@ def main(argv=None) -> int:
             print(f"extension build failed: {exc}", file=sys.stderr)
     t_start = time.perf_counter()
     tests = run_tests() if args.with_tests else None
+    ceilings = measure_ceilings(device, args.quick, args.reps, args.warmup)
+    print(f"ceilings: {ceilings['matmul']['dtype']} matmul {ceilings['matmul']['tflops']:.2f} TFLOP/s, "
+          f"copy {ceilings['copy']['gbytes_per_s']:.1f} GB/s", flush=True)
     results = []
     for name in args.ops:
         for case in ALL_CASES[name](args.quick):
@@ -399,13 +458,18 @@ def main(argv=None) -> int:
                     print(f"{case.op:22s} {case.variant:14s} {backend:14s} {row['status']}: "
                           f"{row.get('reason') or row.get('error')}", flush=True)
             case.release()
+    targets = against_ceilings(results, ceilings)
+    for t in targets:
+        value = "not measured" if t["value"] is None else f"{t['value']:.2f}"
+        print(f"target {t['op']} {t['variant']} {t['backend']}: {t['check']}: {value} "
+              f"({'met' if t['met'] else 'not met' if t['met'] is not None else 'open'})", flush=True)
     os.makedirs(args.out, exist_ok=True)
     slug = (machine_info(device).get("gpu") or "cpu").replace(" ", "_").replace("/", "_")
     path = os.path.join(args.out, f"ops_bench_{slug}_{time.strftime('%Y%m%d-%H%M%S')}.json")
     with open(path, "w") as fh:
         json.dump({"device": str(device), "quick": args.quick, "checks": args.checks, "machine": machine_info(device),
                    "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "tests": tests,
-                   "results": results}, fh, indent=1)
+                   "ceilings": ceilings, "targets": targets, "results": results}, fh, indent=1)
     print(f"wrote {path}")
     ok = all(r["status"] != "error" for r in results) and (tests is None or tests["exit_code"] == 0)
     return 0 if ok else 1

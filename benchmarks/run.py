@@ -795,10 +795,23 @@ def format_table(result: Dict[str, Any]) -> str:
     ops = result.get("ops") or {}
     if ops.get("results"):
         text += (f"\nPer-op kernel benchmark ({ops.get('timer')}, {ops.get('shapes')} shapes of "
-                 "benchmarks/ops_bench.py):\n\n| op | variant | backend | median (ms) | status |\n|---|---|---|---:|---|\n")
+                 "benchmarks/ops_bench.py)")
+        ceil = ops.get("ceilings")
+        if ceil:
+            text += (f"; measured ceilings: {ceil['matmul']['dtype']} matmul {ceil['matmul']['tflops']:.2f} TFLOP/s, "
+                     f"copy {ceil['copy']['gbytes_per_s']:.1f} GB/s")
+        text += (":\n\n| op | variant | backend | median (ms) | of matmul rate | of copy bandwidth | status |\n"
+                 "|---|---|---|---:|---:|---:|---|\n")
         for r in ops["results"]:
+            fractions = " | ".join(f"{r[k]:.0%}" if r.get(k) is not None else "" for k in ("matmul_fraction", "copy_fraction"))
             text += (f"| {r.get('op')} | {r.get('variant')} | {r.get('backend')} | {_fmt(r.get('median_ms'), 1, 3)} "
+                     f"| {fractions} "
                      f"| {r.get('status')}{': ' + str(r.get('reason') or r.get('error')) if r.get('status') != 'ok' else ''} |\n")
+        for t in ops.get("targets") or []:
+            verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
+            value = "" if t["value"] is None else f" ({t['value']:.2f})"
+            text += f"\nTarget: {t['op']} {t['variant']} ({t['backend']}) {t['check']}: {verdict}{value}."
+        text += "\n" if ops.get("targets") else ""
     elif ops:
         text += f"\nPer-op kernel benchmark: {ops.get('status')} ({ops.get('error')})\n"
     return text
@@ -840,6 +853,9 @@ def _ops_bench_cases(ops_bench, device, tiny: bool, max_seconds: Optional[float]
     os.environ["FASTDD_CHECKS"] = "0"  # as ops_bench's own command: no data-dependent host syncs while timing
     rows, t0 = [], time.perf_counter()
     try:
+        ceilings = ops_bench.measure_ceilings(device, tiny)
+        print(f"   ceilings: {ceilings['matmul']['dtype']} matmul {ceilings['matmul']['tflops']:.2f} TFLOP/s, "
+              f"copy {ceilings['copy']['gbytes_per_s']:.1f} GB/s", flush=True)
         for name, make_cases in ops_bench.ALL_CASES.items():
             for case in make_cases(tiny):
                 for backend in ops_bench.BACKENDS:
@@ -859,8 +875,10 @@ def _ops_bench_cases(ops_bench, device, tiny: bool, max_seconds: Optional[float]
         else:
             os.environ["FASTDD_CHECKS"] = previous
     timer = "triton.testing.do_bench (median, p20, p80)" if device.type == "cuda" else "wall clock (median)"
+    targets = ops_bench.against_ceilings(rows, ceilings)
     return {"status": "ok", "timer": timer, "shapes": "quick" if tiny else "full",
-            "machine": _jsonable(ops_bench.machine_info(device)), "results": _jsonable(rows)}
+            "machine": _jsonable(ops_bench.machine_info(device)), "ceilings": _jsonable(ceilings),
+            "targets": _jsonable(targets), "results": _jsonable(rows)}
 
 
 def _ops_bench_pytest(tiny: bool) -> Dict[str, Any]:

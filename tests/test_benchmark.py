@@ -196,6 +196,8 @@ def test_ops_bench_loop_covers_every_case_and_backend(bench, monkeypatch):
     rows = {(r["op"], r["backend"]): r for r in out["results"]}
     assert set(rows) == {(op, b) for op in ("flow_matching_loss", "ridge_probe") for b in ("torch", "triton")}
     assert rows[("ridge_probe", "torch")]["status"] == "ok" and rows[("ridge_probe", "torch")]["median_ms"] > 0
+    assert out["ceilings"]["matmul"]["tflops"] > 0 and out["ceilings"]["copy"]["gbytes_per_s"] > 0
+    assert 0 < rows[("ridge_probe", "torch")]["matmul_fraction"] and "copy_fraction" in rows[("ridge_probe", "torch")]
     assert rows[("ridge_probe", "triton")]["status"] == "skipped"
     out = bench._ops_bench_cases(ops_bench, torch.device("cpu"), True, 0.0)
     assert all(r["status"] == "skipped" for r in out["results"])
@@ -204,6 +206,30 @@ def test_ops_bench_loop_covers_every_case_and_backend(bench, monkeypatch):
                                      "steps": 2, "warmup": 0}, "device": {"type": "cpu", "name": "cpu"},
          "versions": {"torch": "t"}, "git": {}, "date": "", "command": "", "setup": {},
          "ops": bench._ops_bench_cases(ops_bench, torch.device("cpu"), True, None)})
+
+
+def test_ops_targets_are_judged_against_the_measured_ceilings():
+    """Fractions of the measured ceilings and the issue's targets (>= 60% of the matmul rate for the
+    streamed cross-entropy, >= 75% of the copy bandwidth for class_centers, faster than torch.compile)."""
+    ops_bench = pytest.importorskip("ops_bench")
+    ceilings = {"matmul": {"tflops": 100.0}, "copy": {"gbytes_per_s": 1000.0}}
+
+    def row(op, variant, backend, ms, tflops, gbs):
+        return {"op": op, "variant": variant, "backend": backend, "status": "ok", "median_ms": ms,
+                "tflops": tflops, "gbytes_per_s": gbs}
+
+    rows = [row("linear_cross_entropy", "loss", "triton", 1.0, 70.0, 10.0),
+            row("linear_cross_entropy", "loss", "torch.compile", 2.0, 35.0, 5.0),
+            row("class_centers", "atomic", "triton", 3.0, 1.0, 700.0),
+            row("class_centers", "atomic", "torch.compile", 2.0, 1.0, 900.0),
+            {"op": "class_centers", "variant": "deterministic", "backend": "triton", "status": "skipped"}]
+    verdicts = {(v["op"], v["variant"], v["check"]): v for v in ops_bench.against_ceilings(rows, ceilings)}
+    assert rows[0]["matmul_fraction"] == pytest.approx(0.7) and rows[2]["copy_fraction"] == pytest.approx(0.7)
+    assert verdicts[("linear_cross_entropy", "loss", ">= 60% of the measured matmul rate")]["met"] is True
+    assert verdicts[("linear_cross_entropy", "loss", "faster than torch.compile")]["value"] == pytest.approx(2.0)
+    assert verdicts[("class_centers", "atomic", ">= 75% of the measured copy rate")]["met"] is False
+    assert verdicts[("class_centers", "atomic", "faster than torch.compile")]["met"] is False
+    assert verdicts[("class_centers", "deterministic", "faster than torch.compile")]["met"] is None
 
 
 # ---- the per-op kernel benchmark on the CPU, through pytest-benchmark -------------------------------
