@@ -213,6 +213,11 @@ class RealStats:
             if bank_labels.dim() != 1 or bank_labels.shape[0] != bank_features.shape[0]:
                 raise ValueError(f"bank_labels must have shape [{bank_features.shape[0]}], "
                                  f"got {tuple(bank_labels.shape)}")
+            if bank_labels.numel() and (int(bank_labels.min()) < 0 or int(bank_labels.max()) >= counts.shape[0]):
+                raise ValueError(f"bank_labels must lie in [0, C={counts.shape[0]}), found "
+                                 f"[{int(bank_labels.min())}, {int(bank_labels.max())}]")
+        if not bool(torch.isfinite(sums).all()) or (sq_sums is not None and not bool(torch.isfinite(sq_sums).all())):
+            raise ValueError("sums and sq_sums must be finite (NaN or Inf found)")
         self.counts = counts.cpu()
         self.sums = sums.to("cpu", torch.float64)
         self.sq_sums = None if sq_sums is None else sq_sums.to("cpu", torch.float64)

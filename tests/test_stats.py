@@ -217,3 +217,12 @@ def test_from_features_bad_options_name_the_argument():
                          ({"num_classes": 3.0}, "num_classes")]:
         with pytest.raises(ValueError, match=name):
             RealStats.from_features(z, y, **kwargs)
+
+
+def test_constructor_refuses_nan_sums_and_bank_labels_out_of_range():
+    counts, sums = torch.tensor([2, 3]), torch.zeros(2, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="must be finite"):
+        RealStats(counts, sums.clone().fill_(float("nan")))
+    with pytest.raises(ValueError, match=r"bank_labels must lie in \[0, C=2\)"):
+        RealStats(counts, sums, bank_features=torch.zeros(5, 4), bank_labels=torch.tensor([0, 1, 1, 2, 0]))
+    assert RealStats(counts, sums, bank_features=torch.zeros(5, 4), bank_labels=torch.tensor([0, 1, 1, 1, 0])).has_bank
