@@ -372,6 +372,18 @@ def against_ceilings(rows: List[dict], ceilings: dict) -> List[dict]:
     return verdicts
 
 
+def describe_ceilings(ceilings: dict) -> str:
+    return (f"{ceilings['matmul']['dtype']} matmul {ceilings['matmul']['tflops']:.2f} TFLOP/s, "
+            f"copy {ceilings['copy']['gbytes_per_s']:.1f} GB/s")
+
+
+def describe_target(t: dict) -> str:
+    """One verdict of :func:`against_ceilings` as a sentence."""
+    verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
+    value = "" if t["value"] is None else f" ({t['value']:.2f})"
+    return f"{t['op']} {t['variant']} ({t['backend']}) {t['check']}: {verdict}{value}"
+
+
 def machine_info(device: torch.device) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
@@ -438,8 +450,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     tests = run_tests() if args.with_tests else None
     ceilings = measure_ceilings(device, args.quick, args.reps, args.warmup)
-    print(f"ceilings: {ceilings['matmul']['dtype']} matmul {ceilings['matmul']['tflops']:.2f} TFLOP/s, "
-          f"copy {ceilings['copy']['gbytes_per_s']:.1f} GB/s", flush=True)
+    print(f"ceilings: {describe_ceilings(ceilings)}", flush=True)
     results = []
     for name in args.ops:
         for case in ALL_CASES[name](args.quick):
@@ -460,9 +471,7 @@ def main(argv=None) -> int:
             case.release()
     targets = against_ceilings(results, ceilings)
     for t in targets:
-        value = "not measured" if t["value"] is None else f"{t['value']:.2f}"
-        print(f"target {t['op']} {t['variant']} {t['backend']}: {t['check']}: {value} "
-              f"({'met' if t['met'] else 'not met' if t['met'] is not None else 'open'})", flush=True)
+        print(f"target: {describe_target(t)}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     slug = (machine_info(device).get("gpu") or "cpu").replace(" ", "_").replace("/", "_")
     path = os.path.join(args.out, f"ops_bench_{slug}_{time.strftime('%Y%m%d-%H%M%S')}.json")

@@ -796,10 +796,8 @@ def format_table(result: Dict[str, Any]) -> str:
     if ops.get("results"):
         text += (f"\nPer-op kernel benchmark ({ops.get('timer')}, {ops.get('shapes')} shapes of "
                  "benchmarks/ops_bench.py)")
-        ceil = ops.get("ceilings")
-        if ceil:
-            text += (f"; measured ceilings: {ceil['matmul']['dtype']} matmul {ceil['matmul']['tflops']:.2f} TFLOP/s, "
-                     f"copy {ceil['copy']['gbytes_per_s']:.1f} GB/s")
+        if ops.get("ceilings"):
+            text += f"; measured ceilings: {_import_ops_bench().describe_ceilings(ops['ceilings'])}"
         text += (":\n\n| op | variant | backend | median (ms) | of matmul rate | of copy bandwidth | status |\n"
                  "|---|---|---|---:|---:|---:|---|\n")
         for r in ops["results"]:
@@ -807,11 +805,9 @@ def format_table(result: Dict[str, Any]) -> str:
             text += (f"| {r.get('op')} | {r.get('variant')} | {r.get('backend')} | {_fmt(r.get('median_ms'), 1, 3)} "
                      f"| {fractions} "
                      f"| {r.get('status')}{': ' + str(r.get('reason') or r.get('error')) if r.get('status') != 'ok' else ''} |\n")
-        for t in ops.get("targets") or []:
-            verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
-            value = "" if t["value"] is None else f" ({t['value']:.2f})"
-            text += f"\nTarget: {t['op']} {t['variant']} ({t['backend']}) {t['check']}: {verdict}{value}."
-        text += "\n" if ops.get("targets") else ""
+        targets = ops.get("targets") or []
+        text += "".join(f"\nTarget: {_import_ops_bench().describe_target(t)}." for t in targets)
+        text += "\n" if targets else ""
     elif ops:
         text += f"\nPer-op kernel benchmark: {ops.get('status')} ({ops.get('error')})\n"
     return text
@@ -854,8 +850,7 @@ def _ops_bench_cases(ops_bench, device, tiny: bool, max_seconds: Optional[float]
     rows, t0 = [], time.perf_counter()
     try:
         ceilings = ops_bench.measure_ceilings(device, tiny)
-        print(f"   ceilings: {ceilings['matmul']['dtype']} matmul {ceilings['matmul']['tflops']:.2f} TFLOP/s, "
-              f"copy {ceilings['copy']['gbytes_per_s']:.1f} GB/s", flush=True)
+        print(f"   ceilings: {ops_bench.describe_ceilings(ceilings)}", flush=True)
         for name, make_cases in ops_bench.ALL_CASES.items():
             for case in make_cases(tiny):
                 for backend in ops_bench.BACKENDS:

@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 
 from .augment import CROP_SCALE, Augment
-from .methods._checks import positive_float
+from .methods._checks import positive_float, positive_int
 from .stats import resolve_encoder
 
 __all__ = ["ProbeResult", "evaluate", "encode", "fit_linear_head", "full_data_probe", "random_real",
@@ -175,14 +175,6 @@ def _check_seeds(seeds) -> List[int]:
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct, got {seeds!r}")
     return seeds
-
-
-def _check_positive_int(value, name: str, allow_none: bool = False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
-    return value
 
 
 def _check_features(features, n: int, name: str) -> torch.Tensor:
@@ -388,16 +380,16 @@ def evaluate(distilled, encoder, test_images: torch.Tensor, test_labels: torch.T
     """
     images, labels = _check_set(*_unpack_distilled(distilled), "distilled")
     test_images, test_labels = _check_set(test_images, test_labels, "test")
-    epochs = _check_positive_int(epochs, "epochs")
-    views = _check_positive_int(views, "views", allow_none=True)
+    epochs = positive_int("epochs", epochs)
+    views = positive_int("views", views, allow_none=True)
     seeds = _check_seeds(seeds)
     n = images.shape[0]
-    batch_size = _check_positive_int(batch_size, "batch_size", allow_none=True) or min(MAX_BATCH_SIZE, n)
+    batch_size = positive_int("batch_size", batch_size, allow_none=True) or min(MAX_BATCH_SIZE, n)
     lr = _default_lr(batch_size) if lr is None else positive_float("lr", lr)
     c_seen = 1 + max(int(labels.max()), int(test_labels.max()))
     if num_classes is None:
         num_classes = c_seen
-    elif _check_positive_int(num_classes, "num_classes") < c_seen:
+    elif positive_int("num_classes", num_classes) < c_seen:
         raise ValueError(f"labels must lie in [0, num_classes={num_classes}), found {c_seen - 1}")
     missing = sorted(set(test_labels.unique().tolist()) - set(labels.unique().tolist()))
     if missing:  # the probe never sees them: every such test image counts as an error, silently
@@ -449,8 +441,8 @@ def _full_data_heads(features, labels, num_classes, epochs, seeds, batch_size, l
         raise ValueError(f"features must be a tensor [N, D], got {getattr(features, 'shape', type(features))}")
     labels = _check_labels(labels, features.shape[0], "labels")
     features = _check_features(features, labels.shape[0], "features")
-    epochs = _check_positive_int(epochs, "epochs")
-    batch_size = _check_positive_int(batch_size, "batch_size")
+    epochs = positive_int("epochs", epochs)
+    batch_size = positive_int("batch_size", batch_size)
     num_classes = num_classes or 1 + int(labels.max())
     lr = _default_lr(batch_size) if lr is None else positive_float("lr", lr)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
@@ -511,7 +503,7 @@ def random_real(images: torch.Tensor, labels: torch.Tensor, ipc: int = 1, seed: 
                 num_classes: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``ipc`` real images per class drawn uniformly without replacement (class-major order)."""
     images, labels = _check_set(images, labels, "real")
-    ipc = _check_positive_int(ipc, "ipc")
+    ipc = positive_int("ipc", ipc)
     num_classes = num_classes or 1 + int(labels.max())
     g = torch.Generator().manual_seed(seed)
     picked = [idx[torch.randperm(idx.numel(), generator=g)[:ipc]] for idx in _class_indices(labels, num_classes, ipc)]
@@ -571,7 +563,7 @@ def class_centroids(images: torch.Tensor, labels: torch.Tensor, encoder=None, ip
     (``[N, D]``, e.g. a ``RealStats`` bank) skips the encoding.
     """
     images, labels = _check_set(images, labels, "real")
-    ipc = _check_positive_int(ipc, "ipc")
+    ipc = positive_int("ipc", ipc)
     num_classes = num_classes or 1 + int(labels.max())
     per_class = _class_indices(labels, num_classes, ipc)
     feats = _real_features(images, encoder, features, progress)
@@ -634,7 +626,7 @@ def classifier_inheritance(distilled, encoder, test_images: torch.Tensor, test_l
     if not isinstance(head, nn.Linear):
         raise TypeError(f"head must be an nn.Linear (D_d -> C), got {type(head).__name__}")
     seeds = _check_seeds(seeds)
-    views = _check_positive_int(views, "views")
+    views = positive_int("views", views)
     ridge = positive_float("ridge", ridge)
     encoder = resolve_encoder(encoder)
     distill_encoder = encoder if distill_encoder is None else resolve_encoder(distill_encoder)
