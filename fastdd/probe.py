@@ -25,9 +25,9 @@ images per seed. Measured against ``views=None`` (``scripts/calibrate.py --mode 
 ``benchmarks/results/calibration_views.md``: Fashion-MNIST 32 px, MobileNetV2, 3 random-real draws at
 ipc 1 x 3 probe seeds): 33.2 +- 2.8 % re-encoding every epoch, 32.6 +- 3.9 with 10 views, 35.2 +- 3.7 with
 30, 36.4 +- 4.0 with 100 (one draw with 1000 views: 36.1 vs 36.0 re-encoded). A pool can read a few points
-higher than the letter of the protocol; compare sets only under one setting of ``views``. Each seed draws its own pool, its probe initialisation and
-its batch order from ``torch.Generator().manual_seed(seed)``, so a seed's accuracy does not depend on which
-other seeds run with it.
+higher than the letter of the protocol; compare sets only under one setting of ``views``. Each seed draws
+its own pool, its probe initialisation and its batch order from ``torch.Generator().manual_seed(seed)``, so
+a seed's accuracy does not depend on which other seeds run with it.
 
 Baselines (each returns an ``(images, labels)`` pair, class-major, to pass to ``evaluate``):
 ``random_real`` (ipc random real images per class), ``class_centroids`` (the real image nearest each class
@@ -51,8 +51,9 @@ import torch
 import torch.nn as nn
 
 from .augment import CROP_SCALE, Augment
-from .methods._checks import positive_float, positive_int
-from .stats import resolve_encoder
+from .encoders import encoder_device, resolve_encoder
+from .validate import class_labels, finite, positive_float, positive_int
+from .validate import seed as check_seed
 
 __all__ = ["ProbeResult", "evaluate", "encode", "fit_linear_head", "full_data_probe", "random_real",
            "class_centroids", "nearest_real", "classifier_inheritance", "DEFAULT_EPOCHS", "DEFAULT_VIEWS",
@@ -126,32 +127,16 @@ def _check_images(images, name: str) -> torch.Tensor:
         raise ValueError(f"{name} is empty")
     if not images.is_floating_point():
         raise TypeError(f"{name} must be floating point with values in [0, 1], got {images.dtype}")
-    if not bool(torch.isfinite(images).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
+    finite(name, images)
     lo, hi = float(images.min()), float(images.max())
     if lo < -_RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
         raise ValueError(f"{name} must have values in [0, 1], found [{lo:.4g}, {hi:.4g}]")
     return images
 
 
-def _check_labels(labels, n: int, name: str, num_classes: Optional[int] = None) -> torch.Tensor:
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{name} must be an int64 tensor [N], got {type(labels).__name__}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"{name} must be integer class indices, got {labels.dtype}")
-    if labels.dim() != 1 or labels.shape[0] != n:
-        raise ValueError(f"{name} must have shape [{n}] (one label per image), got {tuple(labels.shape)}")
-    labels = labels.long()
-    if int(labels.min()) < 0:
-        raise ValueError(f"{name} must be >= 0, found {int(labels.min())}")
-    if num_classes is not None and int(labels.max()) >= num_classes:
-        raise ValueError(f"{name} must lie in [0, num_classes={num_classes}), found {int(labels.max())}")
-    return labels
-
-
 def _check_set(images, labels, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
     images = _check_images(images, f"{name} images")
-    return images, _check_labels(labels, images.shape[0], f"{name} labels")
+    return images, class_labels(f"{name} labels", labels, images.shape[0])
 
 
 def _unpack_distilled(distilled) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -170,8 +155,9 @@ def _check_seeds(seeds) -> List[int]:
         seeds = list(seeds)
     except TypeError:
         raise TypeError(f"seeds must be a sequence of ints, got {type(seeds).__name__}") from None
-    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
-        raise ValueError(f"seeds must be a non-empty sequence of ints, got {seeds!r}")
+    if not seeds:
+        raise ValueError("seeds must be a non-empty sequence of ints, got []")
+    seeds = [check_seed(f"seeds[{i}]", s) for i, s in enumerate(seeds)]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct, got {seeds!r}")
     return seeds
@@ -183,8 +169,7 @@ def _check_features(features, n: int, name: str) -> torch.Tensor:
         raise ValueError(f"{name} must be a tensor [{n}, D] (one row per image), got {shape}")
     if not features.is_floating_point():
         raise TypeError(f"{name} must be floating point, got {features.dtype}")
-    if not bool(torch.isfinite(features).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
+    finite(name, features)
     return features.float()
 
 
@@ -209,12 +194,6 @@ def _check_same_geometry(encoder, train_images: torch.Tensor, test_images: torch
                          "load both at one size or give the encoder an input_size")
 
 
-def _encoder_device(encoder) -> torch.device:
-    for t in list(encoder.parameters()) + list(encoder.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 # --------------------------------------------------------------------------------------------------
 # Features
 # --------------------------------------------------------------------------------------------------
@@ -225,7 +204,7 @@ def encode(encoder, images: torch.Tensor, batch_size: int = _ENCODE_BATCH, progr
     from tqdm.auto import tqdm
 
     encoder = resolve_encoder(encoder)
-    device = _encoder_device(encoder)
+    device = encoder_device(encoder)
     chunks = []
     with torch.no_grad(), tqdm(total=images.shape[0], desc=desc, unit="img", disable=not progress,
                                leave=False) as bar:
@@ -238,8 +217,7 @@ def encode(encoder, images: torch.Tensor, batch_size: int = _ENCODE_BATCH, progr
             chunks.append(feats.float().cpu())
             bar.update(batch.shape[0])
     features = torch.cat(chunks)
-    if not bool(torch.isfinite(features).all()):
-        raise ValueError(f"encoder returned NaN or Inf features ({desc})")
+    finite(f"the encoder's features ({desc})", features)
     return features
 
 
@@ -271,55 +249,70 @@ def _default_lr(batch_size: int) -> float:
     return 1e-3 * batch_size / 256
 
 
+def _initial_probes(generators: Sequence[torch.Generator], dim: int, num_classes: int,
+                    device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``W [S, D, C]`` and ``b [S, C]`` initialised as ``nn.Linear`` (U(-1/sqrt(D), 1/sqrt(D))), probe s
+    drawn from ``generators[s]`` (its weight first, then its bias)."""
+    bound = 1.0 / math.sqrt(dim)
+    weights, biases = [], []
+    for g in generators:
+        weights.append(torch.empty(dim, num_classes).uniform_(-bound, bound, generator=g))
+        biases.append(torch.empty(num_classes).uniform_(-bound, bound, generator=g))
+    return torch.stack(weights).to(device), torch.stack(biases).to(device)
+
+
+def _cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The protocol's schedule ``lr_k = lr (1 + cos(pi k / T)) / 2`` at step k = 0 .. T - 1 (stepped once per
+    batch). The closed form of ``CosineAnnealingLR(T_max=T)``; ``LambdaLR`` evaluates it as written, while
+    ``CosineAnnealingLR`` updates the rate recursively (off by up to ~1e-14 relative over 18,000 steps)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * step / total_steps)))
+
+
+def _cross_entropy_gradients(z: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
+                             bias: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Closed-form gradients of the mean cross-entropy of S linear probes on their batches ``z [S, B, D]``
+    with ``labels [S, B]``: ``dW = Z^T (softmax(ZW + b) - Y) / B`` ``[S, D, C]`` and
+    ``db = colsum(softmax - Y) / B`` ``[S, C]`` (``fastdd.ops.linear_head_gradient``, batched over S)."""
+    residual = torch.baddbmm(bias.unsqueeze(1), z, weight).softmax(-1)
+    residual.scatter_add_(2, labels.unsqueeze(-1), residual.new_full((*labels.shape, 1), -1.0))
+    residual /= labels.shape[1]
+    return torch.bmm(z.transpose(1, 2), residual), residual.sum(1)
+
+
 def _train_probes(epoch_features: Callable[[int], torch.Tensor], labels: torch.Tensor, num_classes: int,
                   generators: Sequence[torch.Generator], epochs: int, batch_size: int, lr: float,
                   progress: bool, desc: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """Train one linear probe per generator, all at once, and return ``W [S,D,C]``, ``b [S,C]``.
 
     ``epoch_features(epoch)`` returns the features ``[S, N, D]`` (or ``[N, D]``, shared) that epoch
-    trains on. Initialisation as ``nn.Linear`` (U(-1/sqrt(D), 1/sqrt(D)) for W and b) from each generator.
-    The S probes are trained side by side: Adam (betas 0.9, 0.999, eps 1e-8, no weight decay) is
-    element-wise, so this is S independent trainings. The gradient of the mean cross-entropy is taken in
-    closed form, ``dW = Z^T (softmax(ZW + b) - Y) / B`` and ``db = colsum(softmax - Y) / B`` (the math of
-    ``fastdd.ops.linear_head_gradient``, batched over the S probes), and Adam and the cosine schedule
-    (``lr_k = lr (1 + cos(pi k / T)) / 2`` at step k of T, as ``CosineAnnealingLR``) are written out:
-    no autograd graph or optimiser object per step, which matters for 18,000-step full-data probes.
+    trains on. Probe s is initialised as ``nn.Linear`` (``_initial_probes``) and shuffles its batches every
+    epoch from ``generators[s]``. The S probes are stacked into one ``torch.optim.Adam``
+    (betas 0.9, 0.999, eps 1e-8, no weight decay): Adam is element-wise, so this is S independent
+    trainings. The gradient is taken in closed form (``_cross_entropy_gradients``) and handed to the
+    optimiser as ``.grad``: no autograd graph per step, which matters for 18,000-step full-data probes.
     """
     from tqdm.auto import tqdm
 
-    s_count, n = len(generators), labels.shape[0]
+    probe_count, n = len(generators), labels.shape[0]
     first = epoch_features(0)
     dim, device = first.shape[-1], first.device
-    bound = 1.0 / math.sqrt(dim)
-    weight = torch.stack([torch.empty(dim, num_classes).uniform_(-bound, bound, generator=g)
-                          for g in generators]).to(device)
-    bias = torch.stack([torch.empty(1, num_classes).uniform_(-bound, bound, generator=g)
-                        for g in generators]).to(device)
-    params = (weight, bias)
-    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
-    beta1, beta2, eps = 0.9, 0.999, 1e-8
-    total_steps, step = epochs * math.ceil(n / batch_size), 0
+    weight, bias = _initial_probes(generators, dim, num_classes, device)
+    optimizer = torch.optim.Adam([weight, bias], lr=lr)
+    schedule = _cosine_schedule(optimizer, epochs * math.ceil(n / batch_size))
     labels = labels.to(device)
     for epoch in tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress, leave=False):
         feats = first if epoch == 0 else epoch_features(epoch)
         if feats.dim() == 2:
-            feats = feats.unsqueeze(0).expand(s_count, -1, -1)
+            feats = feats.unsqueeze(0).expand(probe_count, -1, -1)
         order = torch.stack([torch.randperm(n, generator=g) for g in generators]).to(device)
         for start in range(0, n, batch_size):
             idx = order[:, start:start + batch_size]
             z = feats.gather(1, idx.unsqueeze(-1).expand(-1, -1, dim))
-            residual = torch.baddbmm(bias, z, weight).softmax(-1)
-            residual.scatter_add_(2, labels[idx].unsqueeze(-1), residual.new_full((*idx.shape, 1), -1.0))
-            residual /= idx.shape[1]
-            grads = (torch.bmm(z.transpose(1, 2), residual), residual.sum(1, keepdim=True))
-            step_lr = lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
-            step += 1
-            for p, g, (m, v) in zip(params, grads, moments):
-                m.mul_(beta1).add_(g, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                denom = (v / (1 - beta2 ** step)).sqrt_().add_(eps)
-                p.addcdiv_(m, denom, value=-step_lr / (1 - beta1 ** step))
-    return weight, bias.squeeze(1)
+            weight.grad, bias.grad = _cross_entropy_gradients(z, labels[idx], weight, bias)
+            optimizer.step()
+            schedule.step()
+    return weight, bias
 
 
 def _accuracy(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
@@ -386,11 +379,12 @@ def evaluate(distilled, encoder, test_images: torch.Tensor, test_labels: torch.T
     n = images.shape[0]
     batch_size = positive_int("batch_size", batch_size, allow_none=True) or min(MAX_BATCH_SIZE, n)
     lr = _default_lr(batch_size) if lr is None else positive_float("lr", lr)
-    c_seen = 1 + max(int(labels.max()), int(test_labels.max()))
     if num_classes is None:
-        num_classes = c_seen
-    elif positive_int("num_classes", num_classes) < c_seen:
-        raise ValueError(f"labels must lie in [0, num_classes={num_classes}), found {c_seen - 1}")
+        num_classes = 1 + max(int(labels.max()), int(test_labels.max()))
+    else:
+        num_classes = positive_int("num_classes", num_classes)
+        labels = class_labels("distilled labels", labels, n, num_classes)
+        test_labels = class_labels("test labels", test_labels, test_labels.shape[0], num_classes)
     missing = sorted(set(test_labels.unique().tolist()) - set(labels.unique().tolist()))
     if missing:  # the probe never sees them: every such test image counts as an error, silently
         raise ValueError(f"test_labels hold classes {missing[:10]}{'...' if len(missing) > 10 else ''} that "
@@ -400,7 +394,7 @@ def evaluate(distilled, encoder, test_images: torch.Tensor, test_labels: torch.T
     test_features = _test_features(encoder, images, test_images, test_features, progress)
 
     augment = Augment.evaluation(crop_scale=crop_scale)
-    device = _encoder_device(encoder)
+    device = encoder_device(encoder)
     images = images.detach().to(device, torch.float32)
     accuracies, heads = [], []
     for seed in seeds:
@@ -439,7 +433,7 @@ def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes: O
 def _full_data_heads(features, labels, num_classes, epochs, seeds, batch_size, lr, progress):
     if not isinstance(features, torch.Tensor) or features.dim() != 2:
         raise ValueError(f"features must be a tensor [N, D], got {getattr(features, 'shape', type(features))}")
-    labels = _check_labels(labels, features.shape[0], "labels")
+    labels = class_labels("labels", labels, features.shape[0])
     features = _check_features(features, labels.shape[0], "features")
     epochs = positive_int("epochs", epochs)
     batch_size = positive_int("batch_size", batch_size)
@@ -473,7 +467,9 @@ def full_data_probe(train_images: Optional[torch.Tensor], train_labels: torch.Te
     if test_features is None:
         test_images, test_labels = _check_set(test_images, test_labels, "test")
         test_features = encode(encoder, test_images, progress=progress, desc="test features")
-    test_labels = _check_labels(test_labels, test_features.shape[0], "test_labels")
+    train_labels = class_labels("train_labels", train_labels)
+    train_features = _check_features(train_features, train_labels.shape[0], "train_features")
+    test_labels = class_labels("test_labels", test_labels, test_features.shape[0])
     test_features = _check_features(test_features, test_labels.shape[0], "test_features")
     num_classes = 1 + max(int(train_labels.max()), int(test_labels.max()))
     heads = _full_data_heads(train_features, train_labels, num_classes, epochs, seeds, batch_size, lr, progress)
@@ -633,7 +629,7 @@ def classifier_inheritance(distilled, encoder, test_images: torch.Tensor, test_l
     _check_same_geometry(encoder, images, test_images)
     test_features = _test_features(encoder, images, test_images, test_features, progress)
     augment = Augment.evaluation(crop_scale=crop_scale)
-    device = _encoder_device(encoder)
+    device = encoder_device(encoder)
     images = images.detach().to(device, torch.float32)
     accs = []
     for seed in seeds:
@@ -641,7 +637,7 @@ def classifier_inheritance(distilled, encoder, test_images: torch.Tensor, test_l
         g = torch.Generator().manual_seed(seed)
         batch = torch.cat([augment(images, g) for _ in range(views)]).clamp_(0.0, 1.0)
         x_e = encode(encoder, batch, progress=progress, desc=f"inheritance seed {seed}")
-        x_d = x_e if distill_encoder is encoder else encode(distill_encoder, batch.to(_encoder_device(distill_encoder)))
+        x_d = x_e if distill_encoder is encoder else encode(distill_encoder, batch.to(encoder_device(distill_encoder)))
         if head.in_features != x_d.shape[1]:
             raise ValueError(f"head takes {head.in_features} features but the distillation encoder gives "
                              f"{x_d.shape[1]}")

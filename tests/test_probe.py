@@ -5,6 +5,7 @@ linearly separable in its features, so a working probe must reach a high accurac
 (wrong labels, wrong data) must not.
 """
 
+import math
 import statistics
 
 import pytest
@@ -125,32 +126,47 @@ def test_distilled_set_object_and_precomputed_test_features(encoder, test_set):
     assert a.accuracies == b.accuracies
 
 
-def test_training_matches_torch_adam_with_cosine_schedule():
-    # the closed-form gradient + written-out Adam equal autograd + torch.optim.Adam + CosineAnnealingLR
-    import math
+def test_training_matches_separate_torch_adams_with_cosine_schedule():
+    # S probes stacked into one Adam with the closed-form gradient equal S separate trainings with
+    # autograd + their own torch.optim.Adam + CosineAnnealingLR, each from its own generator
     import torch.nn.functional as F
 
-    n, dim, classes, epochs, bs, lr = 37, 20, 5, 7, 10, 0.05
+    n, dim, classes, epochs, bs, lr, seeds = 37, 20, 5, 7, 10, 0.05, (4, 9)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(n, dim, generator=g), torch.randint(classes, (n,), generator=g)
-    weight, bias = probe._train_probes(lambda epoch: x, y, classes, [torch.Generator().manual_seed(4)],
-                                       epochs, bs, lr, False, "test")
-    g = torch.Generator().manual_seed(4)
-    bound = 1 / math.sqrt(dim)
-    w_ref = torch.empty(dim, classes).uniform_(-bound, bound, generator=g).requires_grad_()
-    b_ref = torch.empty(classes).uniform_(-bound, bound, generator=g).requires_grad_()
-    opt = torch.optim.Adam([w_ref, b_ref], lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * math.ceil(n / bs))
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=g)
-        for start in range(0, n, bs):
-            i = order[start:start + bs]
-            opt.zero_grad()
-            F.cross_entropy(x[i] @ w_ref + b_ref, y[i]).backward()
-            opt.step()
-            schedule.step()
-    torch.testing.assert_close(weight[0], w_ref.detach(), atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(bias[0], b_ref.detach(), atol=1e-6, rtol=1e-5)
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    weight, bias = probe._train_probes(lambda epoch: x, y, classes, generators, epochs, bs, lr, False, "test")
+    assert weight.shape == (len(seeds), dim, classes) and bias.shape == (len(seeds), classes)
+    for s, seed in enumerate(seeds):
+        g = torch.Generator().manual_seed(seed)
+        bound = 1 / math.sqrt(dim)
+        w_ref = torch.empty(dim, classes).uniform_(-bound, bound, generator=g).requires_grad_()
+        b_ref = torch.empty(classes).uniform_(-bound, bound, generator=g).requires_grad_()
+        opt = torch.optim.Adam([w_ref, b_ref], lr=lr)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * math.ceil(n / bs))
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=g)
+            for start in range(0, n, bs):
+                i = order[start:start + bs]
+                opt.zero_grad()
+                F.cross_entropy(x[i] @ w_ref + b_ref, y[i]).backward()
+                opt.step()
+                schedule.step()
+        torch.testing.assert_close(weight[s], w_ref.detach(), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(bias[s], b_ref.detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_cosine_schedule_is_the_closed_form_stepped_per_batch():
+    param = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.Adam([param], lr=0.3)
+    schedule = probe._cosine_schedule(optimizer, total_steps=8)
+    rates = []
+    for _ in range(8):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates == [0.3 * 0.5 * (1.0 + math.cos(math.pi * k / 8)) for k in range(8)]
+    assert rates[0] == 0.3 and rates[-1] > 0.0
 
 
 def test_combine_pools_runs():
@@ -170,7 +186,7 @@ def test_combine_pools_runs():
     (lambda im, lb: (im * 255, lb), ValueError, r"values in \[0, 1\]"),
     (lambda im, lb: ((im * 255).to(torch.uint8), lb), TypeError, "floating point"),
     (lambda im, lb: (im, lb[:-1]), ValueError, "one label per image"),
-    (lambda im, lb: (im, lb.float()), TypeError, "integer class indices"),
+    (lambda im, lb: (im, lb.float()), TypeError, "distilled labels must be an integer tensor"),
     (lambda im, lb: (im, lb - 1), ValueError, ">= 0"),
     (lambda im, lb: (im, lb + 10), ValueError, "num_classes=4"),
     (lambda im, lb: im, TypeError, "DistilledSet"),
