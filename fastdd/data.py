@@ -38,6 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .validate import class_labels
+
 __all__ = [
     "Split",
     "DATASETS",
@@ -222,8 +224,11 @@ DATASETS = {
 
 
 def _check_labels(labels: torch.Tensor, num_classes: int, source) -> torch.Tensor:
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise DataError(f"{source} is corrupt: labels outside 0..{num_classes - 1}")
+    """The labels of a built-in source: integer class indices in ``0..num_classes-1``, every class present."""
+    try:
+        labels = class_labels("labels", labels, num_classes=num_classes)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{source} is corrupt: labels outside 0..{num_classes - 1} ({e})") from None
     missing = torch.bincount(labels, minlength=num_classes) == 0
     if bool(missing.any()):
         raise DataError(f"{source} is corrupt: classes {missing.nonzero().flatten().tolist()} have no sample")
@@ -321,6 +326,15 @@ def _as_image_tensor(x, what: str) -> torch.Tensor:
     return x
 
 
+def _batch_labels(labels, length: int, where: str) -> torch.Tensor:
+    """``labels`` as int64 ``[length]`` class indices >= 0 (``fastdd.validate.class_labels``); its error as a
+    ``DataError`` that says where in the source the labels came from."""
+    try:
+        return class_labels("labels", labels, length)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{where}: {e}") from None
+
+
 def _check_batch(images: torch.Tensor, labels: torch.Tensor, where: str) -> Tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(images, torch.Tensor):
         raise DataError(f"{where}: images must be a tensor, got {type(images).__name__}")
@@ -333,14 +347,7 @@ def _check_batch(images: torch.Tensor, labels: torch.Tensor, where: str) -> Tupl
         raise DataError(f"{where}: images must have shape [B, 3, H, W] (or [B, 1, H, W]), got {tuple(images.shape)}")
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
-    labels = torch.as_tensor(labels)
-    if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
-        raise DataError(f"{where}: labels must have shape [{images.shape[0]}], got {tuple(labels.shape)}")
-    if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
-        raise DataError(f"{where}: labels must be integers, got {labels.dtype}")
-    labels = labels.long()
-    if labels.numel() and int(labels.min()) < 0:
-        raise DataError(f"{where}: labels must be >= 0, found {int(labels.min())}")
+    labels = _batch_labels(labels, images.shape[0], where)
     if not bool(torch.isfinite(images).all()):
         raise DataError(f"{where}: images contain NaN or Inf")
     lo, hi = float(images.min()), float(images.max())
@@ -363,9 +370,7 @@ def iterate_batches(source, labels: Optional[torch.Tensor] = None, batch_size: i
     if isinstance(source, torch.Tensor):
         if labels is None:
             raise DataError("labels is required when images are given as a tensor")
-        labels = torch.as_tensor(labels)
-        if labels.dim() != 1 or labels.shape[0] != source.shape[0]:
-            raise DataError(f"labels must have shape [{source.shape[0]}] to match images, got {tuple(labels.shape)}")
+        labels = _batch_labels(labels, source.shape[0], "images given as a tensor")
         if source.shape[0] == 0:
             raise DataError("images is empty")
         for start in range(0, source.shape[0], batch_size):

@@ -155,7 +155,7 @@ def test_iterate_batches_all_sources_agree():
 @pytest.mark.parametrize("images, labels, message", [
     (torch.rand(4, 3, 8, 8), None, "labels is required"),
     (torch.rand(4, 3, 8, 8), torch.zeros(3, dtype=torch.long), r"labels must have shape \[4\]"),
-    (torch.rand(4, 3, 8, 8), torch.zeros(4), "labels must be integers"),
+    (torch.rand(4, 3, 8, 8), torch.zeros(4), "labels must be an integer tensor"),
     (torch.rand(4, 3, 8, 8), -torch.ones(4, dtype=torch.long), ">= 0"),
     (torch.rand(4, 8, 8), torch.zeros(4, dtype=torch.long), "shape"),
     (torch.rand(4, 3, 8, 8) * 255, torch.zeros(4, dtype=torch.long), r"\[0, 1\]"),
