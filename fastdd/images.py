@@ -115,7 +115,11 @@ class PixelImages(nn.Module):
         return tuple(self.theta.shape[-2:])
 
     def forward(self) -> torch.Tensor:
-        return decode(self.theta)
+        return self.decode()
+
+    def decode(self, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The images ``[N, 3, H, W]`` in (0, 1), or only those at ``index`` (a 1-D index tensor)."""
+        return decode(self.theta if index is None else self.theta[index])
 
     def maybe_extend(self, step: int, generator: Optional[torch.Generator] = None) -> bool:
         """Pixels never change shape: always False."""
@@ -179,9 +183,15 @@ class PyramidImages(nn.Module):
         return len(self.levels) == len(self.resolutions)
 
     def forward(self) -> torch.Tensor:
+        return self.decode()
+
+    def decode(self, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The images ``[N, 3, H, W]`` in (0, 1), or only those at ``index`` (a 1-D index tensor; repeats
+        allowed): the levels of just those images are upsampled, so a chunk costs what its rows cost."""
         x = None
         for lv in self.levels:
-            up = F.interpolate(lv, size=self.size, mode="bilinear", align_corners=False)
+            up = F.interpolate(lv if index is None else lv[index], size=self.size, mode="bilinear",
+                               align_corners=False)
             x = up if x is None else x + up
         return decode(x)
 

@@ -7,10 +7,9 @@ back-propagates into ``zs``::
     loss = fastdd.nn.FlowMatchingLoss(stats)(zs, ys)
     loss = fastdd.nn.ClosedFormProbeLoss(stats, lam=1.0, tau=0.1)(zs, ys)
     loss = fastdd.nn.LinearGradientMatchingLoss()(zs, ys, zr, yr)
+    loss = fastdd.nn.DistributionMatchingLoss(stats)(zs, ys)
 """
 
-from .methods.clp import ClosedFormProbeLoss
-from .methods.lgm import LinearGradientMatchingLoss
-from .methods.sfm import FlowMatchingLoss
+from .methods import ClosedFormProbeLoss, DistributionMatchingLoss, FlowMatchingLoss, LinearGradientMatchingLoss
 
-__all__ = ["FlowMatchingLoss", "ClosedFormProbeLoss", "LinearGradientMatchingLoss"]
+__all__ = ["FlowMatchingLoss", "ClosedFormProbeLoss", "LinearGradientMatchingLoss", "DistributionMatchingLoss"]

@@ -13,164 +13,28 @@ Accumulation policy: each batch is reduced by ``fastdd.ops.class_centers`` (fp32
 the batch sums are added into fp64 totals, so the error does not grow with the number of batches; the
 encoder runs un-augmented (its wrapper resizes and centre-crops), without a graph.
 
-Files: ``save``/``load`` write a torch zip file holding ``{"format", "format_version", "payload",
-"checksum"}``, where the checksum is a SHA-256 over every tensor's bytes, dtype and shape and every other
-value of the payload. A truncated or altered file raises ``CorruptFileError`` naming the file. Writes are
-atomic (temporary file + ``os.replace``). The helpers ``save_checked``/``load_checked`` are shared with
-``fastdd.api`` (DistilledSet and checkpoints).
+Files: ``save``/``load`` use fastdd's checked, versioned container (``fastdd.files``): a truncated or
+altered file raises ``CorruptFileError`` naming the file, and writes are atomic.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
-from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
 
 from . import ops
-from .methods._checks import positive_int
+from .encoders import encoder_device, resolve_encoder
+from .files import CorruptFileError, load_checked, save_checked
+from .validate import positive_int
 from .ops._common import check_num_classes
 
-__all__ = ["RealStats", "CorruptFileError", "save_checked", "load_checked", "resolve_encoder"]
+__all__ = ["RealStats", "StatsAccumulator", "CorruptFileError"]
 
 STATS_FORMAT = "fastdd.RealStats"
 STATS_FORMAT_VERSION = 1
-_HASH_CHUNK_BYTES = 1 << 24
-
-
-class CorruptFileError(ValueError):
-    """A fastdd file is truncated, altered, of another kind or of a newer format version."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Checked files (shared by RealStats, DistilledSet and distill checkpoints)
-# --------------------------------------------------------------------------------------------------
-
-def _digest(obj: Any, h) -> None:
-    """Feed a canonical encoding of ``obj`` (nested dict/list/tuple of tensors and plain values) to ``h``."""
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach()
-        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-        if t.numel() == 0:
-            return
-        t = t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)
-        if t.device.type != "cpu":
-            t = t.cpu()
-        # hash in chunks so memory-mapped banks are read page by page, never copied whole
-        step = max(1, _HASH_CHUNK_BYTES // t.element_size())
-        for start in range(0, t.numel(), step):
-            h.update(t[start:start + step].contiguous().view(torch.uint8).numpy())
-    elif isinstance(obj, dict):
-        h.update(f"D{len(obj)}".encode())
-        for key in sorted(obj, key=repr):
-            h.update(repr(key).encode())
-            _digest(obj[key], h)
-    elif isinstance(obj, (list, tuple)):
-        h.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)}".encode())
-        for item in obj:
-            _digest(item, h)
-    elif obj is None or isinstance(obj, (bool, int, float, str, bytes)):
-        h.update(f"V{type(obj).__name__}{obj!r}".encode())
-    elif isinstance(obj, torch.dtype):
-        h.update(f"Y{obj}".encode())
-    else:
-        raise TypeError(f"cannot store a value of type {type(obj).__name__} in a fastdd file")
-
-
-def checksum(payload: Any) -> str:
-    """SHA-256 (hex) of the canonical encoding of ``payload``."""
-    h = hashlib.sha256()
-    _digest(payload, h)
-    return h.hexdigest()
-
-
-def save_checked(payload: dict, path: Union[str, os.PathLike], kind: str, version: int) -> None:
-    """Write ``payload`` to ``path`` with its kind, format version and checksum, atomically.
-
-    The file is first written to a temporary file in the same folder, then moved over ``path`` with
-    ``os.replace``: a crash while saving leaves the previous file intact.
-    """
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    folder.mkdir(parents=True, exist_ok=True)
-    record = {"format": kind, "format_version": int(version), "payload": payload,
-              "checksum": checksum(payload)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(record, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def load_checked(path: Union[str, os.PathLike], kind: str, version: int, *, mmap: bool = False,
-                 verify: bool = True) -> dict:
-    """Read a file written by ``save_checked`` and return its payload.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        CorruptFileError: the file cannot be read, is of another kind, has a newer format version, or its
-            checksum does not match its content.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # truncated zip, garbage bytes, pickle errors: all mean "unreadable"
-        raise CorruptFileError(f"{path} is corrupt or not a fastdd file (cannot be read: "
-                               f"{type(e).__name__}: {e})") from e
-    if not isinstance(record, dict) or "format" not in record or "payload" not in record:
-        raise CorruptFileError(f"{path} is not a fastdd file (no format header)")
-    if record["format"] != kind:
-        raise CorruptFileError(f"{path} holds a {record['format']!r}, expected a {kind!r}")
-    found = record.get("format_version")
-    if not isinstance(found, int) or found > version or found < 1:
-        raise CorruptFileError(f"{path} has format version {found!r}; this fastdd reads versions 1..{version} "
-                               "(upgrade fastdd to read newer files)")
-    if verify and checksum(record["payload"]) != record.get("checksum"):
-        raise CorruptFileError(f"{path} is corrupt: its checksum does not match its content")
-    return record["payload"]
-
-
-# --------------------------------------------------------------------------------------------------
-# Encoders
-# --------------------------------------------------------------------------------------------------
-
-def resolve_encoder(encoder, device=None):
-    """Return a ``FrozenEncoder`` for ``encoder`` given as a name, a FrozenEncoder or any nn.Module.
-
-    A name goes through ``fastdd.encoders.load``; a plain module is wrapped by ``fastdd.encoders.wrap``
-    (ImageNet normalisation inside the wrapper, parameters frozen). ``device`` moves the encoder.
-    """
-    from . import encoders
-
-    if isinstance(encoder, str):
-        return encoders.load(encoder, device=device)
-    if isinstance(encoder, encoders.FrozenEncoder):
-        return encoder.to(device) if device is not None else encoder
-    if isinstance(encoder, torch.nn.Module):
-        wrapped = encoders.wrap(encoder)
-        return wrapped.to(device) if device is not None else wrapped
-    raise TypeError(f"encoder must be a name (str) or an nn.Module, got {type(encoder).__name__}")
-
-
-def _encoder_device(encoder) -> torch.device:
-    for p in encoder.parameters():
-        return p.device
-    for b in encoder.buffers():
-        return b.device
-    return torch.device("cpu")
-
 
 # --------------------------------------------------------------------------------------------------
 # RealStats
@@ -295,76 +159,26 @@ class RealStats:
         """
         from .data import iterate_batches
 
-        if bank_path is not None:
-            bank = True
-        if bank_dtype not in _BANK_DTYPES:
-            raise ValueError(f"bank_dtype must be one of {_BANK_DTYPES}, got {bank_dtype}")
-        if num_classes is not None:
-            check_num_classes(num_classes)
         if num_classes is None and isinstance(source, torch.Tensor) and labels is not None:
             from .data import num_classes_of
             num_classes = num_classes_of(torch.as_tensor(labels))
-        fixed_classes = num_classes is not None
+        if bank_dtype not in _BANK_DTYPES:
+            raise ValueError(f"bank_dtype must be one of {_BANK_DTYPES}, got {bank_dtype}")
         encoder = resolve_encoder(encoder, device)
-        dev = _encoder_device(encoder) if device is None else torch.device(device)
-
-        total = None
-        if isinstance(source, torch.Tensor):
-            total = int(source.shape[0])
-        elif hasattr(source, "__len__"):
-            try:
-                total = len(source.dataset) if isinstance(source, torch.utils.data.DataLoader) else len(source)
-            except TypeError:
-                total = None
-        bar = _progress(total, "real statistics", progress)
-
-        sums = sq_sums = counts = None
-        bank_chunks, label_chunks, rows = [], [], 0
-        bank_file = open(bank_path, "wb") if bank_path is not None else None
+        dev = encoder_device(encoder) if device is None else torch.device(device)
+        accumulator = StatsAccumulator(num_classes, bank=bank, bank_dtype=bank_dtype, bank_path=bank_path,
+                                       second_moment=second_moment)
+        bar = _progress(_length(source), "real statistics", progress)
         try:
             for images, batch_labels in iterate_batches(source, labels, batch_size=batch_size):
                 with torch.no_grad():
                     feats = encoder(images.to(dev, non_blocking=True))
-                if feats.dim() != 2 or feats.shape[0] != images.shape[0] or not feats.is_floating_point():
-                    raise ValueError(f"encoder must return floating features [B, D]; got {feats.dtype} "
-                                     f"{tuple(feats.shape)} for {images.shape[0]} images")
-                if not bool(torch.isfinite(feats).all()):
-                    raise ValueError(f"encoder returned NaN or Inf features for real images "
-                                     f"{rows}..{rows + feats.shape[0] - 1}")
-                batch_labels = batch_labels.to(feats.device)
-                hi = int(batch_labels.max()) + 1
-                if fixed_classes and hi > num_classes:
-                    raise ValueError(f"labels must lie in [0, num_classes={num_classes}), found {hi - 1}")
-                c = num_classes if fixed_classes else max(hi, 0 if counts is None else counts.shape[0])
-                part = ops.class_centers(feats, batch_labels, c, second_moment=second_moment)
-                sums, counts, sq_sums = _grow_add(sums, counts, sq_sums, part, c, feats.shape[1])
-                if bank:
-                    chunk = feats.detach().to("cpu", bank_dtype)
-                    if not bool(torch.isfinite(chunk).all()):  # finite features beyond fp16's range
-                        raise ValueError(f"encoder features of real images {rows}..{rows + feats.shape[0] - 1} "
-                                         f"exceed the range of bank_dtype={bank_dtype} (largest |value| "
-                                         f"{float(feats.abs().max()):.4g}): pass bank_dtype=torch.float32")
-                    if bank_file is not None:
-                        bank_file.write(_raw_bytes(chunk))
-                    else:
-                        bank_chunks.append(chunk)
-                    label_chunks.append(batch_labels.cpu())
-                rows += feats.shape[0]
-                bar.update(feats.shape[0])
+                accumulator.add(feats, batch_labels, images.shape[0])
+                bar.update(images.shape[0])
         finally:
             bar.close()
-            if bank_file is not None:
-                bank_file.close()
-        if num_classes is not None and counts.shape[0] < num_classes:  # pragma: no cover - fixed C above
-            raise AssertionError("internal: class count mismatch")
-        bank_features = bank_labels = None
-        if bank:
-            bank_labels = torch.cat(label_chunks)
-            if bank_path is not None:
-                bank_features = _map_bank(bank_path, rows, sums.shape[1], bank_dtype)
-            else:
-                bank_features = torch.cat(bank_chunks)
-        return cls(counts, sums, sq_sums, bank_features, bank_labels, getattr(encoder, "name", None))
+            accumulator.close()
+        return accumulator.result(getattr(encoder, "name", None))
 
     @classmethod
     def from_features(cls, features: torch.Tensor, labels: torch.Tensor, num_classes: Optional[int] = None,
@@ -424,6 +238,82 @@ class RealStats:
                        p.get("encoder_name"))
         except (KeyError, ValueError) as e:
             raise CorruptFileError(f"{path} holds inconsistent statistics: {e}") from e
+
+
+class StatsAccumulator:
+    """The statistics of a stream of feature batches: per-class fp64 sums and counts (and squared sums),
+    and optionally the feature bank (in memory, or written to ``bank_path`` and memory-mapped).
+
+    ``add(features, labels, batch_rows)`` per batch, ``close()`` when the stream ends (also on error),
+    then ``result()``. Used by ``RealStats.from_data`` and by ``distill``'s one pass over the real data.
+    ``num_classes`` None: the class axis grows with the labels seen."""
+
+    def __init__(self, num_classes: Optional[int] = None, bank: bool = False,
+                 bank_dtype: torch.dtype = torch.float16, bank_path: Optional[Union[str, os.PathLike]] = None,
+                 second_moment: bool = False):
+        if bank_dtype not in _BANK_DTYPES:
+            raise ValueError(f"bank_dtype must be one of {_BANK_DTYPES}, got {bank_dtype}")
+        self.num_classes = None if num_classes is None else check_num_classes(num_classes)
+        self.bank = bank or bank_path is not None
+        self.bank_dtype, self.bank_path, self.second_moment = bank_dtype, bank_path, second_moment
+        self.sums = self.counts = self.sq_sums = None
+        self.rows = 0
+        self._bank_chunks, self._label_chunks = [], []
+        self._bank_file = open(bank_path, "wb") if bank_path is not None else None
+
+    def add(self, feats: torch.Tensor, labels: torch.Tensor, batch_rows: int) -> None:
+        """Fold in one batch: the encoder's ``feats [B, D]`` of ``batch_rows`` images and their labels."""
+        rows = self.rows
+        if feats.dim() != 2 or feats.shape[0] != batch_rows or not feats.is_floating_point():
+            raise ValueError(f"encoder must return floating features [B, D]; got {feats.dtype} "
+                             f"{tuple(feats.shape)} for {batch_rows} images")
+        if not bool(torch.isfinite(feats).all()):
+            raise ValueError(f"encoder returned NaN or Inf features for real images {rows}..{rows + batch_rows - 1}")
+        labels = labels.to(feats.device)
+        hi = int(labels.max()) + 1
+        if self.num_classes is not None and hi > self.num_classes:
+            raise ValueError(f"labels must lie in [0, num_classes={self.num_classes}), found {hi - 1}")
+        c = self.num_classes if self.num_classes is not None else \
+            max(hi, 0 if self.counts is None else self.counts.shape[0])
+        part = ops.class_centers(feats, labels, c, second_moment=self.second_moment)
+        self.sums, self.counts, self.sq_sums = _grow_add(self.sums, self.counts, self.sq_sums, part, c,
+                                                         feats.shape[1])
+        if self.bank:
+            chunk = feats.detach().to("cpu", self.bank_dtype)
+            if not bool(torch.isfinite(chunk).all()):  # finite features beyond fp16's range
+                raise ValueError(f"encoder features of real images {rows}..{rows + batch_rows - 1} exceed the "
+                                 f"range of bank_dtype={self.bank_dtype} (largest |value| "
+                                 f"{float(feats.abs().max()):.4g}): pass bank_dtype=torch.float32")
+            if self._bank_file is not None:
+                self._bank_file.write(_raw_bytes(chunk))
+            else:
+                self._bank_chunks.append(chunk)
+            self._label_chunks.append(labels.cpu())
+        self.rows += batch_rows
+
+    def close(self) -> None:
+        if self._bank_file is not None:
+            self._bank_file.close()
+
+    def result(self, encoder_name: Optional[str] = None) -> "RealStats":
+        bank_features = bank_labels = None
+        if self.bank:
+            bank_labels = torch.cat(self._label_chunks)
+            if self.bank_path is not None:
+                bank_features = _map_bank(self.bank_path, self.rows, self.sums.shape[1], self.bank_dtype)
+            else:
+                bank_features = torch.cat(self._bank_chunks)
+        return RealStats(self.counts, self.sums, self.sq_sums, bank_features, bank_labels, encoder_name)
+
+
+def _length(source) -> Optional[int]:
+    """The number of images of a tensor, a sized dataset or a DataLoader over one (None: unknown)."""
+    if isinstance(source, torch.Tensor):
+        return int(source.shape[0])
+    try:
+        return len(source.dataset) if isinstance(source, torch.utils.data.DataLoader) else len(source)
+    except TypeError:
+        return None
 
 
 def _grow_add(sums, counts, sq_sums, part, num_classes: int, dim: int):

@@ -9,7 +9,9 @@ from fastdd import encoders
 from fastdd.augment import Augment
 from fastdd.images import make_images
 from fastdd.methods import ClosedFormProbeLoss, FlowMatchingLoss, LinearGradientMatchingLoss
-from fastdd.stats import CorruptFileError, RealStats
+from fastdd.files import CorruptFileError, load_checked
+from fastdd.stats import RealStats
+from fastdd.step import SyntheticRows, chunked_step, plain_step
 
 C, PER_CLASS, SIZE = 3, 8, 12
 
@@ -71,7 +73,8 @@ def test_distill_smoke(tiny, data, method):
 def test_loss_falls(tiny, data, method):
     x, y = data
     out = api.distill(x, tiny, method=method, labels=y, ipc=1, steps=25, lr=0.1, parameterization="pixels", init="noise",
-                      augment=False, progress=False, copies=1, real_batch=None)
+                      augment=False, progress=False, copies=1,
+                      options={"real_batch": None} if method == "clp" else None)
     first, last = sum(out.history[:5]) / 5, sum(out.history[-5:]) / 5
     assert last < first * 0.8, out.history
 
@@ -158,11 +161,11 @@ def _gradients(tiny, data, method, chunk_size):
     else:
         head = (torch.randn(C, zr.shape[1]) * 0.01, torch.zeros(C))
         loss_fn = lambda zs: LinearGradientMatchingLoss()(zs, ys, zr, y, head=head)  # noqa: E731
-    s = synth()
+    rows = SyntheticRows(synth, aug, params)
     if chunk_size is None:
-        loss = api._plain_backward(tiny, aug, s, params, loss_fn)
+        loss = plain_step(rows, tiny, loss_fn)
     else:
-        loss = api._chunked_backward(tiny, aug, s, params, loss_fn, chunk_size)
+        loss = chunked_step(rows, tiny, loss_fn, chunk_size)
     return loss, [p.grad.clone() for p in synth.parameters()]
 
 
@@ -196,7 +199,8 @@ class _Crash(RuntimeError):
 @pytest.mark.parametrize("method", ["lgm", "clp"])
 def test_resume_after_crash_continues_exactly(tiny, data, tmp_path, method):
     x, y = data
-    kw = dict(method=method, labels=y, ipc=1, steps=6, extend_every=2, real_batch=5, **FAST)
+    kw = dict(method=method, labels=y, ipc=1, steps=6, extend_every=2,
+              options={"real_batch": 5} if method == "clp" else None, **FAST)
     full = api.distill(x, tiny, **kw)
 
     def crash(step, loss):
@@ -249,8 +253,6 @@ def test_checkpoint_with_other_settings_is_refused(tiny, data, tmp_path):
 
 
 def test_resume_with_another_lr_uses_it(tiny, data, tmp_path):
-    from fastdd.stats import load_checked
-
     x, y = data
     path = tmp_path / "run.ckpt"
     kw = dict(method="sfm", labels=y, init="noise", parameterization="pixels", checkpoint=path, **FAST)
@@ -346,7 +348,7 @@ def test_distilled_set_save_load_round_trip_and_corruption(tiny, data, tmp_path)
 def test_bad_arguments_name_the_argument(tiny, data):
     x, y = data
     cases = [
-        (dict(method="dm"), "method"),
+        (dict(method="mtt"), "method"),
         (dict(ipc=0), "ipc"),
         (dict(ipc=PER_CLASS + 1), "ipc"),
         (dict(steps=-1), "steps"),
@@ -358,9 +360,11 @@ def test_bad_arguments_name_the_argument(tiny, data):
         (dict(crop_scale=(0.9, 0.1)), "crop_scale"),
         (dict(noise_prob=2.0), "noise_prob"),
         (dict(chunk_size=0), "chunk_size"),
-        (dict(lam=-1.0), "lam"),
-        (dict(tau=0), "tau"),
-        (dict(feature_norm="zca"), "feature_norm"),
+        (dict(method="clp", options={"lam": -1.0}), "lam"),
+        (dict(method="clp", options={"tau": 0}), "tau"),
+        (dict(method="clp", options={"feature_norm": "zca"}), "feature_norm"),
+        (dict(options={"lam": 1.0}), "not options of method 'sfm'"),
+        (dict(options=[("lam", 1.0)]), "options"),
         (dict(num_classes=2), "num_classes"),
         (dict(num_classes=5), "empty"),
         (dict(seed=1.5), "seed"),
@@ -441,3 +445,20 @@ def test_what_goes_through_the_encoder_each_step(data, method):
             assert sum(n for n, _ in real) == C * ipc * copies
         else:
             assert real == []
+
+
+def test_deprecated_option_keywords_still_work_with_a_warning(tiny, data):
+    """fastdd 0.1's top-level option keywords: same result as options=, with a FutureWarning naming
+    the new spelling; one of another method is validated, then ignored with a warning."""
+    x, y = data
+    kw = dict(labels=y, steps=2, **FAST)
+    new = api.distill(x, tiny, method="clp", options={"lam": 0.5, "bias": True}, **kw)
+    with pytest.warns(FutureWarning, match=r"options=\{'lam': 0.5\}"):
+        old = api.distill(x, tiny, method="clp", lam=0.5, probe_bias=True, **kw)
+    assert torch.equal(old.images, new.images) and old.settings["bias"] is True
+    with pytest.warns(FutureWarning, match="ignored: it is an option of method 'clp', not of 'sfm'"):
+        api.distill(x, tiny, method="sfm", tau=0.3, **kw)
+    with pytest.raises(ValueError, match="tau"):
+        api.distill(x, tiny, method="sfm", tau=-1.0, **kw)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'temperature'"):
+        api.distill(x, tiny, method="sfm", temperature=0.3, **kw)

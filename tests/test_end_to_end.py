@@ -47,8 +47,9 @@ def setting(fmnist32, mobilenet):
 
 @pytest.mark.parametrize("method, extra", [
     ("sfm", {}),
-    ("clp", dict(lam=1.0, tau=0.1)),
+    ("clp", dict(options={"lam": 1.0, "tau": 0.1})),
     ("lgm", dict(copies=10)),
+    ("dm", {}),
 ])
 def test_distilled_beats_random_real(setting, method, extra):
     real = setting["real"]

@@ -1,12 +1,53 @@
-"""The distillation losses, one module each, as ``nn.Module``s over features (re-exported by ``fastdd.nn``).
+"""The distillation methods and their registry.
 
-- ``sfm.FlowMatchingLoss``             statistical flow matching (needs the real class means)
-- ``clp.ClosedFormProbeLoss``          closed-form linear-probe distillation (needs a real feature bank)
-- ``lgm.LinearGradientMatchingLoss``   linear gradient matching (needs a real feature batch per call)
+Each method is one module: its loss over features (an ``nn.Module``, re-exported by ``fastdd.nn`` as a
+drop-in loss) and its ``METHOD`` declaration (``fastdd.methods.base``: name, defaults, options, what it
+needs from the real side, how it builds its per-run objective). ``REGISTRY`` below lists them once;
+``fastdd.distill``, the command line, the benchmark and the calibration read names, defaults and
+options from it.
+
+- ``lgm``  linear gradient matching (needs a fresh real batch every step; the reference)
+- ``sfm``  statistical flow matching (needs the real class means)
+- ``clp``  closed-form linear-probe distillation (needs a real feature bank)
+- ``dm``   distribution matching on frozen features (needs the real class means)
 """
 
+from typing import Any, Dict, Tuple
+
+from . import clp, dm, lgm, sfm
+from .base import Context, Method, Objective, Option, RealNeeds
 from .clp import ClosedFormProbeLoss
+from .dm import DistributionMatchingLoss
 from .lgm import LinearGradientMatchingLoss
 from .sfm import FlowMatchingLoss
 
-__all__ = ["FlowMatchingLoss", "ClosedFormProbeLoss", "LinearGradientMatchingLoss"]
+__all__ = ["REGISTRY", "names", "get", "reference", "defaults", "Method", "Option", "RealNeeds", "Context",
+           "Objective", "FlowMatchingLoss", "ClosedFormProbeLoss", "LinearGradientMatchingLoss",
+           "DistributionMatchingLoss"]
+
+# The registry: one entry a method, in the order tables and plots show them.
+REGISTRY: Dict[str, Method] = {m.name: m for m in (lgm.METHOD, sfm.METHOD, clp.METHOD, dm.METHOD)}
+
+
+def names() -> Tuple[str, ...]:
+    """The registered method names, in the registry's order."""
+    return tuple(REGISTRY)
+
+
+def get(name: str) -> Method:
+    """The registered ``Method`` called ``name``; a ValueError listing the names otherwise."""
+    try:
+        return REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"method must be one of {names()}, got {name!r}") from None
+
+
+def reference() -> Method:
+    """The method the benchmark compares the others against (LGM)."""
+    return next(m for m in REGISTRY.values() if m.reference)
+
+
+def defaults(name: str) -> Dict[str, Any]:
+    """Every default of method ``name``: the loop's (steps, lr, init, ...) and its own options'."""
+    method = get(name)
+    return {**method.defaults, **method.option_defaults()}

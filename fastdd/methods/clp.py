@@ -35,9 +35,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ._checks import check_features, positive_float
+from .base import Context, Method, Objective, Option, RealNeeds, parse_bool, parse_optional_int
+from ..validate import features as check_features, positive_float, positive_int
 
-__all__ = ["ClosedFormProbeLoss", "FEATURE_NORMS"]
+__all__ = ["ClosedFormProbeLoss", "FEATURE_NORMS", "METHOD"]
 
 FEATURE_NORMS = ("none", "center", "standardize", "l2")
 _STAT_CHUNK = 65536
@@ -187,3 +188,31 @@ def _bank_mean_std(bank: torch.Tensor):
     mean = total / n
     var = (total_sq / n - mean.pow(2)).clamp(min=0)
     return mean.float(), var.sqrt().clamp(min=1e-6).float()
+
+
+def _build(context: Context, options: dict) -> Objective:
+    return Objective(ClosedFormProbeLoss(context.stats, generator=context.cpu_generator, **options))
+
+
+def _flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+METHOD = Method(
+    name="clp", title="closed-form linear-probe distillation (arXiv 2605.07194)",
+    matches="an exact ridge probe on the synthetic features, scored by cross-entropy on a real feature bank",
+    real_per_step="none", build=_build, needs=RealNeeds(bank=True),
+    options={
+        "lam": Option(1.0, "ridge strength (relative to the kernel's mean diagonal when relative_lam)",
+                      positive_float),
+        "tau": Option(0.1, "temperature of the outer cross-entropy", positive_float),
+        "real_batch": Option(4096, "bank rows drawn per step (None or 'all': the whole bank)",
+                             lambda n, v: positive_int(n, v, allow_none=True), parse=parse_optional_int),
+        "relative_lam": Option(True, "lam relative to mean(diag(Z_s Z_s^T)) (False: absolute)", _flag,
+                               parse=parse_bool),
+        "centered_targets": Option(True, "targets onehot - 1/C (False: one-hot)", _flag, parse=parse_bool),
+        "feature_norm": Option("none", "feature map of both sides", choices=FEATURE_NORMS),
+        "bias": Option(False, "append a constant-1 column (a ridge-penalised bias)", _flag, parse=parse_bool),
+    })

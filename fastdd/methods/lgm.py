@@ -17,9 +17,10 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..ops._common import check_labels
-from ._checks import check_features, positive_float, positive_int
+from .base import LOOP_DEFAULTS, Context, Method, Objective, Option, RealNeeds
+from ..validate import features as check_features, positive_float, positive_int
 
-__all__ = ["LinearGradientMatchingLoss"]
+__all__ = ["LinearGradientMatchingLoss", "METHOD"]
 
 
 class LinearGradientMatchingLoss(nn.Module):
@@ -101,3 +102,26 @@ def _inferred_num_classes(ys: torch.Tensor, yr: torch.Tensor) -> Tuple[int, bool
     same = torch.isin(ys, yr).all() & torch.isin(yr, ys).all()
     hi, same = torch.stack([torch.maximum(ys.max(), yr.max()), same.long()]).tolist()
     return hi + 1, bool(same)
+
+
+class _GradientMatching(Objective):
+    """LGM's objective: a fresh class-balanced real batch of ``ipc * K`` images per class every step."""
+
+    def __init__(self, context: Context, head_std: float):
+        super().__init__(LinearGradientMatchingLoss(context.num_classes, head_std, context.device_generator))
+        self.context = context
+
+    def real_batch(self):
+        c = self.context
+        return c.real_batches(c.ipc * c.copies, c.cpu_generator)
+
+
+METHOD = Method(
+    name="lgm", title="linear gradient matching (arXiv 2511.16674), the reference",
+    matches="the gradient of a random linear head on a real batch", real_per_step="`ipc*K*C` through the encoder",
+    build=lambda context, options: _GradientMatching(context, options["head_std"]),
+    needs=RealNeeds(real_batches=True), reference=True,
+    # LGM keeps its algorithm (K = 10 copies, a fresh real batch and a fresh head every step); its published
+    # recipe is init="noise", lr=2e-3, crop_scale=CROP_SCALE, noise_prob=NOISE_PROB, steps=5000.
+    defaults=dict(LOOP_DEFAULTS, copies=10),
+    options={"head_std": Option(0.01, "standard deviation of the random head's weights", positive_float)})

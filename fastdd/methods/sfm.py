@@ -19,9 +19,10 @@ import torch
 import torch.nn as nn
 
 from .. import ops
-from ._checks import check_features
+from .base import Context, Method, Objective, Option, RealNeeds
+from ..validate import features as check_features
 
-__all__ = ["FlowMatchingLoss"]
+__all__ = ["FlowMatchingLoss", "METHOD"]
 
 
 class FlowMatchingLoss(nn.Module):
@@ -72,3 +73,17 @@ class FlowMatchingLoss(nn.Module):
     def extra_repr(self) -> str:
         return f"classes={self.real_flow.shape[0]}, dim={self.real_flow.shape[1]}, " \
                f"nontarget_denominator={self.nontarget_denominator!r}"
+
+
+def _build(context: Context, options: dict) -> Objective:
+    loss = FlowMatchingLoss(context.stats, nontarget_denominator=options["nontarget_denominator"])
+    return Objective(loss.to(context.device))
+
+
+METHOD = Method(
+    name="sfm", title="statistical flow matching (arXiv 2602.05391)",
+    matches='constant class-centre "flows" precomputed once', real_per_step="none",
+    build=_build, needs=RealNeeds(means=True),
+    options={"nontarget_denominator": Option(
+        "classes", "denominator of the non-target class mean: 'classes' (C - 1) or 'samples' (the official "
+        "code's C*ipc - 1)", choices=("classes", "samples"))})

@@ -5,7 +5,7 @@ from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 import torch
 
-from fastdd._backend import checks_enabled
+from fastdd.validate import class_labels, finite
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -24,33 +24,14 @@ def check_float(name: str, t, ndims: Sequence[int], dtypes: Sequence[torch.dtype
 
 
 def check_labels(name: str, labels, length: int, num_classes: int, device: torch.device) -> None:
-    """``labels``: integer tensor [length] on ``device`` with values in [0, num_classes)."""
+    """``labels``: integer tensor [length] on ``device`` with values in [0, num_classes) (the range is
+    read only while checks are on: ``fastdd.validate.class_labels`` with ``in_step``)."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of class indices, got {type(labels).__name__}")
-    if labels.dtype not in INT_DTYPES:
-        raise TypeError(f"{name} must be an integer tensor (int64 class indices), got {labels.dtype}")
-    if labels.dim() != 1 or labels.shape[0] != length:
-        raise ValueError(f"{name} must have shape [{length}], got {tuple(labels.shape)}")
-    if labels.device != device:
-        raise ValueError(f"{name} is on {labels.device} but the features are on {device}")
-    if checks_enabled() and length > 0:
-        bad = (labels < 0) | (labels >= num_classes)
-        if bool(bad.any()):
-            first = labels[bad][0].item()
-            raise ValueError(f"{name} must lie in [0, {num_classes}); found {first}")
+    class_labels(name, labels, length, num_classes, device, in_step=True)
 
 
-def check_finite(name: str, t: torch.Tensor) -> None:
-    """Raise when ``t`` holds NaN or Inf (a data-dependent check: skipped with FASTDD_CHECKS=0).
-
-    One sum (fp32, fp64 for fp64 inputs): NaN and Inf propagate into it, and it allocates nothing of
-    ``t``'s size (``isfinite(t).all()`` would build a bool copy: ~1 GB for a 1.28M x 768 bank). Only a
-    non-finite sum, which finite values can also give by overflow, is confirmed element by element."""
-    if not checks_enabled() or t.numel() == 0:
-        return
-    total = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
-    if not bool(torch.isfinite(total)) and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
+check_finite = finite  # NaN/Inf of an op's input, read only while checks are on
 
 
 def int32_safe_columns(t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,209 @@
+"""The real side of ``distill``: one streamed pass over the real data, and the real batches LGM draws.
+
+``scan`` reads the source once, batch by batch (``fastdd.data.iterate_batches``): it validates it and
+gathers the labels, the per-class counts and the image size, keeps a uniform random sample of ``k`` real
+images per class (the "real" initialisation; a reservoir with random keys from the run's CPU generator)
+and, when an encoder is given, folds the features into the class statistics and the feature bank
+(``fastdd.stats.StatsAccumulator``) in the same pass. ``nearest_to_means`` gives the "centroid"
+initialisation: the real images nearest each class mean, read off the bank when one covers these images,
+else by one more encoder pass (the means must be known first). ``RealBatches`` draws LGM's fresh
+class-balanced batches by index.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from .data import iterate_batches
+from .stats import RealStats, StatsAccumulator
+
+__all__ = ["RealScan", "scan", "nearest_to_means", "RealBatches", "indexable"]
+
+
+class _SmallestPerClass:
+    """Keep, per class, the ``k`` items with the smallest keys seen so far (streaming).
+
+    Random keys give a uniform sample without replacement per class; distances to the class mean give
+    the ``k`` nearest real images (the "centroid" initialisation)."""
+
+    def __init__(self, k: int, num_classes: int):
+        self.k, self.num_classes = k, num_classes
+        self.keys = torch.full((num_classes, k), math.inf, dtype=torch.float64)
+        self.items: Optional[torch.Tensor] = None
+
+    def update(self, keys: torch.Tensor, labels: torch.Tensor, items: torch.Tensor) -> None:
+        keys, labels, items = keys.double().cpu(), labels.cpu(), items.detach().cpu()
+        grow = int(labels.max()) + 1 - self.num_classes  # classes revealed by a stream: add empty slots
+        if grow > 0:
+            self.num_classes += grow
+            self.keys = torch.cat([self.keys, torch.full((grow, self.k), math.inf, dtype=torch.float64)])
+            if self.items is not None:
+                self.items = torch.cat([self.items, self.items.new_zeros(grow, *self.items.shape[1:])])
+        if self.items is None:
+            self.items = torch.zeros(self.num_classes, self.k, *items.shape[1:], dtype=items.dtype)
+        for c in torch.unique(labels).tolist():
+            mask = labels == c
+            all_keys = torch.cat([self.keys[c], keys[mask]])
+            all_items = torch.cat([self.items[c], items[mask]])
+            best = torch.topk(all_keys, self.k, largest=False).indices
+            self.keys[c], self.items[c] = all_keys[best], all_items[best]
+
+    def result(self) -> torch.Tensor:
+        """``[C*k, ...]`` class-major, each class's items in increasing key order."""
+        order = torch.argsort(self.keys, dim=1)
+        items = torch.stack([self.items[c][order[c]] for c in range(self.num_classes)])
+        return items.reshape(self.num_classes * self.k, *self.items.shape[2:])
+
+
+@dataclass
+class RealScan:
+    labels: torch.Tensor             # int64 [N] in the source's order
+    counts: torch.Tensor             # int64 [C]
+    image_size: Tuple[int, int]
+    samples: Optional[torch.Tensor]  # [C*k, 3, H, W] random real images per class, or None
+    stats: Optional[RealStats]       # the class statistics (and bank), when an encoder was given
+
+
+def scan(source, labels, *, num_classes: Optional[int], batch_size: int, sample_per_class: int,
+         generator: torch.Generator, encoder=None, bank: bool = False, bank_dtype=torch.float16,
+         bank_path=None, device=None, progress: bool = True) -> RealScan:
+    """One pass over the real data (see the module docstring). ``encoder`` None: no statistics."""
+    from tqdm.auto import tqdm
+
+    accumulator = None if encoder is None else StatsAccumulator(num_classes, bank=bank, bank_dtype=bank_dtype,
+                                                                bank_path=bank_path)
+    label_chunks, size, reservoir = [], None, None
+    bar = tqdm(desc="real data" if encoder is None else "real data and statistics", unit="img",
+               disable=not progress, leave=False)
+    try:
+        for i, (images, ys) in enumerate(iterate_batches(source, labels, batch_size=batch_size)):
+            if size is None:
+                size = tuple(images.shape[-2:])
+            elif tuple(images.shape[-2:]) != size:
+                raise ValueError(f"images: all real images must have one size; batch {i} has "
+                                 f"{tuple(images.shape[-2:])}, earlier ones {size}")
+            if num_classes is not None and int(ys.max()) >= num_classes:
+                raise ValueError(f"labels must lie in [0, num_classes={num_classes}), found {int(ys.max())}")
+            label_chunks.append(ys)
+            if sample_per_class:
+                if reservoir is None:
+                    reservoir = _SmallestPerClass(sample_per_class, num_classes or 1)
+                reservoir.update(torch.rand(ys.shape[0], generator=generator, dtype=torch.float64), ys, images)
+            if accumulator is not None:
+                with torch.no_grad():
+                    feats = encoder(images.to(device, non_blocking=True))
+                accumulator.add(feats, ys, images.shape[0])
+            bar.update(ys.shape[0])
+    finally:
+        bar.close()
+        if accumulator is not None:
+            accumulator.close()
+    all_labels = torch.cat(label_chunks)
+    c = num_classes if num_classes is not None else int(all_labels.max()) + 1
+    counts = torch.bincount(all_labels, minlength=c)
+    samples = None
+    if sample_per_class and not bool((counts < sample_per_class).any()):  # else check_classes reports it
+        samples = reservoir.result()
+    stats = None if accumulator is None else accumulator.result(getattr(encoder, "name", None))
+    return RealScan(all_labels, counts, size, samples, stats)
+
+
+def check_classes(counts: torch.Tensor, ipc: int, name: str = "labels") -> None:
+    """Every class has at least ``ipc`` real images (and at least two classes exist)."""
+    if counts.shape[0] < 2:
+        raise ValueError(f"{name}: distillation needs at least 2 classes, found {counts.shape[0]}")
+    empty = torch.nonzero(counts == 0).flatten().tolist()
+    if empty:
+        raise ValueError(f"{name}: classes {empty[:10]}{'...' if len(empty) > 10 else ''} have no real image "
+                         f"(empty classes); relabel to 0..C-1 or pass the right num_classes")
+    smallest = int(counts.min())
+    if ipc > smallest:
+        c = int(torch.argmin(counts))
+        raise ValueError(f"ipc={ipc} is larger than class {c}, which has only {smallest} real images")
+
+
+def nearest_to_means(source, labels, scanned_labels: torch.Tensor, encoder, stats: RealStats, k: int,
+                     batch_size: int, device, progress: bool) -> torch.Tensor:
+    """The ``k`` real images nearest (Euclidean, in feature space) to each class mean, class-major.
+
+    With a feature bank of exactly these images (its labels are the scanned ones, row for row) the
+    distances come from the bank and only the chosen images are read again; otherwise the encoder runs
+    over the source once more."""
+    from tqdm.auto import tqdm
+
+    means = stats.means
+    if stats.has_bank and torch.equal(stats.bank_labels, scanned_labels):
+        keep = _SmallestPerClass(k, means.shape[0])
+        for lo in range(0, stats.bank_features.shape[0], 65536):
+            z = stats.bank_features[lo:lo + 65536].float()
+            ys = stats.bank_labels[lo:lo + 65536]
+            keep.update((z - means[ys]).pow(2).sum(1), ys, torch.arange(lo, lo + ys.shape[0]))
+        return _images_at(source, labels, keep.result(), batch_size)
+    keep = _SmallestPerClass(k, means.shape[0])
+    means = means.to(device)
+    bar = tqdm(desc="finding class centroids", unit="img", disable=not progress, leave=False)
+    for images, ys in iterate_batches(source, labels, batch_size=batch_size):
+        with torch.no_grad():
+            z = encoder(images.to(device))
+        keep.update((z - means[ys.to(device)]).pow(2).sum(1), ys, images)
+        bar.update(ys.shape[0])
+    bar.close()
+    return keep.result()
+
+
+def _images_at(source, labels, rows: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The images at stream positions ``rows`` (in that order), read by one pass without the encoder."""
+    if isinstance(source, torch.Tensor):
+        return next(iter(iterate_batches(source[rows], torch.as_tensor(labels)[rows], batch_size=rows.shape[0])))[0]
+    out, seen = None, 0
+    for images, _ in iterate_batches(source, labels, batch_size=batch_size):
+        n = images.shape[0]
+        slots = [slot for slot, r in enumerate(rows.tolist()) if seen <= r < seen + n]
+        if slots:
+            out = images.new_zeros(rows.shape[0], *images.shape[1:]) if out is None else out
+            out[slots] = images[rows[slots] - seen]
+        seen += n
+    return out
+
+
+def indexable(source):
+    """The map-style dataset (or tensor) behind ``source``, or None for iterable-only sources."""
+    if isinstance(source, torch.Tensor):
+        return source
+    if isinstance(source, torch.utils.data.DataLoader):
+        source = source.dataset
+    if isinstance(source, torch.utils.data.IterableDataset):
+        return None
+    if hasattr(source, "__getitem__") and hasattr(source, "__len__"):
+        return source
+    return None
+
+
+class RealBatches:
+    """Class-balanced random real batches, drawn by index from a tensor or a map-style dataset (LGM)."""
+
+    def __init__(self, source, labels_all: torch.Tensor, labels_tensor, num_classes: int):
+        self.source = source
+        self.labels_tensor = labels_tensor
+        order = torch.argsort(labels_all, stable=True)
+        counts = torch.bincount(labels_all, minlength=num_classes)
+        self.by_class = list(torch.split(order, counts.tolist()))
+
+    def __call__(self, per_class: int, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+        picks = []
+        for idx in self.by_class:
+            if per_class <= idx.numel():  # without replacement when the class is large enough
+                picks.append(idx[torch.randperm(idx.numel(), generator=generator)[:per_class]])
+            else:
+                picks.append(idx[torch.randint(idx.numel(), (per_class,), generator=generator)])
+        idx = torch.cat(picks)
+        if isinstance(self.source, torch.Tensor):
+            batch = iterate_batches(self.source[idx], torch.as_tensor(self.labels_tensor)[idx],
+                                    batch_size=idx.numel())
+        else:
+            batch = iterate_batches(torch.utils.data.Subset(self.source, idx.tolist()), batch_size=idx.numel())
+        return next(iter(batch))

@@ -1,0 +1,160 @@
+"""Argument validation, in one module so that every function of fastdd words its errors alike.
+
+Every checker names the argument it was given (``name``) and returns the value in its canonical form
+(an int, a float, an int64 tensor, a Path). The data-dependent checks that read device memory (label
+ranges and NaN/Inf of tensors on an accelerator) synchronise with the device, so they run only while
+checks are on (``FASTDD_CHECKS``, default on; see ``fastdd._backend.checks_enabled``); on CPU tensors
+they always run, since reading host memory costs no synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from ._backend import checks_enabled
+
+__all__ = ["positive_int", "positive_float", "finite_float", "probability", "value_range", "class_labels",
+           "features", "finite", "output_path", "seed", "one_of"]
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def positive_int(name: str, value, allow_none: bool = False, minimum: int = 1):
+    """``value`` as an int >= ``minimum`` (None passes when ``allow_none``); a ValueError naming ``name``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def positive_float(name: str, value) -> float:
+    """``value`` as a finite float > 0 (inf would make a loss constant, NaN poisons every step)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def finite_float(name: str, value) -> float:
+    """``value`` as a finite float of any sign."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def probability(name: str, value) -> float:
+    """``value`` as a float in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+    return float(value)
+
+
+def value_range(name: str, value, positive: bool = False) -> Tuple[float, float]:
+    """``value`` as a finite pair ``(lo, hi)`` with ``lo <= hi`` (and ``lo > 0`` when ``positive``)."""
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair (lo, hi), got {value!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
+        raise ValueError(f"{name} must be a pair (lo, hi) with lo <= hi, got {value!r}")
+    if positive and not lo > 0:
+        raise ValueError(f"{name} must lie in (0, inf), got {value!r}")
+    return lo, hi
+
+
+def seed(name: str, value) -> int:
+    """``value`` as an int (any sign): a seed for ``torch.Generator.manual_seed``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    return value
+
+
+def class_labels(name: str, labels, length: Optional[int] = None, num_classes: Optional[int] = None,
+                 device: Optional[torch.device] = None, in_step: bool = False) -> torch.Tensor:
+    """The one label checker: ``labels`` as an int64 tensor ``[length]`` of class indices.
+
+    Raises a TypeError naming ``name`` for a non-tensor or a non-integer dtype, a ValueError for a wrong
+    shape, another device than ``device``, or a value outside ``[0, num_classes)`` (or below 0 when
+    ``num_classes`` is None). Lists and arrays are accepted and converted. ``in_step``: called inside an
+    op or a loss (every step), where the value range is read only while checks are on (it is a host
+    synchronisation); at an entry point (``in_step=False``) it is always read."""
+    if not isinstance(labels, torch.Tensor):
+        try:
+            labels = torch.as_tensor(labels)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{name} must be a tensor of class indices, got {type(labels).__name__}") from None
+    if labels.dtype not in _INT_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor (int64 class indices), got {labels.dtype}")
+    if labels.dim() != 1 or (length is not None and labels.shape[0] != length):
+        want = f"[{length}]" if length is not None else "[N]"
+        raise ValueError(f"{name} must have shape {want} (one label per image), got {tuple(labels.shape)}")
+    if device is not None and labels.device != torch.device(device):
+        raise ValueError(f"{name} is on {labels.device} but the features are on {device}")
+    if labels.numel() and (not in_step or checks_enabled()):
+        lo, hi = (int(v) for v in torch.stack([labels.min(), labels.max()]).tolist())
+        if lo < 0:
+            raise ValueError(f"{name} must be >= 0, found {lo}")
+        if num_classes is not None and hi >= num_classes:
+            raise ValueError(f"{name} must lie in [0, num_classes={num_classes}), found {hi}")
+    return labels if labels.dtype == torch.int64 else labels.long()
+
+
+def features(z, y, zname: str = "zs", yname: str = "ys", dim: Optional[int] = None,
+             num_classes: Optional[int] = None) -> None:
+    """The inputs of a loss over features: ``z`` finite floating ``[N, D]`` (``D == dim`` when given) and
+    ``y`` integer ``[N]`` on the same device (in ``[0, num_classes)`` when given); errors name both."""
+    if not isinstance(z, torch.Tensor) or z.dim() != 2 or not z.is_floating_point():
+        raise ValueError(f"{zname} must be a floating tensor [N, D], got "
+                         f"{getattr(z, 'dtype', type(z).__name__)} {tuple(getattr(z, 'shape', ()))}")
+    if dim is not None and z.shape[1] != dim:
+        raise ValueError(f"{zname} has feature dimension {z.shape[1]}, the real statistics have {dim}")
+    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != z.shape[0]:
+        raise ValueError(f"{yname} must be a tensor [{z.shape[0]}] of class indices, got "
+                         f"{tuple(getattr(y, 'shape', ()))}")
+    if y.is_floating_point() or y.dtype == torch.bool or y.is_complex():
+        raise ValueError(f"{yname} must hold integer class indices, got {y.dtype}")
+    if y.device != z.device:
+        raise ValueError(f"{yname} is on {y.device} but {zname} is on {z.device}")
+    if z.shape[0] == 0:
+        raise ValueError(f"{zname} is empty")
+    if num_classes is not None:
+        class_labels(yname, y, z.shape[0], num_classes, z.device, in_step=True)
+    finite(zname, z)
+
+
+def finite(name: str, t: torch.Tensor) -> None:
+    """Raise when ``t`` holds NaN or Inf (data-dependent: skipped with FASTDD_CHECKS=0).
+
+    One sum (fp32, fp64 for fp64 inputs): NaN and Inf propagate into it, and it allocates nothing of
+    ``t``'s size (``isfinite(t).all()`` would build a bool copy: ~1 GB for a 1.28M x 768 bank). Only a
+    non-finite sum, which finite values can also give by overflow, is confirmed element by element."""
+    if not checks_enabled() or t.numel() == 0:
+        return
+    total = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+    if not bool(torch.isfinite(total)) and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def output_path(name: str, path) -> Path:
+    """``path`` as a Path, refused up front if it cannot be written later (it is a directory, or a file
+    stands where a parent folder should be): otherwise a long run would fail only when saving."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{name}={str(path)!r} is a directory: give a file path")
+    folder = path.parent
+    while not folder.exists():  # missing folders are created when saving
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{name}={str(path)!r} cannot be written: {str(folder)!r} is a file, not a folder")
+    return path
+
+
+def one_of(name: str, value, choices: Sequence):
+    """``value`` if it is one of ``choices``, else a ValueError listing them."""
+    if value not in tuple(choices):
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
