@@ -24,8 +24,9 @@ Shapes (full / --quick):
   linear_head_gradient  3000 x 768 features (LGM on ImageNet-1K: 3 copies x ipc 1 x 1000 classes),
                         1000 classes, forward + backward / 1000 x 256, 100 classes
 
-Timing: ``triton.testing.do_bench`` on a GPU (median of its repetitions, with the 20th/80th percentiles),
-the median wall-clock of ``--reps`` runs after warm-up on a CPU. Data-dependent input checks (one host
+Timing: ``harness.time_call`` (``benchmarks/harness.py``, shared with ``benchmarks/run.py``):
+``triton.testing.do_bench`` on a GPU (median of its repetitions, with the 20th/80th percentiles), the
+median wall-clock of ``--reps`` runs after ``--warmup`` calls on a CPU. Data-dependent input checks (one host
 sync each) are off while timing (``FASTDD_CHECKS=0``) unless ``--checks``. Achieved FLOP/s and bytes/s use
 model counts (the useful work: e.g. 2*M*D*C per GEMM-shaped product, each input read once), not what a
 backend executes (the Triton cross-entropy recomputes logits in its backward). Ceilings, measured first
@@ -33,25 +34,28 @@ on the same device and timed the same way: a square matmul in the cases' dtype (
 with --quick) and a 2 GiB device-to-device copy (64 MiB with --quick); every row gets its fraction of
 both, and the JSON's "targets" says whether the kernels issue's targets are met (linear_cross_entropy
 >= 60% of the matmul rate, class_centers >= 75% of the copy bandwidth, both faster than torch.compile). Peak memory on a GPU is
-``torch.cuda.max_memory_allocated`` above the inputs. Writes ``ops_bench_<device>_<time>.json`` under
-``--out`` and prints a table.
+``torch.cuda.max_memory_allocated`` above the inputs (``harness.MemoryMeter``). Writes
+``ops_bench_<device>_<time>.json`` under ``--out`` (atomically; with the harness's machine, versions and
+git revision) and prints a table. ``benchmark()`` is the whole measurement as a function, which
+``benchmarks/run.py`` calls in its own process.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+for _path in (os.path.dirname(_BENCH_DIR), _BENCH_DIR):  # fastdd from a clean clone; the harness beside
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
+import harness  # noqa: E402
 import fastdd.ops as ops  # noqa: E402
 from fastdd import _backend, _ext  # noqa: E402
 from fastdd.ops.class_centers import class_centers_reference, empty_class_sums  # noqa: E402
@@ -261,25 +265,6 @@ ALL_CASES = {
 # Timing
 
 
-def _time(fn, device: torch.device, reps: int, warmup: int):
-    """(median, p20, p80) milliseconds."""
-    if device.type == "cuda":
-        import triton.testing
-
-        q = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
-        return float(q[0]), float(q[1]), float(q[2])
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    samples.sort()
-    return (statistics.median(samples), samples[int(0.2 * (len(samples) - 1))],
-            samples[int(round(0.8 * (len(samples) - 1)))])
-
-
 def _unavailable(backend: str, device: torch.device) -> Optional[str]:
     if backend in ("triton", "cuda") and device.type != "cuda":
         return "needs a CUDA device"
@@ -303,16 +288,14 @@ def run_case(case: Case, backend: str, device: torch.device, reps: int, warmup: 
         fn()  # compile / autotune / first-call costs stay out of the timing
         peak = None
         if device.type == "cuda":
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
+            meter = harness.MemoryMeter(device, work="one call").start()
             fn()
-            torch.cuda.synchronize()
-            peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-        med, p20, p80 = _time(fn, device, reps, warmup)
-        return {**row, "status": "ok", "median_ms": med, "p20_ms": p20, "p80_ms": p80,
-                "tflops": case.flops / (med * 1e-3) / 1e12, "gbytes_per_s": case.bytes / (med * 1e-3) / 1e9,
-                "peak_extra_mib": peak}
+            peak = meter.stop()["extra_memory_bytes"] / 2 ** 20
+        timing = harness.time_call(fn, device, reps, warmup)
+        seconds = timing.median
+        return {**row, "status": "ok", "median_ms": seconds * 1e3, "p20_ms": timing.p20 * 1e3,
+                "p80_ms": timing.p80 * 1e3, "tflops": case.flops / seconds / 1e12,
+                "gbytes_per_s": case.bytes / seconds / 1e9, "peak_extra_mib": peak}
     except Exception as exc:  # an OOM or a compile failure is a result too
         return {**row, "status": "error", "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
     finally:
@@ -334,12 +317,12 @@ def measure_ceilings(device: torch.device, quick: bool, reps: int = 10, warmup: 
     g = _generator(device)
     a = torch.randn(n, n, generator=g, device=device).to(dtype)
     b = torch.randn(n, n, generator=g, device=device).to(dtype)
-    mm_ms = _time(lambda: torch.mm(a, b), device, reps, warmup)[0]
+    mm_ms = harness.time_call(lambda: torch.mm(a, b), device, reps, warmup).median * 1e3
     del a, b
     nbytes = (64 << 20) if quick else (2 << 30)
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
-    copy_ms = _time(lambda: dst.copy_(src), device, reps, warmup)[0]
+    copy_ms = harness.time_call(lambda: dst.copy_(src), device, reps, warmup).median * 1e3
     del src, dst
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -384,21 +367,47 @@ def describe_target(t: dict) -> str:
     return f"{t['op']} {t['variant']} ({t['backend']}) {t['check']}: {verdict}{value}"
 
 
-def machine_info(device: torch.device) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "backends": _backend.available_backends()}
-    try:
-        import triton
+def format_row(row: dict) -> str:
+    """One result row of :func:`run_case` as a line of the printed table."""
+    head = f"{row['op']:22s} {row['variant']:14s} {row['backend']:14s}"
+    if row["status"] != "ok":
+        return f"{head} {row['status']}: {row.get('reason') or row.get('error')}"
+    mem = f" {row['peak_extra_mib']:9.1f} MiB" if row.get("peak_extra_mib") is not None else ""
+    return (f"{head} {row['median_ms']:10.3f} ms {row['tflops']:8.3f} TFLOP/s "
+            f"{row['gbytes_per_s']:8.1f} GB/s{mem}")
 
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, sm_count=props.multi_processor_count, gpu_memory_gib=props.total_memory / 2 ** 30,
-                    cuda=torch.version.cuda, allow_tf32=torch.backends.cuda.matmul.allow_tf32)
-    return info
+
+def benchmark(device: torch.device, quick: bool, *, ops: Optional[Sequence[str]] = None,
+              backends: Optional[Sequence[str]] = None, reps: int = 10, warmup: int = 2,
+              max_seconds: Optional[float] = None, started: Optional[float] = None, checks: bool = False,
+              indent: str = "") -> dict:
+    """The ceilings, then every case of ``ops`` (names of ``ALL_CASES``; default all) on every backend of
+    ``backends`` (default ``BACKENDS``), each timed by :func:`run_case`, and the targets' verdicts:
+    ``{"ceilings", "results", "targets"}``. Cases that would start more than ``max_seconds`` after
+    ``started`` (a ``time.perf_counter()`` value; default: now) are recorded as skipped. The data-dependent
+    input checks are off while timing unless ``checks``. Prints one line per row, after ``indent``."""
+    ops = list(ALL_CASES) if ops is None else list(ops)
+    backends = list(BACKENDS) if backends is None else list(backends)
+    unknown = [name for name in ops if name not in ALL_CASES] + [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise ValueError(f"ops must be among {tuple(ALL_CASES)} and backends among {BACKENDS}, got {unknown}")
+    started = time.perf_counter() if started is None else started
+    results = []
+    with harness.scoped_env(**({} if checks else {"FASTDD_CHECKS": "0"})):
+        ceilings = measure_ceilings(device, quick, reps, warmup)
+        print(f"{indent}ceilings: {describe_ceilings(ceilings)}", flush=True)
+        for name in ops:
+            for case in ALL_CASES[name](quick):
+                for backend in backends:
+                    if max_seconds is not None and time.perf_counter() - started > max_seconds:
+                        row = {"op": case.op, "variant": case.variant, "backend": backend, "status": "skipped",
+                               "reason": f"time budget of {max_seconds:g} s used up"}
+                    else:
+                        row = run_case(case, backend, device, reps, warmup)
+                    results.append(row)
+                    print(indent + format_row(row), flush=True)
+                case.release()
+    return {"ceilings": ceilings, "results": results, "targets": against_ceilings(results, ceilings)}
 
 
 TEST_FILES = ["tests/test_ops_backend.py", "tests/test_ops_class_centers.py", "tests/test_ops_flow_matching.py",
@@ -440,8 +449,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if not args.checks:
-        os.environ["FASTDD_CHECKS"] = "0"
     if args.build_ext:
         try:
             _ext.build(arch_list=os.environ.get("TORCH_CUDA_ARCH_LIST"))
@@ -449,38 +456,20 @@ def main(argv=None) -> int:
             print(f"extension build failed: {exc}", file=sys.stderr)
     t_start = time.perf_counter()
     tests = run_tests() if args.with_tests else None
-    ceilings = measure_ceilings(device, args.quick, args.reps, args.warmup)
-    print(f"ceilings: {describe_ceilings(ceilings)}", flush=True)
-    results = []
-    for name in args.ops:
-        for case in ALL_CASES[name](args.quick):
-            for backend in args.backends:
-                if args.max_seconds is not None and time.perf_counter() - t_start > args.max_seconds:
-                    results.append({"op": case.op, "variant": case.variant, "backend": backend, "status": "skipped",
-                                    "reason": f"--max-seconds {args.max_seconds:g} used up"})
-                    continue
-                row = run_case(case, backend, device, args.reps, args.warmup)
-                results.append(row)
-                if row["status"] == "ok":
-                    mem = f"{row['peak_extra_mib']:9.1f} MiB" if row.get("peak_extra_mib") is not None else ""
-                    print(f"{case.op:22s} {case.variant:14s} {backend:14s} {row['median_ms']:10.3f} ms "
-                          f"{row['tflops']:8.3f} TFLOP/s {row['gbytes_per_s']:8.1f} GB/s {mem}", flush=True)
-                else:
-                    print(f"{case.op:22s} {case.variant:14s} {backend:14s} {row['status']}: "
-                          f"{row.get('reason') or row.get('error')}", flush=True)
-            case.release()
-    targets = against_ceilings(results, ceilings)
-    for t in targets:
+    measured = benchmark(device, args.quick, ops=args.ops, backends=args.backends, reps=args.reps,
+                         warmup=args.warmup, max_seconds=args.max_seconds, started=t_start, checks=args.checks)
+    for t in measured["targets"]:
         print(f"target: {describe_target(t)}", flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    slug = (machine_info(device).get("gpu") or "cpu").replace(" ", "_").replace("/", "_")
+    machine = {**harness.machine_info(device), "backends": _backend.available_backends()}
+    slug = (machine["name"] if device.type == "cuda" else "cpu").replace(" ", "_").replace("/", "_")
     path = os.path.join(args.out, f"ops_bench_{slug}_{time.strftime('%Y%m%d-%H%M%S')}.json")
-    with open(path, "w") as fh:
-        json.dump({"device": str(device), "quick": args.quick, "checks": args.checks, "machine": machine_info(device),
-                   "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "tests": tests,
-                   "ceilings": ceilings, "targets": targets, "results": results}, fh, indent=1)
+    harness.write_json(path, {
+        "device": str(device), "quick": args.quick, "checks": args.checks, "machine": machine,
+        "versions": harness.versions(), "git": harness.git_info(),
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "tests": tests,
+        "timer": harness.timer_description(device), **measured})
     print(f"wrote {path}")
-    ok = all(r["status"] != "error" for r in results) and (tests is None or tests["exit_code"] == 0)
+    ok = all(r["status"] != "error" for r in measured["results"]) and (tests is None or tests["exit_code"] == 0)
     return 0 if ok else 1
 
 

@@ -3,7 +3,7 @@
 Three figures, written next to the result's JSON (``<stem>`` is the JSON file name without ``.json``):
 
 - ``<stem>-time-memory.png``: per-step time (median after warm-up) and peak memory of every distillation
-  run, with the ratio against the reference LGM of the same run written on each bar;
+  run, with the ratio against the reference method (LGM) of the same run written on each bar;
 - ``<stem>-accuracy.png``: linear-probe test accuracy of every distilled set and real-image baseline, mean
   with the standard deviation over probe runs as the error bar, and the full-data probe as a line;
 - ``<stem>-images.png``: a grid of the distilled images (one row per method, first classes only), with the
@@ -12,6 +12,9 @@ Three figures, written next to the result's JSON (``<stem>`` is the JSON file na
 Only ``result["methods"]`` is read (the stable JSON shape documented in ``benchmarks/run.py``), so the plots
 can be redrawn from a committed JSON file: ``python benchmarks/plots.py benchmarks/results/<file>.json``
 (the image grid needs the images, which the JSON does not hold, so it is drawn only by ``run.py``).
+
+Colours: one per registered method (``fastdd.methods.names()``), from ``PALETTE`` in the registry's order,
+so a newly registered method gets its own; the real baselines share ``BASELINE_COLOR``.
 """
 
 from __future__ import annotations
@@ -21,9 +24,16 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # fastdd from a clean clone
+    sys.path.insert(0, str(REPO))
+
+import fastdd.methods as registry  # noqa: E402
+
 MiB = 1024.0 ** 2
-_COLORS = {"lgm": "#7f7f7f", "sfm": "#1f77b4", "clp": "#d62728"}
-_BASELINE_COLOR = "#bcbd22"
+# matplotlib's tab10 with its olive (the baselines') left out; the reference method (first) in grey
+PALETTE = ("#7f7f7f", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+BASELINE_COLOR = "#bcbd22"
 
 
 def _pyplot():
@@ -35,8 +45,12 @@ def _pyplot():
     return plt
 
 
-def _color(entry: dict) -> str:
-    return _COLORS.get(entry.get("method"), _BASELINE_COLOR)
+def method_color(entry: dict) -> str:
+    """The bar colour of a result entry: its method's, by registry order; the baselines' otherwise."""
+    names = registry.names()
+    if entry.get("kind") == "distilled" and entry.get("method") in names:
+        return PALETTE[names.index(entry["method"]) % len(PALETTE)]
+    return BASELINE_COLOR
 
 
 def _title(result: dict) -> str:
@@ -62,14 +76,14 @@ def plot_time_memory(result: dict, path: Path) -> Optional[Path]:
     fig, axes = plt.subplots(1, len(panels), figsize=(max(9, (0.9 * len(runs) + 1.5) * len(panels)), 4.2),
                              squeeze=False)
     names = [k for k, _ in runs]
-    colors = [_color(v) for _, v in runs]
+    colors = [method_color(v) for _, v in runs]
     for ax, (key, scale, label, ratio_key, title) in zip(axes[0], panels):
         values = [(v.get(key) or 0) * scale for _, v in runs]
         bars = ax.bar(range(len(names)), values, color=colors)
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=30, ha="right")
         ax.set_ylabel(label, fontsize=8)
-        ax.set_title(f"{title} (ratio: LGM / method)", fontsize=9)
+        ax.set_title(f"{title} (ratio: {registry.reference().name.upper()} / method)", fontsize=9)
         for bar, (_, v) in zip(bars, runs):
             ratio = v.get(ratio_key)
             if ratio is not None:
@@ -92,7 +106,7 @@ def plot_accuracy(result: dict, path: Path) -> Optional[Path]:
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(entries) + 2), 4.2))
     means = [v["accuracy_mean"] for _, v in entries]
     stds = [v.get("accuracy_std") or 0.0 for _, v in entries]
-    ax.bar(range(len(entries)), means, yerr=stds, capsize=4, color=[_color(v) for _, v in entries])
+    ax.bar(range(len(entries)), means, yerr=stds, capsize=4, color=[method_color(v) for _, v in entries])
     for i, (m, sd) in enumerate(zip(means, stds)):  # above the error bar
         ax.annotate(f"{m:.1f}", (i, m + sd), ha="center", va="bottom", fontsize=8,
                     xytext=(0, 3), textcoords="offset points")

@@ -1,38 +1,48 @@
 #!/usr/bin/env python
-"""fastdd's comparative benchmark: the reference LGM against SFM and CLP, in one run, on one machine.
+"""fastdd's comparative benchmark: the reference method (LGM) against every other registered method, in one
+run, on one machine.
 
 ``python benchmarks/run.py`` (``make bench``) runs the default profile on the CPU; ``--profile imagenet1k``
 is the ImageNet-scale timing profile for a GPU. ``--help`` lists every option.
 
 Profiles
 --------
+The methods, their order, their defaults and which one is the reference come from the method registry
+(``fastdd.methods``: ``names()``, ``get(name)``, ``reference()``); a newly registered method is run,
+tabulated and plotted without any change here.
+
 ``default``: Fashion-MNIST (60k train / 10k test, at ``fastdd.data.load``'s default size), the pretrained
-ImageNet MobileNetV2, ipc 1, the reference LGM with 10 augmented copies, SFM and CLP with the same encoder,
-parameterisation, step count and pyramid schedule; every other distillation argument is the library's
-per-method default (``fastdd.api.METHOD_DEFAULTS``). Then the linear-probe protocol
+ImageNet MobileNetV2, ipc 1, the reference LGM with its 10 augmented copies, every other method (SFM, CLP,
+DM, ...) with the same encoder, parameterisation, step count and pyramid schedule; every other
+distillation argument is the library's per-method default (``fastdd.methods.defaults(name)``). Then the linear-probe protocol
 (``fastdd.evaluate`` with its default epochs, views and seeds) on every distilled set and on the real
 baselines: random real images (several draws), the class centroids, and the full-data probe as the ceiling.
 Budgeted to finish in <= 10 minutes on 2 CPU cores.
 
 ``imagenet1k``: timing and memory only, at ImageNet-1K's shapes: 1000 classes, ipc 1 and 10, a timm
 ViT-B/16 at 224 px with random weights (timing does not depend on them), random uint8 "real" images of
-the right shape held on the device (``--real-per-class`` per class), and a CLP feature bank of ImageNet's
-1,281,167 rows (random fp16 features). LGM with 3 and 10 copies, SFM, CLP, all under fp16 autocast with the
-memory-flat chunked backward (``--chunk-size``). A run that exhausts GPU memory is reported with status
+the right shape held on the device (``--real-per-class`` per class), and, for the methods that need one
+(``needs.bank``: CLP), a feature bank of ImageNet's 1,281,167 rows (random fp16 features). LGM with 3 and
+10 copies and every other method, all under fp16 autocast with the memory-flat chunked backward
+(``--chunk-size``). A run that exhausts GPU memory is reported with status
 ``"oom"``; a run longer than ``--max-run-seconds`` stops early with status ``"time-capped"`` (its per-step
-median covers the steps it did); under ``--max-total-seconds`` the runs go cheapest first and those that no
-longer fit are reported as ``"skipped"`` (rerun them alone, e.g. ``--ipc 10``: such partial runs write
+median covers the steps it did); under ``--max-total-seconds`` the runs go cheapest first (by what a
+method needs from the real side: class means, then a feature bank, then fresh real batches every step;
+fewer copies first) and those that no longer fit are reported as ``"skipped"`` (rerun them alone, e.g. ``--ipc 10``: such partial runs write
 ``...-ipc10.json`` and never overwrite the full one). First, the per-op kernel benchmark of
-``benchmarks/ops_bench.py``. One command on a GPU machine: ``python benchmarks/run.py --profile
+``benchmarks/ops_bench.py`` (its ``benchmark()``, in this process). One command on a GPU machine: ``python benchmarks/run.py --profile
 imagenet1k``. ``--tiny`` shrinks either profile to a seconds-long run (the tests use it).
 
 What is measured
 ----------------
+Machine and versions, timing, memory and the atomic file writes are ``benchmarks/harness.py``'s (shared
+with ``benchmarks/ops_bench.py`` and ``scripts/calibrate.py``).
+
 - per-step time: the median, over the steps after ``--warmup``, of the wall time between consecutive
   steps (``distill``'s per-step callback; ``torch.cuda.synchronize`` first on a GPU);
 - total time: the whole ``distill`` call (scanning the real data, set-up, all steps). The statistics pass
-  (``RealStats.from_data`` over the real training set, with CLP's feature bank) is shared set-up: it runs
-  once, before the methods, and is reported separately as ``setup.stats_time_s``; every method reads it
+  (``RealStats.from_data`` over the real training set, with a feature bank where a method needs one
+  or the probe baselines read it) is shared set-up: it runs once, before the methods, and is reported separately as ``setup.stats_time_s``; every method reads it
   from a file (``RealStats.save``/``load``);
 - memory. CPU: each method runs in its own child process (this file in ``--worker`` mode), which loads
   the data, the encoder and the statistics, then distils. ``peak_memory_bytes`` is the child's
@@ -43,8 +53,8 @@ What is measured
   (peak) and that minus ``torch.cuda.memory_allocated`` before it (extra);
 - accuracy: ``fastdd.evaluate`` (mean and sample std over probe seeds; the random-real baseline pools
   several draws);
-- ratios against the reference LGM of the same run and ipc (10 copies, or the most copies that
-  finished): ``speedup_vs_lgm`` = LGM step time / method step time, ``memory_ratio_vs_lgm`` and
+- ratios against the reference method (``fastdd.methods.reference()``: LGM) of the same run and ipc
+  (with its default 10 copies, or the most copies that finished): ``speedup_vs_lgm`` = LGM step time / method step time, ``memory_ratio_vs_lgm`` and
   ``extra_memory_ratio_vs_lgm`` = LGM memory / method memory (> 1: the method uses less).
 
 Output (``--out``, default ``benchmarks/results``): ``<device>-<date>[-<profile>].json``, ``.csv`` and
@@ -55,30 +65,26 @@ Output (``--out``, default ``benchmarks/results``): ``<device>-<date>[-<profile>
      "versions": {"python", "torch", "torchvision", "timm", "triton", "numpy", "fastdd", ...},
      "settings": {...every resolved option...},
      "setup": {"data_time_s", "encoder_time_s", "stats_time_s", "test_features_time_s", ...},
-     "methods": {"lgm": {...}, "sfm": {...}, "clp": {...}, "random_real": {...},
+     "methods": {"lgm": {...}, "sfm": {...}, "clp": {...}, "dm": {...}, "random_real": {...},
                  "class_centroids": {...}, "full_data": {...}},
      "ops": {...} (imagenet1k profile only), "files": [...]}
 
 Every entry of ``"methods"`` has ``kind`` (``"distilled"``, ``"baseline"`` or ``"ceiling"``), ``method``,
 ``ipc``, ``status`` and at least ``step_time_s``, ``total_time_s``, ``peak_memory_bytes``,
 ``accuracy_mean``, ``accuracy_std`` (``null`` where they do not apply or were not measured). Keys: the
-method's name for the reference configuration (the first ipc, LGM with 10 copies); other configurations
-add ``_k<copies>`` (LGM) and ``_ipc<ipc>`` (ipc other than the first).
+method's name for the reference configuration (the first ipc; the reference method with its default
+copies); other configurations add ``_k<copies>`` (the reference method's other copies) and ``_ipc<ipc>``
+(ipc other than the first).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
 import gc
 import json
-import math
 import os
-import platform
-import re
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -99,9 +105,14 @@ if str(BENCH_DIR) not in sys.path:
 # is idle. Set before torch is imported (here, and inherited by every worker); an explicit value wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import harness  # noqa: E402  (benchmarks/harness.py: machine, versions, timing, memory, atomic files)
+
+import fastdd.methods as registry  # noqa: E402  (names, defaults, needs and the reference method)
+
 SCHEMA = "fastdd.benchmark/1"
-METHOD_NAMES = ("lgm", "sfm", "clp")
-REFERENCE_COPIES = 10  # LGM's published K: the reference the ratios are taken against
+REFERENCE = registry.reference()  # the method the ratios are taken against (LGM)
+REFERENCE_COPIES = REFERENCE.defaults["copies"]  # its default K (LGM's published 10)
+REFERENCE_LABEL = REFERENCE.name.upper()
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
 # Each profile fixes the options left unset on the command line. None means "the library's default".
@@ -110,7 +121,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         dataset="fashion-mnist", size=None, classes=None, real_per_class=None, bank_rows=None,
         train_limit=None, test_limit=None,
         encoder="torchvision:mobilenet_v2", weights="imagenet", encoder_image_size=None,
-        ipc=[1], methods=list(METHOD_NAMES), lgm_copies=[REFERENCE_COPIES],
+        ipc=[1], methods=list(registry.names()), lgm_copies=[REFERENCE_COPIES],
         # The same step count for every method, set by the 10-minute budget on 2 CPU cores. Measured
         # on the shared 2-core development machine (load ~6): statistics pass 145 s, LGM (K=10) 0.64 s a
         # step, SFM 0.13 s, CLP 0.40 s, each probe evaluation ~22 s, the full-data probe 8.4 s an epoch.
@@ -125,7 +136,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         dataset="synthetic", size=224, classes=1000, real_per_class=10, bank_rows=IMAGENET_TRAIN_IMAGES,
         train_limit=None, test_limit=None,
         encoder="timm:vit_base_patch16_224", weights=None, encoder_image_size=None,
-        ipc=[1, 10], methods=list(METHOD_NAMES), lgm_copies=[3, REFERENCE_COPIES],
+        ipc=[1, 10], methods=list(registry.names()), lgm_copies=[3, REFERENCE_COPIES],
         steps=12, warmup=3, extend_every=None,
         evaluate=False, probe_epochs=None, probe_views=None, probe_seeds=None, baseline_seeds=0,
         full_data_epochs=None,
@@ -172,10 +183,12 @@ def _int_list0(text: str) -> List[int]:
 
 def _methods(text: str) -> List[str]:
     values = [v.strip().lower() for v in text.split(",") if v.strip()]
-    bad = [v for v in values if v not in METHOD_NAMES]
-    if bad or not values:
-        raise argparse.ArgumentTypeError(f"methods must be a comma-separated subset of {METHOD_NAMES}, got {text!r}")
-    return values
+    unknown = [v for v in values if v not in registry.names()]
+    if unknown or not values:
+        raise argparse.ArgumentTypeError(
+            f"--methods must be a comma-separated subset of the registered methods {','.join(registry.names())}; "
+            f"got {text!r}" + (f" (unknown: {','.join(unknown)})" if unknown else ""))
+    return list(dict.fromkeys(values))  # each once, in the order given
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,14 +204,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, help="image side in pixels (default: fastdd.data.load's)")
     p.add_argument("--classes", type=int, help="synthetic data: number of classes")
     p.add_argument("--real-per-class", type=int, help="synthetic data: real images per class")
-    p.add_argument("--bank-rows", type=int, help="synthetic data: rows of CLP's feature bank")
+    p.add_argument("--bank-rows", type=int, help="synthetic data: rows of the feature bank (for the methods that need one: CLP)")
     p.add_argument("--train-limit", type=int, help="use only the first N training images (stratified)")
     p.add_argument("--test-limit", type=int, help="use only the first N test images (stratified)")
     p.add_argument("--encoder", help="an encoder name for fastdd.encoders.load, e.g. torchvision:mobilenet_v2")
     p.add_argument("--weights", help="encoder weights: 'imagenet', 'none' (random) or a local file")
     p.add_argument("--ipc", type=_int_list, help="images per class, comma-separated (e.g. 1,10)")
-    p.add_argument("--methods", type=_methods, help="comma-separated subset of lgm,sfm,clp")
-    p.add_argument("--lgm-copies", type=_int_list, help="LGM's augmented copies K, comma-separated (e.g. 3,10)")
+    p.add_argument("--methods", type=_methods,
+                   help=f"comma-separated subset of the registered methods ({','.join(registry.names())}; default: all)")
+    p.add_argument("--lgm-copies", "--reference-copies", dest="lgm_copies", type=_int_list,
+                   help=f"augmented copies K of the reference method ({REFERENCE.name}), comma-separated "
+                        f"(e.g. 3,10; default {REFERENCE_COPIES})")
     p.add_argument("--steps", type=int, help="distillation steps, the same for every method")
     p.add_argument("--warmup", type=int, help="steps left out of the per-step median")
     p.add_argument("--extend-every", type=int,
@@ -262,83 +278,6 @@ def resolve_settings(args: argparse.Namespace) -> Dict[str, Any]:
     s.update(profile=args.profile, tiny=bool(args.tiny), seed=args.seed,
              omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
     return s
-
-
-# --------------------------------------------------------------------------------------------------
-# Machine, versions, revision
-# --------------------------------------------------------------------------------------------------
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _memory_total() -> Optional[int]:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def machine_info(device) -> Dict[str, Any]:
-    import torch
-
-    info = {"type": device.type, "cpu": _cpu_name(), "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "memory_bytes": _memory_total(),
-            "platform": platform.platform(), "load_average": list(os.getloadavg())}
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(name=props.name, gpu_memory_bytes=props.total_memory,
-                    capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda)
-    else:
-        info["name"] = f"{info['cpu']} ({info['cores']} cores)"
-    return info
-
-
-def device_slug(device) -> str:
-    if device.type != "cuda":
-        return "cpu"
-    import torch
-
-    name = torch.cuda.get_device_name(device).lower().replace("nvidia", "")
-    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "cuda"
-
-
-def versions() -> Dict[str, Optional[str]]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for dist in ("torch", "torchvision", "timm", "triton", "numpy", "matplotlib", "fastdd", "pytest-benchmark"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            out[dist] = None
-    import torch
-
-    out["torch_cuda"] = torch.version.cuda
-    return out
-
-
-def git_info() -> Dict[str, Any]:
-    def run(*cmd):
-        return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=30)
-
-    try:
-        rev = run("rev-parse", "HEAD")
-        dirty = run("status", "--porcelain", "--untracked-files=no")
-        if rev.returncode != 0:
-            return {"revision": None, "dirty": None}
-        return {"revision": rev.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
-    except (OSError, subprocess.SubprocessError):
-        return {"revision": None, "dirty": None}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -410,24 +349,33 @@ def build_encoder(s: Dict[str, Any], device):
     return encoder.to(device)
 
 
+def needs_bank(s: Dict[str, Any]) -> bool:
+    """Whether a method of the run needs a feature bank (``needs.bank``: CLP)."""
+    return any(registry.get(method).needs.bank for method in s["methods"])
+
+
 def compute_stats(s: Dict[str, Any], data: Dict[str, Any], encoder, device, progress: bool):
     """The shared statistics pass; returns ``(stats, seconds, note)``.
 
-    Real data: ``RealStats.from_data`` with CLP's feature bank (the library's bank dtype). Synthetic
-    ImageNet shapes: the timed pass over the device-held images gives the class means' cost, and the
-    bank is ``bank_rows`` random fp16 features (ImageNet's size), built by ``RealStats.from_features``."""
+    Real data: ``RealStats.from_data``, with a feature bank (the library's bank dtype) where a method needs
+    one or the probe baselines read it (``evaluate``: the centroids and the full-data probe use its
+    features). Synthetic ImageNet shapes: the timed pass over the device-held images gives the class
+    means' cost, and the bank, where a method needs one, is ``bank_rows`` random fp16 features
+    (ImageNet's size), built by ``RealStats.from_features``."""
     import torch
 
     import fastdd
 
-    _sync(device)
+    synthetic_bank = s.get("bank_rows") is not None
+    harness.synchronize(device)
     t0 = time.perf_counter()
     stats = fastdd.RealStats.from_data(data["train_images"], encoder, labels=data["train_labels"],
-                                       bank=s.get("bank_rows") is None, device=device, progress=progress)
-    _sync(device)
+                                       bank=not synthetic_bank and (needs_bank(s) or s["evaluate"]),
+                                       device=device, progress=progress)
+    harness.synchronize(device)
     seconds = time.perf_counter() - t0
     note = f"RealStats.from_data over {int(data['train_labels'].shape[0])} training images"
-    if s.get("bank_rows") is not None:
+    if synthetic_bank and needs_bank(s):
         g = torch.Generator().manual_seed(4321)
         rows, dim, c = s["bank_rows"], stats.feature_dim, stats.num_classes
         bank = torch.empty(rows, dim, dtype=torch.float16)
@@ -440,93 +388,12 @@ def compute_stats(s: Dict[str, Any], data: Dict[str, Any], encoder, device, prog
     return stats, seconds, note
 
 
-def _sync(device) -> None:
-    if getattr(device, "type", str(device)) == "cuda":
-        import torch
-
-        torch.cuda.synchronize(device)
-
-
 # --------------------------------------------------------------------------------------------------
 # One distillation run, measured
 # --------------------------------------------------------------------------------------------------
 
 class _TimeCap(Exception):
     """Raised from the step callback to stop a run at --max-run-seconds."""
-
-
-def _proc_status_bytes(field: str) -> Optional[int]:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _maxrss_bytes() -> int:
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
-
-
-class MemoryMeter:
-    """Peak memory of one ``distill`` call (see the module docstring for what is measured where)."""
-
-    def __init__(self, device, whole_process: bool):
-        self.device, self.whole_process = device, whole_process
-
-    def start(self) -> None:
-        if self.device.type == "cuda":
-            import torch
-
-            gc.collect()
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.before = torch.cuda.memory_allocated(self.device)
-            return
-        gc.collect()
-        self.load_peak = _maxrss_bytes()
-        self.before = _proc_status_bytes("VmRSS")
-        try:  # "5" resets the resident-set high-water mark (VmHWM, and ru_maxrss with it)
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.reset = _proc_status_bytes("VmHWM") is not None and self.before is not None
-        except OSError:
-            self.reset = False
-
-    def stop(self) -> Dict[str, Any]:
-        if self.device.type == "cuda":
-            import torch
-
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-            return {"peak_memory_bytes": peak, "extra_memory_bytes": peak - self.before,
-                    "baseline_memory_bytes": self.before,
-                    "memory_measure": "torch.cuda.max_memory_allocated during distill (peak); minus "
-                                      "torch.cuda.memory_allocated before it, with data, encoder and "
-                                      "statistics loaded (extra)"}
-        if self.reset:
-            run_peak = _proc_status_bytes("VmHWM")
-            extra = run_peak - self.before
-            how = "VmHWM reset before distill"
-        else:  # no way to reset the high-water mark: a lower bound
-            run_peak = _maxrss_bytes()
-            extra = max(0, run_peak - self.load_peak)
-            how = "ru_maxrss growth during distill (lower bound: the high-water mark could not be reset)"
-        if self.whole_process:
-            peak = max(self.load_peak, _maxrss_bytes(), run_peak)
-            what = ("ru_maxrss of the method's own child process over its life (loading data, encoder and "
-                    "statistics, then distilling)")
-        else:
-            peak = run_peak
-            what = "peak resident set of this process during distill (in-process run)"
-        return {"peak_memory_bytes": peak, "extra_memory_bytes": extra, "baseline_memory_bytes": self.before,
-                "memory_measure": f"{what} (peak); peak resident set during distill minus the resident set "
-                                  f"just before it, after loading (extra; {how})"}
 
 
 def auto_extend_every(s: Dict[str, Any], image_size: int) -> int:
@@ -542,13 +409,14 @@ def auto_extend_every(s: Dict[str, Any], image_size: int) -> int:
 
 def distill_kwargs(s: Dict[str, Any], method: str, ipc: int, copies: Optional[int], image_size: int,
                    device) -> Dict[str, Any]:
-    """The arguments every method shares in this run; the rest are the library's per-method defaults."""
+    """The arguments every method shares in this run, and ``copies`` where the run sets them (the reference
+    method's); the rest, the method's options included, are the library's per-method defaults."""
     import torch
 
     kwargs: Dict[str, Any] = dict(method=method, ipc=ipc, steps=s["steps"], seed=s["seed"],
                                   parameterization=s["parameterization"],
                                   extend_every=auto_extend_every(s, image_size), chunk_size=s.get("chunk_size"))
-    if method == "lgm":
+    if copies is not None:
         kwargs["copies"] = copies
     if s.get("autocast") and device.type == "cuda":
         kwargs["autocast_dtype"] = {"fp16": torch.float16, "bf16": torch.bfloat16}[s["autocast"]]
@@ -574,13 +442,12 @@ def run_distillation(s: Dict[str, Any], data: Dict[str, Any], encoder, stats, me
     cap = s.get("max_run_seconds") if cap is None else cap
 
     def on_step(step, loss):
-        _sync(device)
+        harness.synchronize(device)
         stamps.append(time.perf_counter())
         if cap is not None and stamps[-1] - t0 > cap and step + 1 < kwargs["steps"]:
             raise _TimeCap()
 
-    meter = MemoryMeter(device, whole_process)
-    meter.start()
+    meter = harness.MemoryMeter(device, whole_process).start()
     status, error, distilled = "ok", None, None
     t0 = time.perf_counter()
     try:
@@ -595,7 +462,7 @@ def run_distillation(s: Dict[str, Any], data: Dict[str, Any], encoder, stats, me
         status, error = "oom", str(e).splitlines()[0][:300]
     except MemoryError as e:
         status, error = "oom", f"MemoryError: {e}"[:300]
-    _sync(device)
+    harness.synchronize(device)
     total = time.perf_counter() - t0
     memory = meter.stop()
     if status == "oom":
@@ -605,11 +472,12 @@ def run_distillation(s: Dict[str, Any], data: Dict[str, Any], encoder, stats, me
             torch.cuda.empty_cache()
     intervals = [b - a for a, b in zip(stamps, stamps[1:])]  # interval i is step i + 1
     timed = intervals[max(0, s["warmup"] - 1):] or intervals
+    timing = harness.Timing.from_samples(timed) if timed else None
     result = {
         "status": status, "error": error, "steps_done": len(stamps),
-        "step_time_s": statistics.median(timed) if timed else None,
-        "step_time_min_s": min(timed) if timed else None,
-        "step_time_max_s": max(timed) if timed else None,
+        "step_time_s": timing and timing.median,
+        "step_time_min_s": timing and timing.min,
+        "step_time_max_s": timing and timing.max,
         "steps_timed": len(timed),
         "first_step_s": stamps[0] - t0 if stamps else None,  # includes distill's set-up
         "step_times_s": intervals,
@@ -642,9 +510,7 @@ def worker_main(spec_path: str) -> int:
     result = run_distillation(s, data, encoder, stats, spec["method"], spec["ipc"], spec.get("copies"), device,
                               Path(spec["distilled_path"]), progress=spec["progress"], whole_process=True,
                               cap=spec.get("cap"))
-    tmp = Path(spec["metrics_path"] + ".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, spec["metrics_path"])
+    harness.write_json(spec["metrics_path"], result)
     return 0
 
 
@@ -686,19 +552,7 @@ def _probe_kwargs(s: Dict[str, Any]) -> Dict[str, Any]:
 
 def _accuracy_fields(result) -> Dict[str, Any]:
     return {"accuracy_mean": result.mean, "accuracy_std": result.std, "accuracies": list(result.accuracies),
-            "probe_settings": _jsonable(result.settings)}
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    return str(obj)
+            "probe_settings": harness.jsonable(result.settings)}
 
 
 def _entry(kind: str, method: str, ipc: Optional[int], **fields) -> Dict[str, Any]:
@@ -709,9 +563,25 @@ def _entry(kind: str, method: str, ipc: Optional[int], **fields) -> Dict[str, An
     return base
 
 
+def run_plan(s: Dict[str, Any]) -> List[Tuple[int, str, Optional[int]]]:
+    """The distillation runs ``(ipc, method, copies)``: per ipc, the methods in the order given; the reference
+    method once per ``lgm_copies`` value, every other with its default copies (``copies`` None)."""
+    return [(ipc, method, copies) for ipc in s["ipc"] for method in s["methods"]
+            for copies in (s["lgm_copies"] if method == REFERENCE.name else [None])]
+
+
+def real_side_cost(method: str) -> Tuple[bool, bool, bool]:
+    """A sort key: what a step of ``method`` costs on the real side, cheapest first: class means (or
+    nothing), then a feature bank, then fresh real batches through the encoder every step."""
+    needs = registry.get(method).needs
+    return needs.real_batches, needs.bank, needs.means
+
+
 def run_key(method: str, ipc: int, copies: Optional[int], first_ipc: int) -> str:
+    """The entry's key: the method's name, ``_k<copies>`` for copies other than the reference's default,
+    ``_ipc<ipc>`` for an ipc other than the first."""
     key = method
-    if method == "lgm" and copies != REFERENCE_COPIES:
+    if copies is not None and copies != REFERENCE_COPIES:
         key += f"_k{copies}"
     if ipc != first_ipc:
         key += f"_ipc{ipc}"
@@ -719,13 +589,15 @@ def run_key(method: str, ipc: int, copies: Optional[int], first_ipc: int) -> str
 
 
 def add_ratios(methods: Dict[str, Dict[str, Any]]) -> None:
-    """Speed and memory ratios of every distilled run against the reference LGM of its ipc."""
+    """Speed and memory ratios of every distilled run against the reference method's run of its ipc (with
+    its default copies, else the most copies that were timed)."""
     for key, entry in methods.items():
         if entry["kind"] != "distilled":
             continue
-        lgms = [(k, e) for k, e in methods.items() if e["kind"] == "distilled" and e["method"] == "lgm"
-                and e["ipc"] == entry["ipc"] and e.get("step_time_s") is not None and e["status"] != "oom"]
-        ref = [x for x in lgms if x[1]["copies"] == REFERENCE_COPIES] or sorted(lgms, key=lambda x: -x[1]["copies"])
+        timed = [(k, e) for k, e in methods.items() if e["kind"] == "distilled" and e["method"] == REFERENCE.name
+                 and e["ipc"] == entry["ipc"] and e.get("step_time_s") is not None and e["status"] != "oom"]
+        ref = ([x for x in timed if x[1]["copies"] == REFERENCE_COPIES]
+               or sorted(timed, key=lambda x: -x[1]["copies"]))
         entry.update(ratio_reference=None, speedup_vs_lgm=None, memory_ratio_vs_lgm=None,
                      extra_memory_ratio_vs_lgm=None)
         if not ref:
@@ -752,15 +624,14 @@ CSV_COLUMNS = ["key", "kind", "method", "ipc", "copies", "status", "steps_done",
 
 
 def write_csv(result: Dict[str, Any], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for key, e in result["methods"].items():
-            row = {c: e.get(c) for c in CSV_COLUMNS}
-            row.update(key=key, device=result["device"].get("name"), date=result["date"],
-                       git_revision=result["git"].get("revision"), dataset=result["settings"].get("dataset"),
-                       encoder=result["settings"].get("encoder"), steps=result["settings"].get("steps"))
-            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    rows = []
+    for key, e in result["methods"].items():
+        row = {c: e.get(c) for c in CSV_COLUMNS}
+        row.update(key=key, device=result["device"].get("name"), date=result["date"],
+                   git_revision=result["git"].get("revision"), dataset=result["settings"].get("dataset"),
+                   encoder=result["settings"].get("encoder"), steps=result["settings"].get("steps"))
+        rows.append({k: ("" if v is None else v) for k, v in row.items()})
+    harness.write_csv(path, CSV_COLUMNS, rows)
 
 
 def _fmt(value, scale=1.0, digits=1, suffix="") -> str:
@@ -773,7 +644,7 @@ def format_table(result: Dict[str, Any]) -> str:
     """The Markdown table printed at the end and written to ``<stem>.md``."""
     mib = 1.0 / 1024 ** 2
     rows = ["| run | status | per-step (ms) | total (s) | peak mem (MiB) | extra mem (MiB) | accuracy (%) "
-            "| speed vs LGM | extra mem vs LGM |",
+            f"| speed vs {REFERENCE_LABEL} | extra mem vs {REFERENCE_LABEL} |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for key, e in result["methods"].items():
         acc = "–" if e.get("accuracy_mean") is None else \
@@ -813,9 +684,6 @@ def format_table(result: Dict[str, Any]) -> str:
     return text
 
 
-OPS_BACKENDS_ENV = "FASTDD_OPS_BENCH_BACKENDS"  # read by the pytest-benchmark cases in tests/test_benchmark.py
-
-
 def _import_ops_bench():
     import ops_bench  # benchmarks/ops_bench.py, the ops engineer's per-op cases and timing
 
@@ -823,81 +691,26 @@ def _import_ops_bench():
 
 
 def run_ops_bench(device, tiny: bool, max_seconds: Optional[float] = None) -> Dict[str, Any]:
-    """The per-op kernel benchmark: the cases of ``benchmarks/ops_bench.py`` (torch eager, torch.compile,
-    Triton, the CUDA extension), never re-implemented here.
+    """The per-op kernel benchmark, in this process: ``ops_bench.benchmark`` (the ceilings, then every case
+    of ``benchmarks/ops_bench.py`` on torch eager, torch.compile, Triton and the CUDA extension, timed by
+    the harness's ``time_call``: ``triton.testing.do_bench`` on a GPU, the wall-clock median after warm-up
+    on a CPU), never re-implemented here.
 
-    GPU: ``ops_bench.run_case`` for every case and backend (it times with ``triton.testing.do_bench``), at
-    the full ImageNet-1K shapes (``--tiny``: its quick shapes); cases that would start after
-    ``max_seconds`` are reported as skipped. CPU: the quick shapes through pytest-benchmark
-    (``tests/test_benchmark.py::test_ops_case``, eager and torch.compile; Triton and the extension need a
-    GPU), in a child pytest whose ``--benchmark-json`` is folded in here.
+    Shapes: the full ImageNet-1K ones on a GPU, the quick ones with ``--tiny`` or on a CPU (where Triton
+    and the extension are reported as skipped, and ``--tiny`` leaves out torch.compile, whose compilation
+    outlasts a seconds-long run). Cases that would start after ``max_seconds`` are reported as skipped.
     """
     try:
         ops_bench = _import_ops_bench()
     except Exception as e:
         return {"status": "unavailable", "error": f"benchmarks/ops_bench.py cannot be imported: {e}"[:500]}
-    if device.type != "cuda":
-        return _ops_bench_pytest(tiny)
-    return _ops_bench_cases(ops_bench, device, tiny, max_seconds)
-
-
-def _ops_bench_cases(ops_bench, device, tiny: bool, max_seconds: Optional[float]) -> Dict[str, Any]:
-    """Every case x backend of ``ops_bench`` through its ``run_case`` (do_bench on a GPU)."""
-    import torch
-
-    previous = os.environ.get("FASTDD_CHECKS")
-    os.environ["FASTDD_CHECKS"] = "0"  # as ops_bench's own command: no data-dependent host syncs while timing
-    rows, t0 = [], time.perf_counter()
-    try:
-        ceilings = ops_bench.measure_ceilings(device, tiny)
-        print(f"   ceilings: {ops_bench.describe_ceilings(ceilings)}", flush=True)
-        for name, make_cases in ops_bench.ALL_CASES.items():
-            for case in make_cases(tiny):
-                for backend in ops_bench.BACKENDS:
-                    if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
-                        rows.append({"op": case.op, "variant": case.variant, "backend": backend,
-                                     "status": "skipped", "reason": f"ops time budget {max_seconds:g} s used up"})
-                        continue
-                    row = ops_bench.run_case(case, backend, device, reps=10, warmup=2)
-                    rows.append(row)
-                    print(f"   {case.op:22s} {case.variant:14s} {backend:14s} "
-                          + (f"{row['median_ms']:10.3f} ms" if row["status"] == "ok" else row["status"]), flush=True)
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-    finally:
-        if previous is None:
-            os.environ.pop("FASTDD_CHECKS", None)
-        else:
-            os.environ["FASTDD_CHECKS"] = previous
-    timer = "triton.testing.do_bench (median, p20, p80)" if device.type == "cuda" else "wall clock (median)"
-    targets = ops_bench.against_ceilings(rows, ceilings)
-    return {"status": "ok", "timer": timer, "shapes": "quick" if tiny else "full",
-            "machine": _jsonable(ops_bench.machine_info(device)), "ceilings": _jsonable(ceilings),
-            "targets": _jsonable(targets), "results": _jsonable(rows)}
-
-
-def _ops_bench_pytest(tiny: bool) -> Dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="fastdd-ops-") as tmp:
-        out = Path(tmp) / "ops.json"
-        backends = "torch" if tiny else "torch,torch.compile"
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests" / "test_benchmark.py"),
-               "-k", "test_ops_case", "--benchmark-only", f"--benchmark-json={out}"]
-        proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, OPS_BACKENDS_ENV: backends, "FASTDD_CHECKS": "0"},
-                              capture_output=True, text=True)
-        if not out.is_file():
-            return {"status": "error", "error": f"pytest-benchmark wrote no result (exit {proc.returncode}): "
-                                                f"{(proc.stdout + proc.stderr)[-800:]}"}
-        raw = json.loads(out.read_text())
-    rows = []
-    for b in raw.get("benchmarks", []):
-        stats = b.get("stats", {})
-        rows.append({"op": b.get("extra_info", {}).get("op"), "variant": b.get("extra_info", {}).get("variant"),
-                     "shape": b.get("extra_info", {}).get("shape"), "backend": b.get("extra_info", {}).get("backend"),
-                     "status": "ok", "median_ms": stats.get("median", 0) * 1e3, "min_ms": stats.get("min", 0) * 1e3,
-                     "iqr_ms": stats.get("iqr", 0) * 1e3, "rounds": stats.get("rounds")})
-    return {"status": "ok" if proc.returncode == 0 else "error", "timer": "pytest-benchmark (median of rounds)",
-            "shapes": "quick", "backends": backends.split(","), "results": rows,
-            "error": None if proc.returncode == 0 else (proc.stdout + proc.stderr)[-800:]}
+    on_gpu = device.type == "cuda"
+    backends = [b for b in ops_bench.BACKENDS if on_gpu or not tiny or b != "torch.compile"]
+    measured = ops_bench.benchmark(device, quick=tiny or not on_gpu, backends=backends, max_seconds=max_seconds,
+                                   indent="   ")
+    return {"status": "ok", "timer": harness.timer_description(device), "shapes": "quick" if tiny or not on_gpu
+            else "full", "backends": backends, "machine": harness.jsonable(harness.machine_info(device)),
+            **harness.jsonable(measured)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -929,7 +742,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     result: Dict[str, Any] = {
         "schema": SCHEMA, "date": started.isoformat(timespec="seconds"),
         "command": " ".join(["python", "benchmarks/run.py", *map(shlex.quote, argv if argv is not None else sys.argv[1:])]),
-        "git": git_info(), "device": machine_info(device), "versions": versions(), "settings": s,
+        "git": harness.git_info(), "device": harness.machine_info(device), "versions": harness.versions(),
+        "settings": s,
         "setup": {}, "methods": {},
     }
     setup = result["setup"]
@@ -968,12 +782,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
         # ---- distillation runs -------------------------------------------------------------------
         first_ipc = s["ipc"][0]
-        plan = [(ipc, method, copies) for ipc in s["ipc"] for method in s["methods"]
-                for copies in (s["lgm_copies"] if method == "lgm" else [None])]
+        plan = run_plan(s)
         order = plan
         if s.get("max_total_seconds"):  # under a time budget the cheap runs go first
-            cost = {"sfm": 0, "clp": 1, "lgm": 2}
-            order = sorted(plan, key=lambda r: (r[0], cost[r[1]], r[2] or 0))
+            order = sorted(plan, key=lambda run: (run[0], *real_side_cost(run[1]), run[2] or 0))
         t_runs = time.perf_counter()
         measured_runs: Dict[Tuple, Dict[str, Any]] = {}
         for ipc, method, copies in order:
@@ -1001,7 +813,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                   f"peak {_fmt(measured.get('peak_memory_bytes'), 1 / 1024 ** 2, 0)} MiB, "
                   f"extra {_fmt(measured.get('extra_memory_bytes'), 1 / 1024 ** 2, 0)} MiB"
                   + (f" ({measured['error']})" if measured.get("error") else ""), flush=True)
-        for ipc, method, copies in plan:  # results in the plan's order: lgm, sfm, clp per ipc
+        for ipc, method, copies in plan:  # results in the plan's order: the registry's per ipc
             measured = {"distilled_path": "", **measured_runs[(ipc, method, copies)]}
             result["methods"][run_key(method, ipc, copies, first_ipc)] = _entry(
                 "distilled", method, ipc, copies=copies, steps=s["steps"], **measured)
@@ -1069,7 +881,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                                          test_features=test_features, progress=progress, **fkw)
             result["methods"]["full_data"] = _entry(
                 "ceiling", "full_data", None, **_accuracy_fields(full), probe_time_s=time.perf_counter() - t0,
-                note="features of the statistics pass (CLP's bank dtype), un-augmented; "
+                note="features of the statistics pass (the library's bank dtype), un-augmented; "
                      "fastdd.probe.full_data_probe")
         else:
             for entry in result["methods"].values():
@@ -1081,8 +893,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     # ---- files ------------------------------------------------------------------------------------
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{device_slug(device)}-{started.date().isoformat()}"
+    out.mkdir(parents=True, exist_ok=True)  # the plots are written before the (atomic) result files
+    stem = f"{harness.device_slug(device)}-{started.date().isoformat()}"
     if s["profile"] != "default":
         stem += f"-{s['profile']}"
     if s["tiny"]:
@@ -1093,7 +905,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         stem += f"-{args.tag}"
     json_path, csv_path, md_path = out / f"{stem}.json", out / f"{stem}.csv", out / f"{stem}.md"
     files = [json_path, csv_path, md_path]
-    result = _jsonable(result)
+    result = harness.jsonable(result)
     if not args.no_plots:
         try:
             import matplotlib  # noqa: F401  (the bench extra; GPU machines may lack it)
@@ -1107,9 +919,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     result["files"] = [str(Path(p).resolve().relative_to(REPO)) if Path(p).resolve().is_relative_to(REPO)
                        else str(p) for p in files]
     table = format_table(result)
-    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    harness.write_json(json_path, result)
     write_csv(result, csv_path)
-    md_path.write_text(table)
+    harness.write_text(md_path, table)
     print("\n" + table)
     print("wrote " + ", ".join(result["files"]), flush=True)
     return result

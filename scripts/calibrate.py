@@ -10,19 +10,23 @@ sample std over the probe seeds and the distillation seeds (or baseline draws) o
 Modes (``--mode``):
 
 - ``sweep``: one-factor-at-a-time sweeps around a base configuration per method, at ipc 1 (initial
-  images, learning rate, augmentation strength, steps, parameterisation, CLP's lam x tau grid and
-  feature normalisation, LGM's copies), plus ipc 10 for the main variants. The groups are listed in
-  ``sweep_runs``; ``--groups`` selects some.
+  images, learning rate, augmentation strength, steps, parameterisation; the lam x tau grid and the
+  feature normalisation of the methods with those options (CLP); the reference method's recipe and
+  copies), plus ipc 10 for the main variants. The methods come from the registry (``fastdd.methods``):
+  every method that needs no real batch per step is swept, the reference (LGM) gets its own group. The
+  groups are listed in ``sweep_runs``; ``--groups`` selects some.
 - ``table``: the README's table at ipc 1 and 10 with the library's defaults
-  (``fastdd.api.METHOD_DEFAULTS``): random real images, class centroids, LGM, SFM, CLP, SFM with
-  classifier inheritance, and the full-data probe (on precomputed, un-augmented features: see
-  ``fastdd.probe.full_data_probe``).
+  (``fastdd.methods.defaults(name)``): random real images, class centroids, every registered method,
+  classifier inheritance for ``--inheritance`` (SFM's protocol), and the full-data probe (on
+  precomputed, un-augmented features: see ``fastdd.probe.full_data_probe``).
 - ``views``: the probe's pool of pre-encoded augmented views against re-encoding every epoch.
 - ``summary``: merge the sweep files (``calibration_sweep*.json``, one per process) into
   ``calibration_summary.{json,csv,md}``.
 
 Output: ``benchmarks/results/calibration_<mode>.{json,csv,md}`` with every run's settings, accuracies,
-times, the device, the versions and the command. Runs are appended as they finish and a restarted
+times, the device, the versions and the command (``benchmarks/harness.py``'s machine information, git
+revision and atomic writes, shared with the benchmark). A method's own options (CLP's lam, tau, ...)
+are flat keys of a run's spec and go to ``fastdd.distill`` as ``options={...}``. Runs are appended as they finish and a restarted
 command skips the runs already in the JSON (``--fresh`` starts over), so long sweeps can run under
 ``nohup timeout ...`` and be resumed. The real statistics (feature bank of the training set) and the test
 features are computed once and cached under ``runs/calibration_cache/`` (not committed).
@@ -36,14 +40,11 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import json
 import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,10 +53,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the measuring harness shared with the benchmark
 
+import harness  # noqa: E402
 import fastdd  # noqa: E402
+import fastdd.methods as registry  # noqa: E402
 from fastdd import data, encoders, probe  # noqa: E402
-from fastdd.api import METHOD_DEFAULTS  # noqa: E402
 from fastdd.stats import RealStats  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -118,11 +121,20 @@ def baseline_spec(group, kind, ipc, seed=0):
     return dict(group=group, kind=kind, method=kind, ipc=ipc, seed=seed)
 
 
-def execute(spec: dict, setup: Setup, args) -> dict:
-    """Make the set a spec describes, score it with the probe, and return the record."""
+def distill_arguments(spec: dict):
+    """``(keywords, options)`` of ``fastdd.distill`` for a distilled run's spec: the spec keys that are
+    options of its method (``fastdd.methods.get(method).options``) go to ``options``, the others that are
+    not about the run (``NOT_DISTILL_ARGUMENTS``) are keywords."""
+    method = registry.get(spec["method"])
     kw = {k: v for k, v in spec.items() if k not in NOT_DISTILL_ARGUMENTS}
     if "crop_scale" in kw:
         kw["crop_scale"] = tuple(kw["crop_scale"])
+    options = {k: kw.pop(k) for k in list(kw) if k in method.options}
+    return kw, options
+
+
+def execute(spec: dict, setup: Setup, args) -> dict:
+    """Make the set a spec describes, score it with the probe, and return the record."""
     views = spec.get("probe_views", args.probe_views)
     ev = dict(epochs=args.probe_epochs, seeds=tuple(args.probe_seeds), views=None if views == "per-epoch" else views,
               test_features=setup.test_features, progress=False)
@@ -137,9 +149,10 @@ def execute(spec: dict, setup: Setup, args) -> dict:
                                        progress=args.progress)
     else:
         if kind == "distilled":
+            kw, options = distill_arguments(spec)
             chosen = fastdd.distill(train.images, setup.encoder, method=spec["method"], labels=train.labels,
                                     ipc=ipc, steps=spec["steps"], seed=spec["seed"], stats=setup.stats,
-                                    progress=args.progress, **kw)
+                                    progress=args.progress, options=options, **kw)
             record["distill_s"] = round(time.perf_counter() - t0, 2)
             record["step_s"] = round(record["distill_s"] / spec["steps"], 4) if spec["steps"] else None
             record["final_loss"] = chosen.history[-1] if chosen.history else None
@@ -187,13 +200,29 @@ def summary(result: probe.ProbeResult) -> dict:
 # What each mode runs
 # --------------------------------------------------------------------------------------------------
 
+def swept_methods() -> list:
+    """The methods the sweeps vary, in the registry's order: every one that needs no real batch per step
+    (the reference LGM, which encodes fresh real batches every step, has a group of its own)."""
+    return [name for name in registry.names() if not registry.get(name).needs.real_batches]
+
+
+def methods_with_options(*options: str) -> list:
+    """The swept methods that have every one of ``options`` (e.g. lam and tau: CLP)."""
+    return [name for name in swept_methods() if all(o in registry.get(name).options for o in options)]
+
+
+# The option sweeps' groups, named "<method>-<group>" (e.g. clp-lam-tau), in the summary's order.
+OPTION_GROUPS = ("lam-tau", "lam-tau-wide", "feature-norm", "feature-norm-lam1")
+
+
 def sweep_runs(args) -> list:
-    """One-factor-at-a-time sweeps at ipc 1 (and a few at ipc 10). Base per method: METHOD_DEFAULTS as of
-    the commit that ran it (SFM/CLP: lr 1e-2, crop scale [0.5, 1] without noise, pyramid, CLP lam 0.1
-    relative, tau 0.1, centred targets, raw features) with ``--steps`` and ``--base-init`` (chosen from the
-    "init" group); each group changes one thing, so the base row of a group is the "init" group's row for
-    ``--base-init``."""
+    """One-factor-at-a-time sweeps at ipc 1 (and a few at ipc 10). Base per method: its defaults
+    (``fastdd.methods.defaults``) as of the commit that ran it (then: lr 1e-2, crop scale [0.5, 1] without
+    noise, pyramid, CLP lam 0.1 relative, tau 0.1, centred targets, raw features) with ``--steps`` and
+    ``--base-init`` (chosen from the "init" group); each group changes one thing, so the base row of a
+    group is the "init" group's row for ``--base-init``."""
     steps, seeds, ipc, base = args.steps, args.distill_seeds, 1, dict(init=args.base_init)
+    swept, reference = swept_methods(), registry.reference().name
     runs = []
 
     def add(group, method, steps=steps, ipc=ipc, **kw):
@@ -204,11 +233,11 @@ def sweep_runs(args) -> list:
         runs.append(baseline_spec("baselines", "random_real", 1, s))
     runs.append(baseline_spec("baselines", "class_centroids", 1))
     runs.append(baseline_spec("baselines", "full_data", 0))
-    for method in ("sfm", "clp"):
+    for method in swept:
         for init in ("noise", "real", "centroid"):
             add("init", method, init=init)
-    add("control", "sfm", steps=0, **base)  # the initial images alone: what distilling adds to them
-    for method in ("sfm", "clp"):
+    add("control", swept[0], steps=0, **base)  # the initial images alone: what distilling adds to them
+    for method in swept:
         for lr in (3e-3, 3e-2, 1e-1):
             add("lr", method, lr=lr, **base)
         for name, aug in (("lgm-chain", LGM_CHAIN), ("crop-0.25", dict(crop_scale=(0.25, 1.0), noise_prob=0.0)),
@@ -217,27 +246,32 @@ def sweep_runs(args) -> list:
         for st in (100, 3 * steps):
             add("steps", method, steps=st, **base)
         add("parameterization", method, parameterization="pixels", **base)
-    for lam in (0.01, 0.1, 1.0):
-        for tau in (0.03, 0.1, 0.3):
-            if (lam, tau) != (0.1, 0.1):  # the base: the "init" group's row
-                add("clp-lam-tau", "clp", lam=lam, tau=tau, **base)
-    for lam, tau in ((1.0, 0.01), (10.0, 0.01), (10.0, 0.03), (10.0, 0.1)):  # extends the grid towards its best corner
-        add("clp-lam-tau-wide", "clp", lam=lam, tau=tau, **base)
-    for norm in ("standardize", "l2"):
-        add("clp-feature-norm", "clp", feature_norm=norm, **base)
-    for norm in ("none", "l2"):  # l2 won at lam 0.1: does it still at the chosen lam 1?
-        for tau in (0.03, 0.1):
-            add("clp-feature-norm-lam1", "clp", feature_norm=norm, lam=1.0, tau=tau, **base)
-    add("lgm", "lgm", aug_name="published", init="noise", **LGM_CHAIN)  # LGM's recipe (but few steps)
-    add("lgm", "lgm", aug_name="mild", **MILD, **base)
-    add("lgm", "lgm", aug_name="mild", copies=1, **MILD, **base)
-    for method in ("sfm", "clp"):  # does noise init catch up with the library's 1000 steps?
+    lam_tau, wide, norm, norm_lam1 = OPTION_GROUPS
+    for method in methods_with_options("lam", "tau"):
+        for lam in (0.01, 0.1, 1.0):
+            for tau in (0.03, 0.1, 0.3):
+                if (lam, tau) != (0.1, 0.1):  # the base: the "init" group's row
+                    add(f"{method}-{lam_tau}", method, lam=lam, tau=tau, **base)
+        for lam, tau in ((1.0, 0.01), (10.0, 0.01), (10.0, 0.03), (10.0, 0.1)):  # towards the grid's best corner
+            add(f"{method}-{wide}", method, lam=lam, tau=tau, **base)
+    for method in methods_with_options("feature_norm"):
+        for feature_norm in ("standardize", "l2"):
+            add(f"{method}-{norm}", method, feature_norm=feature_norm, **base)
+    for method in methods_with_options("feature_norm", "lam", "tau"):
+        for feature_norm in ("none", "l2"):  # l2 won at lam 0.1: does it still at the chosen lam 1?
+            for tau in (0.03, 0.1):
+                add(f"{method}-{norm_lam1}", method, feature_norm=feature_norm, lam=1.0, tau=tau, **base)
+    # the reference (LGM): its published recipe (but few steps), the milder chain, and one copy
+    add(reference, reference, aug_name="published", init="noise", **LGM_CHAIN)
+    add(reference, reference, aug_name="mild", **MILD, **base)
+    add(reference, reference, aug_name="mild", copies=1, **MILD, **base)
+    for method in swept:  # does noise init catch up with the library's 1000 steps?
         for init in ("noise", "real"):
             add("init-long", method, steps=1000, init=init)
     for s in range(args.baseline_draws):
         runs.append(baseline_spec("ipc10", "random_real", 10, s))
     runs.append(baseline_spec("ipc10", "class_centroids", 10))
-    for method in ("sfm", "clp"):
+    for method in swept:
         for init in ("noise", args.base_init):
             add("ipc10", method, steps=args.steps_ipc10, ipc=10, init=init)
     if args.groups:
@@ -245,34 +279,44 @@ def sweep_runs(args) -> list:
     return runs
 
 
-# The settings the sweeps chose (benchmarks/results/calibration_sweep*.md), used by the table and proposed
-# as fastdd.distill's defaults: initialise from real images (noise init stays near chance at these step
-# counts), lr 1e-2, crop scale [0.5, 1] without noise; CLP lam 1 (relative), tau 0.1 (group clp-lam-tau).
-RECOMMENDED = {
-    "sfm": dict(init="real", lr=1e-2, crop_scale=(0.5, 1.0), noise_prob=0.0),
-    "clp": dict(init="real", lr=1e-2, crop_scale=(0.5, 1.0), noise_prob=0.0, lam=1.0, tau=0.1),
-    "lgm": dict(init="real", lr=1e-2, crop_scale=(0.5, 1.0), noise_prob=0.0, copies=10),
-}
+# The settings the sweeps chose (benchmarks/results/calibration_sweep*.md), now the library's defaults
+# (initialise from real images: noise init stays near chance at these step counts; lr 1e-2; crop scale
+# [0.5, 1] without noise; CLP lam 1 (relative), tau 0.1, group clp-lam-tau). A table row names them in
+# its spec, with the registry's values, so that the row records what it ran with.
+TABLE_SETTINGS = ("init", "lr", "crop_scale", "noise_prob", "lam", "tau")
+
+
+def table_settings(method: str) -> dict:
+    """The registry's defaults of ``method`` for the ``TABLE_SETTINGS`` it has, and its copies where it
+    uses more than one (the reference LGM's 10)."""
+    defaults = registry.defaults(method)
+    settings = {k: defaults[k] for k in TABLE_SETTINGS if k in defaults}
+    if defaults["copies"] > 1:
+        settings["copies"] = defaults["copies"]
+    return settings
 
 
 def table_runs(args) -> list:
+    """Per ipc: the real baselines, then every registered method. The reference method (LGM, the costly
+    one) runs one distillation seed and ``--reference-copies-ipc10`` copies at ipcs other than 1."""
     runs = [baseline_spec("ceiling", "full_data", 0)]
     for ipc in args.ipcs:
         for s in range(args.baseline_draws):
             # with classifier inheritance as a control: the inherited head carries the full real set
             runs.append(dict(baseline_spec(f"ipc{ipc}", "random_real", ipc, s), inheritance=True))
         runs.append(baseline_spec(f"ipc{ipc}", "class_centroids", ipc))
-        for method in ("sfm", "clp", "lgm"):
+        for method in registry.names():
+            reduced = registry.get(method).reference and ipc != 1
             steps = args.steps if ipc == 1 else args.steps_ipc10
-            seeds = args.distill_seeds if ipc == 1 or method != "lgm" else args.distill_seeds[:1]
+            seeds = args.distill_seeds[:1] if reduced else args.distill_seeds
             for seed in seeds:
-                extra = dict(RECOMMENDED[method])
-                if method == "sfm":
+                extra = table_settings(method)
+                if method in args.inheritance:
                     extra.update(inheritance=True)
                 if seed == seeds[0]:
                     extra.update(nearest_real=True)
-                if method == "lgm" and ipc == 10:
-                    extra.update(copies=args.lgm_copies_ipc10)
+                if reduced:
+                    extra.update(copies=args.reference_copies_ipc10)
                 runs.append(distilled_spec(f"ipc{ipc}", method, ipc, seed, steps, **extra))
     return runs
 
@@ -291,35 +335,11 @@ def views_runs(args) -> list:
 # --------------------------------------------------------------------------------------------------
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"device": "cpu", "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__, "fastdd": fastdd.__version__}
-
-
-def git_revision() -> str:
-    """HEAD's short hash, with "+dirty" when fastdd/ or scripts/ have uncommitted changes."""
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "fastdd", "scripts"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return rev + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def write_json(path: Path, doc: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, default=str))
-    os.replace(tmp, path)
+    """The harness's machine information and versions for the CPU run, with the keys the tables read
+    (``device``, ``load_average_at_start``)."""
+    info = harness.machine_info(torch.device("cpu"))
+    return {**info, **harness.versions(), "device": info["type"],
+            "load_average_at_start": [round(x, 2) for x in info["load_average"]]}
 
 
 VARIED = ("init", "lr", "aug_name", "crop_scale", "noise_prob", "augment", "steps", "parameterization", "lam", "tau",
@@ -336,13 +356,23 @@ def effective_setting(run: dict) -> str:
     parts.append(f"crop_scale={tuple(s['crop_scale'])}, noise_prob={s['noise_prob']:g}" if s["augment"] else "no augmentation")
     if s["parameterization"] != "pyramid":
         parts.append(f"parameterization={s['parameterization']}")
-    if run["method"] == "clp":
-        parts += [f"lam={s['lam']:g}", f"tau={s['tau']:g}"]
-        if s["feature_norm"] != "none":
-            parts.append(f"feature_norm={s['feature_norm']}")
-        if not s["centered_targets"]:
-            parts.append("one-hot targets")
-    return ", ".join(parts)
+    return ", ".join(parts + option_settings(run, s))
+
+
+def option_settings(run: dict, settings: dict) -> list:
+    """``name=value`` for the options of the run's method (``fastdd.methods``), read from ``settings`` (the
+    ``DistilledSet.settings``): the numeric ones the sweeps vary (``VARIED``: CLP's lam and tau) always, the
+    others where they are not at their default; a method no longer registered shows none."""
+    method = registry.REGISTRY.get(run["method"])
+    if method is None:
+        return []
+
+    def shown(name, option):
+        swept_number = name in VARIED and not isinstance(option.default, (bool, str))
+        return name in settings and (swept_number or settings[name] != option.default)
+
+    return [f"{name}={settings[name]:g}" if isinstance(settings[name], float) else f"{name}={settings[name]}"
+            for name, option in method.options.items() if shown(name, option)]
 
 
 def rows_of(runs: list) -> list:
@@ -380,11 +410,7 @@ def write_tables(stem: Path, doc: dict, current=None) -> None:
     rows = rows_of(kept)
     fields = ["group", "method", "ipc", "setting", "runs", "mean", "std", "per_run_means", "step_s",
               "nearest_real", "inheritance"]
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow(r)
+    harness.write_csv(stem.with_suffix(".csv"), fields, rows)
     m, p = doc["machine"], doc["probe"]
     invocations = doc.get("invocations") or [{"command": doc["command"], "git": doc["git"], "started": doc["started"]}]
     lines = [f"# fastdd calibration: {doc['mode']}", "",
@@ -415,12 +441,32 @@ def write_tables(stem: Path, doc: dict, current=None) -> None:
         lines += ["", "Earlier runs of this file whose settings the script has since changed (kept for the record):",
                   ""] + header
         add_rows(rows_of(superseded))
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    harness.write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def method_list(text: str) -> list:
+    """Comma-separated registered method names (``fastdd.methods.names()``)."""
+    values = [v.strip().lower() for v in text.split(",") if v.strip()]
+    unknown = [v for v in values if v not in registry.names()]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown methods {','.join(unknown)} in {text!r}; registered: "
+                                         f"{','.join(registry.names())}")
+    return values
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -433,7 +479,12 @@ def parse_args(argv=None):
     p.add_argument("--steps-ipc10", type=int, default=100, help="distillation steps at ipc 10")
     p.add_argument("--ipcs", type=lambda s: [int(x) for x in s.split(",")], default=[1, 10],
                    help="table mode: the images-per-class settings (comma-separated; ipc 1 runs --steps, others --steps-ipc10)")
-    p.add_argument("--lgm-copies-ipc10", type=int, default=2, help="LGM's copies at ipc 10 (CPU budget)")
+    p.add_argument("--reference-copies-ipc10", "--lgm-copies-ipc10", type=positive_int, default=2,
+                   help=f"table mode: the reference method's ({registry.reference().name}) copies at ipcs other "
+                        "than 1 (CPU budget)")
+    p.add_argument("--inheritance", type=method_list, default=["sfm"],
+                   help="table mode: the methods whose rows also score classifier inheritance (comma-separated; "
+                        "default: sfm, whose paper's protocol it is)")
     p.add_argument("--distill-seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0],
                    help="distillation seeds of each sweep row")
     p.add_argument("--baseline-draws", type=int, default=3, help="random-real draws per ipc")
@@ -462,11 +513,12 @@ def summarize(args) -> None:
                   runs=[r for d in docs for r in d["runs"]],
                   invocations=[i for d in docs for i in (d.get("invocations") or [
                       {"command": d["command"], "git": d["git"], "started": d["started"]}])])
-    order = ["baselines", "init", "init-long", "control", "lr", "augmentation", "steps", "parameterization", "clp-lam-tau",
-             "clp-lam-tau-wide", "clp-feature-norm", "clp-feature-norm-lam1", "lgm", "ipc10"]
+    order = (["baselines", "init", "init-long", "control", "lr", "augmentation", "steps", "parameterization"]
+             + [f"{method}-{group}" for method in swept_methods() for group in OPTION_GROUPS]
+             + [registry.reference().name, "ipc10"])
     merged["runs"].sort(key=lambda r: order.index(r["group"]) if r["group"] in order else len(order))
     stem = args.out / "calibration_summary"
-    write_json(stem.with_suffix(".json"), merged)
+    harness.write_json(stem.with_suffix(".json"), merged)
     write_tables(stem, merged)
     print(f"wrote {stem}.{{json,csv,md}} ({len(merged['runs'])} runs from {len(docs)} files)")
 
@@ -499,11 +551,10 @@ def main(argv=None) -> None:
         print(f"wrote {stem}.{{csv,md}}")
         return
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT)] + sys.argv[1:])
-    doc.update(command=command, git=git_revision(), machine=machine(), image_size=args.size, dataset=DATASET,
-               encoder=ENCODER, probe={"epochs": args.probe_epochs, "views": args.probe_views,
-                                       "seeds": args.probe_seeds, "full_epochs": args.full_epochs},
-               method_defaults={k: {kk: list(vv) if isinstance(vv, tuple) else vv for kk, vv in v.items()}
-                                for k, v in METHOD_DEFAULTS.items()})
+    doc.update(command=command, git=harness.git_label(harness.git_info()), machine=machine(), image_size=args.size,
+               dataset=DATASET, encoder=ENCODER, probe={"epochs": args.probe_epochs, "views": args.probe_views,
+                                                        "seeds": args.probe_seeds, "full_epochs": args.full_epochs},
+               method_defaults=harness.jsonable({name: registry.defaults(name) for name in registry.names()}))
     # a resumed file lists every invocation that added runs to it
     doc.setdefault("invocations", []).append(
         {"command": command, "git": doc["git"], "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -517,11 +568,11 @@ def main(argv=None) -> None:
         record = json.loads(json.dumps(execute(spec, setup, args), default=str))
         record["spec"] = json.loads(json.dumps(spec))
         doc["runs"].append(record)
-        write_json(json_path, doc)
+        harness.write_json(json_path, doc)
         write_tables(stem, doc, current)
         print(f"[{i + 1}/{len(todo)}] {run_key(spec)}: {record['mean']:.1f} +- {record['std']:.1f} "
               f"({record['total_s']:.0f} s)", flush=True)
-    write_json(json_path, doc)
+    harness.write_json(json_path, doc)
     write_tables(stem, doc, current)
     print(f"wrote {stem}.{{json,csv,md}}")
 

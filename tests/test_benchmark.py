@@ -1,30 +1,61 @@
-"""The comparative benchmark (benchmarks/run.py) end to end at tiny sizes, and the files it writes.
+"""The comparative benchmark (benchmarks/run.py) end to end at tiny sizes, the files it writes, the harness
+it shares with benchmarks/ops_bench.py and scripts/calibrate.py (benchmarks/harness.py), and the per-op
+cases timed in-process.
 
 Tiny runs: 8x8 digits at 16 px (300 train / 100 test images), 4 steps, 3 probe epochs; the ImageNet
 profile at 4 classes, 32 px and a tiny ViT. The checks are on the shape and consistency of the results
-(what other tools read), not on their values.
+(what other tools read), not on their values. The methods are the registry's (fastdd.methods): every
+registered method must appear in the results without a change to the benchmark.
 """
 
 import csv
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+import fastdd.methods as registry
+
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = ("step_time_s", "total_time_s", "peak_memory_bytes", "accuracy_mean", "accuracy_std")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+REFERENCE = registry.reference().name
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("fastdd_benchmark_run", REPO / "benchmarks" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load("fastdd_benchmark_run", REPO / "benchmarks" / "run.py")
+
+
+@pytest.fixture(scope="module")
+def harness(bench):
+    import harness  # benchmarks/ is on sys.path once run.py is loaded
+
+    return harness
+
+
+@pytest.fixture(scope="module")
+def ops_bench(bench):
+    import ops_bench
+
+    return ops_bench
+
+
+@pytest.fixture(scope="module")
+def calibrate():
+    return _load("fastdd_calibrate", REPO / "scripts" / "calibrate.py")
 
 
 @pytest.fixture(autouse=True)
@@ -62,20 +93,28 @@ def test_default_profile_end_to_end(bench, tmp_path):
     assert saved["versions"]["torch"] and saved["versions"]["python"]
     assert saved["settings"]["dataset"] == "digits" and saved["settings"]["steps"] == 4
     methods = saved["methods"]
-    assert set(methods) == {"lgm", "sfm", "clp", "random_real", "class_centroids", "full_data"}
+    assert "dm" in registry.names()  # the fourth method: picked up from the registry alone
+    assert set(methods) == {*registry.names(), "random_real", "class_centroids", "full_data"}
+    assert list(methods)[:len(registry.names())] == list(registry.names())  # the registry's order
+    assert saved["settings"]["methods"] == list(registry.names())
     for key, entry in methods.items():
         for field in REQUIRED:
             assert field in entry, (key, field)
         assert 0.0 <= entry["accuracy_mean"] <= 100.0 and entry["accuracy_std"] >= 0.0, key
-    for key in ("lgm", "sfm", "clp"):
+    for key in registry.names():
         e = methods[key]
         assert e["kind"] == "distilled" and e["status"] == "ok" and e["method"] == key
         assert e["step_time_s"] > 0 and e["total_time_s"] >= e["step_time_s"]
         assert e["peak_memory_bytes"] > 0 and e["extra_memory_bytes"] >= 0
         assert len(e["step_times_s"]) == 3  # 4 steps: 3 intervals between step callbacks
-        assert math.isclose(e["speedup_vs_lgm"], methods["lgm"]["step_time_s"] / e["step_time_s"])
+        assert e["step_time_min_s"] <= e["step_time_s"] <= e["step_time_max_s"]
+        assert math.isclose(e["speedup_vs_lgm"], methods[REFERENCE]["step_time_s"] / e["step_time_s"])
+        assert e["ratio_reference"] == REFERENCE
         assert len(e["accuracies"]) == 2  # --tiny probes with seeds 0 and 1
-    assert methods["lgm"]["copies"] == 10 and methods["lgm"]["speedup_vs_lgm"] == 1.0
+        assert e["distill_settings"]["copies"] == registry.defaults(key)["copies"]
+    assert methods[REFERENCE]["copies"] == registry.reference().defaults["copies"] == 10
+    assert methods[REFERENCE]["speedup_vs_lgm"] == 1.0
+    assert saved["git"]["revision"] and isinstance(saved["git"]["dirty"], bool)
     assert methods["random_real"]["kind"] == "baseline" and len(methods["random_real"]["accuracies"]) == 4
     assert methods["full_data"]["kind"] == "ceiling" and methods["full_data"]["step_time_s"] is None
 
@@ -86,7 +125,9 @@ def test_default_profile_end_to_end(bench, tmp_path):
     assert float(rows[0]["step_time_s"]) == pytest.approx(methods["lgm"]["step_time_s"])
 
     table = files["md"].read_text()
-    assert "| run | status | per-step (ms)" in table and "| clp | ok |" in table
+    assert "| run | status | per-step (ms)" in table and "| speed vs LGM |" in table
+    for key in registry.names():
+        assert f"| {key} | ok |" in table, key
     stem = files["json"].with_suffix("")
     for suffix in ("-time-memory.png", "-accuracy.png", "-images.png"):
         _check_png(Path(f"{stem}{suffix}"))
@@ -98,7 +139,7 @@ def test_cpu_memory_is_measured_in_a_child_process(bench, tmp_path):
     result = bench.main(["--tiny", "--methods", "sfm,lgm", "--lgm-copies", "1", "--no-evaluate", "--no-plots",
                          "--quiet", "--out", str(tmp_path)])
     assert result["settings"]["isolation"] == "one child process per method"
-    for key in ("sfm", "lgm_k1"):
+    for key in ("sfm", f"{REFERENCE}_k1"):
         e = result["methods"][key]
         assert e["status"] == "ok", e.get("error")
         # the child's ru_maxrss covers torch + encoder + data: far above the extra of a 4-step run
@@ -106,7 +147,7 @@ def test_cpu_memory_is_measured_in_a_child_process(bench, tmp_path):
         assert "child process" in e["memory_measure"]
         assert e["accuracy_mean"] is None
     # no LGM with 10 copies ran: the ratios use the LGM that did
-    assert result["methods"]["sfm"]["ratio_reference"] == "lgm_k1"
+    assert result["methods"]["sfm"]["ratio_reference"] == f"{REFERENCE}_k1"
 
 
 def test_imagenet1k_profile_tiny(bench, tmp_path):
@@ -115,8 +156,11 @@ def test_imagenet1k_profile_tiny(bench, tmp_path):
     s = result["settings"]
     assert s["profile"] == "imagenet1k" and s["dataset"] == "synthetic" and s["evaluate"] is False
     assert s["chunk_size"] == 4 and result["setup"]["feature_dim"] == 192
-    expected = {"lgm_k1", "lgm_k2", "sfm", "clp", "lgm_k1_ipc2", "lgm_k2_ipc2", "sfm_ipc2", "clp_ipc2"}
+    others = [m for m in registry.names() if m != REFERENCE]
+    expected = {"lgm_k1", "lgm_k2", *others, "lgm_k1_ipc2", "lgm_k2_ipc2", *(f"{m}_ipc2" for m in others)}
     assert set(result["methods"]) == expected
+    # a method of the run needs a feature bank (CLP): the statistics carry the synthetic ImageNet-sized one
+    assert "random fp16 features" in result["setup"]["stats_note"]
     for key, e in result["methods"].items():
         assert e["status"] == "ok" and e["step_time_s"] > 0 and e["accuracy_mean"] is None, key
         assert e["ratio_reference"] == ("lgm_k2" if e["ipc"] == 1 else "lgm_k2_ipc2")
@@ -136,6 +180,17 @@ def test_time_cap_stops_a_run_and_keeps_its_timing(bench, tmp_path):
     assert e["step_time_s"] is None and e["first_step_s"] > 0 and e["total_time_s"] is None
 
 
+def test_runs_go_cheapest_first_by_what_they_need_from_the_real_side(bench):
+    """Under a time budget the order comes from each method's needs: means (SFM, DM) before a feature bank
+    (CLP) before fresh real batches every step (the reference LGM); the plan itself keeps the order given."""
+    settings = {"ipc": [1], "methods": list(registry.names()), "lgm_copies": [3, 10]}
+    plan = bench.run_plan(settings)
+    assert plan == [(1, REFERENCE, 3), (1, REFERENCE, 10)] + [(1, m, None) for m in registry.names()[1:]]
+    cheapest_first = [m for m in sorted(registry.names(), key=bench.real_side_cost)]
+    assert cheapest_first[-1] == REFERENCE and registry.get(REFERENCE).needs.real_batches
+    assert cheapest_first.index("clp") > max(cheapest_first.index("sfm"), cheapest_first.index("dm"))
+
+
 def test_total_budget_skips_runs_and_keeps_the_table_order(bench, tmp_path):
     result = bench.main(["--profile", "imagenet1k", "--tiny", "--in-process", "--quiet", "--no-ops", "--no-plots",
                          "--ipc", "1", "--methods", "lgm,sfm", "--lgm-copies", "1", "--max-total-seconds", "1e-3",
@@ -153,7 +208,7 @@ def test_out_of_memory_is_reported_not_raised(bench, monkeypatch):
     monkeypatch.setattr(fastdd, "distill", exhausted)
     settings = dict(bench.PROFILES["default"], steps=4, warmup=1, seed=0)
     data = {"train_images": torch.rand(4, 3, 8, 8), "train_labels": torch.tensor([0, 0, 1, 1])}
-    out = bench.run_distillation(settings, data, None, None, "lgm", 1, 10, torch.device("cpu"), None,
+    out = bench.run_distillation(settings, data, None, None, REFERENCE, 1, 10, torch.device("cpu"), None,
                                  progress=False, whole_process=False)
     assert out["status"] == "oom" and "out of memory" in out["error"]
     assert out["peak_memory_bytes"] is None and out["step_time_s"] is None
@@ -178,40 +233,45 @@ def test_ratios_use_the_reference_lgm_of_the_same_ipc(bench):
     assert bench.run_key("clp", 1, None, first_ipc=1) == "clp"
 
 
-def test_bad_options_are_refused(bench, tmp_path):
+def test_bad_options_are_refused(bench, tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--methods", "lgm,foo", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit):
+    error = capsys.readouterr().err
+    assert "--methods" in error and "unknown: foo" in error and ",".join(registry.names()) in error
+    with pytest.raises(SystemExit, match="--steps must be >= 2"):
         bench.main(["--steps", "1", "--out", str(tmp_path)])
 
 
-def test_ops_bench_loop_covers_every_case_and_backend(bench, monkeypatch):
-    """The GPU path's loop (ops_bench.run_case per case and backend), here on the CPU: GPU-only backends
-    are reported as skipped, and the time budget skips what is left."""
-    ops_bench = pytest.importorskip("ops_bench")
-    monkeypatch.setattr(ops_bench, "BACKENDS", ("torch", "triton"))
+def test_ops_bench_runs_in_process_over_every_case_and_backend(bench, ops_bench, monkeypatch):
+    """run.py's per-op benchmark is ops_bench.benchmark in this process (no child pytest): every case and
+    backend, GPU-only backends reported as skipped on a CPU, --tiny leaving out torch.compile there, and
+    the time budget skipping what is left."""
+    monkeypatch.setattr(ops_bench, "BACKENDS", ("torch", "torch.compile", "triton"))
     monkeypatch.setattr(ops_bench, "ALL_CASES", {"flow_matching_loss": ops_bench.ALL_CASES["flow_matching_loss"],
                                                  "ridge_probe": ops_bench.ALL_CASES["ridge_probe"]})
-    out = bench._ops_bench_cases(ops_bench, torch.device("cpu"), True, None)
+    monkeypatch.setattr(bench.subprocess, "run", None)  # a child process would fail loudly
+    out = bench.run_ops_bench(torch.device("cpu"), tiny=True)
+    assert out["status"] == "ok" and out["shapes"] == "quick" and out["backends"] == ["torch", "triton"]
+    assert out["timer"].startswith("wall clock") and out["machine"]["type"] == "cpu"
     rows = {(r["op"], r["backend"]): r for r in out["results"]}
     assert set(rows) == {(op, b) for op in ("flow_matching_loss", "ridge_probe") for b in ("torch", "triton")}
-    assert rows[("ridge_probe", "torch")]["status"] == "ok" and rows[("ridge_probe", "torch")]["median_ms"] > 0
+    timed = rows[("ridge_probe", "torch")]
+    assert timed["status"] == "ok" and 0 < timed["p20_ms"] <= timed["median_ms"] <= timed["p80_ms"]
     assert out["ceilings"]["matmul"]["tflops"] > 0 and out["ceilings"]["copy"]["gbytes_per_s"] > 0
-    assert 0 < rows[("ridge_probe", "torch")]["matmul_fraction"] and "copy_fraction" in rows[("ridge_probe", "torch")]
+    assert 0 < timed["matmul_fraction"] and "copy_fraction" in timed
     assert rows[("ridge_probe", "triton")]["status"] == "skipped"
-    out = bench._ops_bench_cases(ops_bench, torch.device("cpu"), True, 0.0)
-    assert all(r["status"] == "skipped" for r in out["results"])
+    assert os.environ.get("FASTDD_CHECKS") != "0"  # the checks are off only while timing
+    budget = bench.run_ops_bench(torch.device("cpu"), tiny=True, max_seconds=0.0)
+    assert all(r["status"] == "skipped" and "time budget" in r["reason"] for r in budget["results"])
     assert "| ridge_probe | solve+grad | torch |" in bench.format_table(
         {"methods": {}, "settings": {"profile": "x", "tiny": True, "dataset": "d", "encoder": "e", "ipc": [1],
                                      "steps": 2, "warmup": 0}, "device": {"type": "cpu", "name": "cpu"},
-         "versions": {"torch": "t"}, "git": {}, "date": "", "command": "", "setup": {},
-         "ops": bench._ops_bench_cases(ops_bench, torch.device("cpu"), True, None)})
+         "versions": {"torch": "t"}, "git": {}, "date": "", "command": "", "setup": {}, "ops": out})
 
 
-def test_ops_targets_are_judged_against_the_measured_ceilings():
+def test_ops_targets_are_judged_against_the_measured_ceilings(ops_bench):
     """Fractions of the measured ceilings and the issue's targets (>= 60% of the matmul rate for the
     streamed cross-entropy, >= 75% of the copy bandwidth for class_centers, faster than torch.compile)."""
-    ops_bench = pytest.importorskip("ops_bench")
     ceilings = {"matmul": {"tflops": 100.0}, "copy": {"gbytes_per_s": 1000.0}}
 
     def row(op, variant, backend, ms, tflops, gbs):
@@ -232,31 +292,126 @@ def test_ops_targets_are_judged_against_the_measured_ceilings():
     assert verdicts[("class_centers", "deterministic", "faster than torch.compile")]["met"] is None
 
 
-# ---- the per-op kernel benchmark on the CPU, through pytest-benchmark -------------------------------
-# The cases are ops' (benchmarks/ops_bench.py, quick CPU shapes); benchmarks/run.py --ops runs this test
-# in a child pytest with eager and torch.compile backends and folds its --benchmark-json into its result.
-# In the plain test suite it times the eager reference only, a few rounds each.
+def test_ops_benchmark_refuses_unknown_ops_and_backends(ops_bench):
+    with pytest.raises(ValueError, match="nope"):
+        ops_bench.benchmark(torch.device("cpu"), quick=True, ops=["nope"])
+    with pytest.raises(ValueError, match="tpu"):
+        ops_bench.benchmark(torch.device("cpu"), quick=True, backends=["tpu"])
 
-def _ops_cases():
-    import os
+
+# ---- every per-op case at its quick CPU shapes, timed in-process by the harness ----------------------
+# (benchmarks/ops_bench.py's cases; the torch eager backend, a few repetitions each)
+
+def _quick_cases():
     import sys
 
     sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import ops_bench
-    except Exception:  # ops' file is optional for this suite
-        return []
-    backends = os.environ.get("FASTDD_OPS_BENCH_BACKENDS", "torch").split(",")
-    return [pytest.param(case, backend, id=f"{case.op}-{case.variant}-{backend}")
-            for make_cases in ops_bench.ALL_CASES.values() for case in make_cases(True)
-            for backend in backends if backend in case.runners]
+    import ops_bench
+
+    return [pytest.param(case, id=f"{case.op}-{case.variant}")
+            for make_cases in ops_bench.ALL_CASES.values() for case in make_cases(True)]
 
 
-@pytest.mark.parametrize("case,backend", _ops_cases())
-def test_ops_case(benchmark, case, backend):
-    fn = case.runners[backend](case.build(torch.device("cpu")))
-    first = fn()  # compilation and first-call costs stay out of the timing
-    assert first is not None
-    benchmark.extra_info.update(op=case.op, variant=case.variant, backend=backend,
-                                shape={k: str(v) for k, v in case.shape.items()})
-    benchmark.pedantic(fn, rounds=5, warmup_rounds=1, iterations=1)
+@pytest.mark.parametrize("case", _quick_cases())
+def test_ops_case_is_timed_in_process(ops_bench, case):
+    row = ops_bench.run_case(case, "torch", torch.device("cpu"), reps=3, warmup=1)
+    case.release()
+    assert row["status"] == "ok", row.get("error")
+    assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+    assert row["tflops"] > 0 and row["gbytes_per_s"] > 0 and row["peak_extra_mib"] is None  # GPU only
+
+
+# ---- the harness (benchmarks/harness.py) ------------------------------------------------------------
+
+def test_time_call_is_the_median_of_the_repetitions_after_warm_up(harness, monkeypatch):
+    calls = []
+    clock = iter([0.0, 5.0, 10.0, 11.0, 20.0, 23.0, 30.0, 32.0])  # the timed calls take 5, 1, 3, 2 s
+    monkeypatch.setattr(harness, "time", SimpleNamespace(perf_counter=lambda: next(clock)))  # the harness's only
+    timing = harness.time_call(lambda: calls.append(1), torch.device("cpu"), reps=4, warmup=3)
+    assert len(calls) == 7  # 3 warm-up calls, untimed, then 4 timed
+    assert timing.samples == (5.0, 1.0, 3.0, 2.0) and timing.median == 2.5
+    assert (timing.min, timing.p20, timing.p80, timing.max) == (1.0, 1.0, 3.0, 5.0)
+    assert "wall clock" in timing.timer
+    with pytest.raises(ValueError, match="reps"):
+        harness.time_call(lambda: None, torch.device("cpu"), reps=0)
+    with pytest.raises(ValueError, match="at least one"):
+        harness.Timing.from_samples([])
+
+
+def test_machine_versions_and_revision(harness):
+    info = harness.machine_info(torch.device("cpu"))
+    assert info["type"] == "cpu" and info["cores"] >= 1 and info["torch_threads"] == torch.get_num_threads()
+    assert info["torch_interop_threads"] >= 1 and info["cpu"] in info["name"] and len(info["load_average"]) == 3
+    versions = harness.versions()
+    assert versions["torch"] == torch.__version__.split("+")[0] or versions["torch"] == torch.__version__
+    assert versions["python"] and "triton" in versions and "timm" in versions
+    git = harness.git_info()
+    assert len(git["revision"]) == 40 and isinstance(git["dirty"], bool)
+    assert harness.git_label({"revision": "0123456789abcdef", "dirty": True}) == "0123456+dirty"
+    assert harness.git_label({"revision": "0123456789abcdef", "dirty": False}) == "0123456"
+    assert harness.git_label({"revision": None, "dirty": None}) == "unknown"
+    assert harness.device_slug(torch.device("cpu")) == "cpu"
+
+
+def test_write_json_is_atomic_and_json_safe(harness, tmp_path):
+    path = tmp_path / "sub" / "result.json"
+    harness.write_json(path, {"nan": float("nan"), "shape": (1, 2), "dtype": torch.float16, 3: "x"})
+    assert json.loads(path.read_text()) == {"nan": None, "shape": [1, 2], "dtype": "torch.float16", "3": "x"}
+
+    class Unwritable:
+        def __str__(self):
+            raise RuntimeError("half-way")
+
+    with pytest.raises(RuntimeError, match="half-way"):
+        harness.write_json(path, {"bad": Unwritable()})
+    assert json.loads(path.read_text())["shape"] == [1, 2]  # the previous file is intact
+    assert sorted(p.name for p in path.parent.iterdir()) == ["result.json"]  # no temporary file left
+    harness.write_csv(tmp_path / "t.csv", ["a", "b"], [{"a": 1, "b": 2, "extra": 3}])
+    assert list(csv.DictReader(open(tmp_path / "t.csv", newline=""))) == [{"a": "1", "b": "2"}]
+
+
+def test_memory_meter_sees_an_allocation(harness):
+    meter = harness.MemoryMeter(torch.device("cpu"), work="the test").start()
+    block = torch.ones(16 * 2 ** 20)  # 64 MiB, touched
+    out = meter.stop()
+    del block
+    assert out["peak_memory_bytes"] > 0 and out["extra_memory_bytes"] >= 0 and "the test" in out["memory_measure"]
+    if meter.reset:  # the high-water mark could be reset: the extra is this allocation's
+        assert out["extra_memory_bytes"] >= 48 * 2 ** 20
+
+
+def test_scoped_env_restores(harness, monkeypatch):
+    monkeypatch.delenv("FASTDD_TEST_SCOPED", raising=False)
+    monkeypatch.setenv("FASTDD_TEST_KEPT", "before")
+    with harness.scoped_env(FASTDD_TEST_SCOPED="1", FASTDD_TEST_KEPT="during"):
+        assert os.environ["FASTDD_TEST_SCOPED"] == "1" and os.environ["FASTDD_TEST_KEPT"] == "during"
+    assert "FASTDD_TEST_SCOPED" not in os.environ and os.environ["FASTDD_TEST_KEPT"] == "before"
+
+
+# ---- the registry drives the plots and the calibration ---------------------------------------------
+
+def test_plot_colours_come_from_the_registry(bench):
+    import plots
+
+    colours = [plots.method_color({"kind": "distilled", "method": m}) for m in registry.names()]
+    assert len(set(colours)) == len(colours) and plots.BASELINE_COLOR not in colours
+    assert plots.method_color({"kind": "baseline", "method": "random_real"}) == plots.BASELINE_COLOR
+
+
+def test_calibration_passes_method_options_and_tables_every_method(calibrate):
+    kw, options = calibrate.distill_arguments(calibrate.distilled_spec(
+        "g", "clp", 1, 0, 10, lam=1.0, tau=0.03, lr=0.01, crop_scale=[0.5, 1.0], inheritance=True))
+    assert options == {"lam": 1.0, "tau": 0.03} and kw == {"lr": 0.01, "crop_scale": (0.5, 1.0)}
+    assert calibrate.distill_arguments(calibrate.distilled_spec("g", REFERENCE, 1, 0, 10, copies=2)) == (
+        {"copies": 2}, {})
+    args = calibrate.parse_args(["--mode", "table", "--ipcs", "1,10"])
+    runs = calibrate.table_runs(args)
+    distilled = [r for r in runs if r["kind"] == "distilled"]
+    assert {r["method"] for r in distilled} == set(registry.names())
+    reference_ipc10 = [r for r in distilled if r["method"] == REFERENCE and r["ipc"] == 10]
+    assert [r["copies"] for r in reference_ipc10] == [args.reference_copies_ipc10]
+    assert all(r["inheritance"] == (r["method"] == "sfm") for r in distilled if "inheritance" in r or r["method"] == "sfm")
+    clp = next(r for r in distilled if r["method"] == "clp")
+    assert (clp["lam"], clp["tau"]) == (registry.defaults("clp")["lam"], registry.defaults("clp")["tau"])
+    with pytest.raises(SystemExit):
+        calibrate.parse_args(["--inheritance", "sfm,nope"])
