@@ -243,10 +243,11 @@ class MemoryMeter:
     ``/proc/self/clear_refs``) and that minus the resident set at ``start`` (extra); with
     ``whole_process`` the peak is the process's whole life (``ru_maxrss``: a child process that loads
     its inputs, then runs the measured work). ``stop`` returns ``peak_memory_bytes``,
-    ``extra_memory_bytes``, ``baseline_memory_bytes`` and ``memory_measure`` (how, in words)."""
+    ``extra_memory_bytes``, ``baseline_memory_bytes`` and ``memory_measure`` (how, in words, naming the
+    measured ``work`` and its ``inputs``)."""
 
-    def __init__(self, device, whole_process: bool = False, work: str = "distill"):
-        self.device, self.whole_process, self.work = device, whole_process, work
+    def __init__(self, device, whole_process: bool = False, work: str = "distill", inputs: str = "its inputs"):
+        self.device, self.whole_process, self.work, self.inputs = device, whole_process, work, inputs
 
     def start(self) -> "MemoryMeter":
         gc.collect()
@@ -269,7 +270,7 @@ class MemoryMeter:
         return self
 
     def stop(self) -> Dict[str, Any]:
-        work = self.work
+        work, inputs = self.work, self.inputs
         if self.device.type == "cuda":
             import torch
 
@@ -278,7 +279,7 @@ class MemoryMeter:
             return {"peak_memory_bytes": peak, "extra_memory_bytes": peak - self.before,
                     "baseline_memory_bytes": self.before,
                     "memory_measure": f"torch.cuda.max_memory_allocated during {work} (peak); minus "
-                                      f"torch.cuda.memory_allocated before it, with its inputs loaded (extra)"}
+                                      f"torch.cuda.memory_allocated before it, with {inputs} loaded (extra)"}
         if self.reset:
             run_peak = _proc_status_bytes("VmHWM")
             extra = run_peak - self.before
@@ -289,7 +290,7 @@ class MemoryMeter:
             how = f"ru_maxrss growth during {work} (lower bound: the high-water mark could not be reset)"
         if self.whole_process:
             peak = max(self.load_peak, peak_rss_bytes(), run_peak)
-            what = "ru_maxrss of the run's own child process over its life (loading its inputs, then the work)"
+            what = f"ru_maxrss of the run's own child process over its life (loading {inputs}, then {work})"
         else:
             peak = run_peak
             what = f"peak resident set of this process during {work} (in-process run)"

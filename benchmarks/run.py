@@ -447,7 +447,7 @@ def run_distillation(s: Dict[str, Any], data: Dict[str, Any], encoder, stats, me
         if cap is not None and stamps[-1] - t0 > cap and step + 1 < kwargs["steps"]:
             raise _TimeCap()
 
-    meter = harness.MemoryMeter(device, whole_process).start()
+    meter = harness.MemoryMeter(device, whole_process, inputs="data, encoder and statistics").start()
     status, error, distilled = "ok", None, None
     t0 = time.perf_counter()
     try:
