@@ -1,9 +1,31 @@
-"""Shared test set-up: deterministic seeds, a `gpu` marker that skips without CUDA, the tiny real
-data and encoder fixtures that several test files use (built once per session), and `missing_tool`."""
+"""Shared test set-up: deterministic seeds, the `gpu` and `interpreter` markers, the devices a Triton
+kernel test runs on (`KERNEL_DEVICES`), the tiny real data and encoder fixtures that several test files
+use (built once per session), and `missing_tool`.
+
+The suite runs as two pytest processes (``make test`` runs both and fails when either fails):
+
+- the normal process, ``pytest -m "not interpreter"``: references, validation, the sm_90 builds, and on
+  a CUDA machine every Triton kernel test, compiled, on the GPU (the ``cuda`` entry of
+  `KERNEL_DEVICES`);
+- the interpreter process, ``TRITON_INTERPRET=1 pytest -m interpreter``: the same kernel tests on CPU
+  tensors under Triton's interpreter. Triton reads TRITON_INTERPRET when a ``@triton.jit`` decorator runs
+  (when fastdd's op modules are imported), so it is set in the environment before the process starts.
+
+A test run in the other process than its own is skipped with the command that runs it.
+"""
 import os
 
 import pytest
 import torch
+
+from fastdd._backend import interpreter_enabled
+
+INTERPRETER_COMMAND = "TRITON_INTERPRET=1 python -m pytest -m interpreter"
+
+# A Triton kernel test takes `device`: "cpu" runs it in the interpreter process, "cuda" (on a machine
+# with a GPU) compiled in the normal process.
+KERNEL_DEVICES = [pytest.param("cpu", marks=pytest.mark.interpreter, id="interpreter")] + (
+    [pytest.param("cuda", marks=pytest.mark.gpu, id="cuda")] if torch.cuda.is_available() else [])
 
 
 def missing_tool(reason: str) -> None:
@@ -15,13 +37,22 @@ def missing_tool(reason: str) -> None:
     pytest.skip(reason)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "interpreter: runs Triton kernels on CPU tensors; only in the process "
+                                       f"started with TRITON_INTERPRET=1 ({INTERPRETER_COMMAND})")
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    no_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    interpreter_only = pytest.mark.skip(reason=f"runs in the Triton interpreter process: {INTERPRETER_COMMAND}")
+    normal_only = pytest.mark.skip(reason="runs in the normal process (this one has TRITON_INTERPRET=1): "
+                                          'python -m pytest -m "not interpreter"')
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        in_interpreter_part = "interpreter" in item.keywords
+        if in_interpreter_part != interpreter_enabled():
+            item.add_marker(normal_only if interpreter_enabled() else interpreter_only)
+        elif "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
 
 
 @pytest.fixture(autouse=True)

@@ -1,9 +1,11 @@
-"""class_centers: Triton kernels (CPU interpreter; CUDA when present) against the fp64 oracle."""
+"""class_centers: Triton kernels (CPU interpreter process; CUDA when present) against the fp64 oracle."""
 import pytest
 import torch
 
+from conftest import KERNEL_DEVICES
+
 from fastdd.ops import ClassSums, class_centers, empty_class_sums
-from fastdd.ops.testing import assert_close, interpreter, noncontiguous, target_devices, tolerance
+from fastdd.ops.testing import assert_close, noncontiguous, tolerance
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -13,10 +15,8 @@ def _oracle(x, labels, C, second_moment):
     return class_centers(x.double(), labels, C, second_moment=second_moment, out=out, impl="torch")
 
 
-def _run(device, *args, **kwargs):
-    if device == "interpreter":
-        with interpreter():
-            return class_centers(*args, impl="triton", **kwargs)
+def _run(*args, **kwargs):
+    """class_centers on the Triton kernels (the device is the tensors')."""
     return class_centers(*args, impl="triton", **kwargs)
 
 
@@ -24,51 +24,50 @@ def _data(B, D, C, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(B, D, generator=g) * 3 + 1).to(dtype)
     labels = torch.randint(0, C, (B,), generator=g)
-    dev = "cpu" if device == "interpreter" else device
-    return x.to(dev), labels.to(dev)
+    return x.to(device), labels.to(device)
 
 
-@pytest.mark.parametrize("device", target_devices())
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_matches_fp64_oracle(device, dtype, deterministic):
     x, labels = _data(67, 131, 7, dtype, device)  # primes; 131 columns cross a 128-wide column block
-    got = _run(device, x, labels, 7, second_moment=True, deterministic=deterministic)
+    got = _run(x, labels, 7, second_moment=True, deterministic=deterministic)
     ref = _oracle(x, labels, 7, True)
-    rtol, atol = tolerance(dtype, device)
+    rtol, atol = tolerance(dtype)
     assert got.sums.dtype == torch.float32 and got.counts.dtype == torch.int64
     assert torch.equal(got.counts.cpu(), ref.counts.cpu())
     assert_close(got.sums, ref.sums, rtol, atol, "sums")
     assert_close(got.sq_sums, ref.sq_sums, rtol, atol, "sq_sums")
 
 
-@pytest.mark.parametrize("device", target_devices())
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_single_class_noncontiguous_and_empty_classes(device):
     x, _ = _data(37, 13, 1, torch.float32, device)
     labels = torch.zeros(37, dtype=torch.int64, device=x.device)
     xv = noncontiguous(x)
-    got = _run(device, xv, labels, 1)
+    got = _run(xv, labels, 1)
     assert_close(got.sums, x.double().sum(0, keepdim=True), 2e-5, 2e-5, "single class")
     # Five classes, only class 3 present: the others stay exactly zero.
-    got = _run(device, xv, labels + 3, 5, deterministic=True)
+    got = _run(xv, labels + 3, 5, deterministic=True)
     assert got.counts.tolist() == [0, 0, 0, 37, 0]
     assert torch.count_nonzero(got.sums[[0, 1, 2, 4]]) == 0
 
 
-@pytest.mark.parametrize("device", target_devices())
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_streaming_fp64_accumulators_and_determinism(device):
     x, labels = _data(90, 17, 4, torch.bfloat16, device, seed=1)
     ref = _oracle(x, labels, 4, True)
     acc = empty_class_sums(4, 17, second_moment=True, dtype=torch.float64, device=x.device)
     for lo in range(0, 90, 32):  # chunk by chunk into running fp64 accumulators
-        out = _run(device, x[lo:lo + 32], labels[lo:lo + 32], 4, second_moment=True, out=acc, deterministic=True)
+        out = _run(x[lo:lo + 32], labels[lo:lo + 32], 4, second_moment=True, out=acc, deterministic=True)
         assert out is acc
     assert acc.sums.dtype == torch.float64
     assert_close(acc.sums, ref.sums, 1e-12, 1e-12, "fp64 streamed sums")
     assert_close(acc.sq_sums, ref.sq_sums, 1e-12, 1e-12, "fp64 streamed sq_sums")
     assert torch.equal(acc.counts, ref.counts)
-    again = _run(device, x, labels, 4, deterministic=True)
-    twice = _run(device, x, labels, 4, deterministic=True)
+    again = _run(x, labels, 4, deterministic=True)
+    twice = _run(x, labels, 4, deterministic=True)
     assert torch.equal(again.sums, twice.sums)  # bit-identical
 
 
@@ -97,11 +96,3 @@ def test_reference_means_and_validation():
     with pytest.raises(ValueError, match="impl must be one of"):
         class_centers(x, labels, 3, impl="fast")
 
-
-def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
-        class_centers(torch.ones(2, 2), torch.zeros(2, dtype=torch.int64), 1, impl="triton")
-    monkeypatch.setenv("FASTDD_IMPL", "triton")  # the environment override reaches every call
-    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
-        class_centers(torch.ones(2, 2), torch.zeros(2, dtype=torch.int64), 1, impl="torch")

@@ -4,9 +4,11 @@ import importlib
 import pytest
 import torch
 
+from conftest import KERNEL_DEVICES
+
 from fastdd.ops import linear_cross_entropy
 from fastdd.ops.linear_cross_entropy import linear_cross_entropy_reference
-from fastdd.ops.testing import assert_close, kernel_context, noncontiguous, target_devices, tolerance, torch_device
+from fastdd.ops.testing import assert_close, noncontiguous, tolerance
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GRAD_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -14,11 +16,10 @@ GRAD_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 def _data(M, D, C, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
-    dev = torch_device(device)
-    z = torch.randn(M, D, generator=g).to(dtype).to(dev)
-    W = (torch.randn(D, C, generator=g) / D ** 0.5).to(dev)
-    bias = torch.randn(C, generator=g).to(dev)
-    y = torch.randint(0, C, (M,), generator=g).to(dev)
+    z = torch.randn(M, D, generator=g).to(dtype).to(device)
+    W = (torch.randn(D, C, generator=g) / D ** 0.5).to(device)
+    bias = torch.randn(C, generator=g).to(device)
+    y = torch.randint(0, C, (M,), generator=g).to(device)
     return z, y, W, bias
 
 
@@ -29,14 +30,13 @@ def _grads(fn, z, y, W, bias, upstream, **kw):
     return (loss,) + torch.autograd.grad(loss, leaves, upstream)
 
 
-def _check(device, z, y, W, bias, tau, reduction, dtype):
+def _check(z, y, W, bias, tau, reduction, dtype):
     upstream = torch.tensor(0.37, device=z.device)
-    with kernel_context(device):
-        got = _grads(linear_cross_entropy, z, y, W, bias, upstream, tau=tau, reduction=reduction, impl="triton")
+    got = _grads(linear_cross_entropy, z, y, W, bias, upstream, tau=tau, reduction=reduction, impl="triton")
     ref = _grads(lambda z_, y_, W_, bias=None, **kw: linear_cross_entropy_reference(z_, y_, W_, bias=bias, **kw),
                  z.double(), y, W.double(), None if bias is None else bias.double(), upstream.double(),
                  tau=tau, reduction=reduction)
-    rtol, atol = tolerance(dtype, device, products=True)
+    rtol, atol = tolerance(dtype, products=True)
     assert got[0].dtype == torch.float32
     assert_close(got[0], ref[0], rtol, atol, "loss")
     gtol = max(GRAD_TOL[dtype], rtol)
@@ -45,36 +45,34 @@ def _check(device, z, y, W, bias, tau, reduction, dtype):
     assert got[1].dtype == z.dtype and got[2].dtype == W.dtype
 
 
-@pytest.mark.parametrize("device", target_devices())
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_matches_fp64_reference(device, dtype):
     z, y, W, bias = _data(37, 23, 13, dtype, device)  # primes: every tile has a masked edge
-    _check(device, z, y, W, bias, 0.7, "mean", dtype)
+    _check(z, y, W, bias, 0.7, "mean", dtype)
 
 
-@pytest.mark.parametrize("device", target_devices())
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_no_bias_sum_noncontiguous_and_transposed_head(device):
     z, y, W, _ = _data(41, 19, 17, torch.float32, device, seed=1)
     Wt = W.t().contiguous().t()  # column-major [D,C] (a [C,D] weight's transpose view)
-    _check(device, noncontiguous(z), y, Wt, None, 0.1, "sum", torch.float32)
+    _check(noncontiguous(z), y, Wt, None, 0.1, "sum", torch.float32)
 
 
-@pytest.mark.parametrize("device", target_devices())
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_single_class(device):
     z, y, W, bias = _data(5, 7, 1, torch.float32, device)
-    with kernel_context(device):
-        loss = linear_cross_entropy(z, y, W, bias=bias, impl="triton")
+    loss = linear_cross_entropy(z, y, W, bias=bias, impl="triton")
     assert_close(loss, torch.zeros(()), 0, 1e-6, "single-class loss is exactly log 1 = 0")
-    _check(device, z, y, W, bias, 1.0, "mean", torch.float32)
+    _check(z, y, W, bias, 1.0, "mean", torch.float32)
 
 
-@pytest.mark.parametrize("device", target_devices())
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_only_w_requires_grad_and_double_backward(device):
     z, y, W, _ = _data(9, 5, 3, torch.float32, device, seed=2)
     Wl = W.clone().requires_grad_(True)
-    with kernel_context(device):
-        (gw,) = torch.autograd.grad(linear_cross_entropy(z, y, Wl, tau=0.5, impl="triton"), Wl, create_graph=True)
-        (hw,) = torch.autograd.grad((gw ** 2).sum(), Wl)
+    (gw,) = torch.autograd.grad(linear_cross_entropy(z, y, Wl, tau=0.5, impl="triton"), Wl, create_graph=True)
+    (hw,) = torch.autograd.grad((gw ** 2).sum(), Wl)
     Wd = W.double().requires_grad_(True)
     (gwd,) = torch.autograd.grad(linear_cross_entropy_reference(z.double(), y, Wd, 0.5), Wd, create_graph=True)
     (hwd,) = torch.autograd.grad((gwd ** 2).sum(), Wd)
@@ -101,10 +99,9 @@ def test_reference_gradcheck_and_validation():
         linear_cross_entropy(z, y, W, bias=bias[:2])
     with pytest.raises(ValueError, match="z contains NaN"):
         linear_cross_entropy(z * float("nan"), y, W)
-    with pytest.raises(TypeError, match="fp64 runs on impl='torch'"), kernel_context("interpreter"):
-        linear_cross_entropy(z.double(), y, W, impl="triton")
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_tile_configuration_under_the_interpreter(monkeypatch, dtype):
     """The tiles, split count and masking used on a GPU, run by the interpreter (fp32 products)."""
@@ -116,26 +113,25 @@ def test_gpu_tile_configuration_under_the_interpreter(monkeypatch, dtype):
         return lce.GPU_TILES_GRAD if grad else lce.GPU_TILES
 
     monkeypatch.setattr(lce, "_tiles", gpu_tiles)
-    z, y, W, bias = _data(131, 67, 133, dtype, "interpreter", seed=4)  # past one tile: rows, classes, K steps
-    _check("interpreter", z, y, W, bias, 0.2, "mean", dtype)
+    z, y, W, bias = _data(131, 67, 133, dtype, "cpu", seed=4)  # past one tile: rows, classes, K steps
+    _check(z, y, W, bias, 0.2, "mean", dtype)
 
 
-@pytest.mark.parametrize("device", target_devices())
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_half_products_keep_tiny_row_weights(monkeypatch, device):
     """fp16 tensor-core operands (a GPU's; the interpreter is made to use them too) with a row weight
     g = upstream / M far below fp16's range: the kernels must multiply g into the fp32 accumulators, not
     into the fp16 operands (where g (P - Y) would flush to zero: a whole-bank mean over 1.28M rows has
     g ~ 1e-6)."""
     lce = importlib.import_module("fastdd.ops.linear_cross_entropy")
-    if device == "interpreter":
+    if device == "cpu":  # the interpreter's products are fp32 unless told otherwise
         monkeypatch.setattr(lce, "_dot_dtype", lambda *dtypes: (lce.tl.float16, "ieee"))
     z, y, W, bias = _data(37, 23, 13, torch.float16, device, seed=5)
     upstream = torch.tensor(1e-6, device=z.device)  # g = 2.7e-8: below fp16's smallest subnormal (6e-8)
-    with kernel_context(device):
-        got = _grads(linear_cross_entropy, z, y, W, bias, upstream, tau=0.5, impl="triton")
+    got = _grads(linear_cross_entropy, z, y, W, bias, upstream, tau=0.5, impl="triton")
     ref = _grads(lambda z_, y_, W_, bias=None, **kw: linear_cross_entropy_reference(z_, y_, W_, bias=bias, **kw),
                  z.double(), y, W.double(), bias.double(), upstream.double(), tau=0.5)
     # dW and dbias are fp32 (W's and the bias's dtype); dz is fp16 like z, and at this scale fp16 itself
     # cannot hold it, so only its products are checked here, through dW.
     for name, g, r in zip(["dW", "dbias"], got[2:], ref[2:]):
-        assert_close(g, r, tolerance(torch.float16, device, products=True)[0] + 5e-3, 0.0, name)
+        assert_close(g, r, tolerance(torch.float16, products=True)[0] + 5e-3, 0.0, name)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from fastdd.ops import ridge_probe
+from fastdd.ops.ridge_probe import RidgeOptions, RidgeProbeFunction
 from fastdd.ops.testing import assert_close, noncontiguous
 
 
@@ -23,24 +24,38 @@ def _normal_equations(zs, targets, lam):
 @pytest.mark.parametrize("N,D", [(5, 11), (13, 7)])  # sample-space and feature-space systems
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_solution_and_gradients(N, D, impl):
-    zs, targets, lam = _data(3, N, D, 4)
-    W = ridge_probe(zs, targets, lam, impl=impl)
+    """The reference on fp64 inputs; the closed-form backward ("triton": fp64 inputs are the reference's,
+    by the rule of every op) on fp32 inputs solved in fp64, against the fp64 oracle of the same values."""
+    dtype = torch.float64 if impl == "torch" else torch.float32
+    zs, targets, lam = _data(3, N, D, 4, dtype=dtype)
+    W = ridge_probe(zs, targets, lam, solve_dtype=torch.float64, impl=impl)
     assert W.shape == (3, D, 4) and W.dtype == torch.float64
-    assert_close(W, _normal_equations(zs, targets, lam), 1e-10, 1e-10, "W")
+    assert_close(W, _normal_equations(zs.double(), targets.double(), lam), 1e-10, 1e-10, "W")
     leaves = [t.clone().requires_grad_(True) for t in (zs, targets, lam)]
     upstream = torch.randn(3, D, 4, dtype=torch.float64)
-    got = torch.autograd.grad(ridge_probe(*leaves, impl=impl), leaves, upstream)
-    ref_leaves = [t.clone().requires_grad_(True) for t in (zs, targets, lam)]
+    got = torch.autograd.grad(ridge_probe(*leaves, solve_dtype=torch.float64, impl=impl), leaves, upstream)
+    ref_leaves = [t.double().requires_grad_(True) for t in (zs, targets, lam)]
     ref = torch.autograd.grad(_normal_equations(*ref_leaves), ref_leaves, upstream)
+    rtol = 1e-8 if dtype == torch.float64 else 1e-6  # fp32 gradients: rounded once, ~6e-8
     for name, a, r in zip(["dzs", "dtargets", "dlam"], got, ref):
-        assert_close(a, r, 1e-8, 1e-10, name)
+        assert a.dtype == (torch.float64 if name == "dlam" else dtype), name  # lam is fp64 here
+        assert_close(a, r, rtol, 1e-10, name)
 
 
-def test_closed_form_gradcheck_single_problem_and_double_backward():
-    zs, targets, lam = _data(1, 3, 2, 2)
+def _closed_form(z, y, lam):
+    """The closed-form backward of the module docstring on fp64 inputs (the public op sends those to the
+    reference), for gradcheck against finite differences."""
+    N, D = z.shape[-2:]
+    return RidgeProbeFunction.apply(z[None], y[None], lam.reshape(1), RidgeOptions(sample_space=N <= D))[0]
+
+
+@pytest.mark.parametrize("N,D", [(3, 2), (2, 3)])
+def test_closed_form_gradcheck_and_double_backward(N, D):
+    zs, targets, _ = _data(1, N, D, 2)
     z, y = zs[0].clone().requires_grad_(True), targets[0].clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda a, b: ridge_probe(a, b, 0.3, impl="triton"), (z, y))
-    assert torch.autograd.gradgradcheck(lambda a, b: ridge_probe(a, b, 0.3, impl="triton"), (z, y))
+    lam = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_closed_form, (z, y, lam))
+    assert torch.autograd.gradgradcheck(_closed_form, (z, y, lam))
 
 
 def test_fp32_solve_noncontiguous_and_tensor_lam():

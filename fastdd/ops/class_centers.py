@@ -9,8 +9,9 @@ into accumulators ``ClassSums(sums [C,D], counts [C] int64, sq_sums [C,D] or Non
 chunk with ``out=`` the running accumulators, it computes class means :math:`\mu_c = S_c / n_c` (and
 variances) of a whole data set without holding it.
 
-Dtype policy: features may be fp16, bf16, fp32 (or fp64); every element is converted to the
-accumulator dtype before it is added. Fresh accumulators are fp32; pass ``out`` with fp64 ``sums`` (and
+Dtype policy: features may be fp16, bf16 or fp32; every element is converted to the accumulator dtype
+before it is added. fp64 features follow the rule of every op (:mod:`fastdd._backend`): the reference
+under ``impl="auto"``, a ``TypeError`` on "triton" / "cuda". Fresh accumulators are fp32; pass ``out`` with fp64 ``sums`` (and
 ``sq_sums``) to accumulate in fp64 (what :class:`fastdd.RealStats` keeps). Counts are int64.
 
 Backends:
@@ -31,8 +32,9 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from fastdd._backend import cdiv, resolve_impl, tl, triton_kernel
+from fastdd._backend import cdiv, resolve_impl, tl, triton
 from fastdd.ops._common import check_finite, check_float, check_labels, check_num_classes, int32_safe_columns
+from fastdd.ops._tiles import program_span, span
 
 __all__ = ["ClassSums", "class_centers", "class_centers_reference", "empty_class_sums"]
 
@@ -84,22 +86,26 @@ def class_centers_reference(features: torch.Tensor, labels: torch.Tensor, out: C
 # not specialise integer arguments equal to 1, and without it the loads are not vectorised.
 
 
-@triton_kernel
+@triton.jit
+def _feature_tile(x_ptr, rows64, cols, mask, stride_xb, stride_xd: tl.constexpr, sums_ptr):
+    """Features ``x[rows, cols]`` in the accumulator dtype (that of ``sums_ptr``: fp32 or fp64), 0 where
+    masked: every element is converted before it is added."""
+    x = tl.load(x_ptr + rows64[:, None] * stride_xb + cols[None, :] * stride_xd, mask=mask, other=0.0)
+    return x.to(sums_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _class_sums_atomic_kernel(x_ptr, labels_ptr, sums_ptr, sq_ptr, B, D, stride_xb, stride_xd: tl.constexpr,
                               SECOND_MOMENT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_b = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_ok = rows < B
-    col_ok = cols < D
+    rows, row_ok = span(pid_b * BLOCK_B, BLOCK_B, B)
+    cols, col_ok = program_span(1, BLOCK_D, D)
     mask = row_ok[:, None] & col_ok[None, :]
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     # Masked rows copy the block's first label so the min/max test below only sees real labels.
     first = tl.load(labels_ptr + pid_b * BLOCK_B).to(tl.int64)
     labels = tl.where(row_ok, labels, first)
-    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xb + cols[None, :] * stride_xd, mask=mask, other=0.0)
-    x = x.to(sums_ptr.dtype.element_ty)  # accumulate in the accumulator dtype (fp32/fp64)
+    x = _feature_tile(x_ptr, rows.to(tl.int64), cols, mask, stride_xb, stride_xd, sums_ptr)
     lo = tl.min(labels, axis=0)
     hi = tl.max(labels, axis=0)
     if lo == hi:
@@ -114,25 +120,20 @@ def _class_sums_atomic_kernel(x_ptr, labels_ptr, sums_ptr, sq_ptr, B, D, stride_
             tl.atomic_add(sq_ptr + offs, x * x, mask=mask)
 
 
-@triton_kernel
+@triton.jit
 def _class_sums_sorted_kernel(x_ptr, order_ptr, offsets_ptr, sums_ptr, sq_ptr, D, stride_xb, stride_xd: tl.constexpr,
                               SECOND_MOMENT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     # One program per (class, column block): sums that class's rows in a fixed order, no atomics.
     c = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < D
+    cols, col_ok = program_span(1, BLOCK_D, D)
     start = tl.load(offsets_ptr + c)
     end = tl.load(offsets_ptr + c + 1)
     acc = tl.zeros([BLOCK_D], dtype=sums_ptr.dtype.element_ty)
     acc_sq = tl.zeros([BLOCK_D], dtype=sums_ptr.dtype.element_ty)
     for r0 in range(start, end, BLOCK_B):
-        pos = r0 + tl.arange(0, BLOCK_B)
-        pos_ok = pos < end
+        pos, pos_ok = span(r0, BLOCK_B, end)
         rows = tl.load(order_ptr + pos, mask=pos_ok, other=0).to(tl.int64)
-        m = pos_ok[:, None] & col_ok[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xd, mask=m, other=0.0)
-        x = x.to(sums_ptr.dtype.element_ty)
+        x = _feature_tile(x_ptr, rows, cols, pos_ok[:, None] & col_ok[None, :], stride_xb, stride_xd, sums_ptr)
         acc += tl.sum(x, axis=0)
         if SECOND_MOMENT:
             acc_sq += tl.sum(x * x, axis=0)
@@ -228,7 +229,7 @@ def class_centers(features: torch.Tensor, labels: torch.Tensor, num_classes: int
     """Add the per-class sums, counts (and second moments) of ``features`` [B,D] into accumulators.
 
     Args:
-        features: [B,D] fp16/bf16/fp32/fp64 (any strides).
+        features: [B,D] fp16/bf16/fp32 (any strides; fp64 runs the reference).
         labels: [B] integer class indices in [0, num_classes).
         num_classes: C.
         second_moment: also accumulate per-class sums of squares.
@@ -256,21 +257,3 @@ def class_centers(features: torch.Tensor, labels: torch.Tensor, num_classes: int
         return _class_centers_cuda(features, labels, out, deterministic)
     return class_centers_reference(features, labels, out, deterministic)
 
-
-
-def aot_specs():
-    """The kernel specialisations the launchers above use on a GPU (compiled for sm_90 in CI)."""
-    from fastdd._backend import AOTSpec, pointer
-
-    specs = []
-    variants = [(dt, torch.float32, True) for dt in (torch.float32, torch.float16, torch.bfloat16)]
-    variants += [(torch.bfloat16, torch.float32, False), (torch.float32, torch.float64, True)]
-    for x_dtype, acc, second in variants:
-        specs.append(AOTSpec(_class_sums_atomic_kernel, dict(
-            x_ptr=pointer(x_dtype), labels_ptr="*i64", sums_ptr=pointer(acc), sq_ptr=pointer(acc), B="i32", D="i32:16",
-            stride_xb="i32:16", stride_xd=1, SECOND_MOMENT=second, BLOCK_B=ATOMIC_BLOCK_B, BLOCK_D=BLOCK_D)))
-        specs.append(AOTSpec(_class_sums_sorted_kernel, dict(
-            x_ptr=pointer(x_dtype), order_ptr="*i64", offsets_ptr="*i64", sums_ptr=pointer(acc), sq_ptr=pointer(acc),
-            D="i32:16", stride_xb="i32:16", stride_xd=1, SECOND_MOMENT=second, BLOCK_B=SORTED_BLOCK_B,
-            BLOCK_D=BLOCK_D)))
-    return specs

@@ -21,8 +21,10 @@ Gradient. With :math:`G = \partial L/\partial F_s = -\big(F_r/(\|F_r\|\|F_s\|) -
 :math:`\partial L/\partial z_i = \partial L/\partial S_{y_i} / n_{y_i}`.
 ``real_flow`` is a constant: no gradient flows to it on any backend.
 
-Dtype policy: fp16/bf16/fp32 features are reduced and compared in fp32, fp64 in fp64; the loss has
-that dtype, the gradient the features' dtype.
+Dtype policy: fp16/bf16/fp32 features are reduced and compared in fp32 (the Triton kernels accumulate
+in fp32); the loss is fp32, the gradient has the features' dtype. fp64 features or real flow follow the
+rule of every op (:mod:`fastdd._backend`): the reference, in fp64, under ``impl="auto"``; a
+``TypeError`` on "triton" / "cuda".
 
 Backends: torch (reference, autograd); triton: class sums by the deterministic segmented reduction of
 :mod:`fastdd.ops.class_centers`, then one kernel per column block for the flow and the cosine's
@@ -36,8 +38,9 @@ from dataclasses import dataclass
 
 import torch
 
-from fastdd._backend import cdiv, checks_enabled, resolve_impl, tl, triton_kernel
+from fastdd._backend import cdiv, checks_enabled, resolve_impl, tl, triton
 from fastdd.ops._common import check_finite, check_float, check_labels, grad_via_reference
+from fastdd.ops._tiles import program_span, span
 from fastdd.ops.class_centers import _class_centers_triton, empty_class_sums
 
 __all__ = ["flow_matching_loss", "flow_matching_loss_reference", "real_flow"]
@@ -82,35 +85,57 @@ def flow_matching_loss_reference(features: torch.Tensor, labels: torch.Tensor, r
 
 # ----------------------------------------------------------------------------------------------------
 # Triton kernels: one program per block of BLOCK_D columns; every column is independent apart from the
-# three global sums of the cosine, which the host adds from per-program partials (fixed order).
+# three global sums of the cosine, which the host adds from per-program partials (fixed order). They
+# accumulate in fp32 (fp64 inputs run the reference).
 
 
-@triton_kernel
-def _flow_forward_kernel(sums_ptr, counts_ptr, fr_ptr, stride_fc, stride_fd: tl.constexpr, partial_ptr, C, D, inv_den_ptr,
+@triton.jit
+def _class_mean_tile(sums_ptr, counts_ptr, c0, cols, col_ok, C, D, BLOCK_C: tl.constexpr):
+    """Class rows ``c0 .. c0 + BLOCK_C`` at ``cols``: (rows, tile mask, counts n, means S = sums / n), fp32;
+    masked entries of S are 0."""
+    rows, row_ok = span(c0, BLOCK_C, C)
+    mask = row_ok[:, None] & col_ok[None, :]
+    n = tl.load(counts_ptr + rows, mask=row_ok, other=1).to(tl.float32)
+    means = tl.load(sums_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0) / n[:, None]
+    return rows, mask, n, means
+
+
+@triton.jit
+def _mean_column_sums(sums_ptr, counts_ptr, cols, col_ok, C, D, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``sum_k S_k`` over every class, per column."""
+    total = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        rows, mask, n, means = _class_mean_tile(sums_ptr, counts_ptr, c0, cols, col_ok, C, D, BLOCK_C)
+        total += tl.sum(means, axis=0)
+    return total
+
+
+@triton.jit
+def _synthetic_flow(total, means, inv_den):
+    """``F_s = (sum_k S_k - S_c) / d - S_c`` of a tile of class means (``inv_den`` = 1/d)."""
+    return (total[None, :] - means) * inv_den - means
+
+
+@triton.jit
+def _real_flow_tile(fr_ptr, rows, cols, mask, stride_fc, stride_fd: tl.constexpr):
+    """The real flow F_r at rows x cols in fp32 (0 where masked)."""
+    return tl.load(fr_ptr + rows[:, None] * stride_fc + cols[None, :] * stride_fd, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _flow_forward_kernel(sums_ptr, counts_ptr, fr_ptr, stride_fc, stride_fd: tl.constexpr, partial_ptr, C, D, inv_den,
                          BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    # partial[pid] = (<F_r, F_s>, |F_r|^2, |F_s|^2) over this program's columns.
     pid = tl.program_id(0)
-    cols = pid * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    acc_t = sums_ptr.dtype.element_ty
-    # 1 / (non-target denominator) from memory in acc_t: a Python float argument would arrive as fp32.
-    inv_den = tl.load(inv_den_ptr)
-    total = tl.zeros([BLOCK_D], dtype=acc_t)
+    cols, col_ok = span(pid * BLOCK_D, BLOCK_D, D)
+    total = _mean_column_sums(sums_ptr, counts_ptr, cols, col_ok, C, D, BLOCK_C, BLOCK_D)
+    dot = tl.zeros([BLOCK_D], dtype=tl.float32)
+    nr = tl.zeros([BLOCK_D], dtype=tl.float32)
+    ns = tl.zeros([BLOCK_D], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        rows = c0 + tl.arange(0, BLOCK_C)
-        m = (rows < C)[:, None] & col_ok[None, :]
-        n = tl.load(counts_ptr + rows, mask=rows < C, other=1).to(acc_t)
-        s = tl.load(sums_ptr + rows[:, None] * D + cols[None, :], mask=m, other=0.0) / n[:, None]
-        total += tl.sum(s, axis=0)
-    dot = tl.zeros([BLOCK_D], dtype=acc_t)
-    nr = tl.zeros([BLOCK_D], dtype=acc_t)
-    ns = tl.zeros([BLOCK_D], dtype=acc_t)
-    for c0 in range(0, C, BLOCK_C):
-        rows = c0 + tl.arange(0, BLOCK_C)
-        m = (rows < C)[:, None] & col_ok[None, :]
-        n = tl.load(counts_ptr + rows, mask=rows < C, other=1).to(acc_t)
-        s = tl.load(sums_ptr + rows[:, None] * D + cols[None, :], mask=m, other=0.0) / n[:, None]
-        fs = tl.where(m, (total[None, :] - s) * inv_den - s, 0.0)
-        fr = tl.load(fr_ptr + rows[:, None] * stride_fc + cols[None, :] * stride_fd, mask=m, other=0.0).to(acc_t)
+        rows, mask, n, means = _class_mean_tile(sums_ptr, counts_ptr, c0, cols, col_ok, C, D, BLOCK_C)
+        fs = tl.where(mask, _synthetic_flow(total, means, inv_den), 0.0)
+        fr = _real_flow_tile(fr_ptr, rows, cols, mask, stride_fc, stride_fd)
         dot += tl.sum(fr * fs, axis=0)
         nr += tl.sum(fr * fr, axis=0)
         ns += tl.sum(fs * fs, axis=0)
@@ -119,42 +144,28 @@ def _flow_forward_kernel(sums_ptr, counts_ptr, fr_ptr, stride_fc, stride_fd: tl.
     tl.store(partial_ptr + pid * 3 + 2, tl.sum(ns, axis=0))
 
 
-@triton_kernel
+@triton.jit
 def _flow_backward_kernel(sums_ptr, counts_ptr, fr_ptr, stride_fc, stride_fd: tl.constexpr, coef_ptr, dmean_ptr, C, D,
                           BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     # dmean[c] = dL/dS_c / n_c with G = alpha * F_r + beta * F_s (alpha, beta from the forward sums);
-    # coef = (alpha, beta, 1 / non-target denominator) in acc_t.
-    pid = tl.program_id(0)
-    cols = pid * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    acc_t = sums_ptr.dtype.element_ty
+    # coef = (alpha, beta, 1 / non-target denominator), fp32 on the device (no host sync).
+    cols, col_ok = program_span(0, BLOCK_D, D)
     alpha = tl.load(coef_ptr + 0)
     beta = tl.load(coef_ptr + 1)
     inv_den = tl.load(coef_ptr + 2)
-    total = tl.zeros([BLOCK_D], dtype=acc_t)
+    total = _mean_column_sums(sums_ptr, counts_ptr, cols, col_ok, C, D, BLOCK_C, BLOCK_D)
+    g_total = tl.zeros([BLOCK_D], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        rows = c0 + tl.arange(0, BLOCK_C)
-        m = (rows < C)[:, None] & col_ok[None, :]
-        n = tl.load(counts_ptr + rows, mask=rows < C, other=1).to(acc_t)
-        total += tl.sum(tl.load(sums_ptr + rows[:, None] * D + cols[None, :], mask=m, other=0.0) / n[:, None], axis=0)
-    g_total = tl.zeros([BLOCK_D], dtype=acc_t)
-    for c0 in range(0, C, BLOCK_C):
-        rows = c0 + tl.arange(0, BLOCK_C)
-        m = (rows < C)[:, None] & col_ok[None, :]
-        n = tl.load(counts_ptr + rows, mask=rows < C, other=1).to(acc_t)
-        s = tl.load(sums_ptr + rows[:, None] * D + cols[None, :], mask=m, other=0.0) / n[:, None]
-        fr = tl.load(fr_ptr + rows[:, None] * stride_fc + cols[None, :] * stride_fd, mask=m, other=0.0).to(acc_t)
-        g = tl.where(m, alpha * fr + beta * ((total[None, :] - s) * inv_den - s), 0.0)
+        rows, mask, n, means = _class_mean_tile(sums_ptr, counts_ptr, c0, cols, col_ok, C, D, BLOCK_C)
+        fr = _real_flow_tile(fr_ptr, rows, cols, mask, stride_fc, stride_fd)
+        g = tl.where(mask, alpha * fr + beta * _synthetic_flow(total, means, inv_den), 0.0)
         g_total += tl.sum(g, axis=0)
     for c0 in range(0, C, BLOCK_C):
-        rows = c0 + tl.arange(0, BLOCK_C)
-        m = (rows < C)[:, None] & col_ok[None, :]
-        n = tl.load(counts_ptr + rows, mask=rows < C, other=1).to(acc_t)
-        s = tl.load(sums_ptr + rows[:, None] * D + cols[None, :], mask=m, other=0.0) / n[:, None]
-        fr = tl.load(fr_ptr + rows[:, None] * stride_fc + cols[None, :] * stride_fd, mask=m, other=0.0).to(acc_t)
-        g = alpha * fr + beta * ((total[None, :] - s) * inv_den - s)
+        rows, mask, n, means = _class_mean_tile(sums_ptr, counts_ptr, c0, cols, col_ok, C, D, BLOCK_C)
+        fr = _real_flow_tile(fr_ptr, rows, cols, mask, stride_fc, stride_fd)
+        g = alpha * fr + beta * _synthetic_flow(total, means, inv_den)
         ds = (g_total[None, :] - g) * inv_den - g
-        tl.store(dmean_ptr + rows[:, None] * D + cols[None, :], ds / n[:, None], mask=m)
+        tl.store(dmean_ptr + rows[:, None] * D + cols[None, :], ds / n[:, None], mask=mask)
 
 
 FLOW_BLOCK_C = 32
@@ -169,7 +180,7 @@ class FlowOptions:
 
 
 def _flow_sums(features, labels, num_classes):
-    acc = empty_class_sums(num_classes, features.shape[1], dtype=_compute_dtype(features), device=features.device)
+    acc = empty_class_sums(num_classes, features.shape[1], dtype=torch.float32, device=features.device)
     return _class_centers_triton(features, labels, acc, deterministic=True)
 
 
@@ -183,10 +194,9 @@ class FlowMatchingFunction(torch.autograd.Function):
         counts = acc.counts
         inv_den = 1.0 / _nontarget_denominator(options.nontarget_denominator, C, features.shape[0])
         grid = (cdiv(D, FLOW_BLOCK_D),)
-        partial = torch.empty(grid[0], 3, dtype=acc.sums.dtype, device=features.device)
-        inv_den_t = torch.full((1,), inv_den, dtype=acc.sums.dtype, device=features.device)
+        partial = torch.empty(grid[0], 3, dtype=torch.float32, device=features.device)
         _flow_forward_kernel[grid](acc.sums, counts, real_flow, real_flow.stride(0), real_flow.stride(1), partial, C,
-                                   D, inv_den_t, BLOCK_C=FLOW_BLOCK_C, BLOCK_D=FLOW_BLOCK_D)
+                                   D, inv_den, BLOCK_C=FLOW_BLOCK_C, BLOCK_D=FLOW_BLOCK_D)
         dot, nr2, ns2 = partial.sum(0).unbind()
         denom = (nr2.sqrt() * ns2.sqrt()).clamp_min(EPS)
         cos = dot / denom
@@ -260,19 +270,3 @@ def flow_matching_loss(features: torch.Tensor, labels: torch.Tensor, real_flow: 
     return FlowMatchingFunction.apply(features, labels.long().contiguous(), real_flow.detach(),
                                       FlowOptions(nontarget_denominator))
 
-
-def aot_specs():
-    """The kernel specialisations the launchers above use on a GPU (compiled for sm_90 in CI)."""
-    from fastdd._backend import AOTSpec, pointer
-
-    specs = []
-    for acc, fr in ((torch.float32, torch.float32), (torch.float32, torch.float64), (torch.float64, torch.float64)):
-        common = dict(C="i32", D="i32:16")
-        blocks = dict(BLOCK_C=FLOW_BLOCK_C, BLOCK_D=FLOW_BLOCK_D)
-        specs.append(AOTSpec(_flow_forward_kernel, dict(
-            sums_ptr=pointer(acc), counts_ptr="*i64", fr_ptr=pointer(fr), stride_fc="i32:16", stride_fd=1,
-            partial_ptr=pointer(acc), **common, inv_den_ptr=pointer(acc), **blocks)))
-        specs.append(AOTSpec(_flow_backward_kernel, dict(
-            sums_ptr=pointer(acc), counts_ptr="*i64", fr_ptr=pointer(fr), stride_fc="i32:16", stride_fd=1,
-            coef_ptr=pointer(acc), dmean_ptr=pointer(acc), **common, **blocks)))
-    return specs

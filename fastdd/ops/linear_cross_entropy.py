@@ -21,12 +21,14 @@ would use); fp32 z gives fp32 products, TF32 where ``torch.backends.cuda.matmul.
 Under the Triton interpreter products are fp32 (numpy has no bf16). The operands are P - Y, never
 g(P - Y): the weight g (1/M for "mean", below fp16's smallest normal number for M > 16k rows)
 multiplies the fp32 accumulators. The loss is fp32 (fp64 for fp64 inputs on the reference); gradients
-have their inputs' dtypes. fp64 inputs run on the reference only.
+have their inputs' dtypes. fp64 inputs (z, W or bias) follow the rule of every op
+(:mod:`fastdd._backend`): the reference under ``impl="auto"``, a ``TypeError`` on "triton" / "cuda".
 
 Backends:
 - torch (reference): materialises the logits; the oracle and the CPU path.
 - triton: forward, one program per block of BLOCK_M rows (and, when there are few row blocks, per
-  split of the classes): for each block of BLOCK_C classes the logit tile is a tl.dot over D, folded
+  split of the classes): for each block of BLOCK_C classes the logit tile (``_logit_tile``, the one
+  @triton.jit helper that all three kernels use) is a tl.dot over D, folded
   into an online log-sum-exp (running max and sum) and the target logit; the splits' partials (3 x
   splits x M floats) merge into the per-row loss and lse. Backward recomputes the logit tiles from
   the saved lse: dW by programs that own a [BLOCK_DW, BLOCK_C] tile of dW and a split of the rows,
@@ -42,24 +44,16 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from fastdd._backend import cdiv, interpreter_enabled, matmul_allows_tf32, resolve_impl, tl, triton_kernel
-from fastdd.ops._common import (
-    KERNEL_DTYPES,
-    check_finite,
-    check_float,
-    check_labels,
-    grad_via_reference,
-    int32_safe_columns,
-    no_autocast,
-    reduce_dtype,
-)
+from fastdd._backend import cdiv, interpreter_enabled, matmul_allows_tf32, resolve_impl, tl, triton
+from fastdd.ops._common import check_finite, check_float, check_labels, grad_via_reference
+from fastdd.ops._common import int32_safe_columns, no_autocast, reduce_dtype
+from fastdd.ops._tiles import program_span, span
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_reference"]
 
@@ -83,17 +77,44 @@ def linear_cross_entropy_reference(z: torch.Tensor, y: torch.Tensor, W: torch.Te
 # without it the loads feeding the tensor cores are not vectorised.
 
 
-@triton_kernel
+@triton.jit
+def _logit_tile(z_ptr, w_ptr, b_ptr, rows64, row_ok, cls, cls_ok, D, stride_zm, stride_zd: tl.constexpr, stride_wd,
+                stride_wc: tl.constexpr, scale, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """fp32 logits ``scale * z[rows] @ W[:, cls] + b[cls]`` of one [BLOCK_M, BLOCK_C] tile: a tl.dot over
+    D in BLOCK_D steps, products in DOT_DTYPE (masked rows, classes and K steps load zeros)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd, d_ok = span(d0, BLOCK_D, D)
+        a = tl.load(z_ptr + rows64[:, None] * stride_zm + dd[None, :] * stride_zd,
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + dd[:, None] * stride_wd + cls[None, :] * stride_wc,
+                    mask=d_ok[:, None] & cls_ok[None, :], other=0.0)
+        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    s = acc * scale
+    if HAS_BIAS:
+        s += tl.load(b_ptr + cls, mask=cls_ok, other=0.0).to(tl.float32)[None, :]
+    return s
+
+
+@triton.jit
+def _softmax_minus_onehot(s, lse, y, cls, valid):
+    """``P - Y`` of a logit tile from its rows' log-sum-exp, zero outside ``valid``. Unweighted: the row
+    weight g (1/M for "mean", ~1e-6 on a whole bank) multiplies the fp32 accumulators at the store, since
+    g * (P - Y) would underflow in fp16 operands."""
+    p = tl.exp(s - lse[:, None])
+    return tl.where(valid, p - tl.where(cls[None, :] == y[:, None], 1.0, 0.0), 0.0)
+
+
+@triton.jit
 def _lce_forward_kernel(z_ptr, y_ptr, w_ptr, b_ptr, m_ptr, l_ptr, t_ptr, M, D, C, classes_per_split, stride_zm,
                         stride_zd: tl.constexpr, stride_wd, stride_wc: tl.constexpr, scale, HAS_BIAS: tl.constexpr,
                         DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     # Program (row block, class split): running max m, sum l = sum exp(s - m) and target logit t over the
     # split's classes, written to [split, M]; the host merges the splits (few rows: more programs).
-    pid = tl.program_id(0)
     pid_s = tl.program_id(1)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
+    rows, row_ok = program_span(0, BLOCK_M, M)
     rows64 = rows.to(tl.int64)
     y = tl.load(y_ptr + rows, mask=row_ok, other=0).to(tl.int32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -102,20 +123,9 @@ def _lce_forward_kernel(z_ptr, y_ptr, w_ptr, b_ptr, m_ptr, l_ptr, t_ptr, M, D, C
     c_start = pid_s * classes_per_split
     c_end = tl.minimum(c_start + classes_per_split, C)
     for c0 in range(c_start, c_end, BLOCK_C):
-        cls = c0 + tl.arange(0, BLOCK_C)
-        cls_ok = cls < c_end
-        acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            d_ok = dd < D
-            a = tl.load(z_ptr + rows64[:, None] * stride_zm + dd[None, :] * stride_zd,
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            b = tl.load(w_ptr + dd[:, None] * stride_wd + cls[None, :] * stride_wc,
-                        mask=d_ok[:, None] & cls_ok[None, :], other=0.0)
-            acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
-        s = acc * scale
-        if HAS_BIAS:
-            s += tl.load(b_ptr + cls, mask=cls_ok, other=0.0).to(tl.float32)[None, :]
+        cls, cls_ok = span(c0, BLOCK_C, c_end)
+        s = _logit_tile(z_ptr, w_ptr, b_ptr, rows64, row_ok, cls, cls_ok, D, stride_zm, stride_zd, stride_wd,
+                        stride_wc, scale, HAS_BIAS, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_C, BLOCK_D)
         s = tl.where(cls_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
@@ -127,50 +137,30 @@ def _lce_forward_kernel(z_ptr, y_ptr, w_ptr, b_ptr, m_ptr, l_ptr, t_ptr, M, D, C
     tl.store(t_ptr + out, t_i, mask=row_ok)
 
 
-@triton_kernel
+@triton.jit
 def _lce_grad_w_kernel(z_ptr, y_ptr, w_ptr, b_ptr, lse_ptr, g_ptr, dw_ptr, db_ptr, M, D, C, rows_per_split,
-                       stride_zm, stride_zd: tl.constexpr, stride_wd, stride_wc: tl.constexpr, scale, HAS_BIAS: tl.constexpr,
-                       WANT_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                       stride_zm, stride_zd: tl.constexpr, stride_wd, stride_wc: tl.constexpr, scale,
+                       HAS_BIAS: tl.constexpr, WANT_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_DW: tl.constexpr):
     # Program (class block, dW-row block, row split): dw[split, dw_rows, cls] = scale * z^T Delta.
-    pid_c = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_s = tl.program_id(2)
-    cls = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cls_ok = cls < C
-    dw_rows = pid_d * BLOCK_DW + tl.arange(0, BLOCK_DW)
-    dw_ok = dw_rows < D
+    cls, cls_ok = program_span(0, BLOCK_C, C)
+    dw_rows, dw_ok = span(pid_d * BLOCK_DW, BLOCK_DW, D)
     g = tl.load(g_ptr).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + cls, mask=cls_ok, other=0.0).to(tl.float32)
     acc = tl.zeros([BLOCK_DW, BLOCK_C], dtype=tl.float32)
     db = tl.zeros([BLOCK_C], dtype=tl.float32)
     row_start = pid_s * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, M)
     for r0 in range(row_start, row_end, BLOCK_M):
-        rows = r0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < row_end
+        rows, row_ok = span(r0, BLOCK_M, row_end)
         rows64 = rows.to(tl.int64)
-        s = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            d_ok = dd < D
-            a = tl.load(z_ptr + rows64[:, None] * stride_zm + dd[None, :] * stride_zd,
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            b = tl.load(w_ptr + dd[:, None] * stride_wd + cls[None, :] * stride_wc,
-                        mask=d_ok[:, None] & cls_ok[None, :], other=0.0)
-            s = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), s, input_precision=PRECISION)
-        s = s * scale
-        if HAS_BIAS:
-            s += bias[None, :]
+        s = _logit_tile(z_ptr, w_ptr, b_ptr, rows64, row_ok, cls, cls_ok, D, stride_zm, stride_zd, stride_wd,
+                        stride_wc, scale, HAS_BIAS, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_C, BLOCK_D)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         y = tl.load(y_ptr + rows, mask=row_ok, other=0).to(tl.int32)
-        p = tl.exp(s - lse[:, None])
-        # P - Y unweighted: the weight g (1/M for "mean", ~1e-6 on a whole bank) is applied to the fp32
-        # accumulator at the store, since g * (P - Y) would underflow in fp16 operands.
-        delta = p - tl.where(cls[None, :] == y[:, None], 1.0, 0.0)
-        delta = tl.where(row_ok[:, None] & cls_ok[None, :], delta, 0.0)
+        delta = _softmax_minus_onehot(s, lse, y, cls, row_ok[:, None] & cls_ok[None, :])
         zt = tl.load(z_ptr + rows64[:, None] * stride_zm + dw_rows[None, :] * stride_zd,
                      mask=row_ok[:, None] & dw_ok[None, :], other=0.0)
         acc = tl.dot(tl.trans(zt.to(DOT_DTYPE)), delta.to(DOT_DTYPE), acc, input_precision=PRECISION)
@@ -183,41 +173,24 @@ def _lce_grad_w_kernel(z_ptr, y_ptr, w_ptr, b_ptr, lse_ptr, g_ptr, dw_ptr, db_pt
             tl.store(db_ptr + pid_s * C + cls, db * g, mask=cls_ok)
 
 
-@triton_kernel
-def _lce_grad_z_kernel(z_ptr, y_ptr, w_ptr, b_ptr, lse_ptr, g_ptr, dz_ptr, M, D, C, stride_zm, stride_zd: tl.constexpr, stride_wd,
-                       stride_wc: tl.constexpr, scale, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+@triton.jit
+def _lce_grad_z_kernel(z_ptr, y_ptr, w_ptr, b_ptr, lse_ptr, g_ptr, dz_ptr, M, D, C, stride_zm, stride_zd: tl.constexpr,
+                       stride_wd, stride_wc: tl.constexpr, scale, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_DZ: tl.constexpr):
     # Program (row block, dz-column block): dz[rows, dz_cols] = scale * Delta W^T.
-    pid_m = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
+    rows, row_ok = program_span(0, BLOCK_M, M)
     rows64 = rows.to(tl.int64)
-    dz_cols = pid_d * BLOCK_DZ + tl.arange(0, BLOCK_DZ)
-    dz_ok = dz_cols < D
+    dz_cols, dz_ok = program_span(1, BLOCK_DZ, D)
     g = tl.load(g_ptr).to(tl.float32)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     y = tl.load(y_ptr + rows, mask=row_ok, other=0).to(tl.int32)
     acc = tl.zeros([BLOCK_M, BLOCK_DZ], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        cls = c0 + tl.arange(0, BLOCK_C)
-        cls_ok = cls < C
-        s = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            d_ok = dd < D
-            a = tl.load(z_ptr + rows64[:, None] * stride_zm + dd[None, :] * stride_zd,
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            b = tl.load(w_ptr + dd[:, None] * stride_wd + cls[None, :] * stride_wc,
-                        mask=d_ok[:, None] & cls_ok[None, :], other=0.0)
-            s = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), s, input_precision=PRECISION)
-        s = s * scale
-        if HAS_BIAS:
-            s += tl.load(b_ptr + cls, mask=cls_ok, other=0.0).to(tl.float32)[None, :]
-        p = tl.exp(s - lse[:, None])
-        delta = p - tl.where(cls[None, :] == y[:, None], 1.0, 0.0)  # g applied at the store (see dW)
-        delta = tl.where(row_ok[:, None] & cls_ok[None, :], delta, 0.0)
+        cls, cls_ok = span(c0, BLOCK_C, C)
+        s = _logit_tile(z_ptr, w_ptr, b_ptr, rows64, row_ok, cls, cls_ok, D, stride_zm, stride_zd, stride_wd,
+                        stride_wc, scale, HAS_BIAS, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_C, BLOCK_D)
+        delta = _softmax_minus_onehot(s, lse, y, cls, row_ok[:, None] & cls_ok[None, :])
         wt = tl.load(w_ptr + dz_cols[:, None] * stride_wd + cls[None, :] * stride_wc,
                      mask=dz_ok[:, None] & cls_ok[None, :], other=0.0)
         acc = tl.dot(delta.to(DOT_DTYPE), tl.trans(wt.to(DOT_DTYPE)), acc, input_precision=PRECISION)
@@ -460,7 +433,7 @@ def linear_cross_entropy(z: torch.Tensor, y: torch.Tensor, W: torch.Tensor, *, t
     """Cross-entropy of ``z @ W / tau + bias`` against ``y``, streamed (no [M,C] logits on GPU backends).
 
     Args:
-        z: [M,D] features (bf16/fp16/fp32; fp64 on the reference), any strides.
+        z: [M,D] features (bf16/fp16/fp32; fp64 runs the reference), any strides.
         y: [M] integer labels in [0, C).
         W: [D,C] head (any float dtype, any strides).
         tau: positive temperature.
@@ -496,12 +469,7 @@ def linear_cross_entropy(z: torch.Tensor, y: torch.Tensor, W: torch.Tensor, *, t
     check_finite("W", W)
     if bias is not None:
         check_finite("bias", bias)
-    backend = resolve_impl(impl, z, W)
-    if backend != "torch" and z.dtype not in KERNEL_DTYPES:
-        if impl == "auto" and not _forced():
-            backend = "torch"
-        else:
-            raise TypeError(f"z must be fp16/bf16/fp32 for impl={backend!r} (fp64 runs on impl='torch'), got {z.dtype}")
+    backend = resolve_impl(impl, z, W, bias)
     if backend == "torch":
         return linear_cross_entropy_reference(z, y, W, tau, bias, reduction)
     # Kernels index labels and bias with unit stride (they are tiny; 2-D operands keep their strides).
@@ -511,42 +479,3 @@ def linear_cross_entropy(z: torch.Tensor, y: torch.Tensor, W: torch.Tensor, *, t
         return LinearCrossEntropyFunction.apply(int32_safe_columns(z), y, W, bias,
                                                 LCEOptions(float(tau), reduction, backend))
 
-
-def _forced() -> bool:
-    return bool(os.environ.get("FASTDD_IMPL"))
-
-
-def aot_specs():
-    """The kernel specialisations the launchers above use on a GPU (compiled for sm_90 in CI).
-
-    Feature dtypes bf16 / fp16 / fp32 (TF32 and IEEE products), with and without bias; the head arrives
-    in the product dtype (:func:`head_operand`).
-    """
-    from fastdd._backend import AOTSpec, pointer
-
-    specs = []
-    variants = [(torch.bfloat16, torch.bfloat16, tl.bfloat16, "ieee", True),
-                (torch.bfloat16, torch.bfloat16, tl.bfloat16, "ieee", False),
-                (torch.float16, torch.float16, tl.float16, "ieee", True),
-                (torch.float32, torch.float32, tl.float32, "tf32", True),
-                (torch.float32, torch.float32, tl.float32, "ieee", False)]
-    for z_dtype, w_dtype, dot, precision, has_bias in variants:
-        f, g = (GPU_TILES_FP32, GPU_TILES_GRAD_FP32) if z_dtype == torch.float32 else (GPU_TILES, GPU_TILES_GRAD)
-        io = dict(z_ptr=pointer(z_dtype), y_ptr="*i64", w_ptr=pointer(w_dtype),
-                  b_ptr=pointer(torch.float32))
-        specs.append(AOTSpec(_lce_forward_kernel, dict(
-            **io, m_ptr="*fp32", l_ptr="*fp32", t_ptr="*fp32", M="i32", D="i32:16", C="i32", classes_per_split="i32",
-            stride_zm="i32:16", stride_zd=1,
-            stride_wd="i32:16", stride_wc=1, scale="fp32", HAS_BIAS=has_bias, DOT_DTYPE=dot, PRECISION=precision,
-            BLOCK_M=f.block_m, BLOCK_C=f.block_c, BLOCK_D=f.block_d), num_warps=f.num_warps, num_stages=f.num_stages))
-        specs.append(AOTSpec(_lce_grad_w_kernel, dict(
-            **io, lse_ptr="*fp32", g_ptr="*fp32", dw_ptr="*fp32", db_ptr="*fp32", M="i32", D="i32:16", C="i32",
-            rows_per_split="i32", stride_zm="i32:16", stride_zd=1, stride_wd="i32:16", stride_wc=1, scale="fp32",
-            HAS_BIAS=has_bias, WANT_BIAS=has_bias, DOT_DTYPE=dot, PRECISION=precision, BLOCK_M=g.block_m,
-            BLOCK_C=g.block_c, BLOCK_D=g.block_d, BLOCK_DW=g.block_dw), num_warps=g.num_warps, num_stages=g.num_stages))
-        specs.append(AOTSpec(_lce_grad_z_kernel, dict(
-            **io, lse_ptr="*fp32", g_ptr="*fp32", dz_ptr="*fp32", M="i32", D="i32:16", C="i32", stride_zm="i32:16",
-            stride_zd=1, stride_wd="i32:16", stride_wc=1, scale="fp32", HAS_BIAS=has_bias, DOT_DTYPE=dot,
-            PRECISION=precision, BLOCK_M=g.block_m, BLOCK_C=g.block_c, BLOCK_D=g.block_d, BLOCK_DZ=g.block_dz),
-            num_warps=g.num_warps, num_stages=g.num_stages))
-    return specs

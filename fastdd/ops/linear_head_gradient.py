@@ -15,7 +15,9 @@ Backward (closed form, no double backward): for upstream :math:`(\bar G_W, \bar 
            \partial/\partial b = \mathbf{1}^\top J .
 
 Dtype policy: fp32 accumulation and fp32 outputs whatever the feature dtype (fp64 for fp64 inputs on
-the reference); the input gradients have their inputs' dtypes. Autocast is disabled inside.
+the reference); the input gradients have their inputs' dtypes. Autocast is disabled inside. fp64
+inputs (z, W or b) follow the rule of every op (:mod:`fastdd._backend`): the reference under
+``impl="auto"``, a ``TypeError`` on "triton" / "cuda".
 
 Backends: torch (reference, autograd). triton: the forward is the streamed cross-entropy's forward
 (log-sum-exp per row) and dW kernels of :mod:`fastdd.ops.linear_cross_entropy` applied to
@@ -33,21 +35,15 @@ from typing import Tuple
 
 import torch
 
-from fastdd._backend import cdiv, interpreter_enabled, resolve_impl, tl, triton_kernel
-from fastdd.ops._common import (
-    KERNEL_DTYPES,
-    check_finite,
-    check_float,
-    check_labels,
-    grad_via_reference,
-    int32_safe_columns,
-    no_autocast,
-    reduce_dtype,
-)
+from fastdd._backend import cdiv, interpreter_enabled, resolve_impl, tl, triton
+from fastdd.ops._common import check_finite, check_float, check_labels, grad_via_reference
+from fastdd.ops._common import int32_safe_columns, no_autocast, reduce_dtype
+from fastdd.ops._tiles import program_span, span
 from fastdd.ops.linear_cross_entropy import (
     INTERPRETER_TILES,
     TileConfig,
     _dot_dtype,
+    _softmax_minus_onehot,
     head_operand,
     lce_forward_triton,
     lce_grad_w_triton,
@@ -87,80 +83,72 @@ def _closed_form_backward(z, y, W, b, grad_w, grad_b):
 # row-major [D,C] copies (head_operand), like the head of the streamed cross-entropy kernels.
 
 
-@triton_kernel
-def _lhg_row_dot_kernel(z_ptr, y_ptr, w_ptr, b_ptr, gw_ptr, gb_ptr, lse_ptr, u_ptr, M, D, C, stride_zm, stride_zd: tl.constexpr,
-                        stride_wd, stride_wc: tl.constexpr, stride_gd, stride_gc: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                        BLOCK_D: tl.constexpr):
+@triton.jit
+def _logit_and_q_tiles(z_ptr, w_ptr, b_ptr, gw_ptr, gb_ptr, rows64, row_ok, cls, cls_ok, D, stride_zm,
+                       stride_zd: tl.constexpr, stride_wd, stride_wc: tl.constexpr, stride_gd,
+                       stride_gc: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """fp32 tiles ``S = z W^T + b`` and ``Q = z G_W^T + G_b`` (Q times B) of rows x cls: one loop over D
+    that loads each z tile once for both products (W and G_W arrive as [D,C] operands)."""
+    s = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    q = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd, d_ok = span(d0, BLOCK_D, D)
+        a = tl.load(z_ptr + rows64[:, None] * stride_zm + dd[None, :] * stride_zd,
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
+        wt = tl.load(w_ptr + dd[:, None] * stride_wd + cls[None, :] * stride_wc,
+                     mask=d_ok[:, None] & cls_ok[None, :], other=0.0).to(DOT_DTYPE)
+        gt = tl.load(gw_ptr + dd[:, None] * stride_gd + cls[None, :] * stride_gc,
+                     mask=d_ok[:, None] & cls_ok[None, :], other=0.0).to(DOT_DTYPE)
+        s = tl.dot(a, wt, s, input_precision=PRECISION)
+        q = tl.dot(a, gt, q, input_precision=PRECISION)
+    s += tl.load(b_ptr + cls, mask=cls_ok, other=0.0).to(tl.float32)[None, :]
+    q += tl.load(gb_ptr + cls, mask=cls_ok, other=0.0).to(tl.float32)[None, :]
+    return s, q
+
+
+@triton.jit
+def _lhg_row_dot_kernel(z_ptr, y_ptr, w_ptr, b_ptr, gw_ptr, gb_ptr, lse_ptr, u_ptr, M, D, C, stride_zm,
+                        stride_zd: tl.constexpr, stride_wd, stride_wc: tl.constexpr, stride_gd, stride_gc: tl.constexpr,
+                        DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     # u[i] = sum_c P_ic Q_ic with Q = z G_W^T + G_b: the softmax Jacobian's row term, times B (the 1/B of
     # Q and of R is applied to dz's fp32 accumulator at the store: scaled, they underflow in fp16).
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
+    rows, row_ok = program_span(0, BLOCK_M, M)
     rows64 = rows.to(tl.int64)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     u = tl.zeros([BLOCK_M], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        cls = c0 + tl.arange(0, BLOCK_C)
-        cls_ok = cls < C
-        s = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-        q = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            d_ok = dd < D
-            a = tl.load(z_ptr + rows64[:, None] * stride_zm + dd[None, :] * stride_zd,
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
-            wt = tl.load(w_ptr + dd[:, None] * stride_wd + cls[None, :] * stride_wc,
-                         mask=d_ok[:, None] & cls_ok[None, :], other=0.0).to(DOT_DTYPE)
-            gt = tl.load(gw_ptr + dd[:, None] * stride_gd + cls[None, :] * stride_gc,
-                         mask=d_ok[:, None] & cls_ok[None, :], other=0.0).to(DOT_DTYPE)
-            s = tl.dot(a, wt, s, input_precision=PRECISION)
-            q = tl.dot(a, gt, q, input_precision=PRECISION)
-        s += tl.load(b_ptr + cls, mask=cls_ok, other=0.0).to(tl.float32)[None, :]
-        q = q + tl.load(gb_ptr + cls, mask=cls_ok, other=0.0).to(tl.float32)[None, :]
+        cls, cls_ok = span(c0, BLOCK_C, C)
+        s, q = _logit_and_q_tiles(z_ptr, w_ptr, b_ptr, gw_ptr, gb_ptr, rows64, row_ok, cls, cls_ok, D, stride_zm,
+                                  stride_zd, stride_wd, stride_wc, stride_gd, stride_gc, DOT_DTYPE, PRECISION,
+                                  BLOCK_M, BLOCK_C, BLOCK_D)
         p = tl.where(row_ok[:, None] & cls_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
         u += tl.sum(p * q, axis=1)
     tl.store(u_ptr + rows, u, mask=row_ok)
 
 
-@triton_kernel
+@triton.jit
 def _lhg_grad_z_kernel(z_ptr, y_ptr, w_ptr, b_ptr, gw_ptr, gb_ptr, lse_ptr, u_ptr, dz_ptr, M, D, C, stride_zm,
-                       stride_zd: tl.constexpr, stride_wd, stride_wc: tl.constexpr, stride_gd, stride_gc: tl.constexpr, inv_b, DOT_DTYPE: tl.constexpr,
-                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                       BLOCK_D: tl.constexpr, BLOCK_DZ: tl.constexpr):
+                       stride_zd: tl.constexpr, stride_wd, stride_wc: tl.constexpr, stride_gd, stride_gc: tl.constexpr,
+                       inv_b, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DZ: tl.constexpr):
     # dz[rows, cols] = (R G_W + J W)[rows, cols] / B, R = P - Y, J = P (Q - u) with Q and u times B.
-    pid_m = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
+    rows, row_ok = program_span(0, BLOCK_M, M)
     rows64 = rows.to(tl.int64)
-    dz_cols = pid_d * BLOCK_DZ + tl.arange(0, BLOCK_DZ)
-    dz_ok = dz_cols < D
+    dz_cols, dz_ok = program_span(1, BLOCK_DZ, D)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     u = tl.load(u_ptr + rows, mask=row_ok, other=0.0)
     y = tl.load(y_ptr + rows, mask=row_ok, other=0).to(tl.int32)
     acc = tl.zeros([BLOCK_M, BLOCK_DZ], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        cls = c0 + tl.arange(0, BLOCK_C)
-        cls_ok = cls < C
-        s = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-        q = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            d_ok = dd < D
-            a = tl.load(z_ptr + rows64[:, None] * stride_zm + dd[None, :] * stride_zd,
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
-            wt = tl.load(w_ptr + dd[:, None] * stride_wd + cls[None, :] * stride_wc,
-                         mask=d_ok[:, None] & cls_ok[None, :], other=0.0).to(DOT_DTYPE)
-            gt = tl.load(gw_ptr + dd[:, None] * stride_gd + cls[None, :] * stride_gc,
-                         mask=d_ok[:, None] & cls_ok[None, :], other=0.0).to(DOT_DTYPE)
-            s = tl.dot(a, wt, s, input_precision=PRECISION)
-            q = tl.dot(a, gt, q, input_precision=PRECISION)
-        s += tl.load(b_ptr + cls, mask=cls_ok, other=0.0).to(tl.float32)[None, :]
-        q = q + tl.load(gb_ptr + cls, mask=cls_ok, other=0.0).to(tl.float32)[None, :]
+        cls, cls_ok = span(c0, BLOCK_C, C)
+        s, q = _logit_and_q_tiles(z_ptr, w_ptr, b_ptr, gw_ptr, gb_ptr, rows64, row_ok, cls, cls_ok, D, stride_zm,
+                                  stride_zd, stride_wd, stride_wc, stride_gd, stride_gc, DOT_DTYPE, PRECISION,
+                                  BLOCK_M, BLOCK_C, BLOCK_D)
         valid = row_ok[:, None] & cls_ok[None, :]
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
-        r = tl.where(valid, p - tl.where(cls[None, :] == y[:, None], 1.0, 0.0), 0.0)
+        r = _softmax_minus_onehot(s, lse, y, cls, valid)
         j = p * (q - u[:, None])
         gw_t = tl.load(gw_ptr + dz_cols[:, None] * stride_gd + cls[None, :] * stride_gc,
                        mask=dz_ok[:, None] & cls_ok[None, :], other=0.0).to(DOT_DTYPE)
@@ -236,25 +224,6 @@ class LinearHeadGradientFunction(torch.autograd.Function):
                 db.to(b.dtype) if needs_b else None)
 
 
-def aot_specs():
-    """The dz-kernel specialisations the backward uses on a GPU (compiled for sm_90 in CI)."""
-    from fastdd._backend import AOTSpec, pointer
-
-    specs = []
-    for z_dtype, dot, precision in ((torch.bfloat16, tl.bfloat16, "ieee"), (torch.float16, tl.float16, "ieee"),
-                                    (torch.float32, tl.float32, "tf32")):
-        g = GPU_TILES_DZ_FP32 if z_dtype == torch.float32 else GPU_TILES_DZ
-        common = dict(z_ptr=pointer(z_dtype), y_ptr="*i64", w_ptr=pointer(z_dtype), b_ptr="*fp32",
-                      gw_ptr=pointer(z_dtype), gb_ptr="*fp32", lse_ptr="*fp32", u_ptr="*fp32")
-        sizes = dict(M="i32", D="i32:16", C="i32", stride_zm="i32:16", stride_zd=1, stride_wd="i32:16", stride_wc=1,
-                     stride_gd="i32:16", stride_gc=1)
-        consts = dict(DOT_DTYPE=dot, PRECISION=precision, BLOCK_M=g.block_m, BLOCK_C=g.block_c, BLOCK_D=g.block_d)
-        specs.append(AOTSpec(_lhg_row_dot_kernel, dict(**common, **sizes, **consts), g.num_warps, g.num_stages))
-        specs.append(AOTSpec(_lhg_grad_z_kernel, dict(**common, dz_ptr="*fp32", **sizes, inv_b="fp32", **consts,
-                                                      BLOCK_DZ=g.block_dz), g.num_warps, g.num_stages))
-    return specs
-
-
 def linear_head_gradient(z: torch.Tensor, y: torch.Tensor, W: torch.Tensor, b: torch.Tensor, *,
                          impl: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
     """``(g_W [C,D], g_b [C])``: the mean cross-entropy's gradients w.r.t. a linear head (W [C,D], b [C]).
@@ -281,11 +250,6 @@ def linear_head_gradient(z: torch.Tensor, y: torch.Tensor, W: torch.Tensor, b: t
     check_finite("W", W)
     check_finite("b", b)
     backend = resolve_impl(impl, z, W, b)
-    if backend != "torch" and z.dtype not in KERNEL_DTYPES:
-        if impl == "auto":
-            backend = "torch"
-        else:
-            raise TypeError(f"z must be fp16/bf16/fp32 for impl={backend!r} (fp64 runs on impl='torch'), got {z.dtype}")
     if backend == "torch":
         return linear_head_gradient_reference(z, y, W, b)
     with no_autocast(z.device):

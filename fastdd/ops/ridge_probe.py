@@ -25,19 +25,22 @@ dtype; gradients have their inputs' dtypes.
 
 Backends: there is no Triton or CUDA kernel here on purpose: the work is a Gram product (cuBLAS) and a
 batched Cholesky (cuSOLVER), which hand-written kernels would not beat. ``impl="torch"`` differentiates
-the reference by autograd; every other backend uses the closed-form backward above (one extra
-triangular solve instead of autograd's saved intermediates); double backward goes to the reference.
+the reference by autograd; "triton" and "cuda" (valid on every device: no kernel, no extension needed)
+use the closed-form backward above (one extra triangular solve instead of autograd's saved
+intermediates); ``"auto"`` is the closed form on CUDA tensors, the reference elsewhere. Double backward
+goes to the reference. fp64 zs or targets follow the rule of every op (:mod:`fastdd._backend`): the
+reference under ``"auto"``, a ``TypeError`` on "triton" / "cuda"; fp32 inputs may still be solved in
+fp64 (``solve_dtype``).
 """
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 
-from fastdd._backend import IMPLS, checks_enabled
+from fastdd._backend import checks_enabled, resolve_impl
 from fastdd.ops._common import check_finite, check_float, grad_via_reference
 
 __all__ = ["ridge_probe", "ridge_probe_reference"]
@@ -165,13 +168,10 @@ def ridge_probe(zs: torch.Tensor, targets: torch.Tensor, lam: Union[float, torch
         lam_t = torch.full((P,), float(lam), dtype=solve_dtype, device=zs.device)
     check_finite("zs", zs)
     check_finite("targets", targets)
+    backend = resolve_impl(impl, zs, targets, kernels=False)  # no kernels of its own (module docstring)
     z3 = (zs if batched else zs.unsqueeze(0)).to(solve_dtype)
     y3 = (targets if batched else targets.unsqueeze(0)).to(solve_dtype)
-    # No kernels of its own: every backend name is valid on every device (see the module docstring).
-    impl = os.environ.get("FASTDD_IMPL") or impl
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "torch" or (impl == "auto" and not zs.is_cuda):
+    if backend == "torch":
         W = ridge_probe_reference(z3, y3, lam_t)
     else:
         N, D = z3.shape[-2:]

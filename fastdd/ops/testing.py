@@ -1,42 +1,28 @@
-"""Helpers for testing the ops against their fp64 oracles (used by tests/test_ops_*.py and benchmarks)."""
+"""Helpers for testing the ops against their fp64 oracles (used by tests/test_ops_*.py).
+
+Where a Triton kernel runs is a property of the process, not of a test: compiled on CUDA tensors in a
+normal process, interpreted on CPU tensors in one started with ``TRITON_INTERPRET=1`` (see
+:mod:`fastdd._backend`; the test suite runs as these two processes, tests/conftest.py)."""
 from __future__ import annotations
 
-import contextlib
-import os
-from typing import Iterator, Tuple
+from typing import Tuple
 
 import torch
 
-__all__ = ["assert_close", "interpreter", "kernel_context", "noncontiguous", "target_devices", "tolerance", "torch_device"]
+from fastdd._backend import interpreter_enabled
+
+__all__ = ["assert_close", "noncontiguous", "tolerance"]
 
 
-@contextlib.contextmanager
-def interpreter(enabled: bool = True) -> Iterator[None]:
-    """Run Triton kernels launched inside on the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1" if enabled else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-
-
-def target_devices() -> list:
-    """Where Triton kernels can be tested here: ``"interpreter"`` (CPU) and ``"cuda"`` when present."""
-    return ["interpreter"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def tolerance(dtype: torch.dtype, device: str, products: bool = False) -> Tuple[float, float]:
+def tolerance(dtype: torch.dtype, products: bool = False) -> Tuple[float, float]:
     """(rtol, atol) for a kernel result against the fp64 oracle of the same (rounded) inputs.
 
     Inputs are compared after rounding to ``dtype``, so only the kernel's own arithmetic counts: fp32
     accumulation (~1e-6 relative), and on a GPU tensor-core products in the input dtype
-    (``products=True``: bf16 / fp16 operands, TF32 for fp32 when torch allows it).
+    (``products=True``: bf16 / fp16 operands, TF32 for fp32 when torch allows it). Under the
+    interpreter (a process started with ``TRITON_INTERPRET=1``) products are fp32.
     """
-    if device == "interpreter" or not products:
+    if interpreter_enabled() or not products:
         return 2e-5, 2e-5
     if dtype == torch.bfloat16:
         return 3e-2, 3e-2
@@ -70,12 +56,3 @@ def noncontiguous(t: torch.Tensor) -> torch.Tensor:
         view = buf[..., ::2]
     return view.requires_grad_(t.requires_grad)
 
-
-def kernel_context(device: str):
-    """The context a Triton launch for test ``device`` needs: the interpreter on the CPU, nothing on CUDA."""
-    return interpreter() if device == "interpreter" else contextlib.nullcontext()
-
-
-def torch_device(device: str) -> str:
-    """The torch device of a test target (``"interpreter"`` runs on the CPU)."""
-    return "cpu" if device == "interpreter" else device
