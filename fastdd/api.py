@@ -319,6 +319,16 @@ class _Loop:
         self.optimizer.step()
         return loss
 
+    def final_images(self) -> torch.Tensor:
+        """The distilled images on the CPU, float32 in [0, 1]; Adam's state and the gradients are freed
+        first, and the images decoded ``chunk_size`` at a time."""
+        self.optimizer = None
+        self.synth.zero_grad(set_to_none=True)
+        n, step = self.synth.num_images, self.a.chunk_size or self.synth.num_images
+        with torch.no_grad():
+            return torch.cat([self.synth.decode(torch.arange(lo, min(lo + step, n), device=self.dev)).clamp(0, 1).cpu()
+                              for lo in range(0, n, step)]).float()
+
     def run(self, progress: bool) -> None:
         from tqdm.auto import tqdm
 
@@ -484,6 +494,7 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
     synth = make_images(a.parameterization, num_classes * a.ipc, real.scan.image_size,
                         init_images=_initial_images(a, real, labels, encoder, dev, progress), generator=dev_gen,
                         device=dev, extend_every=a.extend_every).to(dev)
+    real.scan.samples = None  # the parameters hold them now
     context = methods.Context(
         num_classes=num_classes, ipc=a.ipc, copies=a.copies, device=dev, cpu_generator=cpu_gen,
         device_generator=dev_gen, stats=real.stats,
@@ -494,7 +505,6 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
     if resumed is not None:
         loop.restore(resumed)
     loop.run(progress)
-    with torch.no_grad():
-        final = loop.synth().detach().clamp(0, 1).cpu()
+    final = loop.final_images()
     settings["seconds"] = time.perf_counter() - t_start
-    return DistilledSet(final.float(), loop.syn_labels.cpu(), a.method.name, settings, loop.history)
+    return DistilledSet(final, loop.syn_labels.cpu(), a.method.name, settings, loop.history)
