@@ -42,8 +42,9 @@ def _flag_type(option):
 
 
 def _add_method_options(parser: argparse.ArgumentParser) -> None:
-    """One flag per option of the registered methods (``--lam``, ``--head-std``, ...), unset by default,
-    so each method keeps its own default; the help names the method(s) and their defaults."""
+    """One flag per option of the registered methods (``--lam``, ``--head-std``, ...), absent from the
+    parsed arguments unless given, so each method keeps its own default; the help names the method(s)
+    and their defaults."""
     from . import methods
 
     owners = {}
@@ -54,7 +55,7 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
         option = found[0][1]
         where = "; ".join(f"{name}: default {opt.default}" for name, opt in found)
         parser.add_argument(f"--{key.replace('_', '-')}", dest=f"option_{key}", type=_flag_type(option),
-                            choices=option.choices, default=None, metavar=None if option.choices else key.upper(),
+                            choices=option.choices, default=argparse.SUPPRESS, metavar=None if option.choices else key.upper(),
                             help=f"{option.help} ({where})")
 
 
@@ -63,7 +64,7 @@ def _method_options(args) -> dict:
     from . import methods
 
     method = methods.get(args.method)
-    given = {k[len("option_"):]: v for k, v in vars(args).items() if k.startswith("option_") and v is not None}
+    given = {k[len("option_"):]: v for k, v in vars(args).items() if k.startswith("option_")}  # only those set
     foreign = sorted(k for k in given if k not in method.options)
     if foreign:
         flags = ", ".join(f"--{k.replace('_', '-')}" for k in foreign)
