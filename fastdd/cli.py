@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--checkpoint-every", type=int, default=100)
     d.add_argument("--seed", type=int, default=0)
 
+    m = sub.add_parser("methods", help="list the registered methods, their defaults and options")
+    m.add_argument("--markdown", action="store_true", help="print the README's method table")
+
     e = sub.add_parser("evaluate", help="linear-probe accuracy of a distilled set on the real test set")
     common(e)
     e.add_argument("--distilled", required=True, help="a DistilledSet file written by 'fastdd distill'")
@@ -214,11 +217,27 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _methods(args) -> int:
+    from . import methods
+
+    if args.markdown:
+        print(methods.markdown_table(), end="")
+        return 0
+    for name in methods.names():
+        m = methods.get(name)
+        print(f"{name}: {m.title}{' (the reference)' if m.reference else ''}")
+        print(f"  matches: {m.matches}; real images per step: {m.real_per_step}")
+        print("  defaults: " + ", ".join(f"{k}={v!r}" for k, v in m.defaults.items()))
+        for key, option in m.options.items():
+            print(f"  --{key.replace('_', '-')} (default {option.default!r}): {option.help}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    run = {"distill": _distill, "evaluate": _evaluate}[args.command]
+    run = {"distill": _distill, "evaluate": _evaluate, "methods": _methods}[args.command]
     try:
-        if args.device is not None:  # before an encoder is loaded onto it
+        if getattr(args, "device", None) is not None:  # before an encoder is loaded onto it
             from .encoders import resolve_device
 
             resolve_device(args.device)

@@ -94,9 +94,7 @@ def scan(source, labels, *, num_classes: Optional[int], batch_size: int, sample_
                     reservoir = _SmallestPerClass(sample_per_class, num_classes or 1)
                 reservoir.update(torch.rand(ys.shape[0], generator=generator, dtype=torch.float64), ys, images)
             if accumulator is not None:
-                with torch.no_grad():
-                    feats = encoder(images.to(device, non_blocking=True))
-                accumulator.add(feats, ys, images.shape[0])
+                accumulator.encode_and_add(encoder, images, ys, device)
             bar.update(ys.shape[0])
     finally:
         bar.close()

@@ -171,9 +171,7 @@ class RealStats:
         bar = _progress(_length(source), "real statistics", progress)
         try:
             for images, batch_labels in iterate_batches(source, labels, batch_size=batch_size):
-                with torch.no_grad():
-                    feats = encoder(images.to(dev, non_blocking=True))
-                accumulator.add(feats, batch_labels, images.shape[0])
+                accumulator.encode_and_add(encoder, images, batch_labels, dev)
                 bar.update(images.shape[0])
         finally:
             bar.close()
@@ -290,6 +288,12 @@ class StatsAccumulator:
                 self._bank_chunks.append(chunk)
             self._label_chunks.append(labels.cpu())
         self.rows += batch_rows
+
+    def encode_and_add(self, encoder, images: torch.Tensor, labels: torch.Tensor, device) -> None:
+        """Encode one batch of real images (no graph) on ``device`` and fold its features in."""
+        with torch.no_grad():
+            feats = encoder(images.to(device, non_blocking=True))
+        self.add(feats, labels, images.shape[0])
 
     def close(self) -> None:
         if self._bank_file is not None:

@@ -136,3 +136,16 @@ def test_a_registered_method_runs_through_distill_and_the_command_line(monkeypat
 def _distill_help() -> str:
     parser = cli.build_parser()
     return parser._subparsers._group_actions[0].choices["distill"].format_help()
+
+
+def test_readme_method_table_is_the_registry():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "readme_methods.py"), "--check"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for name in methods.names():
+        assert f"| `{name}` " in (root / "README.md").read_text()

@@ -21,7 +21,7 @@ from .dm import DistributionMatchingLoss
 from .lgm import LinearGradientMatchingLoss
 from .sfm import FlowMatchingLoss
 
-__all__ = ["REGISTRY", "names", "get", "reference", "defaults", "Method", "Option", "RealNeeds", "Context",
+__all__ = ["REGISTRY", "names", "get", "reference", "defaults", "markdown_table", "Method", "Option", "RealNeeds", "Context",
            "Objective", "FlowMatchingLoss", "ClosedFormProbeLoss", "LinearGradientMatchingLoss",
            "DistributionMatchingLoss"]
 
@@ -51,3 +51,13 @@ def defaults(name: str) -> Dict[str, Any]:
     """Every default of method ``name``: the loop's (steps, lr, init, ...) and its own options'."""
     method = get(name)
     return {**method.defaults, **method.option_defaults()}
+
+
+def markdown_table() -> str:
+    """The README's method table, rendered from the registry (``fastdd methods`` prints it)."""
+    lines = ["| method | what it matches | real images per step | options (defaults) |", "|---|---|---|---|"]
+    for m in REGISTRY.values():
+        options = ", ".join(f"`{k}={o.default!r}`" for k, o in m.options.items()) or "none"
+        title = m.title + (", the reference" if m.reference else "")
+        lines.append(f"| `{m.name}` {title} | {m.matches} | {m.real_per_step} | {options} |")
+    return "\n".join(lines) + "\n"

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["Option", "RealNeeds", "Context", "Objective", "Method", "LOOP_DEFAULTS", "parse_bool", "parse_optional_int"]
+__all__ = ["Option", "RealNeeds", "Context", "Objective", "Method", "LOOP_DEFAULTS", "parse_bool", "parse_optional_int", "class_means"]
 
 # The loop's defaults, chosen by measurement (scripts/calibrate.py, benchmarks/results/calibration_*.md:
 # Fashion-MNIST at 32 px, MobileNetV2, ipc 1, CPU). The published recipes (pyramid from noise, LGM's
@@ -156,3 +156,22 @@ def parse_optional_int(text: str) -> Optional[int]:
         return int(text)
     except ValueError:
         raise ValueError(f"expected an int or 'all', got {text!r}") from None
+
+
+def class_means(stats, what: str, method: str) -> torch.Tensor:
+    """The real class means ``[C, D]`` (float32) of ``stats``, a ``RealStats`` or the means themselves,
+    checked for a loss ``what`` of ``method``: at least 2 classes, none empty, all finite."""
+    if isinstance(stats, torch.Tensor):
+        means = stats.detach().float()
+        if means.dim() != 2:
+            raise ValueError(f"stats given as class means must have shape [C, D], got {tuple(means.shape)}")
+    else:
+        if not hasattr(stats, "means"):
+            raise TypeError(f"stats must be a RealStats or a [C, D] tensor of means, got {type(stats).__name__}")
+        stats.require_nonempty(what)
+        means = stats.means
+    if means.shape[0] < 2:
+        raise ValueError(f"{method} needs at least 2 classes, the statistics have {means.shape[0]}")
+    if not bool(torch.isfinite(means).all()):
+        raise ValueError("stats: the class means contain NaN or Inf")
+    return means

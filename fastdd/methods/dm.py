@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from .._backend import checks_enabled
 from ..validate import features as check_features
-from .base import Context, Method, Objective, RealNeeds
+from .base import Context, Method, Objective, RealNeeds, class_means
 
 __all__ = ["DistributionMatchingLoss", "METHOD"]
 
@@ -32,20 +32,8 @@ class DistributionMatchingLoss(nn.Module):
 
     def __init__(self, stats):
         super().__init__()
-        if isinstance(stats, torch.Tensor):
-            means = stats.detach().float()
-            if means.dim() != 2:
-                raise ValueError(f"stats given as class means must have shape [C, D], got {tuple(means.shape)}")
-        else:
-            if not hasattr(stats, "means"):
-                raise TypeError(f"stats must be a RealStats or a [C, D] tensor of means, got {type(stats).__name__}")
-            stats.require_nonempty("DistributionMatchingLoss(stats)")
-            means = stats.means
-        if means.shape[0] < 2:
-            raise ValueError(f"distribution matching needs at least 2 classes, the statistics have {means.shape[0]}")
-        if not bool(torch.isfinite(means).all()):
-            raise ValueError("stats: the class means contain NaN or Inf")
-        self.register_buffer("real_means", means)
+        self.register_buffer("real_means", class_means(stats, "DistributionMatchingLoss(stats)",
+                                                       "distribution matching"))
 
     @property
     def num_classes(self) -> int:

@@ -117,7 +117,7 @@ class _GradientMatching(Objective):
 
 
 METHOD = Method(
-    name="lgm", title="linear gradient matching (arXiv 2511.16674), the reference",
+    name="lgm", title="linear gradient matching (arXiv 2511.16674)",
     matches="the gradient of a random linear head on a real batch", real_per_step="`ipc*K*C` through the encoder",
     build=lambda context, options: _GradientMatching(context, options["head_std"]),
     needs=RealNeeds(real_batches=True), reference=True,

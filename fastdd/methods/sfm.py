@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .. import ops
-from .base import Context, Method, Objective, Option, RealNeeds
+from .base import Context, Method, Objective, Option, RealNeeds, class_means
 from ..validate import features as check_features
 
 __all__ = ["FlowMatchingLoss", "METHOD"]
@@ -40,19 +40,7 @@ class FlowMatchingLoss(nn.Module):
         super().__init__()
         if nontarget_denominator not in ("classes", "samples"):
             raise ValueError(f"nontarget_denominator must be 'classes' or 'samples', got {nontarget_denominator!r}")
-        if isinstance(stats, torch.Tensor):
-            means = stats.detach().float()
-            if means.dim() != 2:
-                raise ValueError(f"stats given as class means must have shape [C, D], got {tuple(means.shape)}")
-        else:
-            if not hasattr(stats, "means"):
-                raise TypeError(f"stats must be a RealStats or a [C, D] tensor of means, got {type(stats).__name__}")
-            stats.require_nonempty("FlowMatchingLoss(stats)")
-            means = stats.means
-        if means.shape[0] < 2:
-            raise ValueError(f"flow matching needs at least 2 classes, the statistics have {means.shape[0]}")
-        if not bool(torch.isfinite(means).all()):
-            raise ValueError("stats: the class means contain NaN or Inf")
+        means = class_means(stats, "FlowMatchingLoss(stats)", "flow matching")
         flow = ops.real_flow(means)
         # identical class means (up to rounding): the loss would be a constant with zero gradient
         if float(flow.abs().max()) <= 1e-5 * float(means.abs().max()):
