@@ -29,7 +29,6 @@ from . import ops
 from .encoders import encoder_device, resolve_encoder
 from .files import CorruptFileError, load_checked, save_checked
 from .validate import positive_int
-from .ops._common import check_num_classes
 
 __all__ = ["RealStats", "StatsAccumulator", "CorruptFileError"]
 
@@ -201,7 +200,7 @@ class RealStats:
         chunk_size = positive_int("chunk_size", chunk_size)
         labels = labels.long()
         lo, hi = int(labels.min()), int(labels.max())
-        num_classes = hi + 1 if num_classes is None else check_num_classes(num_classes)
+        num_classes = hi + 1 if num_classes is None else positive_int("num_classes", num_classes)
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"labels must lie in [0, num_classes={num_classes}), found [{lo}, {hi}]")
         sums = sq_sums = counts = None
@@ -251,7 +250,7 @@ class StatsAccumulator:
                  second_moment: bool = False):
         if bank_dtype not in _BANK_DTYPES:
             raise ValueError(f"bank_dtype must be one of {_BANK_DTYPES}, got {bank_dtype}")
-        self.num_classes = None if num_classes is None else check_num_classes(num_classes)
+        self.num_classes = None if num_classes is None else positive_int("num_classes", num_classes)
         self.bank = bank or bank_path is not None
         self.bank_dtype, self.bank_path, self.second_moment = bank_dtype, bank_path, second_moment
         self.sums = self.counts = self.sq_sums = None
