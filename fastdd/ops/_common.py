@@ -8,8 +8,6 @@ import torch
 from fastdd.validate import class_labels, finite
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 def check_float(name: str, t, ndims: Sequence[int], dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> None:
