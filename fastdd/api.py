@@ -81,7 +81,9 @@ class _Arguments:
 
 def _method_options(method: methods.Method, options, deprecated: Dict[str, Any]) -> Dict[str, Any]:
     """``options`` and the deprecated top-level keywords that are options of ``method``, checked."""
-    given = dict(options or {}) if options is None or isinstance(options, dict) else options
+    if options is not None and not isinstance(options, dict):
+        raise ValueError(f"options must be a dict of method {method.name!r}'s options, got {type(options).__name__}")
+    given = dict(options or {})
     for keyword, value in deprecated.items():
         if keyword not in _DEPRECATED_KEYWORDS:
             raise TypeError(f"distill() got an unexpected keyword argument {keyword!r}")
@@ -89,7 +91,9 @@ def _method_options(method: methods.Method, options, deprecated: Dict[str, Any])
         if name in method.options:
             warnings.warn(f"distill({keyword}=...) is deprecated: pass options={{{name!r}: {value!r}}} "
                           f"(an option of method {method.name!r})", FutureWarning, stacklevel=4)
-            given.setdefault(name, value)
+            if name in given:
+                raise ValueError(f"{name} is given twice: as options[{name!r}] and as {keyword}=")
+            given[name] = value
             continue
         owner = next(m for m in methods.REGISTRY.values() if name in m.options)
         owner.resolve_options({name: value})  # a bad value is still an error naming the keyword
