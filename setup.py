@@ -1,5 +1,5 @@
 """Build script. The pure-Python package needs nothing from here; the optional CUDA extension
-(csrc/, compiled with ninja into ``fastdd._C``) is built only on request:
+(fastdd/csrc/, compiled with ninja into ``fastdd._C``) is built only on request:
 
     CUDA_HOME=/usr/local/cuda FASTDD_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 pip install -e . --no-build-isolation
 
@@ -17,8 +17,7 @@ ext_modules, cmdclass = [], {}
 if os.environ.get("FASTDD_BUILD_CUDA", "0") == "1":
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
+    sources = sorted(glob.glob(os.path.join("fastdd", "csrc", "*.cpp")) + glob.glob(os.path.join("fastdd", "csrc", "*.cu")))
     ext_modules = [
         CUDAExtension(
             name="fastdd._C",

@@ -1,10 +1,10 @@
-"""The optional compiled CUDA extension ``fastdd._C`` (sources in ``csrc/``).
+"""The optional compiled CUDA extension ``fastdd._C`` (sources in ``fastdd/csrc/``).
 
 It is found in one of two ways, and fastdd works without it (the Triton and torch backends cover every
 op):
 
 1. prebuilt by ``setup.py``: ``FASTDD_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 pip install -e .
-   --no-build-isolation`` compiles ``csrc/*.cpp`` + ``csrc/*.cu`` with ninja into ``fastdd._C``;
+   --no-build-isolation`` compiles ``fastdd/csrc/*.cpp`` + ``*.cu`` with ninja into ``fastdd._C``;
 2. built just in time by :func:`build` (``torch.utils.cpp_extension.load``, ninja), into a build folder
    (default ``~/.cache/fastdd/ext`` or ``$FASTDD_EXT_DIR``). ``FASTDD_JIT_EXT=1`` makes :func:`load`
    build it on first use when no prebuilt module exists.
@@ -30,13 +30,13 @@ _module = None
 _error: Optional[str] = None
 _tried = False
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the sources ship inside the package (sdist and wheel), so the just-in-time build works from an install
+_CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 
 
 def sources() -> List[str]:
-    """The extension's source files (``csrc/*.cpp`` + ``csrc/*.cu``, sorted)."""
-    csrc = os.path.join(_ROOT, "csrc")
-    return sorted(glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "*.cu")))
+    """The extension's source files (``fastdd/csrc/*.cpp`` + ``*.cu``, sorted)."""
+    return sorted(glob.glob(os.path.join(_CSRC, "*.cpp")) + glob.glob(os.path.join(_CSRC, "*.cu")))
 
 
 def _try_import():
@@ -85,7 +85,7 @@ def find_cuda_home() -> Optional[str]:
 
 def build(build_dir: Optional[str] = None, verbose: bool = False, arch_list: Optional[str] = None,
           activate: bool = True):
-    """Compile ``csrc/`` just in time with ninja and return the loaded module.
+    """Compile ``fastdd/csrc/`` just in time with ninja and return the loaded module.
 
     ``activate``: make it the module :func:`load` returns (the ``"cuda"`` backend); ``False`` only
     checks that it compiles, links and imports.
@@ -106,7 +106,7 @@ def build(build_dir: Optional[str] = None, verbose: bool = False, arch_list: Opt
 
     srcs = sources()
     if not srcs:
-        raise RuntimeError(f"no CUDA sources found under {os.path.join(_ROOT, 'csrc')}")
+        raise RuntimeError(f"no CUDA sources found under {_CSRC}")
     build_dir = build_dir or os.environ.get("FASTDD_EXT_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "fastdd", "ext"
     )

@@ -1,4 +1,4 @@
-"""The optional CUDA extension (csrc/): it compiles and links with ninja for sm_90 (no GPU needed), and on
+"""The optional CUDA extension (fastdd/csrc/): it compiles and links with ninja for sm_90 (no GPU needed), and on
 a GPU its kernels match the fp64 references.
 
 Build: ``fastdd._ext.build(arch_list="9.0")`` (torch.utils.cpp_extension.load, ninja, nvcc found through
