@@ -2,8 +2,9 @@
 
 Protocol (METHODS.md, "Evaluation protocol"), the same for every method and baseline:
 
-- a fresh linear probe ``z -> z W + b`` (``nn.Linear``'s default initialisation, drawn from the probe seed)
-  on the features of the frozen encoder;
+- a fresh linear probe ``z -> z W + b`` on the features of the frozen encoder, initialised as in LGM's
+  evaluator, ``W ~ N(0, 0.01^2)`` and ``b = 0``, drawn from the probe seed (``head_init="lgm"``, the
+  default; ``"uniform"`` is ``nn.Linear``'s U(-1/sqrt(D), 1/sqrt(D)));
 - trained on the N given images for ``epochs`` epochs with Adam, ``lr = 1e-3 * bs / 256``,
   ``bs = min(100, N)``, a cosine schedule over all steps (to 0, stepped once per batch), mini-batches
   reshuffled every epoch (the last one may be smaller);
@@ -52,17 +53,19 @@ import torch.nn as nn
 
 from .augment import CROP_SCALE, Augment
 from .encoders import encoder_device, resolve_encoder
-from .validate import class_labels, finite, positive_float, positive_int
+from .validate import class_labels, finite, one_of, positive_float, positive_int
 from .validate import seed as check_seed
 
 __all__ = ["ProbeResult", "evaluate", "encode", "fit_linear_head", "full_data_probe", "random_real",
            "class_centroids", "nearest_real", "classifier_inheritance", "DEFAULT_EPOCHS", "DEFAULT_VIEWS",
-           "DEFAULT_SEEDS"]
+           "DEFAULT_SEEDS", "HEAD_INITS"]
 
 DEFAULT_EPOCHS = 1000
 DEFAULT_VIEWS = 100
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_FULL_DATA_EPOCHS = 30
+HEAD_INITS = ("lgm", "uniform")  # the probe's initialisation: LGM's evaluator (the default), nn.Linear's
+LGM_HEAD_STD = 0.01
 MAX_BATCH_SIZE = 100
 _ENCODE_BATCH = 256
 _RANGE_TOLERANCE = 1e-4
@@ -249,15 +252,24 @@ def _default_lr(batch_size: int) -> float:
     return 1e-3 * batch_size / 256
 
 
-def _initial_probes(generators: Sequence[torch.Generator], dim: int, num_classes: int,
-                    device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``W [S, D, C]`` and ``b [S, C]`` initialised as ``nn.Linear`` (U(-1/sqrt(D), 1/sqrt(D))), probe s
-    drawn from ``generators[s]`` (its weight first, then its bias)."""
-    bound = 1.0 / math.sqrt(dim)
+def _initial_probes(generators: Sequence[torch.Generator], dim: int, num_classes: int, device: torch.device,
+                    head_init: str = "lgm") -> Tuple[torch.Tensor, torch.Tensor]:
+    """``W [S, D, C]`` and ``b [S, C]``, probe s drawn from ``generators[s]``.
+
+    ``head_init="lgm"`` (the default, LGM's evaluator): ``W ~ N(0, 0.01^2)``, ``b = 0``; the weight is drawn
+    in ``nn.Linear``'s ``[C, D]`` layout (``nn.Linear(D, C).weight.normal_(0, 0.01, generator=g)`` gives the
+    same numbers) and transposed. ``"uniform"``: ``nn.Linear``'s own U(-1/sqrt(D), 1/sqrt(D)) for both, in
+    ``[D, C]`` layout, the weight first (the probe's initialisation before LGM's became the default)."""
+    one_of("head_init", head_init, HEAD_INITS)
     weights, biases = [], []
     for g in generators:
-        weights.append(torch.empty(dim, num_classes).uniform_(-bound, bound, generator=g))
-        biases.append(torch.empty(num_classes).uniform_(-bound, bound, generator=g))
+        if head_init == "lgm":
+            weights.append(torch.empty(num_classes, dim).normal_(0.0, LGM_HEAD_STD, generator=g).t())
+            biases.append(torch.zeros(num_classes))
+        else:
+            bound = 1.0 / math.sqrt(dim)
+            weights.append(torch.empty(dim, num_classes).uniform_(-bound, bound, generator=g))
+            biases.append(torch.empty(num_classes).uniform_(-bound, bound, generator=g))
     return torch.stack(weights).to(device), torch.stack(biases).to(device)
 
 
@@ -282,11 +294,11 @@ def _cross_entropy_gradients(z: torch.Tensor, labels: torch.Tensor, weight: torc
 
 def _train_probes(epoch_features: Callable[[int], torch.Tensor], labels: torch.Tensor, num_classes: int,
                   generators: Sequence[torch.Generator], epochs: int, batch_size: int, lr: float,
-                  progress: bool, desc: str) -> Tuple[torch.Tensor, torch.Tensor]:
+                  progress: bool, desc: str, head_init: str = "lgm") -> Tuple[torch.Tensor, torch.Tensor]:
     """Train one linear probe per generator, all at once, and return ``W [S,D,C]``, ``b [S,C]``.
 
     ``epoch_features(epoch)`` returns the features ``[S, N, D]`` (or ``[N, D]``, shared) that epoch
-    trains on. Probe s is initialised as ``nn.Linear`` (``_initial_probes``) and shuffles its batches every
+    trains on. Probe s is initialised by ``head_init`` (``_initial_probes``) and shuffles its batches every
     epoch from ``generators[s]``. The S probes are stacked into one ``torch.optim.Adam``
     (betas 0.9, 0.999, eps 1e-8, no weight decay): Adam is element-wise, so this is S independent
     trainings. The gradient is taken in closed form (``_cross_entropy_gradients``) and handed to the
@@ -297,7 +309,7 @@ def _train_probes(epoch_features: Callable[[int], torch.Tensor], labels: torch.T
     probe_count, n = len(generators), labels.shape[0]
     first = epoch_features(0)
     dim, device = first.shape[-1], first.device
-    weight, bias = _initial_probes(generators, dim, num_classes, device)
+    weight, bias = _initial_probes(generators, dim, num_classes, device, head_init)
     optimizer = torch.optim.Adam([weight, bias], lr=lr)
     schedule = _cosine_schedule(optimizer, epochs * math.ceil(n / batch_size))
     labels = labels.to(device)
@@ -333,9 +345,9 @@ def _as_linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
     return head.requires_grad_(False)
 
 
-def _probe_settings(n: int, epochs: int, batch_size: int, lr: float) -> dict:
+def _probe_settings(n: int, epochs: int, batch_size: int, lr: float, head_init: str) -> dict:
     return {"protocol": "linear probe, Adam, cosine schedule, top-1 on the real test set",
-            "train_images": n, "epochs": epochs, "batch_size": batch_size, "lr": lr}
+            "train_images": n, "epochs": epochs, "batch_size": batch_size, "lr": lr, "head_init": head_init}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -347,7 +359,7 @@ def evaluate(distilled, encoder, test_images: torch.Tensor, test_labels: torch.T
              views: Optional[int] = DEFAULT_VIEWS, batch_size: Optional[int] = None,
              lr: Optional[float] = None, crop_scale: Sequence[float] = CROP_SCALE,
              num_classes: Optional[int] = None, test_features: Optional[torch.Tensor] = None,
-             progress: bool = True) -> ProbeResult:
+             head_init: str = "lgm", progress: bool = True) -> ProbeResult:
     """Train a fresh linear probe on ``distilled`` and report its top-1 accuracy (%) on the test set.
 
     Args:
@@ -366,6 +378,8 @@ def evaluate(distilled, encoder, test_images: torch.Tensor, test_labels: torch.T
         num_classes: C (default: 1 + the largest label of either set).
         test_features: the test set's features ``[M, D]`` when already computed (they are reused, e.g.
             across many evaluations; the test images are then only checked).
+        head_init: the probe's initialisation, ``"lgm"`` (LGM's evaluator: ``W ~ N(0, 0.01^2)``, ``b = 0``)
+            or ``"uniform"`` (``nn.Linear``'s default).
         progress: tqdm progress bars.
 
     Returns:
@@ -374,6 +388,7 @@ def evaluate(distilled, encoder, test_images: torch.Tensor, test_labels: torch.T
     images, labels = _check_set(*_unpack_distilled(distilled), "distilled")
     test_images, test_labels = _check_set(test_images, test_labels, "test")
     epochs = positive_int("epochs", epochs)
+    head_init = one_of("head_init", head_init, HEAD_INITS)
     views = positive_int("views", views, allow_none=True)
     seeds = _check_seeds(seeds)
     n = images.shape[0]
@@ -410,10 +425,10 @@ def evaluate(distilled, encoder, test_images: torch.Tensor, test_labels: torch.T
                 pick = torch.randint(views, (n,), generator=g)
                 return pool[pick, torch.arange(n)].unsqueeze(0)
         weight, bias = _train_probes(epoch_features, labels, num_classes, [generator], epochs, batch_size,
-                                     lr, progress, desc=f"probe seed {seed}")
+                                     lr, progress, desc=f"probe seed {seed}", head_init=head_init)
         accuracies.append(_accuracy(weight[0], bias[0], test_features, test_labels))
         heads.append(_as_linear(weight[0], bias[0]))
-    settings = _probe_settings(n, epochs, batch_size, lr)
+    settings = _probe_settings(n, epochs, batch_size, lr, head_init)
     settings.update(views=views, augmentation=augment.settings(), encoder=getattr(encoder, "name", None),
                     image_size=list(images.shape[-2:]), num_classes=num_classes, test_images=test_images.shape[0])
     return ProbeResult.from_accuracies(accuracies, seeds, settings, heads)
@@ -425,23 +440,24 @@ def evaluate(distilled, encoder, test_images: torch.Tensor, test_labels: torch.T
 
 def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes: Optional[int] = None, *,
                     epochs: int = DEFAULT_FULL_DATA_EPOCHS, seed: int = 0, batch_size: int = MAX_BATCH_SIZE,
-                    lr: Optional[float] = None, progress: bool = True) -> nn.Linear:
+                    lr: Optional[float] = None, head_init: str = "lgm", progress: bool = True) -> nn.Linear:
     """A linear head ``nn.Linear(D, C)`` trained by the protocol's recipe on fixed features ``[N, D]``."""
-    return _full_data_heads(features, labels, num_classes, epochs, [seed], batch_size, lr, progress)[0]
+    return _full_data_heads(features, labels, num_classes, epochs, [seed], batch_size, lr, progress, head_init)[0]
 
 
-def _full_data_heads(features, labels, num_classes, epochs, seeds, batch_size, lr, progress):
+def _full_data_heads(features, labels, num_classes, epochs, seeds, batch_size, lr, progress, head_init="lgm"):
     if not isinstance(features, torch.Tensor) or features.dim() != 2:
         raise ValueError(f"features must be a tensor [N, D], got {getattr(features, 'shape', type(features))}")
     labels = class_labels("labels", labels, features.shape[0])
     features = _check_features(features, labels.shape[0], "features")
     epochs = positive_int("epochs", epochs)
+    head_init = one_of("head_init", head_init, HEAD_INITS)
     batch_size = positive_int("batch_size", batch_size)
     num_classes = num_classes or 1 + int(labels.max())
     lr = _default_lr(batch_size) if lr is None else positive_float("lr", lr)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     weight, bias = _train_probes(lambda epoch: features, labels, num_classes, generators, epochs, batch_size,
-                                 lr, progress, desc="full-data probe")
+                                 lr, progress, desc="full-data probe", head_init=head_init)
     return [_as_linear(w, b) for w, b in zip(weight, bias)]
 
 
@@ -450,7 +466,8 @@ def full_data_probe(train_images: Optional[torch.Tensor], train_labels: torch.Te
                     epochs: int = DEFAULT_FULL_DATA_EPOCHS, seeds: Sequence[int] = DEFAULT_SEEDS,
                     batch_size: int = MAX_BATCH_SIZE, lr: Optional[float] = None,
                     train_features: Optional[torch.Tensor] = None,
-                    test_features: Optional[torch.Tensor] = None, progress: bool = True) -> ProbeResult:
+                    test_features: Optional[torch.Tensor] = None, head_init: str = "lgm",
+                    progress: bool = True) -> ProbeResult:
     """The ceiling: the protocol's probe trained on the whole real training set.
 
     Differences from ``evaluate``, for speed: the training features are computed once, un-augmented
@@ -472,10 +489,11 @@ def full_data_probe(train_images: Optional[torch.Tensor], train_labels: torch.Te
     test_labels = class_labels("test_labels", test_labels, test_features.shape[0])
     test_features = _check_features(test_features, test_labels.shape[0], "test_features")
     num_classes = 1 + max(int(train_labels.max()), int(test_labels.max()))
-    heads = _full_data_heads(train_features, train_labels, num_classes, epochs, seeds, batch_size, lr, progress)
+    heads = _full_data_heads(train_features, train_labels, num_classes, epochs, seeds, batch_size, lr, progress,
+                             head_init)
     accs = [_accuracy(h.weight.t(), h.bias, test_features, test_labels) for h in heads]
     settings = _probe_settings(train_features.shape[0], epochs, batch_size,
-                               _default_lr(batch_size) if lr is None else float(lr))
+                               _default_lr(batch_size) if lr is None else float(lr), head_init)
     settings.update(augmentation=None, features="precomputed, un-augmented", num_classes=num_classes,
                     test_images=test_features.shape[0])
     return ProbeResult.from_accuracies(accs, seeds, settings, heads)

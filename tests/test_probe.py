@@ -139,9 +139,10 @@ def test_training_matches_separate_torch_adams_with_cosine_schedule():
     assert weight.shape == (len(seeds), dim, classes) and bias.shape == (len(seeds), classes)
     for s, seed in enumerate(seeds):
         g = torch.Generator().manual_seed(seed)
-        bound = 1 / math.sqrt(dim)
-        w_ref = torch.empty(dim, classes).uniform_(-bound, bound, generator=g).requires_grad_()
-        b_ref = torch.empty(classes).uniform_(-bound, bound, generator=g).requires_grad_()
+        head = nn.Linear(dim, classes)  # LGM's evaluator: W ~ N(0, 0.01^2), b = 0, drawn in nn.Linear's layout
+        head.weight.data.normal_(0.0, 0.01, generator=g)
+        w_ref = head.weight.detach().t().clone().requires_grad_()
+        b_ref = torch.zeros(classes, requires_grad=True)
         opt = torch.optim.Adam([w_ref, b_ref], lr=lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * math.ceil(n / bs))
         for _ in range(epochs):
@@ -154,6 +155,31 @@ def test_training_matches_separate_torch_adams_with_cosine_schedule():
                 schedule.step()
         torch.testing.assert_close(weight[s], w_ref.detach(), atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(bias[s], b_ref.detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_probe_head_starts_as_lgms_evaluator_by_default():
+    # LGM's evaluator: nn.Linear with weight.normal_(0, 0.01) and bias zero, drawn from the probe seed
+    dim, classes = 3000, 7
+    weight, bias = probe._initial_probes([torch.Generator().manual_seed(5)], dim, classes, torch.device("cpu"))
+    head = nn.Linear(dim, classes)
+    head.weight.data.normal_(0.0, 0.01, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(weight[0], head.weight.detach().t()) and torch.equal(bias[0], torch.zeros(classes))
+    assert abs(float(weight.std()) - 0.01) < 3e-4 and abs(float(weight.mean())) < 3e-4
+    # nn.Linear's uniform init stays available by name, and a bad name is an error naming the argument
+    w_u, b_u = probe._initial_probes([torch.Generator().manual_seed(5)], dim, classes, torch.device("cpu"), "uniform")
+    bound = 1 / math.sqrt(dim)
+    assert float(w_u.abs().max()) <= bound and float(b_u.abs().max()) > 0
+    with pytest.raises(ValueError, match="head_init"):
+        probe._initial_probes([torch.Generator()], dim, classes, torch.device("cpu"), "xavier")
+
+
+def test_evaluate_records_the_head_init_and_uses_it(encoder, test_set):
+    lgm = run(colour_images(2, seed=1), encoder, test_set, seeds=(0,), epochs=1)
+    uniform = run(colour_images(2, seed=1), encoder, test_set, seeds=(0,), epochs=1, head_init="uniform")
+    assert lgm.settings["head_init"] == "lgm" and uniform.settings["head_init"] == "uniform"
+    assert float(lgm.heads[0].bias.abs().max()) < 1e-2 < float(uniform.heads[0].bias.abs().max())
+    with pytest.raises(ValueError, match="head_init"):
+        run(colour_images(2, seed=1), encoder, test_set, head_init="zeros")
 
 
 def test_cosine_schedule_is_the_closed_form_stepped_per_batch():
