@@ -5,10 +5,13 @@ Chain (the same for real and synthetic images):
 1. horizontal flip with probability ``flip_prob`` (0.5);
 2. random resized crop to ``crop_size``: area fraction ``U[crop_scale]`` (0.08, 1), log aspect ratio
    ``U[crop_log_ratio]`` (log 3/4, log 4/3); crop width/height fractions ``sqrt(area * ratio)`` and
-   ``sqrt(area / ratio)``; the centre is uniform over the positions that keep the crop inside the image
-   along each axis where it fits, and the image centre where it does not (the part outside is zero
-   padding). Implemented with ``affine_grid`` + ``grid_sample`` (bilinear, ``align_corners=False``), the
-   flip folded into the same affine map;
+   ``sqrt(area / ratio)``; the crop's top-left corner is ``u * (1 - fraction)`` along each axis with
+   ``u ~ U[0, 1]`` (LGM's ``RandomResizedCrop``): uniform over the positions that keep the crop inside the
+   image where it fits, and where the crop is larger than the image (an area near 1 with a ratio away
+   from 1) uniform over the positions that keep the image inside the crop, so the image lies at a random
+   offset in it, never always centred (the part outside is zero padding). In normalised coordinates the
+   crop's centre is ``(2u - 1)(1 - fraction)``. Implemented with ``affine_grid`` + ``grid_sample``
+   (bilinear, ``align_corners=False``), the flip folded into the same affine map;
 3. with probability ``noise_prob`` (0.5) per image, add ``noise_mean + noise_std * N(0, 1)`` per pixel
    (0.5 and 0.2, as LGM's code does).
 
@@ -139,9 +142,9 @@ class Augment:
             area = uniform(*self.crop_scale)
             ratio = torch.exp(uniform(*self.crop_log_ratio))
             fw, fh = torch.sqrt(area * ratio), torch.sqrt(area / ratio)
-            # centre uniform where the crop fits along an axis, the image centre where it does not
-            cx = (torch.rand(n, generator=generator, device=gdev) * 2 - 1) * (1 - fw).clamp(min=0)
-            cy = (torch.rand(n, generator=generator, device=gdev) * 2 - 1) * (1 - fh).clamp(min=0)
+            # LGM's top-left corner u * (1 - f) as a centre: also a random offset where the crop is larger
+            cx = (torch.rand(n, generator=generator, device=gdev) * 2 - 1) * (1 - fw)
+            cy = (torch.rand(n, generator=generator, device=gdev) * 2 - 1) * (1 - fh)
         else:
             fw = fh = torch.ones(n, device=gdev)
             cx = cy = torch.zeros(n, device=gdev)

@@ -54,6 +54,28 @@ def test_parameters_are_per_image_and_crops_in_range():
     assert len(torch.unique(area)) > 1900
 
 
+def test_crop_offsets_follow_lgms_chain_also_where_the_crop_is_larger_than_the_image():
+    # LGM's RandomResizedCrop: top-left x1 = u * (1 - scale_w), centre offset (x1 + scale_w / 2 - 0.5) * 2,
+    # for every crop, including those wider or taller than the image (x1 < 0: the image at a random offset)
+    n, g = 4000, torch.Generator().manual_seed(3)
+    p = A.Augment(noise_prob=0.0).sample(n, (16, 16), torch.Generator().manual_seed(3))
+    flip = torch.rand(n, generator=g) < 0.5
+    area = torch.rand(n, generator=g) * (1.0 - 0.08) + 0.08
+    lo, hi = A.CROP_LOG_RATIO
+    ratio = torch.exp(torch.rand(n, generator=g) * (hi - lo) + lo)
+    scale_w, scale_h = torch.sqrt(area * ratio), torch.sqrt(area / ratio)
+    u_x, u_y = torch.rand(n, generator=g), torch.rand(n, generator=g)
+    offset_x = (u_x * (1 - scale_w) + scale_w / 2 - 0.5) * 2
+    offset_y = (u_y * (1 - scale_h) + scale_h / 2 - 0.5) * 2
+    torch.testing.assert_close(p.affine[:, 0, 0], torch.where(flip, -scale_w, scale_w))
+    torch.testing.assert_close(p.affine[:, 0, 2], offset_x, atol=1e-6, rtol=0)
+    torch.testing.assert_close(p.affine[:, 1, 2], offset_y, atol=1e-6, rtol=0)
+    wide = scale_w > 1.02
+    assert int(wide.sum()) > 50
+    spread = p.affine[wide, 0, 2] / (scale_w[wide] - 1)  # U[-1, 1] over the positions that hold the image
+    assert float(spread.abs().max()) <= 1 + 1e-4 and 0.4 < float(spread.abs().mean()) < 0.6
+
+
 def test_a_draw_can_be_reapplied_chunk_by_chunk():
     x = torch.rand(10, 3, 12, 12)
     aug = A.Augment(crop_size=8)
