@@ -81,6 +81,29 @@ def test_flow_matching_samples_denominator_differs_for_ipc_above_one():
         fnn.FlowMatchingLoss(stats, nontarget_denominator="bogus")
 
 
+def test_flow_matching_samples_denominator_counts_images_not_copies():
+    # K = 3 copies of a C*ipc = 12 image set: the official code's denominator is C*ipc - 1 = 11 (fp64 oracle)
+    c, ipc, k, d = 4, 3, 3, 6
+    zr, yr = _balanced(c, 5, d, seed=5)
+    stats = RealStats.from_features(zr.double(), yr, bank=False)
+    g = torch.Generator().manual_seed(8)
+    zs = torch.randn(k * c * ipc, d, generator=g, dtype=torch.float64)
+    ys = torch.arange(c).repeat_interleave(ipc).repeat(k)
+    mu = torch.stack([zr[yr == j].double().mean(0) for j in range(c)])
+    fr = torch.stack([(mu.sum(0) - mu[j]) / (c - 1) - mu[j] for j in range(c)])
+    s = torch.stack([zs[ys == j].mean(0) for j in range(c)])
+    fs = torch.stack([(s.sum(0) - s[j]) / (c * ipc - 1) - s[j] for j in range(c)])
+    expect = 1 - (fr * fs).sum() / (fr.norm() * fs.norm())
+    loss = fnn.FlowMatchingLoss(stats, nontarget_denominator="samples", copies=k)(zs, ys)
+    torch.testing.assert_close(loss.double(), expect, rtol=1e-6, atol=1e-6)
+    one_copy = fnn.FlowMatchingLoss(stats, nontarget_denominator="samples")(zs, ys)  # 36 rows as 36 images
+    assert abs(float(one_copy) - float(expect)) > 1e-4
+    with pytest.raises(ValueError, match="copies"):
+        fnn.FlowMatchingLoss(stats, nontarget_denominator="samples", copies=5)(zs, ys)
+    with pytest.raises(ValueError, match="copies"):
+        fnn.FlowMatchingLoss(stats, copies=0)
+
+
 def test_flow_matching_rejects_empty_class_and_bad_features():
     z, y = _balanced(3, 2, 4)
     stats = RealStats.from_features(z, y, num_classes=4, bank=False)

@@ -98,6 +98,59 @@ def test_reference_math_and_gradcheck():
     assert_close(real_flow(means), expected_flow, 1e-12, 1e-12, "real flow")
 
 
+def _copies_oracle(feats, labels, flow, d):
+    """fp64, class by class: S_c the mean of every row of class c (all copies), F_s[c] = (sum_k S_k - S_c)/d - S_c."""
+    feats, flow = feats.double(), flow.double()
+    S = torch.stack([feats[labels == c].mean(0) for c in range(flow.shape[0])])
+    Fs = torch.stack([(S.sum(0) - S[c]) / d - S[c] for c in range(flow.shape[0])])
+    return 1 - (Fs * flow).sum() / (Fs.norm() * flow.norm())
+
+
+def _copies_data(C=5, ipc=3, K=4, D=21, device="cpu"):
+    """K augmented copies (copy-major) of C*ipc images: K*C*ipc feature rows, the labels repeated K times."""
+    g = torch.Generator().manual_seed(11)
+    feats = torch.randn(K * C * ipc, D, generator=g, dtype=torch.float64) + 0.3
+    labels = torch.arange(C).repeat_interleave(ipc).repeat(K)
+    return feats.to(device), labels.to(device), real_flow(torch.randn(C, D, generator=g, dtype=torch.float64)).to(device)
+
+
+def _check_samples_counts_distinct_images(fn, feats, labels, flow, num_images, tol, **kw):
+    C = flow.shape[0]
+    cpu = [t.cpu() for t in (feats, labels, flow)]
+    f = feats.detach().clone().requires_grad_(True)
+    loss = fn(f, labels, flow, nontarget_denominator="samples", num_images=num_images, **kw)
+    (grad,) = torch.autograd.grad(loss, f)
+    fo = cpu[0].clone().requires_grad_(True)
+    expect = _copies_oracle(fo, cpu[1], cpu[2], num_images - 1)   # C*ipc - 1, not K*C*ipc - 1
+    (expect_grad,) = torch.autograd.grad(expect, fo)
+    assert_close(loss.cpu().double(), expect, tol, tol, "loss, samples denominator with copies")
+    assert_close(grad.cpu().double(), expect_grad, tol, tol * 1e-2, "grad, samples denominator with copies")
+    wrong = _copies_oracle(cpu[0], cpu[1], cpu[2], feats.shape[0] - 1)  # the rows counted: a different loss
+    assert abs(float(wrong) - float(expect.detach())) > 100 * tol
+    classes = fn(feats, labels, flow, nontarget_denominator="classes", num_images=num_images, **kw)
+    assert_close(classes.cpu().double(), _copies_oracle(*cpu, C - 1), tol, tol, "classes denominator")
+
+
+def test_samples_denominator_counts_distinct_images_reference():
+    feats, labels, flow = _copies_data()
+    _check_samples_counts_distinct_images(flow_matching_loss, feats, labels, flow, 15, 1e-10, impl="torch")
+    _check_samples_counts_distinct_images(flow_matching_loss_reference, feats, labels, flow, 15, 1e-10)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_samples_denominator_counts_distinct_images_triton(device):
+    feats, labels, flow = _copies_data(device=device)
+    _check_samples_counts_distinct_images(flow_matching_loss, feats.float(), labels, flow.float(), 15, 2e-5,
+                                          impl="triton")
+
+
+def test_num_images_is_checked():
+    feats, labels, flow = _copies_data(C=3, ipc=2, K=2)
+    for bad in (5, 2, 0, True, 6.0):  # not dividing the 12 rows, fewer than the 3 classes, not an int
+        with pytest.raises(ValueError, match="num_images"):
+            flow_matching_loss(feats, labels, flow, nontarget_denominator="samples", num_images=bad)
+
+
 def test_validation():
     feats, labels, flow = _data(3, 2, 4, torch.float32, "cpu")
     with pytest.raises(ValueError, match="class 2 is empty"):

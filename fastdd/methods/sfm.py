@@ -10,7 +10,8 @@ Why it works: at W = 0 the cross-entropy gradient of a linear head on a class-ba
 
 The computation is ``fastdd.ops.real_flow`` (once, at construction) and ``fastdd.ops.flow_matching_loss``
 (per call). ``nontarget_denominator="samples"`` reproduces the official code's ``C*ipc - 1`` denominator
-(a bug for ipc > 1; kept only as a compatibility option).
+(a bug for ipc > 1; kept only as a compatibility option): it counts the distinct synthetic images, so with
+``copies`` augmented copies of them per step (``zs`` has ``copies * C * ipc`` rows) it stays ``C*ipc - 1``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.nn as nn
 
 from .. import ops
 from .base import Context, Method, Objective, Option, RealNeeds, class_means
-from ..validate import features as check_features
+from ..validate import features as check_features, positive_int
 
 __all__ = ["FlowMatchingLoss", "METHOD"]
 
@@ -31,15 +32,18 @@ class FlowMatchingLoss(nn.Module):
     Args:
         stats: a ``fastdd.RealStats`` (its class means are used) or the class means ``[C, D]`` themselves.
         nontarget_denominator: ``"classes"`` (C - 1, correct) or ``"samples"`` (the official code's).
+        copies: K, the augmented copies of the synthetic set that ``zs`` holds (copy-major, as ``distill``
+            builds them); ``"samples"`` divides by the ``N / K - 1`` distinct images, not ``N - 1``.
 
     Call with ``zs [N, D]`` synthetic features and ``ys [N]`` labels in ``0..C-1``; every class must
     appear in ``ys``. Returns a scalar differentiable w.r.t. ``zs``.
     """
 
-    def __init__(self, stats, nontarget_denominator: str = "classes"):
+    def __init__(self, stats, nontarget_denominator: str = "classes", copies: int = 1):
         super().__init__()
         if nontarget_denominator not in ("classes", "samples"):
             raise ValueError(f"nontarget_denominator must be 'classes' or 'samples', got {nontarget_denominator!r}")
+        self.copies = positive_int("copies", copies)
         means = class_means(stats, "FlowMatchingLoss(stats)", "flow matching")
         flow = ops.real_flow(means)
         # identical class means (up to rounding): the loss would be a constant with zero gradient
@@ -56,15 +60,19 @@ class FlowMatchingLoss(nn.Module):
     def forward(self, zs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
         check_features(zs, ys, dim=self.real_flow.shape[1], num_classes=self.num_classes)
         real_flow = self.real_flow.to(zs.device)
-        return ops.flow_matching_loss(zs, ys, real_flow, nontarget_denominator=self.nontarget_denominator)
+        if zs.shape[0] % self.copies:
+            raise ValueError(f"zs has {zs.shape[0]} rows, not a whole number of the {self.copies} copies")
+        return ops.flow_matching_loss(zs, ys, real_flow, nontarget_denominator=self.nontarget_denominator,
+                                      num_images=zs.shape[0] // self.copies)
 
     def extra_repr(self) -> str:
         return f"classes={self.real_flow.shape[0]}, dim={self.real_flow.shape[1]}, " \
-               f"nontarget_denominator={self.nontarget_denominator!r}"
+               f"nontarget_denominator={self.nontarget_denominator!r}, copies={self.copies}"
 
 
 def _build(context: Context, options: dict) -> Objective:
-    loss = FlowMatchingLoss(context.stats, nontarget_denominator=options["nontarget_denominator"])
+    loss = FlowMatchingLoss(context.stats, nontarget_denominator=options["nontarget_denominator"],
+                            copies=context.copies)
     return Objective(loss.to(context.device))
 
 

@@ -12,8 +12,11 @@ mean of the :math:`n_c` features of class c and
 
 with one cosine over the flattened C*D vectors, :math:`\epsilon = 10^{-12}`, and the non-target
 denominator :math:`d = C-1` (``nontarget_denominator="classes"``, the paper's definition) or
-:math:`d = N-1` with N the number of synthetic features (``"samples"``: the official code's
-``C*ipc - 1``, kept for comparison only; with ipc > 1 it is a bug).
+:math:`d = M-1` with M the number of distinct synthetic images (``"samples"``: the official code's
+``C*ipc - 1``, kept for comparison only; with ipc > 1 it is a bug). When the N feature rows are K
+augmented copies of the M = N/K images (``num_images=M``), M and not N counts: the official code
+augments once, so its denominator never grows with copies. One rule (:func:`_nontarget_denominator`)
+serves the reference and the Triton kernels.
 
 Gradient. With :math:`G = \partial L/\partial F_s = -\big(F_r/(\|F_r\|\|F_s\|) - \cos\,F_s/\|F_s\|^2\big)`
 (or :math:`-F_r/\epsilon` below the clamp), the map :math:`S \mapsto F_s` is self-adjoint, so
@@ -35,6 +38,7 @@ Every class must have at least one synthetic feature, and C >= 2.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -62,12 +66,26 @@ def _compute_dtype(features: torch.Tensor) -> torch.dtype:
     return torch.float64 if features.dtype == torch.float64 else torch.float32
 
 
-def _nontarget_denominator(kind: str, num_classes: int, num_features: int) -> int:
-    return num_classes - 1 if kind == "classes" else num_features - 1
+def _nontarget_denominator(kind: str, num_classes: int, num_images: int) -> int:
+    """``d``: C - 1 ("classes") or M - 1 with M the distinct synthetic images ("samples")."""
+    return num_classes - 1 if kind == "classes" else num_images - 1
+
+
+def _num_images(num_images, num_rows: int, num_classes: int) -> int:
+    """The distinct synthetic images behind ``num_rows`` feature rows (default: every row is one), checked:
+    the rows are whole copies of them, and every class has one."""
+    if num_images is None:
+        return num_rows
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < num_classes \
+            or num_rows % num_images:
+        raise ValueError(f"num_images must be an int >= the {num_classes} classes that divides the {num_rows} "
+                         f"feature rows (they are whole augmented copies of the images), got {num_images!r}")
+    return num_images
 
 
 def flow_matching_loss_reference(features: torch.Tensor, labels: torch.Tensor, real_flow: torch.Tensor,
-                                 nontarget_denominator: str = "classes") -> torch.Tensor:
+                                 nontarget_denominator: str = "classes",
+                                 num_images: Optional[int] = None) -> torch.Tensor:
     """Torch reference (differentiable by autograd w.r.t. ``features``)."""
     dtype = _compute_dtype(features)
     C, D = real_flow.shape
@@ -76,7 +94,7 @@ def flow_matching_loss_reference(features: torch.Tensor, labels: torch.Tensor, r
     sums = torch.zeros(C, D, dtype=dtype, device=x.device).index_add(0, labels, x)
     counts = torch.zeros(C, dtype=dtype, device=x.device).index_add(0, labels, torch.ones_like(x[:, 0]))
     centres = sums / counts.unsqueeze(1)
-    d = _nontarget_denominator(nontarget_denominator, C, features.shape[0])
+    d = _nontarget_denominator(nontarget_denominator, C, _num_images(num_images, features.shape[0], C))
     synthetic_flow = (centres.sum(0, keepdim=True) - centres) / d - centres
     fr = real_flow.detach().to(dtype)
     cos = (fr * synthetic_flow).sum() / (fr.norm() * synthetic_flow.norm()).clamp_min(EPS)
@@ -174,9 +192,11 @@ FLOW_BLOCK_D = 64
 
 @dataclass(frozen=True)
 class FlowOptions:
-    """Options of :class:`FlowMatchingFunction`: ``nontarget_denominator`` ("classes" | "samples")."""
+    """Options of :class:`FlowMatchingFunction`: ``nontarget_denominator`` ("classes" | "samples") and
+    ``num_images``, the distinct synthetic images (checked by :func:`_num_images`)."""
 
     nontarget_denominator: str = "classes"
+    num_images: int = 0
 
 
 def _flow_sums(features, labels, num_classes):
@@ -192,7 +212,7 @@ class FlowMatchingFunction(torch.autograd.Function):
         C, D = real_flow.shape
         acc = _flow_sums(features, labels, C)
         counts = acc.counts
-        inv_den = 1.0 / _nontarget_denominator(options.nontarget_denominator, C, features.shape[0])
+        inv_den = 1.0 / _nontarget_denominator(options.nontarget_denominator, C, options.num_images)
         grid = (cdiv(D, FLOW_BLOCK_D),)
         partial = torch.empty(grid[0], 3, dtype=torch.float32, device=features.device)
         _flow_forward_kernel[grid](acc.sums, counts, real_flow, real_flow.stride(0), real_flow.stride(1), partial, C,
@@ -210,7 +230,8 @@ class FlowMatchingFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: differentiate the reference instead
             opts = ctx.options
             (g,) = grad_via_reference(
-                lambda f: flow_matching_loss_reference(f, labels, real_flow, opts.nontarget_denominator),
+                lambda f: flow_matching_loss_reference(f, labels, real_flow, opts.nontarget_denominator,
+                                                       opts.num_images),
                 [features], [True], grad_loss)
             return g, None, None, None
         return _flow_backward(ctx, grad_loss, features, labels, real_flow, sums, counts, moments), None, None, None
@@ -226,7 +247,7 @@ def _flow_backward(ctx, grad_loss, features, labels, real_flow, sums, counts, mo
     alpha = -g / denom
     # Above the clamp the cosine also depends on |F_s| (the beta term); below it only through <F_r, F_s>.
     beta = torch.where(prod > EPS, g * cos / ns2, torch.zeros_like(g))
-    inv_den = 1.0 / _nontarget_denominator(ctx.options.nontarget_denominator, C, features.shape[0])
+    inv_den = 1.0 / _nontarget_denominator(ctx.options.nontarget_denominator, C, ctx.options.num_images)
     coef = torch.stack([alpha, beta, torch.full_like(alpha, inv_den)]).contiguous()
     dmean = torch.empty(C, D, dtype=sums.dtype, device=sums.device)
     grid = (cdiv(D, FLOW_BLOCK_D),)
@@ -236,12 +257,15 @@ def _flow_backward(ctx, grad_loss, features, labels, real_flow, sums, counts, mo
 
 
 def flow_matching_loss(features: torch.Tensor, labels: torch.Tensor, real_flow: torch.Tensor, *,
-                       nontarget_denominator: str = "classes", impl: str = "auto") -> torch.Tensor:
+                       nontarget_denominator: str = "classes", num_images: Optional[int] = None,
+                       impl: str = "auto") -> torch.Tensor:
     """SFM loss ``1 - cos(vec F_r, vec F_s)`` of synthetic ``features`` [N,D] with ``labels`` [N].
 
     ``real_flow`` [C,D]: :func:`real_flow` of the real class means (a constant). Every class in
-    0..C-1 needs at least one synthetic feature. Differentiable w.r.t. ``features``. See the module
-    docstring for the math, the options and the dtype policy.
+    0..C-1 needs at least one synthetic feature. ``num_images``: the distinct synthetic images when the
+    rows are augmented copies of them (N/K for K copies; default N), which ``"samples"`` counts.
+    Differentiable w.r.t. ``features``. See the module docstring for the math, the options and the
+    dtype policy.
     """
     check_float("features", features, (2,))
     check_float("real_flow", real_flow, (2,))
@@ -256,6 +280,7 @@ def flow_matching_loss(features: torch.Tensor, labels: torch.Tensor, real_flow: 
     if real_flow.device != features.device:
         raise ValueError(f"real_flow is on {real_flow.device} but features are on {features.device}")
     check_labels("labels", labels, N, C, features.device)
+    num_images = _num_images(num_images, N, C)
     if checks_enabled():
         present = torch.zeros(C, dtype=torch.bool, device=labels.device)
         present[labels.long()] = True
@@ -266,7 +291,7 @@ def flow_matching_loss(features: torch.Tensor, labels: torch.Tensor, real_flow: 
     check_finite("real_flow", real_flow)
     backend = resolve_impl(impl, features, real_flow)
     if backend == "torch":
-        return flow_matching_loss_reference(features, labels, real_flow, nontarget_denominator)
+        return flow_matching_loss_reference(features, labels, real_flow, nontarget_denominator, num_images)
     return FlowMatchingFunction.apply(features, labels.long().contiguous(), real_flow.detach(),
-                                      FlowOptions(nontarget_denominator))
+                                      FlowOptions(nontarget_denominator, num_images))
 
