@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -18,7 +18,8 @@ DISTILLED_FORMAT, DISTILLED_VERSION = "fastdd.DistilledSet", 1
 
 @dataclass
 class DistilledSet:
-    """A distilled set: ``images`` float32 ``[C*ipc, 3, H, W]`` in [0, 1] (class-major), ``labels`` int64,
+    """A distilled set: ``images`` float ``[C*ipc, 3, H, W]`` in [0, 1] (class-major; checked: finite, in
+    [0, 1]), ``labels`` int64,
     the ``method``, the ``settings`` it was made with (every argument of ``distill`` after defaults), and
     the loss ``history`` (one float per step). Unpacks as ``images, labels = distilled``."""
 
@@ -27,11 +28,22 @@ class DistilledSet:
     method: str
     settings: Dict[str, Any] = field(default_factory=dict)
     history: List[float] = field(default_factory=list)
+    classes: Optional[List[str]] = None  # the class names distill was given (ImageFolder's, a Split's)
 
     def __post_init__(self):
         if self.images.dim() != 4 or self.labels.dim() != 1 or self.labels.shape[0] != self.images.shape[0]:
             raise ValueError(f"images [N,3,H,W] and labels [N] do not match: {tuple(self.images.shape)}, "
                              f"{tuple(self.labels.shape)}")
+        if not self.images.is_floating_point():
+            raise ValueError(f"images must be floating point with values in [0, 1], got {self.images.dtype} "
+                             "(0..255 pixels: divide by 255)")
+        if self.images.numel():
+            if not bool(torch.isfinite(self.images).all()):
+                raise ValueError("images hold NaN or Inf: values must be finite, in [0, 1]")
+            lo, hi = float(self.images.min()), float(self.images.max())
+            if lo < 0 or hi > 1:
+                raise ValueError(f"images must hold values in [0, 1], found [{lo:.4g}, {hi:.4g}]"
+                                 + (" (0..255 pixels: divide by 255)" if hi > 1.5 else ""))
         # num_classes and ipc are read off the labels: they must be 0..C-1, ipc each, class-major
         n, y = self.labels.shape[0], self.labels
         c = int(y.max()) + 1 if n and not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool) else 0
@@ -45,6 +57,19 @@ class DistilledSet:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        """``(image [3, H, W], label)``: a map-style dataset, so ``DataLoader(out)`` works (iterating the
+        set itself unpacks it, ``images, labels = out``)."""
+        return self.images[index], int(self.labels[index])
+
+    def export(self, path: Union[str, os.PathLike], format: str, **kwargs):
+        """Write the set as ``format``: ``"folder"`` (ImageFolder of PNGs), ``"grid"`` (one PNG),
+        ``"lgm"`` (LGM's and SFM's ``data.pth``) or ``"dcbench"`` (``images_best.pt`` and
+        ``labels_best.pt``); see ``fastdd.export``."""
+        from .export import export
+
+        return export(self, path, format, **kwargs)
+
     @property
     def num_classes(self) -> int:
         return int(self.labels.max()) + 1
@@ -56,14 +81,15 @@ class DistilledSet:
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write to ``path`` (format version, checksum, atomic)."""
         save_checked({"images": self.images.detach().cpu(), "labels": self.labels.cpu(), "method": self.method,
-                      "settings": self.settings, "history": [float(v) for v in self.history]},
+                      "settings": self.settings, "history": [float(v) for v in self.history],
+                      "classes": None if self.classes is None else [str(c) for c in self.classes]},
                      path, DISTILLED_FORMAT, DISTILLED_VERSION)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "DistilledSet":
         """Read a file written by ``save``; ``CorruptFileError`` if it is truncated or altered."""
         p = load_checked(path, DISTILLED_FORMAT, DISTILLED_VERSION)
-        return cls(p["images"], p["labels"], p["method"], p["settings"], list(p["history"]))
+        return cls(p["images"], p["labels"], p["method"], p["settings"], list(p["history"]), p.get("classes"))
 
     def __repr__(self) -> str:
         return (f"DistilledSet(method={self.method!r}, images={tuple(self.images.shape)}, "
