@@ -32,7 +32,9 @@ a seed's accuracy does not depend on which other seeds run with it.
 
 Baselines (each returns an ``(images, labels)`` pair, class-major, to pass to ``evaluate``):
 ``random_real`` (ipc random real images per class), ``class_centroids`` (the real image nearest each class
-mean in feature space; k-means centres within each class for ipc > 1), ``nearest_real`` (the real image of
+mean in feature space; k-means centres within each class for ipc > 1), the coresets ``kcenter_greedy``
+(farthest-point picks from the image nearest the class mean) and ``herding`` (greedy matching of the class
+mean), which recent work finds competitive with distilled sets on ImageNet, ``nearest_real`` (the real image of
 the same class nearest each distilled image in feature space). ``full_data_probe`` trains the same probe
 on the whole real training set as the ceiling (on precomputed, un-augmented features: see its docstring).
 
@@ -57,8 +59,8 @@ from .validate import class_labels, finite, one_of, positive_float, positive_int
 from .validate import seed as check_seed
 
 __all__ = ["ProbeResult", "evaluate", "encode", "fit_linear_head", "full_data_probe", "random_real",
-           "class_centroids", "nearest_real", "classifier_inheritance", "DEFAULT_EPOCHS", "DEFAULT_VIEWS",
-           "DEFAULT_SEEDS", "HEAD_INITS"]
+           "class_centroids", "kcenter_greedy", "herding", "nearest_real", "classifier_inheritance",
+           "DEFAULT_EPOCHS", "DEFAULT_VIEWS", "DEFAULT_SEEDS", "HEAD_INITS"]
 
 DEFAULT_EPOCHS = 1000
 DEFAULT_VIEWS = 100
@@ -576,19 +578,73 @@ def class_centroids(images: torch.Tensor, labels: torch.Tensor, encoder=None, ip
     ``seed``) on each class's features, then the distinct images nearest the k centres. ``features``
     (``[N, D]``, e.g. a ``RealStats`` bank) skips the encoding.
     """
+    g = torch.Generator().manual_seed(seed)
+
+    def select(x: torch.Tensor, k: int) -> torch.Tensor:
+        return _nearest_distinct(x, x.mean(0, keepdim=True) if k == 1 else _kmeans(x, k, g))
+
+    return _coreset(images, labels, encoder, ipc, features, num_classes, progress, select)
+
+
+def _coreset(images, labels, encoder, ipc, features, num_classes, progress,
+             select: Callable[[torch.Tensor, int], torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The shared frame of the feature-space baselines: per class (class-major), ``select(x, ipc)`` picks
+    ``ipc`` distinct rows of that class's features ``x`` (``[n_c, D]``, fp64); their images are returned."""
     images, labels = _check_set(images, labels, "real")
     ipc = positive_int("ipc", ipc)
     num_classes = num_classes or 1 + int(labels.max())
     per_class = _class_indices(labels, num_classes, ipc)
     feats = _real_features(images, encoder, features, progress)
-    g = torch.Generator().manual_seed(seed)
-    picked = []
-    for idx in per_class:
-        x = feats[idx].double()
-        centres = x.mean(0, keepdim=True) if ipc == 1 else _kmeans(x, ipc, g)
-        picked.append(idx[_nearest_distinct(x, centres)])
-    picked = torch.cat(picked)
+    picked = torch.cat([idx[select(feats[idx].double(), ipc)] for idx in per_class])
     return images[picked].clone(), labels[picked].clone()
+
+
+def _kcenter_select(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy k-center (farthest-point) on the rows of ``x``: first the row nearest the mean, then each time
+    the row farthest (L2) from its nearest chosen row; ties go to the lowest index."""
+    chosen = [int((x - x.mean(0)).norm(dim=1).argmin())]
+    nearest = (x - x[chosen[0]]).norm(dim=1)
+    for _ in range(1, k):
+        nearest[chosen] = -1.0  # chosen rows are never chosen again, even among duplicates
+        chosen.append(int(nearest.argmax()))
+        nearest = torch.minimum(nearest, (x - x[chosen[-1]]).norm(dim=1))
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+def _herding_select(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Herding (Welling 2009, in iCaRL's greedy form): the t-th pick is the unchosen row that brings the mean
+    of the t chosen rows nearest (L2) the mean of all rows; ties go to the lowest index."""
+    mu = x.mean(0)
+    total = torch.zeros_like(mu)
+    free = torch.ones(x.shape[0], dtype=torch.bool)
+    chosen = []
+    for t in range(1, k + 1):
+        gap = (mu - (total + x) / t).norm(dim=1).masked_fill(~free, float("inf"))
+        i = int(gap.argmin())
+        chosen.append(i)
+        free[i] = False
+        total += x[i]
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+def kcenter_greedy(images: torch.Tensor, labels: torch.Tensor, encoder=None, ipc: int = 1, *,
+                   features: Optional[torch.Tensor] = None, num_classes: Optional[int] = None,
+                   progress: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A k-center coreset per class in the encoder's feature space (class-major; Sener and Savarese's greedy
+    2-approximation): the real image nearest the class mean first (so ipc 1 is ``class_centroids``'s pick),
+    then each time the image farthest (L2) from its nearest pick. Deterministic. ``features`` (``[N, D]``,
+    e.g. a ``RealStats`` bank: the features of the real training set) skips the encoding."""
+    return _coreset(images, labels, encoder, ipc, features, num_classes, progress, _kcenter_select)
+
+
+def herding(images: torch.Tensor, labels: torch.Tensor, encoder=None, ipc: int = 1, *,
+            features: Optional[torch.Tensor] = None, num_classes: Optional[int] = None,
+            progress: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A herding coreset per class in the encoder's feature space (class-major; Welling 2009, the greedy
+    mean matching of iCaRL): pick after pick, the real image that brings the mean of the picks nearest (L2)
+    the class mean, without repeats, on the raw features. Deterministic. ``features`` as in
+    ``kcenter_greedy``."""
+    return _coreset(images, labels, encoder, ipc, features, num_classes, progress, _herding_select)
 
 
 def nearest_real(distilled, images: torch.Tensor, labels: torch.Tensor, encoder, *,

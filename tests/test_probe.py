@@ -293,6 +293,76 @@ def test_class_centroids_ipc_above_one_cover_the_clusters(train_set):
         assert sorted(int(cluster[r]) for r in rows[3 * c:3 * c + 3]) == [0, 1, 2]
 
 
+def _kcenter_oracle(x, k):
+    """Brute force: start at the row nearest the mean; then, over every unchosen row, the one whose distance
+    to its nearest chosen row is largest (first on ties)."""
+    mean = [sum(col) / len(col) for col in zip(*x)]
+    dist = lambda a, b: math.sqrt(sum((p - q) ** 2 for p, q in zip(a, b)))  # noqa: E731
+    chosen = [min(range(len(x)), key=lambda i: (dist(x[i], mean), i))]
+    while len(chosen) < k:
+        rest = [i for i in range(len(x)) if i not in chosen]
+        chosen.append(max(rest, key=lambda i: (min(dist(x[i], x[j]) for j in chosen), -i)))
+    return chosen
+
+
+def _herding_oracle(x, k):
+    """Brute force: every unchosen row tried as the next pick; keep the one whose mean with the picks is
+    nearest the mean of all rows (first on ties)."""
+    mean = [sum(col) / len(col) for col in zip(*x)]
+    chosen = []
+    while len(chosen) < k:
+        def gap(i):
+            rows = [x[j] for j in chosen + [i]]
+            return math.sqrt(sum((sum(col) / len(rows) - m) ** 2 for col, m in zip(zip(*rows), mean)))
+        chosen.append(min((i for i in range(len(x)) if i not in chosen), key=lambda i: (gap(i), i)))
+    return chosen
+
+
+@pytest.mark.parametrize("name, oracle", [("kcenter_greedy", _kcenter_oracle), ("herding", _herding_oracle)])
+def test_coresets_match_brute_force_oracles(train_set, name, oracle):
+    images, labels = train_set
+    feats = torch.randn(images.shape[0], 3, generator=torch.Generator().manual_seed(4))
+    feats[labels == 2] *= 5  # one class spread wide
+    select = getattr(probe, name)
+    picked, picked_labels = select(images, labels, ipc=4, features=feats)
+    assert picked_labels.tolist() == [c for c in range(NUM_CLASSES) for _ in range(4)]  # per class, class-major
+    for c in range(NUM_CLASSES):
+        idx = (labels == c).nonzero().flatten()
+        expect = idx[oracle(feats[idx].double().tolist(), 4)]
+        assert torch.equal(picked[4 * c:4 * c + 4], images[expect]), (name, c)
+    # ipc 1 is the image nearest the class mean for both (class_centroids' pick)
+    assert torch.equal(select(images, labels, ipc=1, features=feats)[0],
+                       probe.class_centroids(images, labels, ipc=1, features=feats)[0])
+    with pytest.raises(ValueError, match="fewer than ipc=31"):
+        select(images, labels, ipc=31, features=feats)
+    with pytest.raises(ValueError, match="encoder"):
+        select(images, labels, ipc=1)
+
+
+def test_kcenter_covers_clusters_and_herding_matches_the_mean(train_set, encoder):
+    images, labels = train_set
+    cluster = torch.arange(images.shape[0]) % 3
+    feats = torch.stack([labels.float() * 100 + cluster * 10.0, torch.zeros(images.shape[0])], 1)
+    feats = feats + 0.1 * torch.randn(feats.shape, generator=torch.Generator().manual_seed(0))
+    picked, _ = probe.kcenter_greedy(images, labels, ipc=3, features=feats)
+    rows = [int((images == img).flatten(1).all(1).nonzero()[0]) for img in picked]
+    for c in range(NUM_CLASSES):
+        assert sorted(int(cluster[r]) for r in rows[3 * c:3 * c + 3]) == [0, 1, 2]
+    # herding's picks match the class mean far better than random picks of the same size do
+    picked, _ = probe.herding(images, labels, ipc=3, features=feats)
+    rows = torch.tensor([int((images == img).flatten(1).all(1).nonzero()[0]) for img in picked])
+    for c in range(NUM_CLASSES):
+        mean = feats[labels == c].mean(0)
+        gap = (feats[rows[3 * c:3 * c + 3]].mean(0) - mean).norm()
+        idx = (labels == c).nonzero().flatten()
+        rand = torch.stack([(feats[idx[torch.randperm(idx.numel(), generator=torch.Generator().manual_seed(s))[:3]]]
+                             .mean(0) - mean).norm() for s in range(20)])
+        assert float(gap) < 0.1 * float(rand.median())
+    # with the encoder: the same picks as with its features given
+    by_encoder = probe.herding(images, labels, encoder, ipc=2, progress=False)[0]
+    assert torch.equal(by_encoder, probe.herding(images, labels, ipc=2, features=probe.encode(encoder, images))[0])
+
+
 def test_nearest_real_recovers_the_source_images(train_set, encoder):
     images, labels = train_set
     src = torch.tensor([0, 5, 31, 40, 65, 70, 95, 110])  # two real images per class
