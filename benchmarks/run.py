@@ -16,7 +16,9 @@ ImageNet MobileNetV2, ipc 1, the reference LGM with its 10 augmented copies, eve
 DM, ...) with the same encoder, parameterisation, step count and pyramid schedule; every other
 distillation argument is the library's per-method default (``fastdd.methods.defaults(name)``). Then the linear-probe protocol
 (``fastdd.evaluate`` with its default epochs, views and seeds) on every distilled set and on the real
-baselines: random real images (several draws), the class centroids, and the full-data probe as the ceiling.
+baselines: random real images (several draws), the class centroids, the k-center and herding coresets
+(``CORESETS``: picks of real images on the statistics' feature bank, the features of the real training
+set), and the full-data probe as the ceiling.
 Budgeted to finish in <= 10 minutes on 2 CPU cores.
 
 ``imagenet1k``: timing and memory only, at ImageNet-1K's shapes: 1000 classes, ipc 1 and 10, a timm
@@ -66,7 +68,7 @@ Output (``--out``, default ``benchmarks/results``): ``<device>-<date>[-<profile>
      "settings": {...every resolved option...},
      "setup": {"data_time_s", "encoder_time_s", "stats_time_s", "test_features_time_s", ...},
      "methods": {"lgm": {...}, "sfm": {...}, "clp": {...}, "dm": {...}, "random_real": {...},
-                 "class_centroids": {...}, "full_data": {...}},
+                 "class_centroids": {...}, "kcenter_greedy": {...}, "herding": {...}, "full_data": {...}},
      "ops": {...} (imagenet1k profile only), "files": [...]}
 
 Every entry of ``"methods"`` has ``kind`` (``"distilled"``, ``"baseline"`` or ``"ceiling"``), ``method``,
@@ -114,6 +116,9 @@ REFERENCE = registry.reference()  # the method the ratios are taken against (LGM
 REFERENCE_COPIES = REFERENCE.defaults["copies"]  # its default K (LGM's published 10)
 REFERENCE_LABEL = REFERENCE.name.upper()
 IMAGENET_TRAIN_IMAGES = 1_281_167
+# The baselines that pick real images on the feature bank: fastdd.probe's function name -> the printed label
+# (and the image grid's row); each is an entry of the result, kind "baseline"
+CORESETS = {"class_centroids": "class centroids", "kcenter_greedy": "k-center coreset", "herding": "herding coreset"}
 
 # Each profile fixes the options left unset on the command line. None means "the library's default".
 PROFILES: Dict[str, Dict[str, Any]] = {
@@ -860,17 +865,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                     result["methods"]["random_real" + suffix] = _entry(
                         "baseline", "random_real", ipc, draws=s["baseline_seeds"], **_accuracy_fields(pooled),
                         probe_time_s=time.perf_counter() - t0)
-                print(f"\n== baseline: class centroids, ipc {ipc}", flush=True)
-                t0 = time.perf_counter()
-                pick = probe.class_centroids(data["train_images"], data["train_labels"], encoder, ipc=ipc,
-                                             features=bank, progress=progress)
-                if ipc == first_ipc:
-                    images_for_grid["centroids"] = pick
-                result["methods"]["class_centroids" + suffix] = _entry(
-                    "baseline", "class_centroids", ipc,
-                    **_accuracy_fields(evaluate(pick, encoder, data["test_images"], data["test_labels"],
-                                                test_features=test_features, progress=progress, **pk)),
-                    probe_time_s=time.perf_counter() - t0)
+                for name, label in CORESETS.items():
+                    print(f"\n== baseline: {label}, ipc {ipc}", flush=True)
+                    t0 = time.perf_counter()
+                    pick = getattr(probe, name)(data["train_images"], data["train_labels"], encoder, ipc=ipc, features=bank,
+                                  progress=progress)
+                    if ipc == first_ipc:
+                        images_for_grid[label] = pick
+                    result["methods"][name + suffix] = _entry(
+                        "baseline", name, ipc,
+                        **_accuracy_fields(evaluate(pick, encoder, data["test_images"], data["test_labels"],
+                                                    test_features=test_features, progress=progress, **pk)),
+                        probe_time_s=time.perf_counter() - t0)
             print("\n== ceiling: full-data probe", flush=True)
             t0 = time.perf_counter()
             fkw = {} if s.get("full_data_epochs") is None else {"epochs": s["full_data_epochs"]}

@@ -94,7 +94,8 @@ def test_default_profile_end_to_end(bench, tmp_path):
     assert saved["settings"]["dataset"] == "digits" and saved["settings"]["steps"] == 4
     methods = saved["methods"]
     assert "dm" in registry.names()  # the fourth method: picked up from the registry alone
-    assert set(methods) == {*registry.names(), "random_real", "class_centroids", "full_data"}
+    assert set(methods) == {*registry.names(), "random_real", *bench.CORESETS, "full_data"}
+    assert {"class_centroids", "kcenter_greedy", "herding"} <= set(bench.CORESETS)
     assert list(methods)[:len(registry.names())] == list(registry.names())  # the registry's order
     assert saved["settings"]["methods"] == list(registry.names())
     for key, entry in methods.items():
