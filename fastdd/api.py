@@ -392,7 +392,7 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
             stats: Optional[RealStats] = None, bank_dtype: torch.dtype = torch.float16,
             bank_path: Optional[Union[str, os.PathLike]] = None, batch_size: int = 256,
             chunk_size: Optional[int] = None, autocast_dtype: Optional[torch.dtype] = None,
-            seed: int = 0, device=None, progress: bool = True,
+            seed: int = 0, device=None, progress: bool = True, recipe: Optional[str] = None,
             checkpoint: Optional[Union[str, os.PathLike]] = None, checkpoint_every: int = 100,
             resume: bool = True, callback: Optional[Callable[[int, torch.Tensor], None]] = None,
             **deprecated) -> DistilledSet:
@@ -436,6 +436,8 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
         autocast_dtype: run the encoder under ``torch.autocast`` with this dtype (e.g. torch.float16 on
             GPUs, as LGM does); losses always run in fp32.
         seed: seeds every random draw (reproducible on one device and software stack).
+        recipe: a published recipe of the method (``fastdd.methods.get(method).recipes``, e.g. ``"paper"``),
+            filling in every argument above left None (explicit ones win); see the README's presets.
         device: where the loop runs, ``"cpu"`` or an available CUDA device (default: the encoder module's
             device; for names CUDA if available).
         progress: tqdm progress bars.
@@ -452,7 +454,7 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
         ``DistilledSet`` with images in [0, 1] ``[C*ipc,3,H,W]`` (class-major), labels, settings, history.
     """
     t_start = time.perf_counter()
-    a = _check_arguments(method, dict(locals()), deprecated)
+    a = _check_arguments(method, methods.get(method).apply_recipe(recipe, dict(locals())), deprecated)
     dev = resolve_device(device, encoder)
     encoder = resolve_encoder(encoder, dev)
     cpu_gen = torch.Generator().manual_seed(a.seed)

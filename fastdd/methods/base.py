@@ -12,19 +12,23 @@ usable as a drop-in loss elsewhere) and one ``Method`` object, and is listed onc
 - ``needs``: what it needs from the real side (``RealNeeds``: class means, a feature bank, fresh real
   batches every step);
 - ``build(context, options)``: the per-run ``Objective`` (the loss, and for methods that need them, the
-  real batches of each step).
+  real batches of each step);
+- ``recipes``: named published recipes (``Recipe``), e.g. ``"paper"``, that ``distill(..., recipe=name)``
+  applies in one argument beside the calibrated ``defaults``.
 
 Nothing outside a method's own module branches on its name.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["Option", "RealNeeds", "Context", "Objective", "Method", "LOOP_DEFAULTS", "parse_bool", "parse_optional_int", "class_means"]
+__all__ = ["Option", "RealNeeds", "Context", "Objective", "Method", "Recipe", "RecipeWarning", "RECIPE_KEYS",
+           "LOOP_DEFAULTS", "parse_bool", "parse_optional_int", "class_means"]
 
 # The loop's defaults, chosen by measurement (scripts/calibrate.py, benchmarks/results/calibration_*.md:
 # Fashion-MNIST at 32 px, MobileNetV2, ipc 1, CPU). The published recipes (pyramid from noise, LGM's
@@ -35,6 +39,64 @@ __all__ = ["Option", "RealNeeds", "Context", "Objective", "Method", "LOOP_DEFAUL
 # unless its module says otherwise, so a comparison differs in the loss alone.
 LOOP_DEFAULTS: Dict[str, Any] = dict(steps=1000, lr=1e-2, init="real", parameterization="pyramid",
                                      extend_every=200, crop_scale=(0.5, 1.0), noise_prob=0.0, copies=1)
+
+
+# The arguments of ``distill`` a recipe may set: those whose default there is None, so that an explicit
+# argument is told apart from an unset one and always wins over the recipe (tests/test_recipes.py checks
+# distill's signature). flip_prob, crop_log_ratio, noise_mean and noise_std default to LGM's published
+# values already.
+RECIPE_KEYS = ("steps", "lr", "init", "parameterization", "extend_every", "copies", "crop_scale", "noise_prob",
+               "crop_size", "autocast_dtype")
+
+
+class RecipeWarning(UserWarning):
+    """A recipe was applied to data it was not published for (e.g. another image size)."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A published recipe of a method, applied by ``distill(..., recipe=name)``.
+
+    ``values``: ``distill``'s arguments (``RECIPE_KEYS``), each applied where the call leaves it None;
+    ``gpu_autocast``: the autocast dtype the recipe runs the encoder under on a CUDA device (none on the
+    CPU, where fp16 autocast is slow); ``image_size``: the size the recipe stores the images at (the data
+    are the user's: another size gives a ``RecipeWarning``); ``source``: where the values come from;
+    ``not_public``: what the source does not publish (it keeps fastdd's calibrated default);
+    ``not_applicable``: what is published but has no counterpart in fastdd, and why.
+    """
+
+    source: str
+    values: Dict[str, Any] = field(default_factory=dict)
+    gpu_autocast: Optional[torch.dtype] = None
+    image_size: Optional[int] = None
+    not_public: Tuple[str, ...] = ()
+    not_applicable: Tuple[str, ...] = ()
+
+    def __post_init__(self):
+        unknown = sorted(set(self.values) - set(RECIPE_KEYS))
+        if unknown:
+            raise ValueError(f"recipe values {unknown} are not settable by a recipe (allowed: {RECIPE_KEYS})")
+
+    def apply(self, name: str, method: str, arguments: Dict[str, Any]) -> Dict[str, Any]:
+        """``arguments`` (``distill``'s, by name) with this recipe filled in where they are None; the device
+        (for ``gpu_autocast``) is the one ``distill`` will run on (its ``device`` and ``encoder``)."""
+        from ..encoders import resolve_device  # the loop's rule for the device, not a copy of it
+
+        out = dict(arguments)
+        for key, value in self.values.items():
+            if out.get(key) is None:
+                out[key] = value
+        if out.get("autocast_dtype") is None and self.gpu_autocast is not None \
+                and resolve_device(arguments.get("device"), arguments.get("encoder")).type == "cuda":
+            out["autocast_dtype"] = self.gpu_autocast
+        images = arguments.get("images")
+        if self.image_size is not None and isinstance(images, torch.Tensor) and images.dim() == 4 \
+                and tuple(images.shape[-2:]) != (self.image_size, self.image_size):
+            warnings.warn(f"recipe {name!r} of {method} stores the images at {self.image_size} px, these are "
+                          f"{tuple(images.shape[-2:])}: load the data at {self.image_size} px (e.g. "
+                          f"fastdd.data.load(..., size={self.image_size})) to reproduce it", RecipeWarning,
+                          stacklevel=4)
+        return out
 
 
 @dataclass(frozen=True)
@@ -115,6 +177,18 @@ class Method:
     defaults: Dict[str, Any] = field(default_factory=lambda: dict(LOOP_DEFAULTS))
     options: Dict[str, Option] = field(default_factory=dict)
     reference: bool = False  # the method the benchmark compares the others against (LGM)
+    recipes: Dict[str, Recipe] = field(default_factory=dict)
+
+    def apply_recipe(self, recipe: Optional[str], arguments: Dict[str, Any]) -> Dict[str, Any]:
+        """``distill``'s ``arguments`` with the named recipe filled in where they are None (explicit
+        arguments win); None: unchanged. An unknown name is a ValueError listing this method's recipes."""
+        if recipe is None:
+            return arguments
+        if not isinstance(recipe, str) or recipe not in self.recipes:
+            known = ", ".join(repr(r) for r in self.recipes) or "none"
+            raise ValueError(f"recipe must be one of method {self.name!r}'s recipes ({known}) or None, "
+                             f"got {recipe!r}")
+        return self.recipes[recipe].apply(recipe, self.name, arguments)
 
     def option_defaults(self) -> Dict[str, Any]:
         return {k: o.default for k, o in self.options.items()}

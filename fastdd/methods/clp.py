@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from .base import Context, Method, Objective, Option, RealNeeds, parse_bool, parse_optional_int
+from .base import Context, Method, Objective, Option, RealNeeds, Recipe, parse_bool, parse_optional_int
 from ..validate import features as check_features, positive_float, positive_int
 
 __all__ = ["ClosedFormProbeLoss", "FEATURE_NORMS", "METHOD"]
@@ -215,4 +215,11 @@ METHOD = Method(
         "centered_targets": Option(True, "targets onehot - 1/C (False: one-hot)", _flag, parse=parse_bool),
         "feature_norm": Option("none", "feature map of both sides", choices=FEATURE_NORMS),
         "bias": Option(False, "append a constant-1 column (a ridge-penalised bias)", _flag, parse=parse_bool),
-    })
+    },
+    recipes={"paper": Recipe(
+        source="arXiv 2605.07194 (its abstract): the exact ridge probe with the temperature-scaled "
+               "cross-entropy outer loss (the method itself); one synthetic pass per step (METHODS.md)",
+        values=dict(copies=1),
+        not_public=("lam", "tau", "steps", "lr", "init", "parameterization", "augmentation chain",
+                    "image size and crop", "autocast"))})
+

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from .._backend import checks_enabled
 from ..validate import features as check_features
-from .base import Context, Method, Objective, RealNeeds, class_means
+from .base import Context, Method, Objective, RealNeeds, Recipe, class_means
 
 __all__ = ["DistributionMatchingLoss", "METHOD"]
 
@@ -59,4 +59,15 @@ METHOD = Method(
     name="dm", title="distribution matching on frozen features (Zhao and Bilen, WACV 2023)",
     matches="the real class means, by the squared distance of the synthetic class means", real_per_step="none",
     build=lambda context, options: Objective(DistributionMatchingLoss(context.stats).to(context.device)),
-    needs=RealNeeds(means=True))
+    needs=RealNeeds(means=True),
+    recipes={"paper": Recipe(
+        source="Zhao and Bilen (WACV 2023), the official main_DM.py, where it applies: images initialised "
+               "from random real images of their class, optimised as pixels for 20000 iterations, one "
+               "augmented pass of the synthetic set per step",
+        values=dict(init="real", parameterization="pixels", steps=20000, copies=1),
+        not_applicable=("SGD on the pixels with lr 1 and momentum 0.5: fastdd's loop runs Adam, so lr keeps "
+                        "its calibrated default",
+                        "DSA augmentation (colour, crop, cutout, flip, scale, rotate; one draw shared by the "
+                        "real and synthetic batch): not in fastdd's chain, the calibrated chain is kept",
+                        "a freshly initialised ConvNet each step: here the frozen encoder",
+                        "256 real images per class each step: here the exact class means"))})

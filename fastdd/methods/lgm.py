@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..ops._common import check_labels
-from .base import LOOP_DEFAULTS, Context, Method, Objective, Option, RealNeeds
+from .base import LOOP_DEFAULTS, Context, Method, Objective, Option, RealNeeds, Recipe
+from ..augment import CROP_SCALE, NOISE_PROB
 from ..validate import features as check_features, positive_float, positive_int
 
 __all__ = ["LinearGradientMatchingLoss", "METHOD"]
@@ -122,6 +123,16 @@ METHOD = Method(
     build=lambda context, options: _GradientMatching(context, options["head_std"]),
     needs=RealNeeds(real_batches=True), reference=True,
     # LGM keeps its algorithm (K = 10 copies, a fresh real batch and a fresh head every step); its published
-    # recipe is init="noise", lr=2e-3, crop_scale=CROP_SCALE, noise_prob=NOISE_PROB, steps=5000.
+    # recipe is recipes["paper"].
     defaults=dict(LOOP_DEFAULTS, copies=10),
+    recipes={"paper": Recipe(
+        source="arXiv 2511.16674 and its official code's distillation config: Adam lr 2e-3, 5000 iterations, "
+               "10 augmentations per batch, a pyramid from noise extended every 200 steps, the 'standard' "
+               "chain (flip 0.5, crop area U[0.08, 1], noise p 0.5 of 0.5 + 0.2 N(0, 1)), synthetic and real "
+               "images at 256 px cropped to 224, autocast; fastdd's flip_prob, crop_log_ratio, noise_mean, "
+               "noise_std and head_std defaults are LGM's already",
+        values=dict(init="noise", lr=2e-3, steps=5000, copies=10, parameterization="pyramid", extend_every=200,
+                    crop_scale=CROP_SCALE, noise_prob=NOISE_PROB, crop_size=224),
+        gpu_autocast=torch.float16, image_size=256,
+        not_applicable=("K = 3 instead of 10 on ImageNet-1K, for memory: pass copies=3 there",))},
     options={"head_std": Option(0.01, "standard deviation of the random head's weights", positive_float)})

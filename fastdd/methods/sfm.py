@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from .. import ops
-from .base import Context, Method, Objective, Option, RealNeeds, class_means
+from .base import Context, Method, Objective, Option, RealNeeds, Recipe, class_means
 from ..validate import features as check_features, positive_int
 
 __all__ = ["FlowMatchingLoss", "METHOD"]
@@ -82,4 +82,11 @@ METHOD = Method(
     build=_build, needs=RealNeeds(means=True),
     options={"nontarget_denominator": Option(
         "classes", "denominator of the non-target class mean: 'classes' (C - 1) or 'samples' (the official "
-        "code's C*ipc - 1)", choices=("classes", "samples"))})
+        "code's C*ipc - 1)", choices=("classes", "samples"))},
+    recipes={"paper": Recipe(
+        source="arXiv 2602.05391 (its abstract; the paper's training hyper-parameters are not in fastdd's "
+               "sources): a single augmentation pass of the synthetic set per step, the C - 1 non-target "
+               "denominator of the paper's definition (the default option)",
+        values=dict(copies=1),
+        not_public=("steps", "lr", "init", "parameterization", "augmentation chain", "image size and crop",
+                    "autocast"))})
