@@ -10,6 +10,8 @@ they always run, since reading host memory costs no synchronisation.
 from __future__ import annotations
 
 import math
+import os
+import secrets
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
@@ -18,7 +20,7 @@ import torch
 from ._backend import checks_enabled
 
 __all__ = ["positive_int", "positive_float", "finite_float", "probability", "value_range", "class_labels",
-           "features", "finite", "output_path", "seed", "one_of"]
+           "features", "finite", "output_path", "input_file", "seed", "one_of"]
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
@@ -83,6 +85,10 @@ def class_labels(name: str, labels, length: Optional[int] = None, num_classes: O
     op or a loss (every step), where the value range is read only while checks are on (it is a host
     synchronisation); at an entry point (``in_step=False``) it is always read."""
     if not isinstance(labels, torch.Tensor):
+        text = _first_string(labels)
+        if text is not None:
+            raise TypeError(f"{name} must be class indices 0..C-1, got strings such as {text!r}: map the class "
+                            "names to indices first (e.g. sorted names -> 0, 1, ...)")
         try:
             labels = torch.as_tensor(labels)
         except (TypeError, ValueError, RuntimeError):
@@ -101,6 +107,18 @@ def class_labels(name: str, labels, length: Optional[int] = None, num_classes: O
         if num_classes is not None and hi >= num_classes:
             raise ValueError(f"{name} must lie in [0, num_classes={num_classes}), found {hi}")
     return labels if labels.dtype == torch.int64 else labels.long()
+
+
+def _first_string(values):
+    """The first str/bytes of a label sequence (a list, tuple or numpy array), else None."""
+    if isinstance(values, (str, bytes)):
+        return values
+    kind = getattr(getattr(values, "dtype", None), "kind", None)
+    if kind in ("U", "S"):
+        return values.flat[0].item() if values.size else ""
+    if kind == "O" or isinstance(values, (list, tuple)):
+        return next((v for v in values if isinstance(v, (str, bytes))), None)
+    return None
 
 
 def features(z, y, zname: str = "zs", yname: str = "ys", dim: Optional[int] = None,
@@ -140,16 +158,41 @@ def finite(name: str, t: torch.Tensor) -> None:
 
 
 def output_path(name: str, path) -> Path:
-    """``path`` as a Path, refused up front if it cannot be written later (it is a directory, or a file
-    stands where a parent folder should be): otherwise a long run would fail only when saving."""
+    """``path`` as a Path, refused up front if it cannot be written later: it is a directory, a file
+    stands where a parent folder should be, or the nearest existing folder (where the missing ones would
+    be created) refuses a new file. That is tried for real, with a probe file created and removed at
+    once (permission bits alone say nothing for root, a read-only mount or a full disk of inodes);
+    otherwise a long run would fail only when saving."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{name}={str(path)!r} is a directory: give a file path")
     folder = path.parent
-    while not folder.exists():  # missing folders are created when saving
+    while not folder.exists() and folder != folder.parent:  # missing folders are created when saving
         folder = folder.parent
     if not folder.is_dir():
         raise ValueError(f"{name}={str(path)!r} cannot be written: {str(folder)!r} is a file, not a folder")
+    probe = folder / f".fastdd-write-check.{os.getpid()}.{secrets.token_hex(4)}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as e:
+        where = "" if folder == path.parent else " (where its missing folders would be created)"
+        raise ValueError(f"{name}={str(path)!r} cannot be written: no file can be created in "
+                         f"{str(folder)!r}{where}: {e.strerror or e}") from None
+    try:
+        os.unlink(probe)
+    except OSError:
+        pass
+    return path
+
+
+def input_file(name: str, path) -> Path:
+    """``path`` as a Path to an existing file, else a ValueError naming ``name`` (a folder given where a
+    file is expected says so, instead of a 'no such file' from deep inside)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{name}={str(path)!r} is a folder: give a file")
+    if not path.exists():
+        raise ValueError(f"{name}={str(path)!r} does not exist")
     return path
 
 

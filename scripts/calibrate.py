@@ -60,6 +60,7 @@ import fastdd  # noqa: E402
 import fastdd.methods as registry  # noqa: E402
 from fastdd import data, encoders, probe  # noqa: E402
 from fastdd.stats import RealStats  # noqa: E402
+from fastdd.files import atomic_write  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "runs" / "calibration_cache"
@@ -91,11 +92,12 @@ class Setup:
                                              bank=True, bank_dtype=torch.float32, progress=progress)
             self.stats.save(stats_file)
         if test_file.exists():
-            self.test_features = torch.load(test_file)
+            self.test_features = torch.load(test_file, map_location="cpu", weights_only=True)  # runs no code
         else:
             self.test_features = probe.encode(self.encoder, self.test.images, progress=progress,
                                               desc="test features")
-            torch.save(self.test_features, test_file)
+            with atomic_write(test_file) as f:  # a killed run leaves no half-written cache
+                torch.save(self.test_features, f)
         self.train_features = self.stats.bank_features.float()
         self.times = {"load_s": round(t1 - t0, 2), "features_s": round(time.perf_counter() - t1, 2)}
 
