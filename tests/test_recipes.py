@@ -5,7 +5,8 @@ import warnings
 
 import pytest
 import torch
-import torch.nn as nn
+
+from test_api import _TinyNet  # the tiny convolutional encoder of the distill tests
 
 import fastdd.api as api
 import fastdd.encoders
@@ -16,19 +17,10 @@ from fastdd.methods.base import RECIPE_KEYS, Recipe, RecipeWarning
 C, PER_CLASS = 2, 4
 
 
-class _TinyNet(nn.Module):
-    def __init__(self, d=6):
-        super().__init__()
-        self.conv = nn.Conv2d(3, d, 3, stride=4, padding=1)
-
-    def forward(self, x):
-        return torch.tanh(self.conv(x)).mean(dim=(2, 3))
-
-
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return encoders.wrap(_TinyNet())
+    return encoders.wrap(_TinyNet(d=6))
 
 
 def _data(size):
