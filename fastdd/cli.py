@@ -7,8 +7,10 @@ Subcommands::
     fastdd evaluate --distilled fmnist_clp.pt --data fashion-mnist --encoder torchvision:mobilenet_v2
 
 ``--data`` is a built-in set name (``fastdd.data.DATASETS``) or a folder with one sub-folder of images per
-class (``fastdd.data.load_folder``); ``distill`` uses its training split, ``evaluate`` its test split (or
-``--test-data FOLDER``). ``--encoder`` is a name for ``fastdd.encoders.load``. Every option of
+class (``fastdd.data.load_folder``); ``distill`` uses its training split (a folder: all of it), ``evaluate``
+its test split; a folder has none, so ``evaluate`` needs ``--test-data FOLDER`` (held-out images) with it.
+Errors are one line and exit code 2 (a full disk says so and names the file); Ctrl-C is one line saying how
+to resume (the ``--checkpoint`` file) and exit code 130. ``--encoder`` is a name for ``fastdd.encoders.load``. Every option of
 ``fastdd.distill`` that a user tunes has a flag; anything left out keeps the library's per-method default.
 """
 
@@ -127,14 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="linear-probe accuracy of a distilled set on the real test set")
     common(e)
     e.add_argument("--distilled", required=True, help="a DistilledSet file written by 'fastdd distill'")
-    e.add_argument("--test-data", default=None, help="test folder (default: the test split of --data)")
+    e.add_argument("--test-data", default=None,
+                   help="held-out images: a folder, or a built-in set's test split (default: the test split of "
+                        "a built-in --data; required when --data is a folder)")
     e.add_argument("--epochs", type=int, default=None)
     e.add_argument("--seeds", type=int, nargs="+", default=None)
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
 
 
-def _load_split(data: str, size: int, test: bool):
+def _load_split(data: str, size: int, test: bool, flag: str = "--data"):
+    """The training (``test`` False) or test split of a built-in set, or a folder given as ``flag``. A
+    folder has no test split: for ``--data`` with ``test`` it is an error (scoring a distilled set on the
+    images it was distilled from overstates its accuracy), ``--test-data FOLDER`` is the held-out set."""
     from pathlib import Path
 
     from . import data as fdata
@@ -143,8 +150,11 @@ def _load_split(data: str, size: int, test: bool):
         train, test_split = fdata.load(data, size=size)
         return test_split if test else train
     if Path(data).is_dir():
+        if test and flag == "--data":
+            raise ValueError(f"--data {data!r} is a folder, which has no test split: pass the held-out images "
+                             "as --test-data FOLDER (scoring the training images would overstate the accuracy)")
         return fdata.load_folder(data, size=size)
-    raise SystemExit(f"fastdd: --data {data!r} is neither a built-in data set ({', '.join(sorted(fdata.DATASETS))}) "
+    raise SystemExit(f"fastdd: {flag} {data!r} is neither a built-in data set ({', '.join(sorted(fdata.DATASETS))}) "
                      "nor a folder")
 
 
@@ -167,12 +177,12 @@ def _distill(args) -> int:
     output_path("--out", args.out)
     if args.checkpoint:
         output_path("--checkpoint", args.checkpoint)
-    if args.stats and not os.path.exists(args.stats):
+    if args.stats and not os.path.isfile(args.stats):  # a folder is refused here, not read as statistics
         output_path("--stats", args.stats)
     split = _load_split(args.data, args.size, test=False)
     encoder = _encoder(args)
     stats = None
-    if args.stats and os.path.exists(args.stats):
+    if args.stats and os.path.isfile(args.stats):
         stats = RealStats.load(args.stats)
     elif args.stats:
         stats = RealStats.from_data(split.images, encoder, labels=split.labels, bank=methods.get(args.method).needs.bank,
@@ -195,13 +205,18 @@ def _distill(args) -> int:
 
 def _evaluate(args) -> int:
     from .api import DistilledSet
+    from .validate import input_file
 
     try:
         from .probe import evaluate
     except ImportError as e:  # probe.py belongs to the evaluation part of the package
         raise SystemExit(f"fastdd: evaluation is not available ({e})")
-    distilled = DistilledSet.load(args.distilled)
-    split = _load_split(args.test_data or args.data, args.size, test=args.test_data is None)
+    distilled = DistilledSet.load(input_file("--distilled", args.distilled))
+    if args.test_data is None:
+        split = _load_split(args.data, args.size, test=True)
+    else:  # a folder as it is; a built-in name: its test split
+        split = _load_split(args.test_data, args.size, test=True, flag="--test-data")
+        _warn_if_training_folder(args.test_data, distilled)
     kwargs = {"progress": not args.no_progress}
     if args.epochs is not None:
         kwargs["epochs"] = args.epochs
@@ -215,6 +230,16 @@ def _evaluate(args) -> int:
         print(f"fastdd: {distilled.method} ({args.distilled}): top-1 {result.mean:.2f} +- {result.std:.2f} % "
               f"over {len(result.accuracies)} probe seeds")
     return 0
+
+
+def _warn_if_training_folder(test_data: str, distilled) -> None:
+    """A warning when ``--test-data`` is the folder the set was distilled from (its training images)."""
+    from pathlib import Path
+
+    source = distilled.settings.get("data")
+    if isinstance(source, str) and Path(source).is_dir() and Path(source).resolve() == Path(test_data).resolve():
+        print(f"fastdd evaluate: warning: --test-data {test_data!r} is the folder the set was "
+              "distilled from: the accuracy is on its training images", file=sys.stderr)
 
 
 def _methods(args) -> int:
@@ -243,9 +268,26 @@ def main(argv: Optional[List[str]] = None) -> int:
             resolve_device(args.device)
         return run(args)
     except (ValueError, TypeError, OSError) as e:
-        # bad arguments, data or files (OSError: unreadable, unwritable, a folder): one clear line, no traceback
+        # bad arguments, data or files (OSError: unreadable, unwritable, a full disk): one clear line, no traceback
         print(f"fastdd {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line that says how to go on, and the shell's 128 + SIGINT
+        print(f"fastdd {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
+        return 130
+
+
+def _resume_hint(args) -> str:
+    """How to resume an interrupted command: the checkpoint it resumes from, if one was given."""
+    import os
+
+    if args.command != "distill":
+        return ""
+    if not args.checkpoint:
+        return "; nothing was saved (with --checkpoint FILE a run resumes where it stopped)"
+    if os.path.isfile(args.checkpoint):
+        return f"; run the same command again to resume from the checkpoint {args.checkpoint}"
+    return (f"; no checkpoint written yet (one every {args.checkpoint_every} steps to {args.checkpoint}): "
+            "the same command starts again")
 
 
 if __name__ == "__main__":  # pragma: no cover

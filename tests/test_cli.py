@@ -94,3 +94,117 @@ def test_real_batch_flag_message(capsys):
     with pytest.raises(SystemExit):
         cli.main(["distill", "--data", "x", "--out", "x.pt", "--real-batch", "foo"])
     assert "--real-batch: expected an int or 'all', got 'foo'" in capsys.readouterr().err
+
+
+def _distilled_file(tmp_path, data=None):
+    import torch
+
+    path = tmp_path / "set.pt"
+    DistilledSet(torch.rand(3, 3, 16, 16), torch.arange(3), "sfm", {"data": data} if data else {}).save(path)
+    return path
+
+
+def test_evaluate_on_a_folder_needs_held_out_images(folder, tmp_path, capsys, monkeypatch):
+    """A folder has no test split: without --test-data, evaluate would score the training images."""
+    monkeypatch.setattr(cli, "_encoder", _no_work)
+    code = cli.main(["evaluate", "--data", str(folder), "--distilled", str(_distilled_file(tmp_path)), *ENCODER])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "no test split" in err and "--test-data" in err, err
+
+
+def test_evaluate_uses_the_test_split_of_a_built_in_test_data(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from fastdd import data as fdata
+    from fastdd import probe
+
+    train = fdata.Split(torch.zeros(4, 3, 16, 16), torch.arange(4) % 2, ["a", "b"])
+    test = fdata.Split(torch.ones(2, 3, 16, 16), torch.arange(2), ["a", "b"])
+    seen = []
+
+    def evaluate(distilled, encoder, images, labels, **kwargs):
+        seen.append(images)
+        return _Result()
+
+    monkeypatch.setattr(fdata, "load", lambda name, size=32: (train, test))
+    monkeypatch.setattr(cli, "_encoder", lambda args: None)
+    monkeypatch.setattr(probe, "evaluate", evaluate)
+    for flags in (["--data", "digits"], ["--data", str(tmp_path), "--test-data", "digits"]):
+        seen.clear()
+        assert cli.main(["evaluate", *flags, "--distilled", str(_distilled_file(tmp_path)), *ENCODER]) == 0
+        assert len(seen) == 1 and seen[0] is test.images  # the test split, never the training one
+    capsys.readouterr()
+
+
+class _Result:
+    mean, std, accuracies = 50.0, 0.0, (50.0,)
+
+
+def test_test_data_that_is_the_training_folder_is_warned_about(folder, tmp_path, monkeypatch, capsys):
+    from fastdd import probe
+
+    monkeypatch.setattr(cli, "_encoder", lambda args: None)
+    monkeypatch.setattr(probe, "evaluate", lambda *a, **kw: _Result())
+    path = _distilled_file(tmp_path, data=str(folder))
+    assert cli.main(["evaluate", "--data", str(folder), "--test-data", str(folder), "--distilled", str(path),
+                     *ENCODER]) == 0
+    assert "warning: --test-data" in capsys.readouterr().err
+
+
+class Opaque:  # torch's weights-only loader refuses it
+    pass
+
+
+def test_files_that_cannot_be_read_say_why(folder, tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(cli, "_encoder", _no_work)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"format": "fastdd.DistilledSet", "payload": Opaque()}, pickled)
+    for distilled, match in [(tmp_path, "--distilled=.* is a folder"), (pickled, "Python objects")]:
+        code = cli.main(["evaluate", "--data", "digits", "--distilled", str(distilled), *ENCODER])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(match, err), err
+        assert "weights_only" not in err and "Traceback" not in err
+
+
+def test_stats_folder_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_load_split", _no_work)
+    monkeypatch.setattr(cli, "_encoder", _no_work)
+    code = cli.main(["distill", "--data", "x", *ENCODER, "--out", str(tmp_path / "x.pt"), "--stats", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--stats=" in err and "is a directory" in err, err
+
+
+_INTERRUPTED = r"""
+import sys, time
+from fastdd import cli
+def slow(*args, **kwargs):
+    print("working", flush=True)
+    time.sleep(120)
+cli._load_split = slow
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_ctrl_c_is_one_line_that_says_how_to_resume_and_exit_code_130(tmp_path, checkpoint):
+    import signal
+
+    args = ["distill", "--data", "x", *ENCODER, "--out", str(tmp_path / "x.pt")]
+    ck = tmp_path / "run.ckpt"
+    if checkpoint:
+        ck.write_bytes(b"a checkpoint")  # only its existence matters here
+        args += ["--checkpoint", str(ck)]
+    proc = subprocess.Popen([sys.executable, "-c", _INTERRUPTED, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "working"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("fastdd distill: interrupted")
+    assert (f"resume from the checkpoint {ck}" in err) if checkpoint else ("--checkpoint FILE" in err), err
