@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from . import ops
-from .encoders import encoder_device, resolve_encoder
+from .encoders import encoder_device, fingerprint, resolve_encoder
 from .files import CorruptFileError, load_checked, save_checked
-from .validate import positive_int
+from .validate import class_labels, positive_int
 
 __all__ = ["RealStats", "StatsAccumulator", "CorruptFileError"]
 
@@ -52,11 +52,14 @@ class RealStats:
         counts: int64 ``[C]``. sums: float64 ``[C, D]``. sq_sums: float64 ``[C, D]`` or None.
         bank_features: ``[N, D]`` (bank dtype; may be memory-mapped) or None. bank_labels: int64 ``[N]``.
         encoder_name: the encoder's name when known (informational).
+        encoder_fingerprint: ``fastdd.encoders.fingerprint`` of the encoder's weights when known (set by
+            ``from_data`` and by distill's pass; None for ``from_features`` and files of earlier fastdd):
+            distill refuses statistics of another encoder.
     """
 
     def __init__(self, counts: torch.Tensor, sums: torch.Tensor, sq_sums: Optional[torch.Tensor] = None,
                  bank_features: Optional[torch.Tensor] = None, bank_labels: Optional[torch.Tensor] = None,
-                 encoder_name: Optional[str] = None):
+                 encoder_name: Optional[str] = None, encoder_fingerprint: Optional[str] = None):
         counts = torch.as_tensor(counts)
         sums = torch.as_tensor(sums)
         if counts.dim() != 1 or counts.dtype != torch.int64:
@@ -87,6 +90,7 @@ class RealStats:
         self.bank_features = bank_features
         self.bank_labels = None if bank_labels is None else bank_labels.to("cpu", torch.int64)
         self.encoder_name = encoder_name
+        self.encoder_fingerprint = encoder_fingerprint
 
     # ---- derived values ------------------------------------------------------------------------
     @property
@@ -160,14 +164,15 @@ class RealStats:
 
         if num_classes is None and isinstance(source, torch.Tensor) and labels is not None:
             from .data import num_classes_of
-            num_classes = num_classes_of(torch.as_tensor(labels))
+            num_classes = num_classes_of(class_labels("labels", labels))  # strings: a clear TypeError
         if bank_dtype not in _BANK_DTYPES:
             raise ValueError(f"bank_dtype must be one of {_BANK_DTYPES}, got {bank_dtype}")
         encoder = resolve_encoder(encoder, device)
         dev = encoder_device(encoder) if device is None else torch.device(device)
+        rows = _length(source)
         accumulator = StatsAccumulator(num_classes, bank=bank, bank_dtype=bank_dtype, bank_path=bank_path,
-                                       second_moment=second_moment)
-        bar = _progress(_length(source), "real statistics", progress)
+                                       second_moment=second_moment, rows=rows)
+        bar = _progress(rows, "real statistics", progress)
         try:
             for images, batch_labels in iterate_batches(source, labels, batch_size=batch_size):
                 accumulator.encode_and_add(encoder, images, batch_labels, dev)
@@ -175,7 +180,9 @@ class RealStats:
         finally:
             bar.close()
             accumulator.close()
-        return accumulator.result(getattr(encoder, "name", None))
+        stats = accumulator.result(getattr(encoder, "name", None))
+        stats.encoder_fingerprint = fingerprint(encoder)
+        return stats
 
     @classmethod
     def from_features(cls, features: torch.Tensor, labels: torch.Tensor, num_classes: Optional[int] = None,
@@ -220,7 +227,7 @@ class RealStats:
         payload = {"counts": self.counts, "sums": self.sums, "sq_sums": self.sq_sums,
                    "bank_features": self.bank_features if include_bank else None,
                    "bank_labels": self.bank_labels if include_bank else None,
-                   "encoder_name": self.encoder_name}
+                   "encoder_name": self.encoder_name, "encoder_fingerprint": self.encoder_fingerprint}
         save_checked(payload, path, STATS_FORMAT, STATS_FORMAT_VERSION)
 
     @classmethod
@@ -232,7 +239,7 @@ class RealStats:
         p = load_checked(path, STATS_FORMAT, STATS_FORMAT_VERSION, mmap=mmap, verify=verify)
         try:
             return cls(p["counts"], p["sums"], p.get("sq_sums"), p.get("bank_features"), p.get("bank_labels"),
-                       p.get("encoder_name"))
+                       p.get("encoder_name"), p.get("encoder_fingerprint"))
         except (KeyError, ValueError) as e:
             raise CorruptFileError(f"{path} holds inconsistent statistics: {e}") from e
 
@@ -243,11 +250,14 @@ class StatsAccumulator:
 
     ``add(features, labels, batch_rows)`` per batch, ``close()`` when the stream ends (also on error),
     then ``result()``. Used by ``RealStats.from_data`` and by ``distill``'s one pass over the real data.
-    ``num_classes`` None: the class axis grows with the labels seen."""
+    ``num_classes`` None: the class axis grows with the labels seen. ``rows``: the number of images of
+    the stream when known (``_length``): the bank is then written into one tensor of that size as the
+    batches come, else kept batch by batch and merged with bounded memory (``_Rows``); either way it
+    costs about its own size in memory, during the pass and after."""
 
     def __init__(self, num_classes: Optional[int] = None, bank: bool = False,
                  bank_dtype: torch.dtype = torch.float16, bank_path: Optional[Union[str, os.PathLike]] = None,
-                 second_moment: bool = False):
+                 second_moment: bool = False, rows: Optional[int] = None):
         if bank_dtype not in _BANK_DTYPES:
             raise ValueError(f"bank_dtype must be one of {_BANK_DTYPES}, got {bank_dtype}")
         self.num_classes = None if num_classes is None else positive_int("num_classes", num_classes)
@@ -255,7 +265,9 @@ class StatsAccumulator:
         self.bank_dtype, self.bank_path, self.second_moment = bank_dtype, bank_path, second_moment
         self.sums = self.counts = self.sq_sums = None
         self.rows = 0
-        self._bank_chunks, self._label_chunks = [], []
+        expected = positive_int("rows", rows, allow_none=True, minimum=0)
+        self._bank_rows = _Rows(expected, bank_dtype) if self.bank and bank_path is None else None
+        self._label_rows = _Rows(expected, torch.int64)
         self._bank_file = open(bank_path, "wb") if bank_path is not None else None
 
     def add(self, feats: torch.Tensor, labels: torch.Tensor, batch_rows: int) -> None:
@@ -276,16 +288,18 @@ class StatsAccumulator:
         self.sums, self.counts, self.sq_sums = _grow_add(self.sums, self.counts, self.sq_sums, part, c,
                                                          feats.shape[1])
         if self.bank:
-            chunk = feats.detach().to("cpu", self.bank_dtype)
+            feats = feats.detach()
+            if self._bank_rows is not None:  # written in place: no batch copy beside the bank
+                chunk = self._bank_rows.append(feats)
+            else:
+                chunk = feats.to("cpu", self.bank_dtype)
             if not bool(torch.isfinite(chunk).all()):  # finite features beyond fp16's range
                 raise ValueError(f"encoder features of real images {rows}..{rows + batch_rows - 1} exceed the "
                                  f"range of bank_dtype={self.bank_dtype} (largest |value| "
                                  f"{float(feats.abs().max()):.4g}): pass bank_dtype=torch.float32")
             if self._bank_file is not None:
                 self._bank_file.write(_raw_bytes(chunk))
-            else:
-                self._bank_chunks.append(chunk)
-            self._label_chunks.append(labels.cpu())
+            self._label_rows.append(labels)
         self.rows += batch_rows
 
     def encode_and_add(self, encoder, images: torch.Tensor, labels: torch.Tensor, device) -> None:
@@ -301,12 +315,54 @@ class StatsAccumulator:
     def result(self, encoder_name: Optional[str] = None) -> "RealStats":
         bank_features = bank_labels = None
         if self.bank:
-            bank_labels = torch.cat(self._label_chunks)
+            bank_labels = self._label_rows.result(())
             if self.bank_path is not None:
                 bank_features = _map_bank(self.bank_path, self.rows, self.sums.shape[1], self.bank_dtype)
             else:
-                bank_features = torch.cat(self._bank_chunks)
+                bank_features = self._bank_rows.result((self.sums.shape[1],))
         return RealStats(self.counts, self.sums, self.sq_sums, bank_features, bank_labels, encoder_name)
+
+
+class _Rows:
+    """Rows appended batch by batch, returned as one tensor ``[N, *shape]`` of ``dtype`` on the CPU,
+    at about the memory of the rows alone (never the batches plus their concatenation, which is twice).
+
+    With ``capacity`` (the stream's length, when known) the first batch allocates one tensor of that
+    many rows and every batch is copied into its slice; rows beyond it (a source longer than its
+    ``len``) go to parts of their own. Parts are merged at the end one by one into a tensor allocated
+    untouched (its pages become resident only as they are filled), each part freed once copied."""
+
+    def __init__(self, capacity: Optional[int], dtype: torch.dtype):
+        self.capacity, self.dtype = capacity, dtype
+        self.parts = []  # [tensor, rows used]
+        self.rows = 0
+
+    def append(self, values: torch.Tensor) -> torch.Tensor:
+        """Store ``values`` (converted to ``dtype``); returns the stored rows (a view)."""
+        n = values.shape[0]
+        if not self.parts and self.capacity:
+            self.parts.append([torch.empty((max(self.capacity, n), *values.shape[1:]), dtype=self.dtype), 0])
+        last = self.parts[-1] if self.parts else None
+        if last is None or last[1] + n > last[0].shape[0]:
+            last = [torch.empty(tuple(values.shape), dtype=self.dtype), 0]
+            self.parts.append(last)
+        dest = last[0][last[1]:last[1] + n]
+        dest.copy_(values)
+        last[1] += n
+        self.rows += n
+        return dest
+
+    def result(self, shape: tuple) -> torch.Tensor:
+        if len(self.parts) <= 1:
+            whole, used = self.parts.pop() if self.parts else (torch.empty((0, *shape), dtype=self.dtype), 0)
+            return whole if used == whole.shape[0] else whole[:used]
+        out, start = torch.empty((self.rows, *shape), dtype=self.dtype), 0
+        while self.parts:
+            part, used = self.parts.pop(0)
+            out[start:start + used] = part[:used]
+            start += used
+            del part
+        return out
 
 
 def _length(source) -> Optional[int]:

@@ -226,3 +226,55 @@ def test_constructor_refuses_nan_sums_and_bank_labels_out_of_range():
     with pytest.raises(ValueError, match=r"bank_labels must lie in \[0, C=2\)"):
         RealStats(counts, sums, bank_features=torch.zeros(5, 4), bank_labels=torch.tensor([0, 1, 1, 2, 0]))
     assert RealStats(counts, sums, bank_features=torch.zeros(5, 4), bank_labels=torch.tensor([0, 1, 1, 1, 0])).has_bank
+
+
+def test_load_of_a_folder_says_it_is_a_folder(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        RealStats.load(tmp_path)
+
+
+def test_string_labels_are_a_clear_error(tiny, data):
+    x, _ = data
+    with pytest.raises(TypeError, match="strings such as 'cat'.*map the class names to indices"):
+        RealStats.from_data(x[:4], tiny, labels=["cat", "dog", "cat", "dog"], progress=False)
+
+
+@pytest.mark.parametrize("case", ["exact", "shorter", "longer", "unsized"])
+def test_bank_rows_whatever_the_stream_length_says(tiny, data, case):
+    """The bank is preallocated from the source's length: a stream shorter than it (drop_last) or
+    longer (a sampler drawing more rows than the dataset holds), or without one, still gives every row
+    in stream order."""
+    from fastdd.stats import StatsAccumulator
+
+    x, y = data
+    order = {"exact": torch.arange(53), "shorter": torch.arange(48),
+             "longer": torch.cat([torch.arange(53), torch.arange(20)]), "unsized": torch.arange(53)}[case]
+    acc = StatsAccumulator(4, bank=True, bank_dtype=torch.float32, rows=None if case == "unsized" else 53)
+    for start in range(0, order.shape[0], 8):
+        idx = order[start:start + 8]
+        acc.encode_and_add(tiny, x[idx], y[idx], "cpu")
+    acc.close()
+    stats = acc.result()
+    with torch.no_grad():
+        want = tiny(x[order])
+    assert stats.bank_features.shape == (order.shape[0], 6) and torch.equal(stats.bank_labels, y[order])
+    torch.testing.assert_close(stats.bank_features, want)
+    assert torch.equal(stats.counts, torch.bincount(y[order], minlength=4))
+
+
+def test_from_data_preallocates_the_bank_from_the_source_length(tiny, data, monkeypatch):
+    from fastdd import stats as fstats
+
+    sizes = []
+    real = fstats._Rows
+
+    class Spy(real):
+        def __init__(self, capacity, dtype):
+            sizes.append(capacity)
+            super().__init__(capacity, dtype)
+
+    monkeypatch.setattr(fstats, "_Rows", Spy)
+    x, y = data
+    loader = torch.utils.data.DataLoader(_MapDataset(x, y), batch_size=10, drop_last=True)
+    s = RealStats.from_data(loader, tiny, bank=True, progress=False)
+    assert sizes == [53, 53] and s.bank_features.shape == (50, 6) and torch.equal(s.bank_labels, y[:50])
