@@ -22,13 +22,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from . import checkpoints, methods, validate
+from . import checkpoints, encoders, methods, validate
 from .augment import Augment, CROP_LOG_RATIO, FLIP_PROB, NOISE_MEAN, NOISE_STD
 from .distilled import DistilledSet
 from .encoders import resolve_device, resolve_encoder
 from .files import CorruptFileError
 from .images import PARAMETERIZATIONS, images_from_state, make_images
-from .realdata import RealBatches, check_classes, indexable, nearest_to_means, scan
+from .data import iterate_batches
+from .realdata import RealBatches, check_classes, check_informative, indexable, nearest_to_means, scan
 from .stats import RealStats
 from .step import SyntheticRows, chunked_step, encode_without_graph, plain_step
 
@@ -198,7 +199,7 @@ class _Real:
 
 
 def _scan_real(a: _Arguments, images, labels, encoder, dev, cpu_gen, compute_stats: bool, bank_dtype, bank_path,
-               progress: bool) -> _Real:
+               progress: bool, fingerprint: str) -> _Real:
     """One pass over the real data: labels, counts, size, random real images and, when ``compute_stats``,
     the statistics (with the bank the method needs) in the same pass; then the feature size."""
     source = images
@@ -210,7 +211,7 @@ def _scan_real(a: _Arguments, images, labels, encoder, dev, cpu_gen, compute_sta
     found = scan(source, labels, num_classes=a.num_classes, batch_size=a.batch_size,
                  sample_per_class=a.ipc if a.init == "real" else 0, generator=cpu_gen,
                  encoder=encoder if compute_stats else None, bank=a.method.needs.bank, bank_dtype=bank_dtype,
-                 bank_path=bank_path, device=dev, progress=progress)
+                 bank_path=bank_path, device=dev, progress=progress, fingerprint=fingerprint)
     check_classes(found.counts, a.ipc)
     with torch.no_grad():  # D from one blank image at the real size (cheap; the encoder may resize it)
         probe = encoder(torch.zeros(1, 3, *found.image_size, device=dev))
@@ -219,7 +220,13 @@ def _scan_real(a: _Arguments, images, labels, encoder, dev, cpu_gen, compute_sta
     return _Real(source, found, int(probe.shape[1]), found.stats)
 
 
-def _check_stats(stats: RealStats, name: str, method: methods.Method, counts: torch.Tensor, feature_dim: int) -> None:
+def _check_stats(stats: RealStats, name: str, method: methods.Method, counts: torch.Tensor, feature_dim: int,
+                 encoder, fingerprint: str) -> None:
+    if stats.encoder_fingerprint is not None and stats.encoder_fingerprint != fingerprint:
+        raise ValueError(f"{name} were computed with another encoder than this run's: "
+                         f"{stats.encoder_name!r} with weights fingerprint {stats.encoder_fingerprint[:16]} there, "
+                         f"{encoder.name!r} with {fingerprint[:16]} here (fastdd.encoders.fingerprint); compute "
+                         "them with this encoder")
     if stats.num_classes != counts.shape[0]:
         raise ValueError(f"{name} has {stats.num_classes} classes, the labels {counts.shape[0]}")
     if stats.feature_dim != feature_dim:
@@ -233,6 +240,22 @@ def _check_stats(stats: RealStats, name: str, method: methods.Method, counts: to
                       f"{stats.counts[differ[:10]].tolist()} samples there but {counts[differ[:10]].tolist()} "
                       "real images here (fine for statistics of a larger set than the images given; "
                       "otherwise a wrong result)", StatsMismatchWarning, stacklevel=3)
+
+
+def _check_encoder_output(real: _Real, labels, encoder, dev) -> None:
+    """Refuse a degenerate encoder before any step (``realdata.check_informative``): from the class means
+    when the run has statistics, else from the features of up to 64 real images (the initial ones)."""
+    if real.stats is not None:
+        return check_informative(real.stats.means, "the class means of the real features", encoder.name)
+    images = real.scan.samples
+    if images is None:
+        source = indexable(real.source)
+        if source is None:
+            return
+        images = next(iter(iterate_batches(source, labels, batch_size=64)))[0]
+    with torch.no_grad():
+        features = encoder(images[:64].to(dev))
+    check_informative(features, "the features of the real images", encoder.name)
 
 
 def _initial_images(a: _Arguments, real: _Real, labels, encoder, dev, progress: bool) -> Optional[torch.Tensor]:
@@ -251,11 +274,13 @@ def _initial_images(a: _Arguments, real: _Real, labels, encoder, dev, progress: 
     return None
 
 
-def _settings(a: _Arguments, real: _Real, encoder, dev, bank_dtype) -> Dict[str, Any]:
-    """Every setting of the run after defaults (recorded in the result and compared on resume)."""
+def _settings(a: _Arguments, real: _Real, encoder, fingerprint: str, dev, bank_dtype) -> Dict[str, Any]:
+    """Every setting of the run after defaults (recorded in the result and compared on resume, where only
+    ``checkpoints.RESUME_MAY_CHANGE`` may differ)."""
     return {"method": a.method.name, "ipc": a.ipc, "steps": a.steps, "num_classes": real.scan.counts.shape[0],
             "image_size": list(real.scan.image_size), "feature_dim": real.feature_dim,
-            "encoder": getattr(encoder, "name", type(encoder).__name__), "class_counts": real.scan.counts.tolist(),
+            "encoder": getattr(encoder, "name", type(encoder).__name__), "encoder_fingerprint": fingerprint,
+            "class_counts": real.scan.counts.tolist(), "batch_size": a.batch_size,
             "lr": a.lr, "init": a.init, "parameterization": a.parameterization, "extend_every": a.extend_every,
             "copies": a.copies, "augment": a.augment_on,
             **{k: list(v) if isinstance(v, tuple) else v for k, v in a.augment_settings.items()},
@@ -427,7 +452,8 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
             ``noise_std``: see ``fastdd.augment``. Every ``None`` default is the method's
             (``METHOD_DEFAULTS``, the measured calibration in the README).
         stats: precomputed ``RealStats`` (class means; with a bank for methods that need one), skipping
-            the statistics; other class counts than the real data's give a ``StatsMismatchWarning``.
+            the statistics; other class counts than the real data's give a ``StatsMismatchWarning``, and
+            statistics of another encoder (their ``encoder_fingerprint``) a ValueError.
         bank_dtype, bank_path: the feature bank's dtype, and a file to memory-map it from.
         batch_size: real images per encoder call in the pass over the real data.
         chunk_size: decode, augment, encode and back-propagate at most this many synthetic rows at a time
@@ -442,12 +468,13 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
             device; for names CUDA if available).
         progress: tqdm progress bars.
         checkpoint: a file to save the state to every ``checkpoint_every`` steps (atomic) and at the end;
-            if it exists and ``resume`` the run continues from it (``steps`` and ``lr`` may change; a
-            checkpoint of other settings, another encoder name or data with other class counts is
-            refused with a ValueError). The path is checked before any work. A corrupt checkpoint raises
-            ``CorruptFileError`` and is left untouched; with ``resume=False`` an existing file is an error.
-            Statistics that distill computes are saved beside it (``<checkpoint>.stats``) and reused on
-            resume.
+            if it exists and ``resume`` the run continues from it: only ``steps``, ``lr``, ``chunk_size``,
+            ``batch_size`` and the device's index may change (recorded in ``settings["resumed"]``); other
+            settings, another encoder (its name or weights' ``encoders.fingerprint``) or data with other
+            class counts are a ValueError naming each difference. The path is checked before any work; a
+            corrupt checkpoint raises ``CorruptFileError`` and is left untouched; with ``resume=False`` an
+            existing file is an error. Statistics that distill computes are saved beside it
+            (``<checkpoint>.stats``) and reused on resume.
         callback: called as ``callback(step, loss)`` after each step (``loss`` a 0-d tensor).
 
     Returns:
@@ -457,6 +484,7 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
     a = _check_arguments(method, methods.get(method).apply_recipe(recipe, dict(locals())), deprecated)
     dev = resolve_device(device, encoder)
     encoder = resolve_encoder(encoder, dev)
+    fingerprint = encoders.fingerprint(encoder)  # compared on resume and with the statistics
     cpu_gen = torch.Generator().manual_seed(a.seed)
     dev_gen = torch.Generator(device=dev).manual_seed(a.seed + 1)
 
@@ -465,8 +493,8 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
     needs_stats = stats is None and (a.method.needs.stats or a.init == "centroid")
     reuse_stats = needs_stats and stats_file is not None and a.checkpoint.exists() and stats_file.exists()
     real = _scan_real(a, images, labels, encoder, dev, cpu_gen, needs_stats and not reuse_stats, bank_dtype,
-                      bank_path, progress)
-    settings = _settings(a, real, encoder, dev, bank_dtype)
+                      bank_path, progress, fingerprint)
+    settings = _settings(a, real, encoder, fingerprint, dev, bank_dtype)
     # a checkpoint is checked against this run before anything saved beside it is reused
     resumed = checkpoints.load(a.checkpoint, settings) if a.checkpoint is not None and a.checkpoint.exists() else None
     stats_name = "stats"
@@ -477,7 +505,8 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
     elif stats is not None:
         real.stats = stats
     if real.stats is not None:
-        _check_stats(real.stats, stats_name, a.method, real.scan.counts, real.feature_dim)
+        _check_stats(real.stats, stats_name, a.method, real.scan.counts, real.feature_dim, encoder, fingerprint)
+    _check_encoder_output(real, labels, encoder, dev)
 
     # ---- the synthetic set, the method's objective, the loop
     num_classes = real.scan.counts.shape[0]

@@ -1,8 +1,14 @@
 """Checkpoints of ``distill``: the loop's whole state (step, image parameters, Adam's state, the loss
 history, both generators' states and the run's settings), in fastdd's checked file format.
 
-A checkpoint is resumed only by a run of the same settings (``RESUME_KEYS``; the rest, such as steps
-and lr, may change): a checkpoint of another run must not continue silently.
+A checkpoint is resumed only by a run whose settings give the same result: every setting must match
+(the method and its options, the augmentation, the initialisation, the seed, the data's class counts,
+the encoder's name and the fingerprint of its weights, ...) except ``RESUME_MAY_CHANGE``: ``steps``
+(how far to go), ``lr`` (the remaining steps use the new one), ``chunk_size`` and ``batch_size``
+(memory and speed only: the same gradient up to rounding) and the device's index (not its type: the
+generators differ between CPU and CUDA). Each resume is recorded in ``settings["resumed"]``
+(``{"step": ..., "changed": {name: [saved, now]}}``, one entry per resume). A setting a checkpoint of an
+earlier fastdd lacks (e.g. ``encoder_fingerprint``) cannot be compared and is not held against it.
 """
 
 from __future__ import annotations
@@ -13,14 +19,13 @@ import torch
 
 from .files import load_checked, save_checked
 
-__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "RESUME_KEYS", "save", "load"]
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "RESUME_MAY_CHANGE", "save", "load", "differences"]
 
 CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "fastdd.Checkpoint", 1
 
-# settings that must match for a checkpoint to be resumed; class_counts and encoder tell another data set
-# or encoder apart (same counts and name pass: a cheap check)
-RESUME_KEYS = ("method", "ipc", "num_classes", "image_size", "parameterization", "copies", "init", "seed",
-               "feature_dim", "class_counts", "encoder")
+# settings a resumed run may change (recorded in settings["resumed"]); every other one must match
+RESUME_MAY_CHANGE = ("steps", "lr", "chunk_size", "batch_size", "device")
+_RECORDS = ("resumed", "seconds")  # what the run writes into its settings: not settings of the run
 
 
 def save(path, step: int, images, optimizer: torch.optim.Optimizer, history: List[float],
@@ -32,14 +37,39 @@ def save(path, step: int, images, optimizer: torch.optim.Optimizer, history: Lis
                  path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
 
 
+def differences(saved: Dict[str, Any], settings: Dict[str, Any]) -> Dict[str, tuple]:
+    """``{name: (saved, now)}`` for every setting in both that a resumed run must not change."""
+    out = {}
+    for k, then in saved.items():
+        if k not in settings or k in _RECORDS or then == settings[k]:
+            continue
+        if k == "device":  # cuda:0 -> cuda:1 may change, cpu -> cuda may not
+            if str(then).split(":")[0] == str(settings[k]).split(":")[0]:
+                continue
+        elif k in RESUME_MAY_CHANGE:
+            continue
+        out[k] = (then, settings[k])
+    return out
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def load(path, settings: Dict[str, Any]) -> dict:
     """The checkpoint at ``path``, checked against this run's ``settings`` (a ValueError naming every
-    difference); ``CorruptFileError`` for a truncated or altered file."""
+    difference); ``CorruptFileError`` for a truncated or altered file. The resume and the settings it
+    changes (``RESUME_MAY_CHANGE``) are recorded in ``settings["resumed"]``, after the saved history."""
     ck = load_checked(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
     saved = ck.get("settings", {})
-    # a key a checkpoint of an earlier fastdd lacks (class_counts) cannot be compared: it is not held against it
-    diff = {k: (saved[k], settings.get(k)) for k in RESUME_KEYS if k in saved and saved[k] != settings.get(k)}
+    diff = differences(saved, settings)
     if diff:
-        raise ValueError(f"checkpoint {path} was made with other settings {diff} (saved, now): "
-                         "use another checkpoint path, or delete it to start afresh")
+        named = "; ".join(f"{k} {_short(then)} -> {_short(now)}" + (" (other encoder weights)" if k ==
+                          "encoder_fingerprint" else "") for k, (then, now) in diff.items())
+        raise ValueError(f"checkpoint {path} was made with other settings (saved -> now): {named}. A resumed "
+                         f"run may change only {', '.join(RESUME_MAY_CHANGE)} (the device's index, not its "
+                         "type): use another checkpoint path, or delete it to start afresh")
+    changed = {k: [saved[k], settings.get(k)] for k in RESUME_MAY_CHANGE if k in saved and saved[k] != settings.get(k)}
+    settings["resumed"] = list(saved.get("resumed", [])) + [{"step": int(ck["step"]), "changed": changed}]
     return ck

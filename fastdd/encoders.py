@@ -2,10 +2,12 @@
 
 ``FrozenEncoder`` turns a backbone into the function phi of METHODS.md: images ``[B,3,h,w]`` with values
 in [0, 1] -> float32 features ``[B,D]``. Resizing (bilinear, to ``input_size`` when given) and the
-normalisation by ``mean``/``std`` happen inside, so every caller passes plain [0, 1] images. The backbone
-is put in eval mode and its parameters stop requiring gradients, but gradients still flow to the input
-images: that is how distillation optimises them. A 4-D backbone output ``[B,D,h',w']`` is global-average
-pooled.
+normalisation by ``mean``/``std`` happen inside, so every caller passes plain [0, 1] images. Each call
+runs the backbone in eval mode with its parameters not requiring gradients and then restores both, so a
+module given by the caller is left as it was (its training mode, its ``requires_grad`` flags, no
+``.grad``), while gradients still flow to the input images: that is how distillation optimises them. A
+4-D backbone output ``[B,D,h',w']`` is global-average pooled. ``fingerprint`` hashes an encoder's weights
+(distill compares it on resume and records it in the statistics).
 
 Names:
 - ``"torchvision:mobilenet_v2"``: torchvision's MobileNetV2 with its ImageNet weights
@@ -21,12 +23,14 @@ Nothing is ever downloaded: a missing weights file is a clear ``FileNotFoundErro
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import itertools
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -34,9 +38,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .files import atomic_write
+from .files import atomic_write, checksum
 
-__all__ = ["FrozenEncoder", "wrap", "load", "resolve_encoder", "resolve_device", "encoder_device", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["FrozenEncoder", "wrap", "load", "fingerprint", "resolve_encoder", "resolve_device", "encoder_device",
+           "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -47,6 +52,11 @@ _HEAD_ATTRIBUTES = ("classifier", "fc", "head", "heads")
 
 class FrozenEncoder(nn.Module):
     """A frozen backbone as a feature map phi: ``[B,3,h,w]`` in [0,1] -> float32 ``[B,D]``.
+
+    The backbone is not changed: each call runs it in eval mode with its parameters not requiring
+    gradients, and restores its modules' training flags and its parameters' ``requires_grad`` afterwards
+    (``train()`` on the wrapper is ignored: a frozen encoder's batch-norm statistics and dropout never
+    change). ``.to(device)`` moves the backbone, as for any nn.Module.
 
     Args:
         backbone: any module mapping normalised images to features ``[B,D]`` or maps ``[B,D,h,w]``.
@@ -71,13 +81,14 @@ class FrozenEncoder(nn.Module):
         self.name = name or type(backbone).__name__
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        backbone.requires_grad_(False)
         self._feature_dim: Optional[int] = None
-        self.train(False)
+        self._warned_sequence = False
+        self.training = False
 
     def train(self, mode: bool = True) -> "FrozenEncoder":
-        """Always eval: a frozen encoder's batch-norm statistics and dropout never change."""
-        return super().train(False)
+        """Always eval, and the backbone's own flags are left alone (each call runs it in eval mode)."""
+        self.training = False
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -113,8 +124,15 @@ class FrozenEncoder(nn.Module):
         if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-        features = self.backbone(x)
+        with _frozen(self.backbone):
+            features = self.backbone(x)
         if isinstance(features, (tuple, list)):
+            if not self._warned_sequence:
+                self._warned_sequence = True
+                warnings.warn(f"encoder {self.name}: the backbone returns a {type(features).__name__} of "
+                              f"{len(features)} outputs and only the first is used (of a timm features_only "
+                              "model: its first, earliest stage); wrap a module that returns the features "
+                              "wanted", UserWarning, stacklevel=2)
             features = features[0]
         if not isinstance(features, torch.Tensor) or not features.is_floating_point():
             raise TypeError(f"the backbone must return floating-point features, got "
@@ -129,12 +147,85 @@ class FrozenEncoder(nn.Module):
         return features.float()
 
 
-def wrap(module: nn.Module, input_size: Optional[int] = None, mean: Sequence[float] = IMAGENET_MEAN,
-         std: Sequence[float] = IMAGENET_STD, name: Optional[str] = None) -> FrozenEncoder:
-    """Wrap any module as a frozen feature extractor (a ``FrozenEncoder`` is returned unchanged)."""
+@contextlib.contextmanager
+def _frozen(module: nn.Module):
+    """Run ``module`` in eval mode with no parameter requiring gradients, restoring both on exit."""
+    training = [m for m in module.modules() if m.training]
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    for m in training:
+        m.training = False
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for m in training:
+            m.training = True
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+def wrap(module: nn.Module, input_size: Optional[int] = None, mean: Optional[Sequence[float]] = None,
+         std: Optional[Sequence[float]] = None, name: Optional[str] = None) -> FrozenEncoder:
+    """Wrap any module as a frozen feature extractor (a ``FrozenEncoder`` is returned unchanged).
+
+    ``module`` itself is not changed: every call of the wrapper runs it in eval mode with its parameters
+    not requiring gradients and restores its training flags and ``requires_grad`` afterwards, so its
+    parameters never get a ``.grad`` from fastdd (gradients flow to the input images only). Inputs in
+    [0, 1] are resized to ``input_size`` (None: not resized) and normalised by ``mean``/``std``
+    (None: ImageNet's). A timm model's ``pretrained_cfg`` gives the defaults instead, as in ``load``:
+    its mean, std and input size. A UserWarning names the module when it looks like a classifier (a timm
+    model with ``num_classes > 0``, or a last layer ``fc``/``head``/``classifier`` ending in a Linear:
+    its outputs are logits, not features) and, at the first call, when it returns a list or tuple (only
+    the first element is used: for a timm ``features_only`` model, the earliest stage).
+    """
     if isinstance(module, FrozenEncoder):
         return module
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    input_size, mean, std = _timm_config(module, input_size, mean, std)
+    head = _classifier_head(module)
+    if head is not None:
+        warnings.warn(f"fastdd.encoders.wrap: {type(module).__name__} {head}, so it returns class logits, not "
+                      "features: remove the head (timm: num_classes=0 or reset_classifier(0); torchvision: "
+                      "replace it by nn.Identity()) or wrap the feature part", UserWarning, stacklevel=2)
     return FrozenEncoder(module, input_size=input_size, mean=mean, std=std, name=name)
+
+
+def _timm_config(model: nn.Module, input_size, mean, std):
+    """``(input_size, mean, std)``: those given, else a timm model's ``pretrained_cfg``, else ImageNet's
+    mean and std and no resizing."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    cfg = cfg if isinstance(cfg, dict) else {}
+    if input_size is None and cfg.get("input_size"):
+        input_size = int(cfg["input_size"][-1])
+    mean = tuple(cfg.get("mean", IMAGENET_MEAN)) if mean is None else mean
+    std = tuple(cfg.get("std", IMAGENET_STD)) if std is None else std
+    return input_size, mean, std
+
+
+def _classifier_head(module: nn.Module) -> Optional[str]:
+    """Why ``module`` looks like a classifier (its output logits), or None."""
+    num_classes = getattr(module, "num_classes", None)
+    if hasattr(module, "pretrained_cfg") and isinstance(num_classes, int) and num_classes > 0:
+        return f"is a timm model with num_classes={num_classes}"
+    children = list(module.named_children())
+    if children and children[-1][0] in _HEAD_ATTRIBUTES:
+        leaves = [m for m in children[-1][1].modules() if not list(m.children())]
+        if leaves and isinstance(leaves[-1], nn.Linear):
+            return f"ends in a classification head ({children[-1][0]}: Linear to {leaves[-1].out_features})"
+    return None
+
+
+def fingerprint(encoder: nn.Module) -> str:
+    """SHA-256 (hex) of an encoder's weights: every parameter's and buffer's name, dtype, shape and bytes
+    (read in chunks: well under a second for a ViT-B on a CPU) and a ``FrozenEncoder``'s input size.
+    Other weights under the same name give another fingerprint; moving the encoder to another device
+    does not change it."""
+    if not isinstance(encoder, nn.Module):
+        raise TypeError(f"encoder must be an nn.Module, got {type(encoder).__name__}")
+    return checksum({"parameters": dict(encoder.named_parameters()), "buffers": dict(encoder.named_buffers()),
+                     "input_size": getattr(encoder, "input_size", None)})
 
 
 def load(name: str, weights: Optional[Union[str, os.PathLike]] = "imagenet", input_size: Optional[int] = None,
@@ -165,7 +256,7 @@ def load(name: str, weights: Optional[Union[str, os.PathLike]] = "imagenet", inp
 
 def resolve_encoder(encoder, device=None) -> "FrozenEncoder":
     """A ``FrozenEncoder`` for ``encoder`` given as a name (``load``), a FrozenEncoder or any nn.Module
-    (``wrap``: ImageNet normalisation inside the wrapper, parameters frozen); ``device`` moves it."""
+    (``wrap``: normalisation inside the wrapper, the module itself left unchanged); ``device`` moves it."""
     if isinstance(encoder, str):
         return load(encoder, device=device)
     if isinstance(encoder, FrozenEncoder):
@@ -256,8 +347,13 @@ def _load_torchvision(model_name: str, weights, input_size) -> FrozenEncoder:
     else:
         model = builder(weights=None)
         _load_matching(_strip_head(model), _load_state_dict_file(weights, f"torchvision:{model_name}"), weights)
-        return FrozenEncoder(model, input_size=input_size)
-    return FrozenEncoder(_strip_head(model), input_size=input_size)
+        return FrozenEncoder(_owned(model), input_size=input_size)
+    return FrozenEncoder(_owned(_strip_head(model)), input_size=input_size)
+
+
+def _owned(model: nn.Module) -> nn.Module:
+    """A model fastdd built itself, frozen once for good (eval mode, no parameter requiring gradients)."""
+    return model.eval().requires_grad_(False)
 
 
 def _local_imagenet_weights(model_name: str, weights: str):
@@ -290,11 +386,8 @@ def _load_timm(model_name: str, weights, input_size) -> FrozenEncoder:
         raise ValueError(f"timm has no model {model_name!r}") from e
     if weights is not None:
         _load_matching(model, _load_state_dict_file(weights, f"timm:{model_name}"), weights)
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    if input_size is None and "input_size" in cfg:
-        input_size = int(cfg["input_size"][-1])
-    return FrozenEncoder(model, input_size=input_size, mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
-                         std=tuple(cfg.get("std", IMAGENET_STD)))
+    input_size, mean, std = _timm_config(model, input_size, None, None)
+    return FrozenEncoder(_owned(model), input_size=input_size, mean=mean, std=std)
 
 
 _VERIFIED: set = set()

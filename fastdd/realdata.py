@@ -7,7 +7,8 @@ and, when an encoder is given, folds the features into the class statistics and 
 (``fastdd.stats.StatsAccumulator``) in the same pass. ``nearest_to_means`` gives the "centroid"
 initialisation: the real images nearest each class mean, read off the bank when one covers these images,
 else by one more encoder pass (the means must be known first). ``RealBatches`` draws LGM's fresh
-class-balanced batches by index.
+class-balanced batches by index. ``check_informative`` refuses an encoder whose features carry no signal
+(all near zero, or the same for every image).
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ import torch
 from .data import iterate_batches
 from .stats import RealStats, StatsAccumulator
 
-__all__ = ["RealScan", "scan", "nearest_to_means", "RealBatches", "indexable"]
+__all__ = ["RealScan", "scan", "nearest_to_means", "RealBatches", "indexable", "check_informative", "NEAR_ZERO",
+           "CONSTANT_RTOL"]
+
+NEAR_ZERO = 1e-6      # features whose largest |value| is below this carry no signal (an fp16 bank loses them)
+CONSTANT_RTOL = 1e-5  # features that differ by at most this fraction of their size are the same features
 
 
 class _SmallestPerClass:
@@ -70,8 +75,9 @@ class RealScan:
 
 def scan(source, labels, *, num_classes: Optional[int], batch_size: int, sample_per_class: int,
          generator: torch.Generator, encoder=None, bank: bool = False, bank_dtype=torch.float16,
-         bank_path=None, device=None, progress: bool = True) -> RealScan:
-    """One pass over the real data (see the module docstring). ``encoder`` None: no statistics."""
+         bank_path=None, device=None, progress: bool = True, fingerprint: Optional[str] = None) -> RealScan:
+    """One pass over the real data (see the module docstring). ``encoder`` None: no statistics; the
+    statistics record ``fingerprint`` (``fastdd.encoders.fingerprint`` of ``encoder``)."""
     from tqdm.auto import tqdm
 
     accumulator = None if encoder is None else StatsAccumulator(num_classes, bank=bank, bank_dtype=bank_dtype,
@@ -107,6 +113,8 @@ def scan(source, labels, *, num_classes: Optional[int], batch_size: int, sample_
     if sample_per_class and not bool((counts < sample_per_class).any()):  # else check_classes reports it
         samples = reservoir.result()
     stats = None if accumulator is None else accumulator.result(getattr(encoder, "name", None))
+    if stats is not None:
+        stats.encoder_fingerprint = fingerprint
     return RealScan(all_labels, counts, size, samples, stats)
 
 
@@ -122,6 +130,25 @@ def check_classes(counts: torch.Tensor, ipc: int, name: str = "labels") -> None:
     if ipc > smallest:
         c = int(torch.argmin(counts))
         raise ValueError(f"ipc={ipc} is larger than class {c}, which has only {smallest} real images")
+
+
+def check_informative(features: torch.Tensor, what: str, encoder_name: str) -> None:
+    """Refuse an encoder whose ``features`` (``[n >= 2, D]`` of real images, or their class means) are all
+    near zero or all the same: distillation would run without progress (CLP's loss stays at log C, LGM's
+    at 0, whatever the images). Non-finite features are left to the checks that name them."""
+    z = features.detach().double()
+    if z.shape[0] < 2 or not bool(torch.isfinite(z).all()):
+        return
+    scale = float(z.abs().max())
+    if scale < NEAR_ZERO:
+        raise ValueError(f"encoder {encoder_name}: {what} are all near zero (largest |value| {scale:.3g} < "
+                         f"{NEAR_ZERO:g}), so distillation has nothing to match: check the encoder (its weights "
+                         "and its output layer), or scale its features up")
+    spread = float((z - z.mean(0)).abs().max())
+    if spread <= CONSTANT_RTOL * scale:
+        raise ValueError(f"encoder {encoder_name}: {what} are the same for every image (largest difference "
+                         f"{spread:.3g} at a size of {scale:.3g}): a constant encoder gives distillation nothing "
+                         "to follow; check the encoder (its weights and its output layer)")
 
 
 def nearest_to_means(source, labels, scanned_labels: torch.Tensor, encoder, stats: RealStats, k: int,

@@ -140,3 +140,97 @@ def test_non_floating_backbone_output_is_a_clear_error():
 
     with pytest.raises(TypeError, match="floating-point features"):
         encoders.wrap(Ints())(torch.rand(2, 3, 8, 8))
+
+
+def _state(module):
+    return [m.training for m in module.modules()], [p.requires_grad for p in module.parameters()]
+
+
+def test_wrap_leaves_the_callers_module_unchanged():
+    module = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.AdaptiveAvgPool2d(1),
+                           nn.Flatten())
+    module.train()
+    module[0].weight.requires_grad_(False)  # the caller's own mix of flags is kept as it is
+    before, running = _state(module), module[1].running_mean.clone()
+    enc = encoders.wrap(module)
+    x = torch.rand(4, 3, 8, 8, requires_grad=True)
+    z = enc(x)
+    assert _state(module) == before  # training mode and requires_grad as the caller left them
+    (z * torch.randn_like(z)).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0  # gradients reach the images
+    assert all(p.grad is None for p in module.parameters())  # and never the frozen parameters
+    assert torch.equal(module[1].running_mean, running)  # eval mode inside: batch-norm statistics kept
+    torch.testing.assert_close(enc(x[:1]), z[:1])  # eval mode inside: no dropout, no batch statistics
+    enc.train()
+    assert not enc.training and _state(module) == before
+    # the module still trains normally outside the wrapper
+    module(x).sum().backward()
+    assert module[1].weight.grad is not None
+
+
+def test_distill_and_evaluate_leave_the_callers_module_unchanged():
+    import fastdd
+
+    module = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    before = _state(module)
+    y = torch.arange(3).repeat(4)
+    x = torch.rand(12, 3, 8, 8)
+    x[torch.arange(12), y] = 0.9
+    out = fastdd.distill(x, module, method="sfm", labels=y, steps=2, progress=False)
+    assert _state(module) == before and all(p.grad is None for p in module.parameters())
+    fastdd.evaluate(out, module, x, y, epochs=2, seeds=(0,), progress=False)
+    assert _state(module) == before and all(p.grad is None for p in module.parameters())
+
+
+def test_wrap_reads_a_timm_models_pretrained_config():
+    import timm
+
+    model = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    model.pretrained_cfg = {**model.pretrained_cfg, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25),
+                            "input_size": (3, 64, 64)}
+    enc = encoders.wrap(model)
+    assert enc.input_size == 64
+    assert enc.mean.flatten().tolist() == [0.5] * 3 and enc.std.flatten().tolist() == [0.25] * 3
+    given = encoders.wrap(model, input_size=32, mean=(0.1, 0.2, 0.3), std=(1, 1, 1))  # explicit wins
+    assert given.input_size == 32 and given.mean.flatten().tolist() == pytest.approx([0.1, 0.2, 0.3])
+    loaded = encoders.load("timm:vit_tiny_patch16_224", weights=None)  # the same reading as load's
+    wrapped = encoders.wrap(loaded.backbone)
+    assert wrapped.input_size == loaded.input_size == 224
+    assert torch.equal(wrapped.mean, loaded.mean) and torch.equal(wrapped.std, loaded.std)
+    assert loaded.mean.flatten().tolist() == [0.5] * 3  # this model's config is not ImageNet's
+
+
+def test_wrap_warns_about_classifiers_and_feature_lists():
+    import timm
+    import torchvision
+
+    for model, named in [(timm.create_model("resnet18", pretrained=False), "num_classes=1000"),
+                         (torchvision.models.resnet18(weights=None), "fc: Linear to 1000"),
+                         (torchvision.models.mobilenet_v2(weights=None), "classifier: Linear to 1000")]:
+        with pytest.warns(UserWarning, match=f"{type(model).__name__} .*{named}.*logits"):
+            encoders.wrap(model)
+    features = timm.create_model("resnet18", pretrained=False, features_only=True)
+    enc = encoders.wrap(features, input_size=32)
+    with pytest.warns(UserWarning, match="FeatureListNet: the backbone returns a list of 5 outputs"):
+        assert enc(torch.rand(1, 3, 32, 32)).shape == (1, 64)  # the first stage, as before, but said
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # feature extractors: no warning
+        encoders.wrap(timm.create_model("resnet18", pretrained=False, num_classes=0))
+        encoders.wrap(_tiny_conv())
+        enc(torch.rand(1, 3, 32, 32))  # warned once
+
+
+def test_fingerprint_follows_the_weights():
+    torch.manual_seed(0)
+    a = encoders.wrap(_tiny_conv(), name="a")
+    b = encoders.wrap(_tiny_conv(), name="b")
+    b.load_state_dict(a.state_dict())
+    fp = encoders.fingerprint(a)
+    assert len(fp) == 64 and encoders.fingerprint(b) == fp  # same weights, another name: the same
+    assert encoders.fingerprint(encoders.wrap(b.backbone, input_size=16)) != fp  # another input size
+    with torch.no_grad():
+        b.backbone[0].weight[0, 0, 0, 0] += 1e-6
+    assert encoders.fingerprint(b) != fp
+    assert encoders.fingerprint(encoders.wrap(a.backbone.double())) != fp  # dtype counts

@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from .._backend import checks_enabled
 from .base import Context, Method, Objective, Option, RealNeeds, Recipe, parse_bool, parse_optional_int
 from ..validate import features as check_features, positive_float, positive_int
 
@@ -160,6 +161,12 @@ class ClosedFormProbeLoss(nn.Module):
     def forward(self, zs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
         # labels and NaN/Inf first: the ridge strength of NaN features would be reported as a bad lam
         check_features(zs, ys, dim=self.stats.feature_dim, num_classes=self.num_classes)
+        if checks_enabled():  # a class without a row: the probe's target column for it holds no signal
+            missing = torch.nonzero(torch.bincount(ys.long(), minlength=self.num_classes) == 0).flatten().tolist()
+            if missing:
+                raise ValueError(f"ys must hold every class 0..{self.num_classes - 1} of the statistics at least "
+                                 f"once (the ridge probe needs a row of each); missing classes {missing[:10]}"
+                                 f"{'...' if len(missing) > 10 else ''}")
         w = self.probe(self.normalize(zs), ys)
         zr, yr = self.real_features(zs.device)
         # zr stays float32 (the op converts W of any dtype): casting the bank to an fp64 W would copy it
@@ -222,4 +229,3 @@ METHOD = Method(
         values=dict(copies=1),
         not_public=("lam", "tau", "steps", "lr", "init", "parameterization", "augmentation chain",
                     "image size and crop", "autocast"))})
-
