@@ -78,6 +78,7 @@ class _Arguments:
     seed: int
     checkpoint: Optional[Path]
     checkpoint_every: int
+    recipe: Optional[str] = None
 
 
 def _method_options(method: methods.Method, options, deprecated: Dict[str, Any]) -> Dict[str, Any]:
@@ -134,6 +135,27 @@ def _crop_size_argument(crop_size):
     return crop_size
 
 
+def _real_source(images, labels):
+    """``(images, labels, where the class names are)``: a ``fastdd.data.Split`` is its images and labels."""
+    from .data import Split
+
+    if isinstance(images, Split):
+        if labels is not None:
+            raise ValueError("labels= is not used with a fastdd.data.Split: it holds its own labels")
+        return images.images, images.labels, images
+    return images, labels, images
+
+
+def _class_names(source, num_classes: int) -> Optional[List[str]]:
+    """The class names a source carries (a Split's or ImageFolder's ``classes``, also behind a
+    DataLoader), when there is one per class; else None."""
+    for holder in (source, getattr(source, "dataset", None)):
+        names = getattr(holder, "classes", None)
+        if isinstance(names, (list, tuple)) and len(names) == num_classes:
+            return [str(n) for n in names]
+    return None
+
+
 def _check_real_images(images, labels) -> None:
     if labels is not None and not isinstance(images, torch.Tensor):
         raise ValueError("labels= is only used with a tensor of images; a Dataset or DataLoader yields its own")
@@ -183,7 +205,7 @@ def _check_arguments(method: str, a: Dict[str, Any], deprecated: Dict[str, Any])
         batch_size=validate.positive_int("batch_size", a["batch_size"]),
         chunk_size=validate.positive_int("chunk_size", a["chunk_size"], allow_none=True),
         autocast_dtype=a["autocast_dtype"], seed=validate.seed("seed", a["seed"]), checkpoint=checkpoint,
-        checkpoint_every=validate.positive_int("checkpoint_every", a["checkpoint_every"]))
+        checkpoint_every=validate.positive_int("checkpoint_every", a["checkpoint_every"]), recipe=a.get("recipe"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -286,7 +308,7 @@ def _settings(a: _Arguments, real: _Real, encoder, fingerprint: str, dev, bank_d
             **{k: list(v) if isinstance(v, tuple) else v for k, v in a.augment_settings.items()},
             **a.options, "bank_dtype": str(bank_dtype), "chunk_size": a.chunk_size,
             "autocast_dtype": None if a.autocast_dtype is None else str(a.autocast_dtype), "seed": a.seed,
-            "device": str(dev)}
+            "device": str(dev), "recipe": a.recipe}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -424,9 +446,10 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
     """Distil a labelled image set into ``ipc`` synthetic images per class for linear probing.
 
     Args:
-        images: the real set: a tensor ``[N,3,H,W]`` in [0,1] (with ``labels``), a map-style Dataset
-            yielding ``(image, label)`` or a DataLoader yielding ``(images, labels)``; streamed, never
-            loaded whole. Methods that draw real batches (LGM) need a tensor or a map-style dataset.
+        images: the real set: a tensor ``[N,3,H,W]`` in [0,1] (with ``labels``), a ``fastdd.data.Split``, a
+            map-style Dataset yielding ``(image, label)`` or a DataLoader yielding ``(images, labels)``;
+            streamed, never loaded whole (LGM draws batches by index: a tensor or a map-style dataset).
+            Class names it carries (``classes``) are kept in the result.
         encoder: a frozen encoder: an ``nn.Module`` ``[B,3,h,w] -> [B,D]`` (wrapped by
             ``fastdd.encoders.wrap``, which adds ImageNet normalisation), a ``FrozenEncoder``, or a name
             for ``fastdd.encoders.load`` (e.g. ``"torchvision:mobilenet_v2"``).
@@ -481,6 +504,7 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
         ``DistilledSet`` with images in [0, 1] ``[C*ipc,3,H,W]`` (class-major), labels, settings, history.
     """
     t_start = time.perf_counter()
+    images, labels, names_from = _real_source(images, labels)
     a = _check_arguments(method, methods.get(method).apply_recipe(recipe, dict(locals())), deprecated)
     dev = resolve_device(device, encoder)
     encoder = resolve_encoder(encoder, dev)
@@ -526,4 +550,5 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
     loop.run(progress)
     final = loop.final_images()
     settings["seconds"] = time.perf_counter() - t_start
-    return DistilledSet(final, loop.syn_labels.cpu(), a.method.name, settings, loop.history)
+    return DistilledSet(final, loop.syn_labels.cpu(), a.method.name, settings, loop.history,
+                        classes=_class_names(names_from, num_classes))

@@ -81,7 +81,10 @@ def _weights(value: str):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastdd", description="Dataset distillation for frozen vision encoders.")
-    from . import methods
+    from . import __version__, export, methods
+    from .probe import HEAD_INITS
+
+    parser.add_argument("--version", action="version", version=f"fastdd {__version__}")
 
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -122,19 +125,34 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--checkpoint", default=None, help="checkpoint file (resumed if it exists)")
     d.add_argument("--checkpoint-every", type=int, default=100)
     d.add_argument("--seed", type=int, default=0)
+    recipes = sorted({r for m in methods.REGISTRY.values() for r in m.recipes})
+    d.add_argument("--recipe", choices=recipes or None, default=None,
+                   help="a method's published recipe in one flag (explicit flags win; 'fastdd methods' and the "
+                        "README's Presets section say what each sets)")
 
     m = sub.add_parser("methods", help="list the registered methods, their defaults and options")
     m.add_argument("--markdown", action="store_true", help="print the README's method table")
 
     e = sub.add_parser("evaluate", help="linear-probe accuracy of a distilled set on the real test set")
     common(e)
-    e.add_argument("--distilled", required=True, help="a DistilledSet file written by 'fastdd distill'")
+    e.add_argument("--distilled", required=True,
+                   help="the set: a file of 'fastdd distill', an LGM/SFM data.pth, a DC-Bench folder (or its "
+                        "images_best.pt) or an ImageFolder of images (fastdd.export.load)")
+    e.add_argument("--head-init", choices=HEAD_INITS, default=None,
+                   help="the probe's head initialisation (default lgm: N(0, 0.01^2) weights, zero bias)")
     e.add_argument("--test-data", default=None,
                    help="held-out images: a folder, or a built-in set's test split (default: the test split of "
                         "a built-in --data; required when --data is a folder)")
     e.add_argument("--epochs", type=int, default=None)
     e.add_argument("--seeds", type=int, nargs="+", default=None)
     e.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    x = sub.add_parser("export", help="write a distilled set in a format other tools read")
+    x.add_argument("--distilled", required=True, help="the set (any format 'fastdd evaluate' reads)")
+    x.add_argument("--format", required=True, choices=export.FORMATS,
+                   help="folder: ImageFolder of PNGs; grid: one PNG; lgm: LGM's/SFM's data.pth; "
+                        "dcbench: images_best.pt + labels_best.pt")
+    x.add_argument("--out", required=True, help="the file (grid, lgm) or folder (folder, dcbench) to write")
     return parser
 
 
@@ -188,14 +206,13 @@ def _distill(args) -> int:
         stats = RealStats.from_data(split.images, encoder, labels=split.labels, bank=methods.get(args.method).needs.bank,
                                     batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
         stats.save(args.stats)
-    out = distill(split.images, encoder, method=args.method, labels=split.labels, ipc=args.ipc, steps=args.steps,
+    out = distill(split, encoder, method=args.method, ipc=args.ipc, steps=args.steps, recipe=args.recipe,
                   lr=args.lr, init=args.init, parameterization=args.parameterization, copies=args.copies,
                   augment=not args.no_augment, crop_scale=args.crop_scale, noise_prob=args.noise_prob,
                   options=options, chunk_size=args.chunk_size, batch_size=args.batch_size, stats=stats, seed=args.seed,
                   device=args.device, progress=not args.no_progress, checkpoint=args.checkpoint,
                   checkpoint_every=args.checkpoint_every)
-    out.settings["data"] = args.data
-    out.settings["classes"] = list(getattr(split, "classes", []))
+    out.settings["data"] = args.data  # the class names travel in out.classes
     out.save(args.out)
     last = f"{out.history[-1]:.4f}" if out.history else "n/a"
     print(f"fastdd: saved {tuple(out.images.shape)} {args.method} images to {args.out} "
@@ -204,14 +221,9 @@ def _distill(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from .api import DistilledSet
-    from .validate import input_file
+    from .probe import evaluate
 
-    try:
-        from .probe import evaluate
-    except ImportError as e:  # probe.py belongs to the evaluation part of the package
-        raise SystemExit(f"fastdd: evaluation is not available ({e})")
-    distilled = DistilledSet.load(input_file("--distilled", args.distilled))
+    distilled = _load_distilled(args.distilled)
     if args.test_data is None:
         split = _load_split(args.data, args.size, test=True)
     else:  # a folder as it is; a built-in name: its test split
@@ -222,6 +234,8 @@ def _evaluate(args) -> int:
         kwargs["epochs"] = args.epochs
     if args.seeds is not None:
         kwargs["seeds"] = tuple(args.seeds)
+    if args.head_init is not None:
+        kwargs["head_init"] = args.head_init
     result = evaluate(distilled, _encoder(args), split.images, split.labels, **kwargs)
     if args.json:
         print(json.dumps({"mean": result.mean, "std": result.std, "accuracies": list(result.accuracies),
@@ -229,6 +243,28 @@ def _evaluate(args) -> int:
     else:
         print(f"fastdd: {distilled.method} ({args.distilled}): top-1 {result.mean:.2f} +- {result.std:.2f} % "
               f"over {len(result.accuracies)} probe seeds")
+    return 0
+
+
+def _load_distilled(path: str):
+    """A distilled set in any format ``fastdd.export.load`` reads, named by its flag when missing."""
+    from pathlib import Path
+
+    from . import export
+
+    if not Path(path).exists():
+        raise ValueError(f"--distilled {path!r} does not exist")
+    return export.load(path)
+
+
+def _export(args) -> int:
+    from .validate import output_path
+
+    if args.format in ("grid", "lgm"):  # a file (the folder formats create their folder)
+        output_path("--out", args.out)
+    distilled = _load_distilled(args.distilled)
+    written = distilled.export(args.out, args.format)
+    print(f"fastdd: wrote {len(distilled)} images of {distilled.num_classes} classes as {args.format} to {written}")
     return 0
 
 
@@ -260,7 +296,7 @@ def _methods(args) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    run = {"distill": _distill, "evaluate": _evaluate, "methods": _methods}[args.command]
+    run = {"distill": _distill, "evaluate": _evaluate, "methods": _methods, "export": _export}[args.command]
     try:
         if getattr(args, "device", None) is not None:  # before an encoder is loaded onto it
             from .encoders import resolve_device

@@ -397,6 +397,18 @@ def iterate_batches(source, labels: Optional[torch.Tensor] = None, batch_size: i
         raise DataError("the data source yielded no batch")
 
 
+def _integer_label(value, index: int) -> int:
+    """A dataset item's label as an int: Python and numpy integers and 0-d integer tensors pass; strings
+    (even "3"), floats and anything else are a DataError naming the item."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
+            and value.dtype != torch.bool:
+        return int(value)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    raise DataError(f"dataset[{index}]: the label must be an integer class index, got {value!r} "
+                    f"({type(value).__name__}): map class names to indices first")
+
+
 def _batched_dataset(dataset, batch_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     n = len(dataset)
     for start in range(0, n, batch_size):
@@ -409,7 +421,7 @@ def _batched_dataset(dataset, batch_size: int) -> Iterator[Tuple[torch.Tensor, t
             if img.dim() != 3:
                 raise DataError(f"dataset[{i}]: image must have shape [3, H, W], got {tuple(img.shape)}")
             images.append(img.expand(3, -1, -1) if img.shape[0] == 1 else img)
-            labels.append(int(item[1]))
+            labels.append(_integer_label(item[1], i))
         shapes = {tuple(t.shape) for t in images}
         if len(shapes) > 1:
             raise DataError(f"dataset items {start}..{start + len(images) - 1} have different image shapes "

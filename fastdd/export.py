@@ -23,7 +23,7 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .files import atomic_write
+from .files import atomic_write, load_tensors
 
 __all__ = ["FORMATS", "save_folder", "save_grid", "save_lgm", "save_dcbench", "load", "export"]
 
@@ -117,14 +117,6 @@ def export(distilled, path: PathLike, format: str, **kwargs) -> Path:
 # Reading
 # --------------------------------------------------------------------------------------------------
 
-def _torch_file(path: Path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch's message suggests weights_only=False, which would run the file's code
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} cannot be read as a tensor file ({type(e).__name__}: {first[:200]})") from None
-
-
 def _read_folder(folder: Path) -> Tuple[torch.Tensor, torch.Tensor, list]:
     from PIL import Image
 
@@ -147,17 +139,17 @@ def _read(path: Path, mean, std) -> Tuple[torch.Tensor, torch.Tensor, Optional[l
     """``(images, labels, class names or None, format)`` of any supported file or folder."""
     if path.is_dir():
         if (path / "images_best.pt").is_file():
-            images = _torch_file(path / "images_best.pt")
+            images = load_tensors(path / "images_best.pt")
             if not (path / "labels_best.pt").is_file():
                 raise ValueError(f"{path} has images_best.pt but no labels_best.pt beside it")
-            return _denormalised(images, mean, std, path), _torch_file(path / "labels_best.pt"), None, "dcbench"
+            return _denormalised(images, mean, std, path), load_tensors(path / "labels_best.pt"), None, "dcbench"
         images, labels, classes = _read_folder(path)
         return images, labels, classes, "folder"
     if not path.is_file():
         raise FileNotFoundError(f"no such file or folder: {path}")
     if path.name == "images_best.pt":
         return _read(path.parent, mean, std)
-    record = _torch_file(path)
+    record = load_tensors(path)
     if isinstance(record, dict) and "images" in record and "labels" in record:
         return _denormalised(record["images"], mean, std, path), record["labels"], None, "lgm"
     raise ValueError(f"{path} is neither a fastdd DistilledSet, an LGM/SFM data.pth ({{'images', 'labels'}}) "
@@ -186,7 +178,7 @@ def load(path: PathLike, mean: Optional[Sequence[float]] = None, std: Optional[S
 
     path = Path(path)
     if path.is_file() and path.name != "images_best.pt":
-        record = _torch_file(path)
+        record = load_tensors(path)
         if isinstance(record, dict) and "format" in record:  # fastdd's own: kind, version, checksum checked
             return DistilledSet.load(path)
     images, labels, classes, kind = _read(path, mean, std)

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Optional, Union
 
 import torch
 
-__all__ = ["CorruptFileError", "DiskFullError", "atomic_write", "write_json", "checksum", "save_checked", "load_checked"]
+__all__ = ["load_tensors", "CorruptFileError", "DiskFullError", "atomic_write", "write_json", "checksum", "save_checked", "load_checked"]
 
 _HASH_CHUNK_BYTES = 1 << 24
 PathLike = Union[str, os.PathLike]
@@ -206,6 +206,17 @@ def _torch_reason(e: Exception) -> str:
         return f"it holds Python objects, not only tensors and plain values: {detail}"
     lines = [line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line]
     return f"{type(e).__name__}: {lines[0] if lines else 'no reason given'}"
+
+
+def load_tensors(path: PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` onto the CPU (no code runs) for files of other tools; a
+    ValueError that says in one line why torch refused it, never advising ``weights_only=False``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (PermissionError, FileNotFoundError, IsADirectoryError):
+        raise
+    except Exception as e:
+        raise ValueError(f"{path} cannot be read as a tensor file ({_torch_reason(e)})") from None
 
 
 def load_checked(path: PathLike, kind: str, version: int, *, mmap: bool = False, verify: bool = True) -> dict:

@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 import torch
 
 from .data import iterate_batches
-from .stats import RealStats, StatsAccumulator
+from .stats import RealStats, StatsAccumulator, source_length
 
 __all__ = ["RealScan", "scan", "nearest_to_means", "RealBatches", "indexable", "check_informative", "NEAR_ZERO",
            "CONSTANT_RTOL"]
@@ -81,7 +81,7 @@ def scan(source, labels, *, num_classes: Optional[int], batch_size: int, sample_
     from tqdm.auto import tqdm
 
     accumulator = None if encoder is None else StatsAccumulator(num_classes, bank=bank, bank_dtype=bank_dtype,
-                                                                bank_path=bank_path)
+                                                                bank_path=bank_path, rows=source_length(source))
     label_chunks, size, reservoir = [], None, None
     bar = tqdm(desc="real data" if encoder is None else "real data and statistics", unit="img",
                disable=not progress, leave=False)

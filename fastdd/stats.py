@@ -30,7 +30,7 @@ from .encoders import encoder_device, fingerprint, resolve_encoder
 from .files import CorruptFileError, load_checked, save_checked
 from .validate import class_labels, positive_int
 
-__all__ = ["RealStats", "StatsAccumulator", "CorruptFileError"]
+__all__ = ["RealStats", "StatsAccumulator", "CorruptFileError", "source_length"]
 
 STATS_FORMAT = "fastdd.RealStats"
 STATS_FORMAT_VERSION = 1
@@ -169,7 +169,7 @@ class RealStats:
             raise ValueError(f"bank_dtype must be one of {_BANK_DTYPES}, got {bank_dtype}")
         encoder = resolve_encoder(encoder, device)
         dev = encoder_device(encoder) if device is None else torch.device(device)
-        rows = _length(source)
+        rows = source_length(source)
         accumulator = StatsAccumulator(num_classes, bank=bank, bank_dtype=bank_dtype, bank_path=bank_path,
                                        second_moment=second_moment, rows=rows)
         bar = _progress(rows, "real statistics", progress)
@@ -251,7 +251,7 @@ class StatsAccumulator:
     ``add(features, labels, batch_rows)`` per batch, ``close()`` when the stream ends (also on error),
     then ``result()``. Used by ``RealStats.from_data`` and by ``distill``'s one pass over the real data.
     ``num_classes`` None: the class axis grows with the labels seen. ``rows``: the number of images of
-    the stream when known (``_length``): the bank is then written into one tensor of that size as the
+    the stream when known (``source_length``): the bank is then written into one tensor of that size as the
     batches come, else kept batch by batch and merged with bounded memory (``_Rows``); either way it
     costs about its own size in memory, during the pass and after."""
 
@@ -365,7 +365,7 @@ class _Rows:
         return out
 
 
-def _length(source) -> Optional[int]:
+def source_length(source) -> Optional[int]:
     """The number of images of a tensor, a sized dataset or a DataLoader over one (None: unknown)."""
     if isinstance(source, torch.Tensor):
         return int(source.shape[0])

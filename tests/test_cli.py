@@ -38,12 +38,33 @@ def test_distill_then_evaluate(folder, tmp_path, capsys):
     assert code == 0 and "saved" in capsys.readouterr().out
     ds = DistilledSet.load(out)
     assert ds.images.shape == (3, 3, 16, 16) and ds.method == "sfm" and len(ds.history) == 2
-    assert ds.settings["classes"] == ["cat", "dog", "fox"] and (tmp_path / "stats.pt").exists()
+    assert ds.classes == ["cat", "dog", "fox"] and (tmp_path / "stats.pt").exists()
     code = cli.main(["evaluate", "--distilled", str(out), "--data", str(folder), "--test-data", str(folder),
                      *PRETRAINED, "--epochs", "2", "--seeds", "0", "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0.0 <= result["mean"] <= 100.0 and len(result["accuracies"]) == 1
+    # exported as another codebase's format, the same set evaluates to the same accuracy
+    for fmt, target in (("lgm", tmp_path / "data.pth"), ("dcbench", tmp_path / "dc"), ("folder", tmp_path / "png")):
+        assert cli.main(["export", "--distilled", str(out), "--format", fmt, "--out", str(target)]) == 0
+        assert f"as {fmt}" in capsys.readouterr().out
+    for target in (tmp_path / "data.pth", tmp_path / "dc"):
+        code = cli.main(["evaluate", "--distilled", str(target), "--data", str(folder), "--test-data", str(folder),
+                         *PRETRAINED, "--epochs", "2", "--seeds", "0", "--json"])
+        assert code == 0
+        again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert again["accuracies"] == result["accuracies"]
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["cat", "dog", "fox"]
+
+
+def test_version_and_missing_distilled_set(tmp_path, capsys):
+    import fastdd
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"fastdd {fastdd.__version__}"
+    code = cli.main(["export", "--distilled", str(tmp_path / "none.pt"), "--format", "lgm", "--out", "x.pth"])
+    assert code == 2 and "--distilled" in capsys.readouterr().err
 
 
 def test_errors_are_one_line(folder, tmp_path, capsys):
@@ -164,7 +185,7 @@ def test_files_that_cannot_be_read_say_why(folder, tmp_path, capsys, monkeypatch
     monkeypatch.setattr(cli, "_encoder", _no_work)
     pickled = tmp_path / "pickled.pt"
     torch.save({"format": "fastdd.DistilledSet", "payload": Opaque()}, pickled)
-    for distilled, match in [(tmp_path, "--distilled=.* is a folder"), (pickled, "Python objects")]:
+    for distilled, match in [(tmp_path, "holds no image in class sub-folders"), (pickled, "cannot be read")]:
         code = cli.main(["evaluate", "--data", "digits", "--distilled", str(distilled), *ENCODER])
         err = capsys.readouterr().err
         assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(match, err), err

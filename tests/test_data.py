@@ -179,3 +179,36 @@ def test_iterate_batches_gives_float32(dtype):
     images = torch.rand(5, 3, 4, 4).to(dtype)
     (batch, _), = data.iterate_batches(images, torch.arange(5) % 2)
     assert batch.dtype == torch.float32 and torch.equal(batch, images.float())
+
+
+@pytest.mark.parametrize("label", ["cat", "3", 1.0, True, None])
+def test_dataset_labels_must_be_integers(label):
+    from fastdd.data import iterate_batches
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return torch.rand(3, 4, 4), label
+
+    with pytest.raises(DataError, match=r"dataset\[0\]: the label must be an integer class index"):
+        next(iter(iterate_batches(Items(), batch_size=2)))
+
+
+def test_dataset_integer_labels_of_every_kind_pass():
+    import numpy as np
+
+    from fastdd.data import iterate_batches
+
+    labels = [1, np.int64(2), torch.tensor(0)]
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return torch.rand(3, 4, 4), labels[i]
+
+    _, ys = next(iter(iterate_batches(Items(), batch_size=3)))
+    assert ys.tolist() == [1, 2, 0] and ys.dtype == torch.int64

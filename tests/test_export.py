@@ -105,3 +105,30 @@ def test_bad_inputs_are_named(tmp_path):
     (tmp_path / "set.pt").write_bytes(bytes(raw))
     with pytest.raises((CorruptFileError, ValueError)):
         export.load(tmp_path / "set.pt")
+
+
+def test_distill_keeps_the_class_names_of_its_source_and_takes_a_split():
+    import fastdd
+    from fastdd.data import Split
+    from fastdd.encoders import wrap
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 6, 3, stride=2, padding=1)
+
+        def forward(self, x):
+            return torch.tanh(self.conv(x)).mean(dim=(2, 3))
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    y = torch.arange(3).repeat(6)
+    x = torch.rand(len(y), 3, 10, 10, generator=g) * 0.5 + 0.2
+    x[torch.arange(len(y)), y] += 0.25
+    split, encoder = Split(x, y, ["ant", "bee", "cat"]), wrap(Tiny())
+    out = fastdd.distill(split, encoder, "sfm", steps=1, progress=False, batch_size=8)
+    assert out.classes == ["ant", "bee", "cat"]
+    plain = fastdd.distill(x, encoder, "sfm", labels=y, steps=1, progress=False, batch_size=8)
+    assert plain.classes is None and torch.equal(plain.images, out.images) and out.settings["recipe"] is None
+    with pytest.raises(ValueError, match="Split"):
+        fastdd.distill(split, encoder, "sfm", labels=y, steps=1, progress=False)
