@@ -147,6 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seeds", type=int, nargs="+", default=None)
     e.add_argument("--json", action="store_true", help="print the result as JSON")
 
+    b = sub.add_parser("baseline", help="a real-image baseline set: random real images or a coreset")
+    common(b)
+    b.add_argument("--kind", required=True, choices=tuple(_BASELINES),
+                   help="random: ipc random real images a class; centroids: those nearest the class centres "
+                        "(k-means at ipc > 1); kcenter: a k-center greedy coreset; herding: a herding coreset "
+                        "(in the encoder's feature space)")
+    b.add_argument("--ipc", type=int, default=1, help="images per class")
+    b.add_argument("--seed", type=int, default=0, help="random and centroids: the draw / k-means seed")
+    b.add_argument("--out", required=True, help="where to save the set (a DistilledSet file)")
+
     x = sub.add_parser("export", help="write a distilled set in a format other tools read")
     x.add_argument("--distilled", required=True, help="the set (any format 'fastdd evaluate' reads)")
     x.add_argument("--format", required=True, choices=export.FORMATS,
@@ -246,6 +256,32 @@ def _evaluate(args) -> int:
     return 0
 
 
+# the real-image baselines of fastdd.probe: name -> function name (random_real takes no encoder)
+_BASELINES = {"random": "random_real", "centroids": "class_centroids", "kcenter": "kcenter_greedy",
+              "herding": "herding"}
+
+
+def _baseline(args) -> int:
+    from . import probe
+    from .distilled import DistilledSet
+    from .validate import output_path
+
+    output_path("--out", args.out)
+    split = _load_split(args.data, args.size, test=False)
+    select = getattr(probe, _BASELINES[args.kind])
+    if args.kind == "random":
+        images, labels = select(split.images, split.labels, ipc=args.ipc, seed=args.seed)
+    else:
+        extra = {"seed": args.seed} if args.kind == "centroids" else {}
+        images, labels = select(split.images, split.labels, _encoder(args), ipc=args.ipc,
+                                progress=not args.no_progress, **extra)
+    out = DistilledSet(images, labels, f"baseline:{args.kind}", {"data": args.data, "ipc": args.ipc,
+                                                                  "seed": args.seed}, [], classes=split.classes)
+    out.save(args.out)
+    print(f"fastdd: saved {tuple(out.images.shape)} {args.kind} baseline images to {args.out}")
+    return 0
+
+
 def _load_distilled(path: str):
     """A distilled set in any format ``fastdd.export.load`` reads, named by its flag when missing."""
     from pathlib import Path
@@ -296,7 +332,8 @@ def _methods(args) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    run = {"distill": _distill, "evaluate": _evaluate, "methods": _methods, "export": _export}[args.command]
+    run = {"distill": _distill, "evaluate": _evaluate, "methods": _methods, "export": _export,
+           "baseline": _baseline}[args.command]
     try:
         if getattr(args, "device", None) is not None:  # before an encoder is loaded onto it
             from .encoders import resolve_device

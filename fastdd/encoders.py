@@ -1,6 +1,6 @@
 """Frozen feature extractors: one wrapper for any ``nn.Module``, and loading by name, offline.
 
-``FrozenEncoder`` turns a backbone into the function phi of METHODS.md: images ``[B,3,h,w]`` with values
+``FrozenEncoder`` turns a backbone into the function phi of docs/methods.md: images ``[B,3,h,w]`` with values
 in [0, 1] -> float32 features ``[B,D]``. Resizing (bilinear, to ``input_size`` when given) and the
 normalisation by ``mean``/``std`` happen inside, so every caller passes plain [0, 1] images. Each call
 runs the backbone in eval mode with its parameters not requiring gradients and then restores both, so a

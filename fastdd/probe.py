@@ -1,6 +1,6 @@
 """The linear-probe evaluation protocol, its real-image baselines, and SFM's classifier inheritance.
 
-Protocol (METHODS.md, "Evaluation protocol"), the same for every method and baseline:
+Protocol (docs/methods.md, "The probe protocol"), the same for every method and baseline:
 
 - a fresh linear probe ``z -> z W + b`` on the features of the frozen encoder, initialised as in LGM's
   evaluator, ``W ~ N(0, 0.01^2)`` and ``b = 0``, drawn from the probe seed (``head_init="lgm"``, the

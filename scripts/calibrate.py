@@ -3,7 +3,7 @@
 
 Fashion-MNIST (60k/10k) with the ImageNet MobileNetV2 (``torchvision:mobilenet_v2``), on the CPU, at a
 small image size (default 32 px, grey images expanded to 3 channels). Every set -- distilled or a real
-baseline -- is scored by ``fastdd.probe.evaluate`` (the linear-probe protocol of METHODS.md: Adam,
+baseline -- is scored by ``fastdd.probe.evaluate`` (the linear-probe protocol of docs/methods.md: Adam,
 lr = 1e-3 * bs / 256, cosine schedule, flip + random resized crop, top-1 on the 10k test set), mean and
 sample std over the probe seeds and the distillation seeds (or baseline draws) of a row.
 

@@ -231,3 +231,25 @@ def test_ctrl_c_is_one_line_that_says_how_to_resume_and_exit_code_130(tmp_path, 
     assert proc.returncode == 130 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith("fastdd distill: interrupted")
     assert (f"resume from the checkpoint {ck}" in err) if checkpoint else ("--checkpoint FILE" in err), err
+
+
+@pytest.mark.parametrize("kind", ["random", "centroids", "kcenter", "herding"])
+def test_baseline_sets_from_the_command_line(folder, tmp_path, capsys, kind):
+    import torch
+
+    from fastdd import data, encoders, probe
+
+    out = tmp_path / f"{kind}.pt"
+    assert cli.main(["baseline", "--data", str(folder), *PRETRAINED, "--kind", kind, "--ipc", "2",
+                     "--out", str(out)]) == 0
+    assert f"{kind} baseline" in capsys.readouterr().out
+    got = DistilledSet.load(out)
+    assert got.method == f"baseline:{kind}" and got.images.shape == (6, 3, 16, 16) and got.classes == ["cat", "dog", "fox"]
+    split = data.load_folder(folder, size=16)
+    if kind == "random":
+        expected = probe.random_real(split.images, split.labels, ipc=2, seed=0)[0]
+    else:
+        encoder = encoders.load("torchvision:mobilenet_v2", weights="imagenet")
+        select = {"centroids": probe.class_centroids, "kcenter": probe.kcenter_greedy, "herding": probe.herding}[kind]
+        expected = select(split.images, split.labels, encoder, ipc=2, progress=False)[0]
+    assert torch.equal(got.images, expected)

@@ -6,7 +6,7 @@ Inner problem, exact: the ridge probe fitted on the synthetic features ``Z_s [N,
 Outer loss: ``L = CE(Z_r W / tau, y_r)`` averaged over the real bank rows used
 (``fastdd.ops.linear_cross_entropy``, streamed over rows). Gradients reach ``Z_s`` only through ``W``.
 
-Options (METHODS.md's calibration found CLP sensitive to each; ``fastdd.distill`` passes them through):
+Options (a first calibration found CLP sensitive to each; ``fastdd.distill`` passes them as ``options=``):
 
 - ``relative_lam`` (default True): the ridge is ``lam * mean(diag(Z_s Z_s^T))`` (mean squared norm of the
   synthetic rows after normalisation, detached), so ``lam`` is scale-free; False: ``lam`` is absolute.
@@ -225,7 +225,7 @@ METHOD = Method(
     },
     recipes={"paper": Recipe(
         source="arXiv 2605.07194 (its abstract): the exact ridge probe with the temperature-scaled "
-               "cross-entropy outer loss (the method itself); one synthetic pass per step (METHODS.md)",
+               "cross-entropy outer loss (the method itself); one synthetic pass per step (docs/methods.md)",
         values=dict(copies=1),
         not_public=("lam", "tau", "steps", "lr", "init", "parameterization", "augmentation chain",
                     "image size and crop", "autocast"))})

@@ -1,6 +1,6 @@
 r"""SFM's statistical flow-matching loss on synthetic features, with its fused backward.
 
-Math (METHODS.md, SFM). Real class centres :math:`\mu_c` give the constant real flow
+Math (docs/methods.md, SFM). Real class centres :math:`\mu_c` give the constant real flow
 
 .. math::  F_r[c] = \frac{1}{C-1}\sum_{k\ne c}\mu_k - \mu_c = \frac{C}{C-1}(\bar\mu - \mu_c)
 

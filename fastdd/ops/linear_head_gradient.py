@@ -1,6 +1,6 @@
 r"""LGM's closed-form gradient of a linear head's cross-entropy, differentiable w.r.t. the features.
 
-Math (METHODS.md, LGM). For features :math:`Z \in \mathbb{R}^{B\times D}`, labels :math:`y`, a head
+Math (docs/methods.md, LGM). For features :math:`Z \in \mathbb{R}^{B\times D}`, labels :math:`y`, a head
 :math:`W \in \mathbb{R}^{C\times D}` (``nn.Linear`` layout) and bias :math:`b`, with
 :math:`P = \operatorname{softmax}(ZW^\top + b)` row-wise and :math:`R = P - Y` (Y one-hot):
 

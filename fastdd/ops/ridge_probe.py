@@ -1,6 +1,6 @@
 r"""CLP's inner problem: the ridge probe fitted on synthetic features, batched, by Cholesky.
 
-Math (METHODS.md, CLP). For features :math:`Z \in \mathbb{R}^{N\times D}`, targets
+Math (docs/methods.md, CLP). For features :math:`Z \in \mathbb{R}^{N\times D}`, targets
 :math:`Y \in \mathbb{R}^{N\times C}` and :math:`\lambda > 0`,
 
 .. math::  W = Z^\top (Z Z^\top + \lambda I_N)^{-1} Y = (Z^\top Z + \lambda I_D)^{-1} Z^\top Y .
