@@ -20,7 +20,7 @@ import torch
 from ._backend import checks_enabled
 
 __all__ = ["positive_int", "positive_float", "finite_float", "probability", "value_range", "class_labels",
-           "features", "finite", "output_path", "input_file", "seed", "one_of"]
+           "features", "finite", "output_path", "input_file", "seed", "one_of", "checks_enabled"]
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 

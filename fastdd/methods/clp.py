@@ -35,9 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from .._backend import checks_enabled
 from .base import Context, Method, Objective, Option, RealNeeds, Recipe, parse_bool, parse_optional_int
-from ..validate import features as check_features, positive_float, positive_int
+from ..validate import checks_enabled, features as check_features, positive_float, positive_int
 
 __all__ = ["ClosedFormProbeLoss", "FEATURE_NORMS", "METHOD"]
 

@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .._backend import checks_enabled
-from ..validate import features as check_features
+from ..validate import checks_enabled, features as check_features
 from .base import Context, Method, Objective, RealNeeds, Recipe, class_means
 
 __all__ = ["DistributionMatchingLoss", "METHOD"]

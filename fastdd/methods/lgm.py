@@ -16,10 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..ops._common import check_labels
 from .base import LOOP_DEFAULTS, Context, Method, Objective, Option, RealNeeds, Recipe
 from ..augment import CROP_SCALE, NOISE_PROB
-from ..validate import features as check_features, positive_float, positive_int
+from ..validate import class_labels, features as check_features, positive_float, positive_int
 
 __all__ = ["LinearGradientMatchingLoss", "METHOD"]
 
@@ -76,8 +75,8 @@ class LinearGradientMatchingLoss(nn.Module):
                 raise ValueError(f"head must be (W [C, {zs.shape[1]}], b [C]), got W {tuple(w.shape)}, "
                                  f"b {tuple(b.shape)}")
             w, b = w.to(zs.device, torch.float32), b.to(zs.device, torch.float32)
-        check_labels("ys", ys, zs.shape[0], w.shape[0], zs.device)
-        check_labels("yr", yr, zr.shape[0], w.shape[0], zs.device)
+        class_labels("ys", ys, zs.shape[0], w.shape[0], zs.device, in_step=True)
+        class_labels("yr", yr, zr.shape[0], w.shape[0], zs.device, in_step=True)
         if not same_classes:
             only_s = sorted(set(ys.unique().tolist()) - set(yr.unique().tolist()))
             only_r = sorted(set(yr.unique().tolist()) - set(ys.unique().tolist()))

@@ -158,7 +158,7 @@ def _sorted_segments(labels: torch.Tensor, num_classes: int):
     return order, offsets, chunk_counts
 
 
-def _class_centers_triton(features, labels, out: ClassSums, deterministic: bool) -> ClassSums:
+def class_sums_triton(features, labels, out: ClassSums, deterministic: bool) -> ClassSums:
     B, D = features.shape
     C = out.sums.shape[0]
     second = out.sq_sums is not None
@@ -252,7 +252,7 @@ def class_centers(features: torch.Tensor, labels: torch.Tensor, num_classes: int
     backend = resolve_impl(impl, features)
     labels = labels.long().contiguous()  # kernels index labels with unit stride
     if backend == "triton":
-        return _class_centers_triton(int32_safe_columns(features), labels, out, deterministic)
+        return class_sums_triton(int32_safe_columns(features), labels, out, deterministic)
     if backend == "cuda":
         return _class_centers_cuda(features, labels, out, deterministic)
     return class_centers_reference(features, labels, out, deterministic)

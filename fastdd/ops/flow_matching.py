@@ -45,7 +45,7 @@ import torch
 from fastdd._backend import cdiv, checks_enabled, resolve_impl, tl, triton
 from fastdd.ops._common import check_finite, check_float, check_labels, grad_via_reference
 from fastdd.ops._tiles import program_span, span
-from fastdd.ops.class_centers import _class_centers_triton, empty_class_sums
+from fastdd.ops.class_centers import class_sums_triton, empty_class_sums
 
 __all__ = ["flow_matching_loss", "flow_matching_loss_reference", "real_flow"]
 
@@ -201,7 +201,7 @@ class FlowOptions:
 
 def _flow_sums(features, labels, num_classes):
     acc = empty_class_sums(num_classes, features.shape[1], dtype=torch.float32, device=features.device)
-    return _class_centers_triton(features, labels, acc, deterministic=True)
+    return class_sums_triton(features, labels, acc, deterministic=True)
 
 
 class FlowMatchingFunction(torch.autograd.Function):
