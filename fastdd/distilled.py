@@ -62,6 +62,14 @@ class DistilledSet:
         set itself unpacks it, ``images, labels = out``)."""
         return self.images[index], int(self.labels[index])
 
+    def save_images(self, folder: Union[str, os.PathLike]):
+        """The ImageFolder layout: ``folder/<class name>/<index>.png`` (``export(folder, "folder")``)."""
+        return self.export(folder, "folder")
+
+    def save_grid(self, path: Union[str, os.PathLike], padding: int = 2):
+        """One PNG, a row per class (``export(path, "grid")``)."""
+        return self.export(path, "grid", padding=padding)
+
     def export(self, path: Union[str, os.PathLike], format: str, **kwargs):
         """Write the set as ``format``: ``"folder"`` (ImageFolder of PNGs), ``"grid"`` (one PNG),
         ``"lgm"`` (LGM's and SFM's ``data.pth``) or ``"dcbench"`` (``images_best.pt`` and

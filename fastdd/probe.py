@@ -46,6 +46,7 @@ synthetic images only, predictions ``head(P(phi_e(x)))``.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -145,6 +146,10 @@ def _check_set(images, labels, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def _unpack_distilled(distilled) -> Tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(distilled, (str, os.PathLike)):  # a file or folder in any format fastdd.export reads
+        from .export import load
+
+        distilled = load(distilled)
     if hasattr(distilled, "images") and hasattr(distilled, "labels"):
         return distilled.images, distilled.labels
     if isinstance(distilled, (tuple, list)) and len(distilled) == 2:
@@ -365,8 +370,9 @@ def evaluate(distilled, encoder, test_images: torch.Tensor, test_labels: torch.T
     """Train a fresh linear probe on ``distilled`` and report its top-1 accuracy (%) on the test set.
 
     Args:
-        distilled: a ``DistilledSet`` (``.images``, ``.labels``) or an ``(images, labels)`` pair: images
-            ``[N,3,H,W]`` in [0,1], integer labels ``[N]``.
+        distilled: a ``DistilledSet`` (``.images``, ``.labels``), an ``(images, labels)`` pair (images
+            ``[N,3,H,W]`` in [0,1], integer labels ``[N]``), or the path of a set in any format
+            ``fastdd.export.load`` reads (fastdd's, LGM's data.pth, DC-Bench's, an ImageFolder).
         encoder: the frozen encoder (a ``FrozenEncoder``, any nn.Module, or a name for
             ``fastdd.encoders.load``); the probe runs on its features.
         test_images, test_labels: the real test set (``[M,3,H,W]`` in [0,1], ``[M]``); each of its

@@ -132,3 +132,14 @@ def test_distill_keeps_the_class_names_of_its_source_and_takes_a_split():
     assert plain.classes is None and torch.equal(plain.images, out.images) and out.settings["recipe"] is None
     with pytest.raises(ValueError, match="Split"):
         fastdd.distill(split, encoder, "sfm", labels=y, steps=1, progress=False)
+
+
+def test_named_writers_and_evaluate_from_a_path(tmp_path, monkeypatch):
+    from fastdd import probe
+
+    out = _set(["a", "b", "c"])
+    assert sorted(p.name for p in out.save_images(tmp_path / "png").iterdir()) == ["a", "b", "c"]
+    assert out.save_grid(tmp_path / "g.png").is_file()
+    out.export(tmp_path / "data.pth", "lgm")
+    images, labels = probe._unpack_distilled(str(tmp_path / "data.pth"))
+    assert torch.equal(images, out.images) and torch.equal(labels, out.labels)
