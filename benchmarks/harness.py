@@ -17,8 +17,7 @@ how a result file is written.
 - ``write_json`` / ``write_text``: atomic writes (``fastdd.files``), with values JSON cannot hold
   made JSON-safe (``jsonable``).
 
-torch and fastdd are imported inside the functions, so importing this module sets nothing up (the
-benchmark sets ``OMP_WAIT_POLICY`` before torch is first imported).
+torch and fastdd are imported inside the functions, so importing this module sets nothing up.
 """
 
 from __future__ import annotations

@@ -60,9 +60,8 @@ def calibrate():
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """Tiny in-process runs: one thread. torch is imported before benchmarks/run.py can set
-    OMP_WAIT_POLICY=PASSIVE for this process, and spinning OpenMP threads on a shared CPU slow tiny
-    kernels down several-fold; the child processes of the benchmark get the setting."""
+    """Tiny in-process runs: one thread (spinning OpenMP threads on a shared CPU slow tiny kernels down
+    several-fold; these tests check what the benchmark writes, not its timings)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
