@@ -442,7 +442,7 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
             seed: int = 0, device=None, progress: bool = True, recipe: Optional[str] = None,
             checkpoint: Optional[Union[str, os.PathLike]] = None, checkpoint_every: int = 100,
             resume: bool = True, callback: Optional[Callable[[int, torch.Tensor], None]] = None,
-            **deprecated) -> DistilledSet:
+            encoder_kwargs: Optional[Dict[str, Any]] = None, **deprecated) -> DistilledSet:
     """Distil a labelled image set into ``ipc`` synthetic images per class for linear probing.
 
     Args:
@@ -452,7 +452,8 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
             Class names it carries (``classes``) are kept in the result.
         encoder: a frozen encoder: an ``nn.Module`` ``[B,3,h,w] -> [B,D]`` (wrapped by
             ``fastdd.encoders.wrap``, which adds ImageNet normalisation), a ``FrozenEncoder``, or a name
-            for ``fastdd.encoders.load`` (e.g. ``"torchvision:mobilenet_v2"``).
+            for ``fastdd.encoders.load`` (e.g. ``"torchvision:mobilenet_v2"``), with ``encoder_kwargs``
+            (``load``'s ``weights``, ``input_size``; an error with a module).
         method: a registered method, ``fastdd.methods.names()``: ``"lgm"``, ``"sfm"``, ``"clp"``, ``"dm"``.
         labels: int64 ``[N]`` in ``0..C-1`` when ``images`` is a tensor.
         ipc: synthetic images per class. steps: optimisation steps (default 1000).
@@ -507,7 +508,7 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
     images, labels, names_from = _real_source(images, labels)
     a = _check_arguments(method, methods.get(method).apply_recipe(recipe, dict(locals())), deprecated)
     dev = resolve_device(device, encoder)
-    encoder = resolve_encoder(encoder, dev)
+    encoder = resolve_encoder(encoder, dev, encoder_kwargs)
     fingerprint = encoders.fingerprint(encoder)  # compared on resume and with the statistics
     cpu_gen = torch.Generator().manual_seed(a.seed)
     dev_gen = torch.Generator(device=dev).manual_seed(a.seed + 1)

