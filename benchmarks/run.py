@@ -57,7 +57,20 @@ with ``benchmarks/ops_bench.py`` and ``scripts/calibrate.py``).
   several draws);
 - ratios against the reference method (``fastdd.methods.reference()``: LGM) of the same run and ipc
   (with its default 10 copies, or the most copies that finished): ``speedup_vs_lgm`` = LGM step time / method step time, ``memory_ratio_vs_lgm`` and
-  ``extra_memory_ratio_vs_lgm`` = LGM memory / method memory (> 1: the method uses less).
+  ``extra_memory_ratio_vs_lgm`` = LGM memory / method memory (> 1: the method uses less);
+- the floor of a step (``floor_time_s``; ``measure_floor``): no distillation step can be faster than the
+  encoder's own work over the rows the step must push through it: forward and backward over the synthetic
+  rows (the method's copies K, the run's where it sets them, else the registry's ``defaults["copies"]``,
+  times classes x ipc rows, with a graph and gradients into the input images), plus, for a method that
+  draws real batches (``needs.real_batches``: LGM), the forward without a graph over its real batch (ipc x
+  K x classes rows). It is timed on exactly those row counts at the run's image size (random inputs in
+  [0, 1], the synthetic ones requiring gradients, the backward of a random upstream gradient; the run's
+  chunk size and autocast; ``harness.time_call``: the median after warm-up), in the same process as the
+  method's steps and right after them, so on the same machine state. ``step_vs_floor`` = step time /
+  floor time (the table's "vs floor": 1.0x would be a step that costs nothing beyond the encoder), beside
+  ``floor_synthetic_rows``, ``floor_real_rows``, ``floor_status`` and ``floor_timer``. Not measured
+  (``floor_time_s`` null) where the run did not distil, or under a per-run time cap that ten of its steps
+  would outlast.
 
 Output (``--out``, default ``benchmarks/results``): ``<device>-<date>[-<profile>].json``, ``.csv`` and
 ``.md`` (the printed table), and PNG plots (``benchmarks/plots.py``). The JSON's shape is stable::
@@ -497,7 +510,102 @@ def run_distillation(s: Dict[str, Any], data: Dict[str, Any], encoder, stats, me
             distilled.save(out_path)
     else:
         result["distill_settings"] = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in kwargs.items()}
+    # the step's physical floor, right after the steps, in their process (the same machine state)
+    result.update(floor_fields(s, encoder, method, ipc, kwargs.get("copies"), _num_classes(data, stats), image_size,
+                               device, result, cap))
     return result
+
+
+def _num_classes(data: Dict[str, Any], stats) -> int:
+    if stats is not None and getattr(stats, "num_classes", None):
+        return int(stats.num_classes)
+    return int(data["train_labels"].max()) + 1
+
+
+# --------------------------------------------------------------------------------------------------
+# The physical floor of a step
+# --------------------------------------------------------------------------------------------------
+
+FLOOR_WARMUP, FLOOR_REPS = 2, 7  # untimed, then timed calls of the floor (CPU; do_bench chooses its own on a GPU)
+FLOOR_CALLS_PER_CAP = 10  # under a per-run time cap, the floor is measured only if 10 steps fit in the cap
+
+
+def floor_rows(method: str, ipc: int, copies: Optional[int], num_classes: int) -> Tuple[int, int]:
+    """``(synthetic rows, real rows)`` a step of ``method`` must push through the encoder: its copies K
+    (the run's where it sets them, else the registry's default) times ``num_classes * ipc`` synthetic rows
+    (forward and backward), plus, for a method that draws real batches (``needs.real_batches``), its real
+    batch of ``ipc * K`` images per class (forward without a graph)."""
+    spec = registry.get(method)
+    k = int(copies if copies is not None else spec.defaults["copies"])
+    synthetic = k * num_classes * ipc
+    return synthetic, (ipc * k * num_classes if spec.needs.real_batches else 0)
+
+
+def measure_floor(s: Dict[str, Any], encoder, method: str, ipc: int, copies: Optional[int], num_classes: int,
+                  image_size: int, device) -> Dict[str, Any]:
+    """The encoder alone on exactly the rows of a step of ``method`` (``floor_rows``) at the run's image size:
+    the real rows' forward without a graph, then the synthetic rows' forward and backward of a random
+    upstream gradient into inputs that require gradients (random images in [0, 1], made once, outside the
+    timed calls), ``chunk_size`` rows at a time where the run chunks (each chunk encoded once: the
+    chunked step's recomputation is the method's, not the floor's), under the run's autocast. Timed by
+    ``harness.time_call`` (the median after warm-up). No step can be faster than this."""
+    import torch
+
+    from fastdd.step import encode
+
+    n_syn, n_real = floor_rows(method, ipc, copies, num_classes)
+    dtype = None
+    if s.get("autocast") and device.type == "cuda":
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[s["autocast"]]
+    step = s.get("chunk_size") or max(n_syn, n_real, 1)
+    g = torch.Generator(device="cpu").manual_seed(s.get("seed", 0) + 97)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=g).to(device)
+
+    syn = [rand(min(step, n_syn - lo), 3, image_size, image_size).requires_grad_(True)
+           for lo in range(0, n_syn, step)]
+    upstream = [torch.randn(x.shape[0], encoder.feature_dim, generator=g).to(device) for x in syn]
+    real = [rand(min(step, n_real - lo), 3, image_size, image_size) for lo in range(0, n_real, step)]
+
+    def one_floor():
+        with torch.no_grad():
+            for x in real:
+                encode(encoder, x, dtype)
+        for x, up in zip(syn, upstream):
+            x.grad = None
+            encode(encoder, x, dtype).backward(up)
+
+    timing = harness.time_call(one_floor, device, reps=FLOOR_REPS, warmup=FLOOR_WARMUP)
+    del syn, upstream, real
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"floor_status": "ok", "floor_time_s": timing.median, "floor_time_p20_s": timing.p20,
+            "floor_time_p80_s": timing.p80, "floor_synthetic_rows": n_syn, "floor_real_rows": n_real,
+            "floor_timer": timing.timer}
+
+
+def floor_fields(s: Dict[str, Any], encoder, method: str, ipc: int, copies: Optional[int], num_classes: int,
+                 image_size: int, device, measured: Dict[str, Any], cap: Optional[float]) -> Dict[str, Any]:
+    """``measure_floor`` after a run, in its process; not measured (``floor_time_s`` None, with the reason in
+    ``floor_status``) where the run did not distil or where ``FLOOR_CALLS_PER_CAP`` of its steps would
+    outlast its time cap."""
+    import torch
+
+    n_syn, n_real = floor_rows(method, ipc, copies, num_classes)
+    fields: Dict[str, Any] = {"floor_time_s": None, "floor_synthetic_rows": n_syn, "floor_real_rows": n_real}
+    if measured["status"] not in ("ok", "time-capped") or encoder is None:
+        return {**fields, "floor_status": f"not measured (run {measured['status']})"}
+    per_step = measured.get("step_time_s") or measured.get("first_step_s") or 0.0
+    if cap is not None and per_step * FLOOR_CALLS_PER_CAP > cap:
+        return {**fields, "floor_status": f"skipped ({FLOOR_CALLS_PER_CAP} steps would outlast the {cap:g} s cap)"}
+    try:
+        return measure_floor(s, encoder, method, ipc, copies, num_classes, image_size, device)
+    except (torch.cuda.OutOfMemoryError, MemoryError) as e:
+        if device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+        return {**fields, "floor_status": "oom: " + str(e).splitlines()[0][:200]}
 
 
 def worker_main(spec_path: str) -> int:
@@ -562,7 +670,7 @@ def _accuracy_fields(result) -> Dict[str, Any]:
 def _entry(kind: str, method: str, ipc: Optional[int], **fields) -> Dict[str, Any]:
     base = {"kind": kind, "method": method, "ipc": ipc, "copies": None, "status": "ok", "step_time_s": None,
             "total_time_s": None, "peak_memory_bytes": None, "extra_memory_bytes": None,
-            "accuracy_mean": None, "accuracy_std": None}
+            "accuracy_mean": None, "accuracy_std": None, "floor_time_s": None, "step_vs_floor": None}
     base.update(fields)
     return base
 
@@ -598,6 +706,8 @@ def add_ratios(methods: Dict[str, Dict[str, Any]]) -> None:
     for key, entry in methods.items():
         if entry["kind"] != "distilled":
             continue
+        step, floor = entry.get("step_time_s"), entry.get("floor_time_s")
+        entry["step_vs_floor"] = step / floor if step is not None and floor else None
         timed = [(k, e) for k, e in methods.items() if e["kind"] == "distilled" and e["method"] == REFERENCE.name
                  and e["ipc"] == entry["ipc"] and e.get("step_time_s") is not None and e["status"] != "oom"]
         ref = ([x for x in timed if x[1]["copies"] == REFERENCE_COPIES]
@@ -623,7 +733,7 @@ def add_ratios(methods: Dict[str, Dict[str, Any]]) -> None:
 
 CSV_COLUMNS = ["key", "kind", "method", "ipc", "copies", "status", "steps_done", "step_time_s", "total_time_s",
                "peak_memory_bytes", "extra_memory_bytes", "accuracy_mean", "accuracy_std", "speedup_vs_lgm",
-               "memory_ratio_vs_lgm", "extra_memory_ratio_vs_lgm", "device", "date", "git_revision",
+               "floor_time_s", "step_vs_floor", "memory_ratio_vs_lgm", "extra_memory_ratio_vs_lgm", "device", "date", "git_revision",
                "dataset", "encoder", "steps"]
 
 
@@ -648,15 +758,16 @@ def format_table(result: Dict[str, Any]) -> str:
     """The Markdown table printed at the end and written to ``<stem>.md``."""
     mib = 1.0 / 1024 ** 2
     rows = ["| run | status | per-step (ms) | total (s) | peak mem (MiB) | extra mem (MiB) | accuracy (%) "
-            f"| speed vs {REFERENCE_LABEL} | extra mem vs {REFERENCE_LABEL} |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+            f"| speed vs {REFERENCE_LABEL} | vs floor | extra mem vs {REFERENCE_LABEL} |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key, e in result["methods"].items():
         acc = "–" if e.get("accuracy_mean") is None else \
             f"{e['accuracy_mean']:.1f} ± {e.get('accuracy_std') or 0.0:.1f}"
         rows.append("| " + " | ".join([
             key, e.get("status", "ok"), _fmt(e.get("step_time_s"), 1e3), _fmt(e.get("total_time_s")),
             _fmt(e.get("peak_memory_bytes"), mib, 0), _fmt(e.get("extra_memory_bytes"), mib, 0), acc,
-            _fmt(e.get("speedup_vs_lgm"), 1, 1, "x"), _fmt(e.get("extra_memory_ratio_vs_lgm"), 1, 1, "x")]) + " |")
+            _fmt(e.get("speedup_vs_lgm"), 1, 1, "x"), _fmt(e.get("step_vs_floor"), 1, 2, "x"),
+            _fmt(e.get("extra_memory_ratio_vs_lgm"), 1, 1, "x")]) + " |")
     s, dev, setup = result["settings"], result["device"], result["setup"]
     head = (f"fastdd benchmark, profile {s['profile']}{' (tiny)' if s['tiny'] else ''}: {s['dataset']}, "
             f"{s['encoder']}, ipc {','.join(map(str, s['ipc']))}, {s['steps']} steps (median per-step time after "
@@ -665,7 +776,10 @@ def format_table(result: Dict[str, Any]) -> str:
             f"Command: `{result['command']}`. Shared statistics pass: {_fmt(setup.get('stats_time_s'))} s; "
             f"whole run: {_fmt(setup.get('run_time_s'))} s"
             + (f" (1-min load average {dev['load_average'][0]:.1f} at the start on {dev.get('cores')} cores)"
-               if dev.get("load_average") else "") + ".\n")
+               if dev.get("load_average") else "") + ".\n"
+            "vs floor: the per-step time over the step's floor (the encoder alone, forward and backward over the "
+            "method's synthetic rows plus the forward over its real batch, timed in the run's process right "
+            "after its steps).\n")
     text = head + "\n" + "\n".join(rows) + "\n"
     ops = result.get("ops") or {}
     if ops.get("results"):
@@ -813,7 +927,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                                             workdir / f"{tag}.pt", progress, whole_process=False, cap=cap)
             measured["distilled_path"] = str(workdir / f"{tag}.pt")
             measured_runs[(ipc, method, copies)] = measured
-            print(f"   {measured['status']}: per-step {_fmt(measured.get('step_time_s'), 1e3)} ms, "
+            print(f"   {measured['status']}: per-step {_fmt(measured.get('step_time_s'), 1e3)} ms "
+                  f"(floor {_fmt(measured.get('floor_time_s'), 1e3)} ms), "
                   f"peak {_fmt(measured.get('peak_memory_bytes'), 1 / 1024 ** 2, 0)} MiB, "
                   f"extra {_fmt(measured.get('extra_memory_bytes'), 1 / 1024 ** 2, 0)} MiB"
                   + (f" ({measured['error']})" if measured.get("error") else ""), flush=True)

@@ -212,6 +212,7 @@ def test_out_of_memory_is_reported_not_raised(bench, monkeypatch):
                                  progress=False, whole_process=False)
     assert out["status"] == "oom" and "out of memory" in out["error"]
     assert out["peak_memory_bytes"] is None and out["step_time_s"] is None
+    assert out["floor_time_s"] is None and "oom" in out["floor_status"]  # no floor after a run that did not distil
 
 
 def test_ratios_use_the_reference_lgm_of_the_same_ipc(bench):
@@ -415,3 +416,38 @@ def test_calibration_passes_method_options_and_tables_every_method(calibrate):
     assert (clp["lam"], clp["tau"]) == (registry.defaults("clp")["lam"], registry.defaults("clp")["tau"])
     with pytest.raises(SystemExit):
         calibrate.parse_args(["--inheritance", "sfm,nope"])
+
+
+def test_every_distilled_method_reports_its_floor(bench, tmp_path):
+    """The floor of a step (the encoder alone on the step's rows: the copies K x C x ipc synthetic rows,
+    forward and backward, plus the real batch of a method that draws one), measured in the run's process:
+    floor_time_s > 0 for every distilled run, step / floor in the JSON, the CSV and the table's "vs floor"."""
+    result = bench.main(["--tiny", "--in-process", "--quiet", "--no-evaluate", "--no-plots", "--lgm-copies", "2",
+                         "--out", str(tmp_path)])
+    stem = "cpu-" + result["date"][:10] + "-tiny"
+    saved = json.loads((tmp_path / f"{stem}.json").read_text())
+    classes = 10  # --tiny: the digits, 10 classes
+    distilled = {k: e for k, e in saved["methods"].items() if e["kind"] == "distilled"}
+    assert set(distilled) == {f"{REFERENCE}_k2", *(m for m in registry.names() if m != REFERENCE)}
+    for key, e in distilled.items():
+        spec = registry.get(e["method"])
+        copies = e["copies"] if e["copies"] is not None else spec.defaults["copies"]
+        assert e["floor_status"] == "ok" and e["floor_time_s"] > 0, (key, e.get("floor_status"))
+        assert e["floor_synthetic_rows"] == copies * classes * e["ipc"], key
+        assert e["floor_real_rows"] == (e["ipc"] * copies * classes if spec.needs.real_batches else 0), key
+        assert math.isclose(e["step_vs_floor"], e["step_time_s"] / e["floor_time_s"]), key
+    assert saved["methods"][f"{REFERENCE}_k2"]["floor_real_rows"] == 2 * classes  # LGM's real batch, the run's K
+
+    with open(tmp_path / f"{stem}.csv", newline="") as f:
+        rows = {r["key"]: r for r in csv.DictReader(f)}
+    for key, e in distilled.items():
+        assert float(rows[key]["floor_time_s"]) == pytest.approx(e["floor_time_s"])
+        assert float(rows[key]["step_vs_floor"]) == pytest.approx(e["step_vs_floor"])
+
+    table = (tmp_path / f"{stem}.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| run |"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert "vs floor" in columns and columns.index("vs floor") == columns.index("speed vs LGM") + 1
+    for key, e in distilled.items():
+        line = next(line for line in table.splitlines() if line.startswith(f"| {key} |"))
+        assert [c.strip() for c in line.strip("|").split("|")][columns.index("vs floor")] == f"{e['step_vs_floor']:.2f}x"
