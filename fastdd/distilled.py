@@ -1,5 +1,7 @@
 """``DistilledSet``: the result of ``fastdd.distill`` (images, labels, the method and its settings, the
-loss history), saved and loaded through fastdd's checked file format (``fastdd.files``)."""
+loss history), saved and loaded through fastdd's checked file format (``fastdd.files``): a safetensors
+file by default (any safetensors client reads its ``images`` and ``labels``, and the rest as JSON metadata),
+and the torch zip files of earlier fastdd versions still load."""
 
 from __future__ import annotations
 
@@ -86,16 +88,19 @@ class DistilledSet:
     def ipc(self) -> int:
         return self.images.shape[0] // self.num_classes
 
-    def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write to ``path`` (format version, checksum, atomic)."""
+    def save(self, path: Union[str, os.PathLike], container: str = "safetensors") -> None:
+        """Write to ``path`` (format version, checksum, atomic) as a safetensors file (tensors ``images``
+        and ``labels``; the method, settings, history and class names as JSON in its metadata), or with
+        ``container="torch"`` as the torch zip file of earlier fastdd versions (see ``fastdd.files``)."""
         save_checked({"images": self.images.detach().cpu(), "labels": self.labels.cpu(), "method": self.method,
                       "settings": self.settings, "history": [float(v) for v in self.history],
                       "classes": None if self.classes is None else [str(c) for c in self.classes]},
-                     path, DISTILLED_FORMAT, DISTILLED_VERSION)
+                     path, DISTILLED_FORMAT, DISTILLED_VERSION, container=container)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "DistilledSet":
-        """Read a file written by ``save``; ``CorruptFileError`` if it is truncated or altered."""
+        """Read a file written by ``save`` (either container, told by its first bytes);
+        ``CorruptFileError`` if it is truncated or altered."""
         p = load_checked(path, DISTILLED_FORMAT, DISTILLED_VERSION)
         return cls(p["images"], p["labels"], p["method"], p["settings"], list(p["history"]), p.get("classes"))
 

@@ -1,11 +1,30 @@
 """fastdd's files: atomic writes and the checked, versioned container shared by ``RealStats``,
 ``DistilledSet`` and the checkpoints of ``distill``.
 
-A checked file is a torch zip file holding ``{"format", "format_version", "payload", "checksum"}``, where
-the checksum is a SHA-256 over every tensor's bytes, dtype and shape and every other value of the
-payload. A truncated or altered file raises ``CorruptFileError`` naming the file; it is read with
-``weights_only=True``, so loading runs no code. Every write goes to a temporary file in the same folder
-and is moved over the target with ``os.replace``: a crash while saving leaves the previous file intact.
+A checked file holds a payload (a dict of tensors and plain values), its kind (``format``), its format
+version and its checksum, a SHA-256 over every tensor's bytes, dtype and shape and every other value of
+the payload (``checksum``). It comes in one of two containers, told apart on load by the file's first
+bytes:
+
+- ``"safetensors"`` (what ``RealStats.save`` and ``DistilledSet.save`` write): a safetensors file, readable
+  by any safetensors client (``safetensors.torch.load_file``). Its tensors are the payload's tensors, named
+  by their keys (a tensor nested in a value is named by its path, ``settings/a/0``); its string metadata
+  holds ``format``, ``format_version`` and ``checksum``, and ``payload``: the non-tensor values of the
+  payload as JSON, a tensor standing as ``{"__tensor__": name}`` and the values JSON cannot tell apart as
+  ``{"__tuple__": [...]}``, ``{"__float__": "nan"}``, ``{"__bytes__": hex}``, ``{"__dtype__": "float16"}``
+  and ``{"__dict__": [[key, value], ...]}`` (a dict with keys other than strings). It starts with the
+  8-byte little-endian length of its JSON header, then ``{``. The tensors are written straight from
+  memory, chunk by chunk (a large or memory-mapped bank is never copied whole), and read with
+  safetensors' ``safe_open``, which maps the file: ``load_checked(mmap=True)`` gives tensors whose pages
+  are read on first use.
+- ``"torch"`` (the checkpoints of ``distill``, and every file of fastdd before 0.8's safetensors): a torch
+  zip file (it starts with ``PK``) holding ``{"format", "format_version", "payload", "checksum"}``, read
+  with ``weights_only=True``.
+
+Either way loading runs no code, and a truncated or altered file, a file of another kind or of a newer
+format version raises ``CorruptFileError`` naming the file. Every write goes to a temporary file in the
+same folder and is moved over the target with ``os.replace``: a crash while saving leaves the previous
+file intact.
 """
 
 from __future__ import annotations
@@ -19,6 +38,8 @@ import re
 import secrets
 import socket
 import stat
+import struct
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
@@ -188,12 +209,192 @@ def checksum(payload: Any) -> str:
     return h.hexdigest()
 
 
-def save_checked(payload: dict, path: PathLike, kind: str, version: int) -> None:
-    """Write ``payload`` to ``path`` with its kind, format version and checksum, atomically."""
+CONTAINERS = ("safetensors", "torch")
+
+
+def save_checked(payload: dict, path: PathLike, kind: str, version: int, *, container: str = "torch") -> None:
+    """Write ``payload`` to ``path`` with its kind, format version and checksum, atomically, in
+    ``container``: ``"torch"`` (a torch zip file) or ``"safetensors"`` (see the module's docstring)."""
+    if container not in CONTAINERS:
+        raise ValueError(f"container must be one of {CONTAINERS}, got {container!r}")
+    if container == "safetensors":
+        _save_safetensors(payload, path, kind, int(version))
+        return
     record = {"format": kind, "format_version": int(version), "payload": payload,
               "checksum": checksum(payload)}
     with atomic_write(path) as f:
         torch.save(record, f)
+
+
+# ---- the safetensors container -----------------------------------------------------------------------
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+_TAGS = ("__tensor__", "__tuple__", "__float__", "__bytes__", "__dtype__", "__dict__")
+_ST_CHUNK_BYTES = 1 << 24
+
+
+def _is_safetensors(head: bytes) -> bool:
+    """Whether a file's first bytes are a safetensors file's: an 8-byte little-endian header length,
+    then the header's ``{`` (a torch zip file starts with ``PK``)."""
+    return len(head) >= 9 and head[:2] != b"PK" and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] >= 2
+
+
+def _file_head(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(9)
+
+
+def _encode(obj: Any, name: str, tensors: dict) -> tuple:
+    """``(json value, canonical value)`` of ``obj``: the JSON stands for it in the metadata, the canonical
+    value is what loading gives back (plain types; the same tensors), so the checksum is taken of it.
+    Tensors are added to ``tensors`` under ``name`` (a path)."""
+    if isinstance(obj, torch.Tensor):
+        if obj.dtype not in _ST_DTYPES:
+            raise TypeError(f"cannot store a tensor of dtype {obj.dtype} in a safetensors fastdd file")
+        key, n = name, 1
+        while key in tensors or key == "__metadata__":
+            key, n = f"{name}~{n}", n + 1
+        tensors[key] = obj.detach()
+        return {"__tensor__": key}, tensors[key]
+    if obj is None or isinstance(obj, bool):
+        return obj, obj
+    if isinstance(obj, int):
+        return int(obj), int(obj)
+    if isinstance(obj, float):
+        v = float(obj)
+        if v != v or v in (float("inf"), float("-inf")):
+            return {"__float__": repr(v)}, v
+        return v, v
+    if isinstance(obj, str):
+        return str(obj), str(obj)
+    if isinstance(obj, bytes):
+        return {"__bytes__": bytes(obj).hex()}, bytes(obj)
+    if isinstance(obj, torch.dtype):
+        return {"__dtype__": str(obj).replace("torch.", "")}, obj
+    if isinstance(obj, (list, tuple)):
+        pairs = [_encode(v, f"{name}/{i}", tensors) for i, v in enumerate(obj)]
+        js, canon = [p[0] for p in pairs], [p[1] for p in pairs]
+        return (js, canon) if isinstance(obj, list) else ({"__tuple__": js}, tuple(canon))
+    if isinstance(obj, dict):
+        if all(type(k) is str for k in obj) and not (len(obj) == 1 and next(iter(obj)) in _TAGS):
+            pairs = {k: _encode(v, f"{name}/{k}" if name else k, tensors) for k, v in obj.items()}
+            return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
+        items = []
+        canon = {}
+        for i, (k, v) in enumerate(obj.items()):
+            kj, kc = _encode(k, f"{name}/key{i}", tensors)
+            vj, vc = _encode(v, f"{name}/{i}", tensors)
+            items.append([kj, vj])
+            canon[kc] = vc
+        return {"__dict__": items}, canon
+    raise TypeError(f"cannot store a value of type {type(obj).__name__} in a fastdd file")
+
+
+def _decode(js: Any, tensors: dict) -> Any:
+    """The value ``_encode`` wrote as ``js``; tensors come from ``tensors``. Raises ValueError on JSON no
+    fastdd writer produces (nothing is looked up but tensors and torch's dtypes: no code runs)."""
+    if isinstance(js, list):
+        return [_decode(v, tensors) for v in js]
+    if not isinstance(js, dict):
+        return js
+    if len(js) == 1 and next(iter(js)) in _TAGS:
+        tag, value = next(iter(js.items()))
+        if tag == "__tensor__":
+            if value not in tensors:
+                raise ValueError(f"its payload names a tensor {value!r} the file does not hold")
+            return tensors[value]
+        if tag == "__tuple__" and isinstance(value, list):
+            return tuple(_decode(v, tensors) for v in value)
+        if tag == "__float__" and value in ("nan", "inf", "-inf"):
+            return float(value)
+        if tag == "__bytes__" and isinstance(value, str):
+            return bytes.fromhex(value)
+        if tag == "__dtype__" and isinstance(getattr(torch, str(value), None), torch.dtype):
+            return getattr(torch, value)
+        if tag == "__dict__" and isinstance(value, list) and all(isinstance(p, list) and len(p) == 2 for p in value):
+            return {_decode(k, tensors): _decode(v, tensors) for k, v in value}
+        raise ValueError(f"its payload holds a malformed {tag} value")
+    return {k: _decode(v, tensors) for k, v in js.items()}
+
+
+def _save_safetensors(payload: dict, path: PathLike, kind: str, version: int) -> None:
+    """``payload`` as a safetensors file (see the module's docstring), written atomically; each tensor is
+    written from its own memory, ``_ST_CHUNK_BYTES`` at a time (a non-contiguous one is made contiguous)."""
+    if not isinstance(payload, dict):
+        raise TypeError(f"a fastdd file's payload must be a dict, got {type(payload).__name__}")
+    tensors: dict = {}
+    tree, canonical = _encode(payload, "", tensors)
+    metadata = {"format": str(kind), "format_version": str(int(version)), "checksum": checksum(canonical),
+                "payload": json.dumps(tree, separators=(",", ":"), allow_nan=False)}
+    # larger elements first: with the 8-byte aligned header every tensor starts aligned to its element size
+    names = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for k in names:
+        t = tensors[k]
+        size = t.numel() * t.element_size()
+        header[k] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    if sys.byteorder != "little":
+        raise OSError(errno.ENOTSUP, "safetensors files are little-endian; this machine is not", str(path))
+    with atomic_write(path) as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for k in names:
+            t = tensors[k]
+            if t.numel() == 0:
+                continue
+            flat = t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)
+            step = max(1, _ST_CHUNK_BYTES // t.element_size())
+            for start in range(0, flat.numel(), step):
+                chunk = flat[start:start + step]
+                if chunk.device.type != "cpu":
+                    chunk = chunk.cpu()
+                f.write(memoryview(chunk.view(torch.uint8).numpy()))
+
+
+def _read_safetensors(path: Path, mmap: bool) -> tuple:
+    """``(metadata, tensors)`` of a safetensors file; the tensors map the file when ``mmap``, else they
+    are read into memory. Raises whatever safetensors raises for a malformed or truncated file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        metadata = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if not mmap:
+        tensors = {k: t.clone() for k, t in tensors.items()}
+    return metadata, tensors
+
+
+def _safetensors_record(path: Path, kind: Optional[str], mmap: bool) -> dict:
+    """A fastdd safetensors file as a torch-format record ``{"format", "format_version", "checksum",
+    "payload"}`` (a foreign safetensors file: its tensors, without ``format``). The payload is decoded
+    for a file of ``kind`` only (of any kind for None)."""
+    try:
+        metadata, tensors = _read_safetensors(path, mmap)
+    except PermissionError:
+        raise
+    except Exception as e:
+        raise CorruptFileError(f"{path} is corrupt or not a fastdd file (cannot be read as safetensors: "
+                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no reason given'})"
+                               ) from None
+    if "format" not in metadata or "payload" not in metadata:
+        return tensors
+    try:
+        version = int(metadata.get("format_version", ""))
+    except ValueError:
+        version = metadata.get("format_version")
+    record = {"format": metadata["format"], "format_version": version, "checksum": metadata.get("checksum")}
+    if kind is not None and metadata["format"] != kind:
+        return {**record, "payload": None}
+    try:
+        record["payload"] = _decode(json.loads(metadata["payload"]), tensors)
+    except ValueError as e:  # json.JSONDecodeError is a ValueError
+        raise CorruptFileError(f"{path} is corrupt: its payload metadata cannot be read ({e})") from None
+    return record
 
 
 def _torch_reason(e: Exception) -> str:
@@ -210,8 +411,17 @@ def _torch_reason(e: Exception) -> str:
 
 def load_tensors(path: PathLike) -> Any:
     """``torch.load(path, weights_only=True)`` onto the CPU (no code runs) for files of other tools; a
-    ValueError that says in one line why torch refused it, never advising ``weights_only=False``."""
+    ValueError that says in one line why torch refused it, never advising ``weights_only=False``.
+
+    A safetensors file (told by its first bytes) gives its tensors by name, or for a fastdd file the
+    record a torch-format fastdd file holds (``{"format", "format_version", "checksum", "payload"}``,
+    unchecked: ``load_checked`` checks it)."""
     try:
+        if _is_safetensors(_file_head(Path(path))):
+            try:
+                return _safetensors_record(Path(path), None, mmap=False)
+            except CorruptFileError as e:
+                raise ValueError(f"{path} cannot be read as a tensor file ({e})") from None
         return torch.load(path, map_location="cpu", weights_only=True)
     except (PermissionError, FileNotFoundError, IsADirectoryError):
         raise
@@ -220,7 +430,8 @@ def load_tensors(path: PathLike) -> Any:
 
 
 def load_checked(path: PathLike, kind: str, version: int, *, mmap: bool = False, verify: bool = True) -> dict:
-    """Read a file written by ``save_checked`` and return its payload.
+    """Read a file written by ``save_checked`` (either container, told by its first bytes) and return its
+    payload; its tensors map the file when ``mmap``.
 
     Raises:
         FileNotFoundError: ``path`` does not exist. IsADirectoryError: ``path`` is a folder.
@@ -233,12 +444,25 @@ def load_checked(path: PathLike, kind: str, version: int, *, mmap: bool = False,
     if not path.is_file():
         raise FileNotFoundError(errno.ENOENT, "no such file", str(path))
     try:
+        safetensors_file = _is_safetensors(_file_head(path))
+    except PermissionError:
+        raise
+    except OSError as e:
+        raise CorruptFileError(f"{path} cannot be read ({e.strerror or e})") from None
+    if safetensors_file:
+        return _check_record(_safetensors_record(path, kind, mmap), path, kind, version, verify)
+    try:
         record = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except PermissionError:  # unreadable: not a corrupt file (torch's OSError(EINVAL) of a truncated zip is)
         raise
     except Exception as e:  # truncated zip, garbage bytes, pickle errors: all mean "unreadable"
         raise CorruptFileError(f"{path} is corrupt or not a fastdd file (cannot be read: "
                                f"{_torch_reason(e)})") from None
+    return _check_record(record, path, kind, version, verify)
+
+
+def _check_record(record: Any, path: Path, kind: str, version: int, verify: bool) -> dict:
+    """The payload of a fastdd file's record, after checking its kind, format version and checksum."""
     if not isinstance(record, dict) or "format" not in record or "payload" not in record:
         raise CorruptFileError(f"{path} is not a fastdd file (no format header)")
     if record["format"] != kind:

@@ -13,8 +13,9 @@ Accumulation policy: each batch is reduced by ``fastdd.ops.class_centers`` (fp32
 the batch sums are added into fp64 totals, so the error does not grow with the number of batches; the
 encoder runs un-augmented (its wrapper resizes and centre-crops), without a graph.
 
-Files: ``save``/``load`` use fastdd's checked, versioned container (``fastdd.files``): a truncated or
-altered file raises ``CorruptFileError`` naming the file, and writes are atomic.
+Files: ``save``/``load`` use fastdd's checked, versioned container (``fastdd.files``): a safetensors file
+by default (readable by any safetensors client; the torch zip files of earlier versions still load), a
+truncated or altered file raises ``CorruptFileError`` naming the file, and writes are atomic.
 """
 
 from __future__ import annotations
@@ -222,17 +223,23 @@ class RealStats:
         return cls(counts, sums, sq_sums, features if bank else None, labels if bank else None)
 
     # ---- files -------------------------------------------------------------------------------------
-    def save(self, path: Union[str, os.PathLike], include_bank: bool = True) -> None:
-        """Save to ``path`` (format version, checksum, atomic write). A memory-mapped bank is copied in."""
+    def save(self, path: Union[str, os.PathLike], include_bank: bool = True,
+             container: str = "safetensors") -> None:
+        """Save to ``path`` (format version, checksum, atomic write) as a safetensors file (the tensors by
+        their names, ``counts``, ``sums``, ``sq_sums``, ``bank_features``, ``bank_labels``; the encoder's
+        name and fingerprint as JSON in its metadata), or with ``container="torch"`` as the torch zip file
+        of earlier fastdd versions (see ``fastdd.files``). The bank is written from its own memory, a
+        chunk at a time (a memory-mapped bank is read page by page, not copied whole)."""
         payload = {"counts": self.counts, "sums": self.sums, "sq_sums": self.sq_sums,
                    "bank_features": self.bank_features if include_bank else None,
                    "bank_labels": self.bank_labels if include_bank else None,
                    "encoder_name": self.encoder_name, "encoder_fingerprint": self.encoder_fingerprint}
-        save_checked(payload, path, STATS_FORMAT, STATS_FORMAT_VERSION)
+        save_checked(payload, path, STATS_FORMAT, STATS_FORMAT_VERSION, container=container)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], mmap: bool = True, verify: bool = True) -> "RealStats":
-        """Load statistics saved by ``save``; the bank is memory-mapped from the file when ``mmap``.
+        """Load statistics saved by ``save`` (either container, told by its first bytes); the bank is
+        memory-mapped from the file when ``mmap`` (its pages are read on first use).
 
         Raises ``CorruptFileError`` for a truncated, altered or foreign file.
         """
