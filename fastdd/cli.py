@@ -5,12 +5,17 @@ Subcommands::
     fastdd distill  --data fashion-mnist --encoder torchvision:mobilenet_v2 --method clp --ipc 1 \\
                     --steps 1000 --out fmnist_clp.pt
     fastdd evaluate --distilled fmnist_clp.pt --data fashion-mnist --encoder torchvision:mobilenet_v2
+    fastdd stats    --data fashion-mnist --encoder torchvision:mobilenet_v2 --bank --out fmnist_stats.pt
 
 ``--data`` is a built-in set name (``fastdd.data.DATASETS``) or a folder with one sub-folder of images per
 class (``fastdd.data.load_folder``); ``distill`` uses its training split (a folder: all of it), ``evaluate``
 its test split; a folder has none, so ``evaluate`` needs ``--test-data FOLDER`` (held-out images) with it.
-Errors are one line and exit code 2 (a full disk says so and names the file); Ctrl-C is one line saying how
-to resume (the ``--checkpoint`` file) and exit code 130. ``--encoder`` is a name for ``fastdd.encoders.load``. Every option of
+Errors are one line (no traceback). Exit codes: 0 success; 2 a usage error: argparse's own (an unknown or
+missing flag, a value of the wrong type) and any bad flag value found later (by the checks before any work
+or by the library's validation: an error whose message names an argument, shown as its flag, e.g.
+``--ipc must be an int >= 1``); 1 a failed run: an error while running that no flag value explains (the
+encoder returning NaN, a full disk or another OSError, a corrupt or unreadable input file, a missing
+weights file); Ctrl-C is one line saying how to resume (the ``--checkpoint`` file) and exit code 130. ``--encoder`` is a name for ``fastdd.encoders.load``. Every option of
 ``fastdd.distill`` that a user tunes has a flag; anything left out keeps the library's per-method default.
 """
 
@@ -76,7 +81,44 @@ def _method_options(args) -> dict:
 
 
 def _weights(value: str):
-    return None if value.lower() in ("none", "random") else value
+    return "random" if value.lower() in ("none", "random") else value
+
+
+# Python argument names in the library's messages -> the flags a command-line user typed
+_FLAGS = {"weights": "--weights", "input_size": "--input-size", "ipc": "--ipc", "steps": "--steps", "lr": "--lr",
+          "init": "--init", "parameterization": "--parameterization", "copies": "--copies",
+          "crop_scale": "--crop-scale", "noise_prob": "--noise-prob", "chunk_size": "--chunk-size",
+          "batch_size": "--batch-size", "stats": "--stats", "checkpoint": "--checkpoint",
+          "checkpoint_every": "--checkpoint-every", "seed": "--seed", "seeds": "--seeds", "epochs": "--epochs",
+          "head_init": "--head-init", "device": "--device", "name": "--encoder", "method": "--method",
+          "recipe": "--recipe", "out": "--out", "bank_dtype": "--bank-dtype", "size": "--size", "kind": "--kind"}
+
+
+def _flags_table() -> dict:
+    """``_FLAGS`` and every method option (``lam`` -> ``--lam``)."""
+    from . import methods
+
+    table = {k: f"--{k.replace('_', '-')}" for name in methods.names() for k in methods.get(name).options}
+    return {**table, **_FLAGS}
+
+
+def _as_flags(message: str):
+    """``message`` with Python argument names (``weights=``, ``ipc must``, ``options['lam']``) written as
+    flags, and whether it names one (then the error is a usage error)."""
+    import re
+
+    table = _flags_table()
+    names = "|".join(sorted(map(re.escape, table), key=len, reverse=True))
+    named = [False]
+
+    def flag(match):
+        named[0] = True
+        return table[match.group("name")] + (" " if match.group("eq") else "")
+
+    pattern = (rf"(?<![\w.\-'\[])(?:options\[')?(?P<name>{names})(?:'\])?"
+               rf"(?:(?P<eq>=)|(?=\s+(?:must|is|are|has)\b))")
+    message = re.sub(pattern, flag, message)
+    return message, named[0] or bool(re.search(r"(?<![\w-])--[a-z]", message))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,9 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data", required=True, help="built-in data set name or a folder of class sub-folders")
         p.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
         p.add_argument("--encoder", default="torchvision:mobilenet_v2", help="encoder name (fastdd.encoders.load)")
-        p.add_argument("--weights", type=_weights, default="imagenet",
-                       help="encoder weights: 'imagenet', a local file, or 'none' (random)")
-        p.add_argument("--input-size", type=int, default=None, help="resize encoder inputs to this side")
+        p.add_argument("--weights", type=_weights, default=None,
+                       help="encoder weights: 'imagenet' or torchvision's 'DEFAULT' (found offline), an entry "
+                            "such as IMAGENET1K_V1, a local state-dict file, or 'random'/'none' (random "
+                            "initialisation); default: imagenet for torchvision, random for timm")
+        p.add_argument("--input-size", type=int, default=None,
+                       help="resize encoder inputs to this side (default: none for torchvision, the model's "
+                            "native size for timm)")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
         p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -123,8 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--stats", default=None,
                    help="RealStats file: loaded if it exists, else computed and saved there")
     d.add_argument("--checkpoint", default=None, help="checkpoint file (resumed if it exists)")
-    d.add_argument("--checkpoint-every", type=int, default=100)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--checkpoint-every", type=int, default=100,
+                   help="steps between checkpoint writes (default 100)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the initial images, augmentation and real batches "
+                                                        "(default 0)")
     recipes = sorted({r for m in methods.REGISTRY.values() for r in m.recipes})
     d.add_argument("--recipe", choices=recipes or None, default=None,
                    help="a method's published recipe in one flag (explicit flags win; 'fastdd methods' and the "
@@ -143,8 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--test-data", default=None,
                    help="held-out images: a folder, or a built-in set's test split (default: the test split of "
                         "a built-in --data; required when --data is a folder)")
-    e.add_argument("--epochs", type=int, default=None)
-    e.add_argument("--seeds", type=int, nargs="+", default=None)
+    e.add_argument("--epochs", type=int, default=None, help="probe training epochs (default: fastdd.evaluate's)")
+    e.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="probe seeds, one accuracy each (default: fastdd.evaluate's)")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
 
     b = sub.add_parser("baseline", help="a real-image baseline set: random real images or a coreset")
@@ -156,6 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ipc", type=int, default=1, help="images per class")
     b.add_argument("--seed", type=int, default=0, help="random and centroids: the draw / k-means seed")
     b.add_argument("--out", required=True, help="where to save the set (a DistilledSet file)")
+
+    s = sub.add_parser("stats", help="compute and save the RealStats (class counts, means, feature bank) of a data "
+                                     "set with an encoder, for 'fastdd distill --stats'")
+    common(s)
+    s.add_argument("--bank", action=argparse.BooleanOptionalAction, default=False,
+                   help="also keep every feature (CLP needs the bank; default --no-bank)")
+    s.add_argument("--bank-dtype", choices=tuple(_BANK_DTYPES), default="float16",
+                   help="dtype of the feature bank (default float16)")
+    s.add_argument("--batch-size", type=int, default=256, help="real images per encoder call (default 256)")
+    s.add_argument("--out", required=True, help="where to save the RealStats (.pt)")
 
     x = sub.add_parser("export", help="write a distilled set in a format other tools read")
     x.add_argument("--distilled", required=True, help="the set (any format 'fastdd evaluate' reads)")
@@ -182,14 +241,15 @@ def _load_split(data: str, size: int, test: bool, flag: str = "--data"):
             raise ValueError(f"--data {data!r} is a folder, which has no test split: pass the held-out images "
                              "as --test-data FOLDER (scoring the training images would overstate the accuracy)")
         return fdata.load_folder(data, size=size)
-    raise SystemExit(f"fastdd: {flag} {data!r} is neither a built-in data set ({', '.join(sorted(fdata.DATASETS))}) "
+    raise ValueError(f"{flag} {data!r} is neither a built-in data set ({', '.join(sorted(fdata.DATASETS))}) "
                      "nor a folder")
 
 
 def _encoder(args):
     from . import encoders
 
-    return encoders.load(args.encoder, weights=args.weights, input_size=args.input_size, device=args.device)
+    given = {"weights": args.weights} if args.weights is not None else {}  # else the encoder's default
+    return encoders.load(args.encoder, input_size=args.input_size, device=args.device, **given)
 
 
 def _distill(args) -> int:
@@ -282,6 +342,31 @@ def _baseline(args) -> int:
     return 0
 
 
+_BANK_DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
+
+
+def _stats(args) -> int:
+    import time
+
+    import torch
+
+    from .stats import RealStats
+    from .validate import output_path, positive_int
+
+    output_path("--out", args.out)
+    positive_int("--batch-size", args.batch_size)
+    start = time.perf_counter()
+    split = _load_split(args.data, args.size, test=False)
+    stats = RealStats.from_data(split.images, _encoder(args), labels=split.labels, bank=args.bank,
+                                bank_dtype=getattr(torch, _BANK_DTYPES[args.bank_dtype]), batch_size=args.batch_size,
+                                device=args.device, progress=not args.no_progress)
+    stats.save(args.out)
+    bank = f", bank {args.bank_dtype}" if args.bank else ""
+    print(f"fastdd: saved RealStats of {len(split.images)} images, {stats.num_classes} classes, D={stats.feature_dim}"
+          f"{bank} to {args.out} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
 def _load_distilled(path: str):
     """A distilled set in any format ``fastdd.export.load`` reads, named by its flag when missing."""
     from pathlib import Path
@@ -333,17 +418,20 @@ def _methods(args) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     run = {"distill": _distill, "evaluate": _evaluate, "methods": _methods, "export": _export,
-           "baseline": _baseline}[args.command]
+           "baseline": _baseline, "stats": _stats}[args.command]
     try:
         if getattr(args, "device", None) is not None:  # before an encoder is loaded onto it
             from .encoders import resolve_device
 
             resolve_device(args.device)
         return run(args)
-    except (ValueError, TypeError, OSError) as e:
-        # bad arguments, data or files (OSError: unreadable, unwritable, a full disk): one clear line, no traceback
-        print(f"fastdd {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, TypeError, OSError, ArithmeticError, RuntimeError) as e:
+        # one clear line, no traceback: a bad flag value (the message names the argument, written as its
+        # flag) is a usage error, 2; anything else failed while running (a corrupt file, NaN features, a
+        # full disk), 1
+        message, usage = _as_flags(str(e))
+        print(f"fastdd {args.command}: error: {message}", file=sys.stderr)
+        return 2 if usage else 1
     except KeyboardInterrupt:  # Ctrl-C: one line that says how to go on, and the shell's 128 + SIGINT
         print(f"fastdd {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130

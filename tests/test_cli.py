@@ -72,8 +72,8 @@ def test_errors_are_one_line(folder, tmp_path, capsys):
                      "--out", str(tmp_path / "x.pt")])
     err = capsys.readouterr().err
     assert code == 2 and "ipc" in err and "Traceback" not in err
-    with pytest.raises(SystemExit):
-        cli.main(["distill", "--data", str(tmp_path / "nowhere"), *ENCODER, "--out", "x.pt"])
+    code = cli.main(["distill", "--data", str(tmp_path / "nowhere"), *ENCODER, "--out", str(tmp_path / "x.pt")])
+    assert code == 2 and "--data" in capsys.readouterr().err
 
 
 def test_python_dash_m_entry_point():
@@ -90,7 +90,7 @@ def _no_work(*args, **kwargs):
     (["--out", "DIR"], "--out=.* is a directory"),
     (["--out", "DIR/file/x.pt"], "is a file, not a folder"),
     (["--out", "DIR/x.pt", "--checkpoint", "DIR"], "--checkpoint=.* is a directory"),
-    (["--out", "DIR/x.pt", "--device", "meta"], "device='meta'"),
+    (["--out", "DIR/x.pt", "--device", "meta"], "--device 'meta'"),
 ])
 def test_bad_outputs_and_device_are_refused_before_any_work(tmp_path, capsys, monkeypatch, extra, match):
     (tmp_path / "file").write_text("x")
@@ -110,7 +110,7 @@ def test_os_errors_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli, "_distill", fails)
     code = cli.main(["distill", "--data", str(tmp_path), *ENCODER, "--out", str(tmp_path / "x.pt")])
     err = capsys.readouterr().err
-    assert code == 2 and "Is a directory" in err and len(err.strip().splitlines()) == 1
+    assert code == 1 and "Is a directory" in err and len(err.strip().splitlines()) == 1  # a failed run
 
 
 def test_real_batch_flag_message(capsys):
@@ -188,7 +188,7 @@ def test_files_that_cannot_be_read_say_why(folder, tmp_path, capsys, monkeypatch
     for distilled, match in [(tmp_path, "holds no image in class sub-folders"), (pickled, "cannot be read")]:
         code = cli.main(["evaluate", "--data", "digits", "--distilled", str(distilled), *ENCODER])
         err = capsys.readouterr().err
-        assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(match, err), err
+        assert code == 1 and len(err.strip().splitlines()) == 1 and re.search(match, err), err  # a failed run
         assert "weights_only" not in err and "Traceback" not in err
 
 
@@ -253,3 +253,53 @@ def test_baseline_sets_from_the_command_line(folder, tmp_path, capsys, kind):
         select = {"centroids": probe.class_centroids, "kcenter": probe.kcenter_greedy, "herding": probe.herding}[kind]
         expected = select(split.images, split.labels, encoder, ipc=2, progress=False)[0]
     assert torch.equal(got.images, expected)
+
+
+def test_exit_codes_2_for_usage_errors_1_for_failed_runs(folder, tmp_path, capsys, monkeypatch):
+    """Bad flag values found after parsing exit 2 and name the flag, not the Python argument; an error
+    while running (NaN features, a full disk) exits 1."""
+    out = ["--out", str(tmp_path / "x.pt")]
+    for extra, flag in [(["--ipc", "0"], "--ipc"), (["--lr", "-1"], "--lr"), (["--weights", "NOPE_V9"], "--weights"),
+                        (["--checkpoint-every", "0"], "--checkpoint-every"), (["--noise-prob", "2"], "--noise-prob")]:
+        args = ["distill", "--data", str(folder), *ENCODER, "--steps", "1", *out, *extra]
+        if extra[0] == "--weights":
+            args = ["distill", "--data", str(folder), "--size", "16", "--no-progress", "--steps", "1", *out, *extra]
+        code = cli.main(args)
+        err = capsys.readouterr().err
+        assert code == 2 and flag in err and "=" not in err.split(flag)[0][-2:], err
+        assert not re.search(r"\b(weights|ipc|lr|checkpoint_every|noise_prob)=", err), err
+
+    def nan_run(*a, **k):
+        raise ValueError("the encoder returned NaN or Inf features for the synthetic images at step 3")
+
+    monkeypatch.setattr("fastdd.api.distill", nan_run)
+    code = cli.main(["distill", "--data", str(folder), *ENCODER, *out])
+    assert code == 1 and "NaN" in capsys.readouterr().err
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device", str(tmp_path / "x.pt"))
+
+    monkeypatch.setattr("fastdd.api.distill", full_disk)
+    assert cli.main(["distill", "--data", str(folder), *ENCODER, *out]) == 1
+
+
+def test_every_flag_has_help():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            assert action.help, (name, action.option_strings)
+
+
+def test_stats_command_writes_real_stats(folder, tmp_path, capsys):
+    from fastdd.stats import RealStats
+
+    out = tmp_path / "stats.pt"
+    code = cli.main(["stats", "--data", str(folder), "--encoder", "timm:resnet18", "--weights", "random",
+                     "--input-size", "32", "--size", "16", "--no-progress", "--bank", "--bank-dtype", "float32",
+                     "--out", str(out)])
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and len(printed) == 1 and str(out) in printed[0] and re.search(r"\d+\.\d s\)$", printed[0])
+    stats = RealStats.load(out)
+    assert stats.num_classes == 3 and stats.feature_dim == 512 and stats.has_bank
+    assert cli.main(["stats", "--data", str(folder), *ENCODER, "--no-bank", "--out", str(tmp_path)]) == 2
