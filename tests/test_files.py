@@ -141,7 +141,7 @@ def test_a_full_disk_is_an_error_that_names_the_file_and_says_so(tmp_path):
     assert save["message"] == f"cannot write {path}: the disk is full (no space left on device)"
     assert res["left"] == []  # the temporary file is gone
     err = res["cli_err"]
-    assert res["cli_code"] == 2 and len(err.strip().splitlines()) == 1, res
+    assert res["cli_code"] == 1 and len(err.strip().splitlines()) == 1, res  # a failed run, not a usage error
     assert "set.pt: the disk is full" in err and "inline_container" not in err and "Traceback" not in err
 
 
