@@ -62,7 +62,8 @@ def _title(result: dict) -> str:
 
 
 def plot_time_memory(result: dict, path: Path) -> Optional[Path]:
-    """Bars of per-step time and peak memory for every distillation run that finished or was timed."""
+    """Bars of per-step time and peak memory for every distillation run that finished or was timed; on the
+    time panel a dashed line marks each run's floor (``floor_time_s``), where it was measured."""
     runs = [(k, v) for k, v in result["methods"].items()
             if v.get("kind") == "distilled" and v.get("step_time_s") is not None]
     if not runs:
@@ -84,6 +85,12 @@ def plot_time_memory(result: dict, path: Path) -> Optional[Path]:
         ax.set_xticklabels(names, rotation=30, ha="right")
         ax.set_ylabel(label, fontsize=8)
         ax.set_title(f"{title} (ratio: {registry.reference().name.upper()} / method)", fontsize=9)
+        if key == "step_time_s":  # each run's floor (the encoder alone on the step's rows), where measured
+            floors = [(i, v["floor_time_s"] * scale) for i, (_, v) in enumerate(runs) if v.get("floor_time_s")]
+            if floors:
+                ax.hlines([f for _, f in floors], [i - 0.4 for i, _ in floors], [i + 0.4 for i, _ in floors],
+                          colors="black", linestyles="dashed", linewidth=1.2, label="floor (encoder alone)")
+                ax.legend(fontsize=7, loc="upper right")
         for bar, (_, v) in zip(bars, runs):
             ratio = v.get(ratio_key)
             if ratio is not None:
