@@ -418,13 +418,12 @@ def load_tensors(path: PathLike) -> Any:
     unchecked: ``load_checked`` checks it)."""
     try:
         if _is_safetensors(_file_head(Path(path))):
-            try:
-                return _safetensors_record(Path(path), None, mmap=False)
-            except CorruptFileError as e:
-                raise ValueError(f"{path} cannot be read as a tensor file ({e})") from None
+            return _safetensors_record(Path(path), None, mmap=False)
         return torch.load(path, map_location="cpu", weights_only=True)
     except (PermissionError, FileNotFoundError, IsADirectoryError):
         raise
+    except CorruptFileError as e:
+        raise ValueError(f"{path} cannot be read as a tensor file ({e})") from None
     except Exception as e:
         raise ValueError(f"{path} cannot be read as a tensor file ({_torch_reason(e)})") from None
 

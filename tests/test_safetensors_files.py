@@ -168,3 +168,15 @@ def test_a_tampered_safetensors_file_is_refused(tmp_path):
         DistilledSet.load(tmp_path / "model.safetensors")
     assert DistilledSet.load(tmp_path / "set.safetensors", ) is not None
     files.load_checked(tmp_path / "pixels.safetensors", DISTILLED_FORMAT, DISTILLED_VERSION, verify=False)
+
+
+def test_export_reads_safetensors_files_of_fastdd_and_of_other_tools(tmp_path):
+    out = _set()
+    out.save(tmp_path / "set.safetensors")
+    record = files.load_tensors(tmp_path / "set.safetensors")
+    assert record["format"] == DISTILLED_FORMAT and torch.equal(record["payload"]["images"], out.images)
+    save_file({"weight": torch.ones(2)}, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    assert set(files.load_tensors(tmp_path / "model.safetensors")) == {"weight"}  # a foreign file: its tensors
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "set.safetensors").read_bytes()[:40])
+    with pytest.raises(ValueError, match=r"cut\.safetensors cannot be read as a tensor file \(\S+cut\.safetensors is"):
+        files.load_tensors(tmp_path / "cut.safetensors")
