@@ -361,7 +361,26 @@ def _probe_settings(n: int, epochs: int, batch_size: int, lr: float, head_init: 
 # evaluate
 # --------------------------------------------------------------------------------------------------
 
-def evaluate(distilled, encoder, test_images: torch.Tensor, test_labels: torch.Tensor, *,
+def _test_set(test_images, test_labels) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The test set as tensors, from the same kinds of source as ``distill`` takes: images ``[M,3,H,W]``
+    in [0,1] with ``test_labels``, uint8 or one-channel images, a ``fastdd.data.Split``, a map-style
+    Dataset or a DataLoader (read once through ``fastdd.data.iterate_batches``, which validates them)."""
+    from .data import Split, iterate_batches
+
+    if isinstance(test_images, Split):
+        if test_labels is not None:
+            raise ValueError("test_labels is not used with a fastdd.data.Split: it holds its own labels")
+        test_images, test_labels = test_images.images, test_images.labels
+    if isinstance(test_images, torch.Tensor) and test_images.is_floating_point() and test_images.dim() == 4 \
+            and test_images.shape[1] == 3:
+        return test_images, test_labels  # the common case: checked as it is, no copy
+    if isinstance(test_images, torch.Tensor) and test_labels is None:
+        raise ValueError("test_labels is required when test_images is a tensor")
+    batches = list(iterate_batches(test_images, test_labels))
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+
+def evaluate(distilled, encoder, test_images, test_labels: Optional[torch.Tensor] = None, *,
              epochs: int = DEFAULT_EPOCHS, seeds: Sequence[int] = DEFAULT_SEEDS,
              views: Optional[int] = DEFAULT_VIEWS, batch_size: Optional[int] = None,
              lr: Optional[float] = None, crop_scale: Sequence[float] = CROP_SCALE,
@@ -375,8 +394,9 @@ def evaluate(distilled, encoder, test_images: torch.Tensor, test_labels: torch.T
             ``fastdd.export.load`` reads (fastdd's, LGM's data.pth, DC-Bench's, an ImageFolder).
         encoder: the frozen encoder (a ``FrozenEncoder``, any nn.Module, or a name for
             ``fastdd.encoders.load``); the probe runs on its features.
-        test_images, test_labels: the real test set (``[M,3,H,W]`` in [0,1], ``[M]``); each of its
-            classes needs distilled images.
+        test_images, test_labels: the real test set: images ``[M,3,H,W]`` in [0,1] (uint8 and one
+            channel too) with labels ``[M]``, or a ``fastdd.data.Split``, Dataset or DataLoader (labels
+            None); each of its classes needs distilled images.
         epochs: passes over the N images (one step per epoch when N <= 100).
         seeds: probe seeds; each trains one probe (initialisation, augmentation, batch order).
         views: augmented views encoded per image and seed (see the module docstring); None re-encodes
@@ -394,7 +414,7 @@ def evaluate(distilled, encoder, test_images: torch.Tensor, test_labels: torch.T
         ``ProbeResult`` with the per-seed accuracies, their mean and std, and the settings.
     """
     images, labels = _check_set(*_unpack_distilled(distilled), "distilled")
-    test_images, test_labels = _check_set(test_images, test_labels, "test")
+    test_images, test_labels = _check_set(*_test_set(test_images, test_labels), "test")
     epochs = positive_int("epochs", epochs)
     head_init = one_of("head_init", head_init, HEAD_INITS)
     views = positive_int("views", views, allow_none=True)

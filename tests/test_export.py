@@ -143,3 +143,34 @@ def test_named_writers_and_evaluate_from_a_path(tmp_path, monkeypatch):
     out.export(tmp_path / "data.pth", "lgm")
     images, labels = probe._unpack_distilled(str(tmp_path / "data.pth"))
     assert torch.equal(images, out.images) and torch.equal(labels, out.labels)
+
+
+def test_evaluate_takes_the_kinds_of_test_data_distill_takes():
+    from fastdd import encoders, probe
+    from fastdd.data import Split
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 6, 3, stride=2, padding=1)
+
+        def forward(self, x):
+            return torch.tanh(self.conv(x)).mean(dim=(2, 3))
+
+    torch.manual_seed(0)
+    encoder = encoders.wrap(Tiny())
+    out = _set()
+    g = torch.Generator().manual_seed(2)
+    x = (torch.rand(12, 3, 8, 10, generator=g) * 255).round().to(torch.uint8)
+    y = torch.arange(3).repeat(4)
+    kw = dict(epochs=2, seeds=(0,), progress=False)
+    reference = probe.evaluate(out, encoder, x.float() / 255, y, **kw).accuracies
+    dataset = torch.utils.data.TensorDataset(x.float() / 255, y)
+    for images, labels in [(x, y), (Split(x.float() / 255, y, ["a", "b", "c"]), None), (dataset, None),
+                           (torch.utils.data.DataLoader(dataset, batch_size=5), None)]:
+        assert probe.evaluate(out, encoder, images, labels, **kw).accuracies == reference
+    grey = (x.float() / 255)[:, :1]
+    assert probe.evaluate(out, encoder, grey, y, **kw).accuracies == \
+        probe.evaluate(out, encoder, grey.expand(-1, 3, -1, -1).contiguous(), y, **kw).accuracies
+    with pytest.raises(ValueError, match="test_labels is required"):
+        probe.evaluate(out, encoder, x, None, **kw)
