@@ -455,7 +455,6 @@ def run_distillation(s: Dict[str, Any], data: Dict[str, Any], encoder, stats, me
     image_size = int(data["train_images"].shape[-1])
     kwargs = distill_kwargs(s, method, ipc, copies, image_size, device)
     stamps: List[float] = []
-    losses: List[float] = []
     cap = s.get("max_run_seconds") if cap is None else cap
 
     def on_step(step, loss):

@@ -280,6 +280,28 @@ def _check_encoder_output(real: _Real, labels, encoder, dev) -> None:
     check_informative(features, "the features of the real images", encoder.name)
 
 
+def _settle_stats(a: _Arguments, real: _Real, given: Optional[RealStats], stats_file: Optional[Path],
+                  reuse: bool, encoder, fingerprint: str) -> None:
+    """``real.stats`` once the pass is done: those kept beside the checkpoint (``reuse``), or the ones the
+    pass computed (saved beside the checkpoint), or the ones ``given``; then checked against the run."""
+    name = "stats"
+    if reuse:
+        real.stats, name = RealStats.load(stats_file), f"statistics file {stats_file}"
+    elif real.stats is not None and stats_file is not None:
+        real.stats.save(stats_file)
+    elif given is not None:
+        real.stats = given
+    if real.stats is not None:
+        _check_stats(real.stats, name, a.method, real.scan.counts, real.feature_dim, encoder, fingerprint)
+
+
+def _real_batches(a: _Arguments, real: _Real, labels) -> Optional[RealBatches]:
+    """The sampler of fresh real batches, for methods that need one."""
+    if not a.method.needs.real_batches:
+        return None
+    return RealBatches(real.source, real.scan.labels, labels, real.scan.counts.shape[0])
+
+
 def _initial_images(a: _Arguments, real: _Real, labels, encoder, dev, progress: bool) -> Optional[torch.Tensor]:
     """The images the synthetic set starts from (None: noise)."""
     n_syn, size = real.scan.counts.shape[0] * a.ipc, tuple(real.scan.image_size)
@@ -522,15 +544,7 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
     settings = _settings(a, real, encoder, fingerprint, dev, bank_dtype)
     # a checkpoint is checked against this run before anything saved beside it is reused
     resumed = checkpoints.load(a.checkpoint, settings) if a.checkpoint is not None and a.checkpoint.exists() else None
-    stats_name = "stats"
-    if reuse_stats:
-        real.stats, stats_name = RealStats.load(stats_file), f"statistics file {stats_file}"
-    elif needs_stats and stats_file is not None:
-        real.stats.save(stats_file)
-    elif stats is not None:
-        real.stats = stats
-    if real.stats is not None:
-        _check_stats(real.stats, stats_name, a.method, real.scan.counts, real.feature_dim, encoder, fingerprint)
+    _settle_stats(a, real, stats, stats_file, reuse_stats, encoder, fingerprint)
     _check_encoder_output(real, labels, encoder, dev)
 
     # ---- the synthetic set, the method's objective, the loop
@@ -541,9 +555,7 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
     real.scan.samples = None  # the parameters hold them now
     context = methods.Context(
         num_classes=num_classes, ipc=a.ipc, copies=a.copies, device=dev, cpu_generator=cpu_gen,
-        device_generator=dev_gen, stats=real.stats,
-        real_batches=RealBatches(real.source, real.scan.labels, labels, num_classes)
-        if a.method.needs.real_batches else None)
+        device_generator=dev_gen, stats=real.stats, real_batches=_real_batches(a, real, labels))
     loop = _Loop(a, synth, a.method.build(context, a.options), encoder, num_classes, dev, cpu_gen, dev_gen,
                  settings, callback)
     if resumed is not None:

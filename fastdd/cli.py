@@ -121,31 +121,28 @@ def _as_flags(message: str):
     return message, named[0] or bool(re.search(r"(?<![\w-])--[a-z]", message))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastdd", description="Dataset distillation for frozen vision encoders.")
-    from . import __version__, export, methods
-    from .probe import HEAD_INITS
+def _add_common(p: argparse.ArgumentParser) -> None:
+    """The data, encoder and device flags every data-reading subcommand shares."""
+    p.add_argument("--data", required=True, help="built-in data set name or a folder of class sub-folders")
+    p.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
+    p.add_argument("--encoder", default="torchvision:mobilenet_v2", help="encoder name (fastdd.encoders.load)")
+    p.add_argument("--weights", type=_weights, default=None,
+                   help="encoder weights: 'imagenet' or torchvision's 'DEFAULT' (found offline), an entry "
+                        "such as IMAGENET1K_V1, a local state-dict file, or 'random'/'none' (random "
+                        "initialisation); default: imagenet for torchvision, random for timm")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="resize encoder inputs to this side (default: none for torchvision, the model's "
+                        "native size for timm)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
-    parser.add_argument("--version", action="version", version=f"fastdd {__version__}")
 
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def common(p):
-        p.add_argument("--data", required=True, help="built-in data set name or a folder of class sub-folders")
-        p.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
-        p.add_argument("--encoder", default="torchvision:mobilenet_v2", help="encoder name (fastdd.encoders.load)")
-        p.add_argument("--weights", type=_weights, default=None,
-                       help="encoder weights: 'imagenet' or torchvision's 'DEFAULT' (found offline), an entry "
-                            "such as IMAGENET1K_V1, a local state-dict file, or 'random'/'none' (random "
-                            "initialisation); default: imagenet for torchvision, random for timm")
-        p.add_argument("--input-size", type=int, default=None,
-                       help="resize encoder inputs to this side (default: none for torchvision, the model's "
-                            "native size for timm)")
-        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-        p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+def _add_distill(sub) -> None:
+    """The ``distill`` subcommand: the loop's flags with each method's defaults, and its options."""
+    from . import methods
 
     d = sub.add_parser("distill", help="distil a data set into a few images per class")
-    common(d)
+    _add_common(d)
     d.add_argument("--method", choices=methods.names(), default="clp",
                    help="; ".join(f"{m.name}: {m.title}" for m in methods.REGISTRY.values()) + " (default clp)")
     d.add_argument("--ipc", type=int, default=1, help="images per class")
@@ -178,11 +175,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a method's published recipe in one flag (explicit flags win; 'fastdd methods' and the "
                         "README's Presets section say what each sets)")
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastdd", description="Dataset distillation for frozen vision encoders.")
+    from . import __version__, export
+    from .probe import HEAD_INITS
+
+    parser.add_argument("--version", action="version", version=f"fastdd {__version__}")
+
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _add_distill(sub)
+
     m = sub.add_parser("methods", help="list the registered methods, their defaults and options")
     m.add_argument("--markdown", action="store_true", help="print the README's method table")
 
     e = sub.add_parser("evaluate", help="linear-probe accuracy of a distilled set on the real test set")
-    common(e)
+    _add_common(e)
     e.add_argument("--distilled", required=True,
                    help="the set: a file of 'fastdd distill', an LGM/SFM data.pth, a DC-Bench folder (or its "
                         "images_best.pt) or an ImageFolder of images (fastdd.export.load)")
@@ -197,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the result as JSON")
 
     b = sub.add_parser("baseline", help="a real-image baseline set: random real images or a coreset")
-    common(b)
+    _add_common(b)
     b.add_argument("--kind", required=True, choices=tuple(_BASELINES),
                    help="random: ipc random real images a class; centroids: those nearest the class centres "
                         "(k-means at ipc > 1); kcenter: a k-center greedy coreset; herding: a herding coreset "
@@ -208,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("stats", help="compute and save the RealStats (class counts, means, feature bank) of a data "
                                      "set with an encoder, for 'fastdd distill --stats'")
-    common(s)
+    _add_common(s)
     s.add_argument("--bank", action=argparse.BooleanOptionalAction, default=False,
                    help="also keep every feature (CLP needs the bank; default --no-bank)")
     s.add_argument("--bank-dtype", choices=tuple(_BANK_DTYPES), default="float16",

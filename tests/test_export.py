@@ -6,6 +6,7 @@ import torch
 from fastdd import export
 from fastdd.distilled import DistilledSet
 from fastdd.files import CorruptFileError
+from test_api import _TinyNet  # the distill tests' tiny encoder
 
 
 def _set(classes=None):
@@ -112,20 +113,12 @@ def test_distill_keeps_the_class_names_of_its_source_and_takes_a_split():
     from fastdd.data import Split
     from fastdd.encoders import wrap
 
-    class Tiny(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(3, 6, 3, stride=2, padding=1)
-
-        def forward(self, x):
-            return torch.tanh(self.conv(x)).mean(dim=(2, 3))
-
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     y = torch.arange(3).repeat(6)
     x = torch.rand(len(y), 3, 10, 10, generator=g) * 0.5 + 0.2
     x[torch.arange(len(y)), y] += 0.25
-    split, encoder = Split(x, y, ["ant", "bee", "cat"]), wrap(Tiny())
+    split, encoder = Split(x, y, ["ant", "bee", "cat"]), wrap(_TinyNet())
     out = fastdd.distill(split, encoder, "sfm", steps=1, progress=False, batch_size=8)
     assert out.classes == ["ant", "bee", "cat"]
     plain = fastdd.distill(x, encoder, "sfm", labels=y, steps=1, progress=False, batch_size=8)
@@ -149,16 +142,8 @@ def test_evaluate_takes_the_kinds_of_test_data_distill_takes():
     from fastdd import encoders, probe
     from fastdd.data import Split
 
-    class Tiny(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(3, 6, 3, stride=2, padding=1)
-
-        def forward(self, x):
-            return torch.tanh(self.conv(x)).mean(dim=(2, 3))
-
     torch.manual_seed(0)
-    encoder = encoders.wrap(Tiny())
+    encoder = encoders.wrap(_TinyNet())
     out = _set()
     g = torch.Generator().manual_seed(2)
     x = (torch.rand(12, 3, 8, 10, generator=g) * 255).round().to(torch.uint8)

@@ -10,6 +10,7 @@ from fastdd import encoders, methods
 from fastdd.methods import DistributionMatchingLoss
 from fastdd.methods.base import LOOP_DEFAULTS
 from fastdd.stats import RealStats
+from test_api import _TinyNet  # the distill tests' tiny encoder
 
 
 def test_registry_lists_every_method_once_with_its_declaration():
@@ -97,15 +98,6 @@ def test_dm_loss_refuses_bad_input():
 
 # ---- a method added to the registry runs end to end -----------------------------------------------
 
-class _Tiny(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 6, 3, stride=2, padding=1)
-
-    def forward(self, x):
-        return torch.tanh(self.conv(x)).mean(dim=(2, 3))
-
-
 def _toy_build(context, options):
     means = context.stats.means.to(context.device)
 
@@ -125,7 +117,7 @@ def test_a_registered_method_runs_through_distill_and_the_command_line(monkeypat
     y = torch.arange(3).repeat(6)
     x = (torch.rand(len(y), 3, 10, 10, generator=g) * 0.5 + 0.2)
     x[torch.arange(len(y)), y] += 0.25
-    out = api.distill(x, encoders.wrap(_Tiny()), "toy", labels=y, ipc=2, options={"scale": 3.0}, progress=False,
+    out = api.distill(x, encoders.wrap(_TinyNet()), "toy", labels=y, ipc=2, options={"scale": 3.0}, progress=False,
                       batch_size=8)
     assert out.method == "toy" and out.images.shape == (6, 3, 10, 10) and len(out.history) == 3
     assert out.settings["scale"] == 3.0 and out.history[-1] < out.history[0]

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..validate import checks_enabled, features as check_features
-from .base import Context, Method, Objective, RealNeeds, Recipe, class_means
+from .base import Method, Objective, RealNeeds, Recipe, class_means
 
 __all__ = ["DistributionMatchingLoss", "METHOD"]
 
