@@ -46,6 +46,7 @@ __all__ = [
     "load",
     "load_folder",
     "iterate_batches",
+    "batch_loader",
     "num_classes_of",
     "DataError",
 ]
@@ -357,16 +358,28 @@ def _check_batch(images: torch.Tensor, labels: torch.Tensor, where: str) -> Tupl
     return images, labels
 
 
-def iterate_batches(source, labels: Optional[torch.Tensor] = None, batch_size: int = 256
+def _count(name: str, value, minimum: int) -> int:
+    """``value`` as an int >= ``minimum`` (0 or 1); a DataError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "positive" if minimum > 0 else "non-negative"
+        raise DataError(f"{name} must be a {kind} int, got {value!r}")
+    return value
+
+
+def iterate_batches(source, labels: Optional[torch.Tensor] = None, batch_size: int = 256, workers: int = 0
                     ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     """Yield validated ``(images [B,3,H,W] float32 in [0,1], labels int64 [B])`` batches from ``source``.
 
     ``source`` is a tensor ``[N,3,H,W]`` (then ``labels`` is required), a map-style ``Dataset`` yielding
     ``(image, label)`` (images as tensors ``[3,H,W]``, PIL images or uint8 arrays), or a ``DataLoader``
-    yielding ``(images, labels)`` batches. Only one batch is held at a time.
+    yielding ``(images, labels)`` batches. Only one batch is held at a time (a few more with workers).
+
+    ``workers``: for a map-style Dataset, the processes that read its items (``batch_loader``): 0 reads
+    them in this process; any number gives the same batches, in the same order, checked with the same
+    messages. A tensor is sliced here and a DataLoader has its own workers: neither uses it.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise DataError(f"batch_size must be a positive int, got {batch_size!r}")
+    batch_size = _count("batch_size", batch_size, 1)
+    workers = _count("workers", workers, 0)
     if isinstance(source, torch.Tensor):
         if labels is None:
             raise DataError("labels is required when images are given as a tensor")
@@ -381,20 +394,77 @@ def iterate_batches(source, labels: Optional[torch.Tensor] = None, batch_size: i
         raise DataError("labels= is only used with a tensor of images; a Dataset or DataLoader yields its own")
     if isinstance(source, torch.utils.data.DataLoader):
         batches = source
-    elif hasattr(source, "__getitem__") and hasattr(source, "__len__"):
+    elif _is_map_style(source):
         if len(source) == 0:
             raise DataError("the dataset is empty")
-        batches = _batched_dataset(source, batch_size)
+        batches = _batched_dataset(source, batch_size) if workers == 0 else batch_loader(source, batch_size, workers)
     else:
         raise DataError(f"images must be a tensor, a map-style Dataset or a DataLoader, got {type(source).__name__}")
     seen = 0
     for i, batch in enumerate(batches):
+        if isinstance(batch, DataError):  # an item batch_loader's reader refused (in a worker process)
+            raise batch
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise DataError(f"batch {i} of the data source is not an (images, labels) pair")
         seen += 1
         yield _check_batch(batch[0], batch[1], f"batch {i} of the data source")
     if seen == 0:
         raise DataError("the data source yielded no batch")
+
+
+def _is_map_style(source) -> bool:
+    return hasattr(source, "__getitem__") and hasattr(source, "__len__")
+
+
+def batch_loader(dataset, batch_size: int = 256, workers: int = 0) -> torch.utils.data.DataLoader:
+    """A ``DataLoader`` that reads a map-style ``dataset`` in ``workers`` processes (0: this one) as
+    ``iterate_batches`` reads it without workers: batches of ``batch_size`` consecutive items in order, each
+    item checked with the same messages (``dataset[i]: ...``; one that fails comes out of the loader as its
+    ``DataError``, which ``iterate_batches`` raises). Memory is pinned when CUDA is available.
+
+    Pass it wherever fastdd takes a DataLoader (``fastdd.distill``, ``RealStats.from_data``,
+    ``fastdd.evaluate``): its ``dataset`` reads the items as ``dataset`` does and answers for its
+    attributes (``classes``, ``targets``), so the class names and LGM's draws by index still work.
+    """
+    batch_size = _count("batch_size", batch_size, 1)
+    workers = _count("workers", workers, 0)
+    if isinstance(dataset, torch.utils.data.DataLoader) or not _is_map_style(dataset):
+        raise DataError(f"dataset must be a map-style Dataset (with __getitem__ and __len__), got "
+                        f"{type(dataset).__name__}")
+    return torch.utils.data.DataLoader(_BatchReader(dataset), batch_size=batch_size, shuffle=False,
+                                       num_workers=workers, pin_memory=torch.cuda.is_available(),
+                                       collate_fn=_as_is)
+
+
+class _BatchReader(torch.utils.data.Dataset):
+    """``dataset`` as it is for ``reader[i]``, ``len`` and its attributes, plus the ``__getitems__`` through
+    which a DataLoader fetches a batch: the items read and checked by ``_dataset_batch``, or the
+    ``DataError`` it raised (returned, so that it leaves a worker process with its message unchanged)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return self.dataset[index]
+
+    def __getitems__(self, indices):
+        try:
+            return _dataset_batch(self.dataset, indices)
+        except DataError as e:
+            return e
+
+    def __getattr__(self, name):  # only called for names the reader lacks: classes, targets, ...
+        if name == "dataset":  # not set yet (while unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def _as_is(batch):
+    """The collate function of ``batch_loader``: ``_BatchReader.__getitems__`` already made the batch."""
+    return batch
 
 
 def _integer_label(value, index: int) -> int:
@@ -412,18 +482,23 @@ def _integer_label(value, index: int) -> int:
 def _batched_dataset(dataset, batch_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     n = len(dataset)
     for start in range(0, n, batch_size):
-        images, labels = [], []
-        for i in range(start, min(start + batch_size, n)):
-            item = dataset[i]
-            if not isinstance(item, (tuple, list)) or len(item) < 2:
-                raise DataError(f"dataset[{i}] is not an (image, label) pair")
-            img = _as_image_tensor(item[0], f"dataset[{i}]")
-            if img.dim() != 3:
-                raise DataError(f"dataset[{i}]: image must have shape [3, H, W], got {tuple(img.shape)}")
-            images.append(img.expand(3, -1, -1) if img.shape[0] == 1 else img)
-            labels.append(_integer_label(item[1], i))
-        shapes = {tuple(t.shape) for t in images}
-        if len(shapes) > 1:
-            raise DataError(f"dataset items {start}..{start + len(images) - 1} have different image shapes "
-                            f"{sorted(shapes)}: resize them to one size first")
-        yield torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+        yield _dataset_batch(dataset, range(start, min(start + batch_size, n)))
+
+
+def _dataset_batch(dataset, indices: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Items ``indices`` (consecutive, increasing) of a map-style dataset as one batch, each item checked."""
+    images, labels = [], []
+    for i in indices:
+        item = dataset[i]
+        if not isinstance(item, (tuple, list)) or len(item) < 2:
+            raise DataError(f"dataset[{i}] is not an (image, label) pair")
+        img = _as_image_tensor(item[0], f"dataset[{i}]")
+        if img.dim() != 3:
+            raise DataError(f"dataset[{i}]: image must have shape [3, H, W], got {tuple(img.shape)}")
+        images.append(img.expand(3, -1, -1) if img.shape[0] == 1 else img)
+        labels.append(_integer_label(item[1], i))
+    shapes = {tuple(t.shape) for t in images}
+    if len(shapes) > 1:
+        raise DataError(f"dataset items {indices[0]}..{indices[-1]} have different image shapes "
+                        f"{sorted(shapes)}: resize them to one size first")
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)

@@ -212,3 +212,70 @@ def test_dataset_integer_labels_of_every_kind_pass():
 
     _, ys = next(iter(iterate_batches(Items(), batch_size=3)))
     assert ys.tolist() == [1, 2, 0] and ys.dtype == torch.int64
+
+
+class _Named(_PairDataset):
+    """A map-style dataset with class names and one item (``bad``) whose label is a string."""
+    classes = ["a", "b", "c"]
+
+    def __init__(self, images, labels, bad=None):
+        super().__init__(images, labels)
+        self.bad = bad
+
+    def __getitem__(self, i):
+        image, label = super().__getitem__(i)
+        return image, ("cat" if i == self.bad else label)
+
+
+def test_workers_give_the_same_batches_in_the_same_order():
+    images, labels = torch.rand(11, 3, 8, 8), torch.arange(11) % 3
+    dataset = _Named(images, labels)
+    plain = list(data.iterate_batches(dataset, batch_size=4))
+    assert [len(b[1]) for b in plain] == [4, 4, 3]
+    loader = data.batch_loader(dataset, batch_size=4, workers=2)
+    for batches in (list(data.iterate_batches(dataset, batch_size=4, workers=2)), list(data.iterate_batches(loader))):
+        assert len(batches) == len(plain)
+        for (x, y), (x0, y0) in zip(batches, plain):
+            assert torch.equal(x, x0) and torch.equal(y, y0) and x.dtype == x0.dtype and y.dtype == y0.dtype
+    # the loader's dataset reads the items as they are and answers for the dataset's attributes
+    assert loader.dataset.classes == ["a", "b", "c"] and len(loader.dataset) == 11
+    assert torch.equal(loader.dataset[3][0], images[3])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_bad_item_read_by_workers_has_the_same_message(workers):
+    dataset = _Named(torch.rand(9, 3, 4, 4), torch.arange(9) % 3, bad=6)
+    with pytest.raises(DataError) as plain:
+        list(data.iterate_batches(dataset, batch_size=4))
+    with pytest.raises(DataError) as read:
+        list(data.iterate_batches(data.batch_loader(dataset, batch_size=4, workers=workers)))
+    assert str(read.value) == str(plain.value) and str(plain.value).startswith("dataset[6]: the label must be")
+    shapes = [torch.rand(3, 4, 4), torch.rand(3, 5, 5)]
+
+    class Mixed(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return shapes[i], 0
+
+    with pytest.raises(DataError, match=r"dataset items 0\.\.1 have different image shapes"):
+        list(data.iterate_batches(Mixed(), batch_size=2, workers=workers))
+
+
+@pytest.mark.parametrize("workers", [-1, 1.5, True, "2"])
+def test_workers_must_be_a_non_negative_int(workers):
+    dataset = _PairDataset(torch.rand(2, 3, 4, 4), torch.arange(2))
+    with pytest.raises(DataError, match="workers must be a non-negative int"):
+        list(data.iterate_batches(dataset, workers=workers))
+    with pytest.raises(DataError, match="workers must be a non-negative int"):
+        data.batch_loader(dataset, workers=workers)
+
+
+def test_batch_loader_needs_a_map_style_dataset():
+    loader = torch.utils.data.DataLoader(_PairDataset(torch.rand(2, 3, 4, 4), torch.arange(2)))
+    for source in (loader, iter([1, 2]), 3):
+        with pytest.raises(DataError, match="dataset must be a map-style Dataset"):
+            data.batch_loader(source)
+    with pytest.raises(DataError, match="batch_size must be a positive int"):
+        data.batch_loader(loader.dataset, batch_size=0)
