@@ -27,6 +27,7 @@ antialiasing) and their single channel is *expanded* to three, a view that costs
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.util
 import os
@@ -45,6 +46,7 @@ __all__ = [
     "DATASETS",
     "load",
     "load_folder",
+    "FolderDataset",
     "iterate_batches",
     "batch_loader",
     "num_classes_of",
@@ -268,35 +270,108 @@ def _grey_to_rgb(grey_uint8: torch.Tensor, size: int, chunk: int = 8192) -> torc
 # Any image folder
 # --------------------------------------------------------------------------------------------------
 
-def load_folder(path: Union[str, os.PathLike], size: int = 32) -> Split:
-    """Load a folder with one sub-folder of images per class (the sorted sub-folder names are the classes).
+def load_folder(path: Union[str, os.PathLike], size: int = 32, stream: bool = False):
+    """A folder with one sub-folder of images per class (the sorted sub-folder names are the classes).
 
-    Every image is converted to RGB and resized to ``size x size``. Raises ``DataError`` if the folder is
-    missing, a class folder holds no image, or an image cannot be decoded.
+    Every image is converted to RGB and resized to ``size x size`` (bilinear), as float32 in [0, 1].
+    ``stream`` False: all of them decoded now, into a ``Split`` (``FolderDataset(path, size).to_split()``);
+    True: a ``FolderDataset``, the map-style Dataset that decodes an image when it is read (for folders
+    larger than memory; ``batch_loader`` reads it in worker processes). Raises ``DataError`` if the folder
+    is missing or has no class folder, a class folder holds no image, or an image cannot be decoded
+    (streamed: when that image is read; the message names the file).
     """
+    dataset = _folder_dataset_class()(path, size)
+    return dataset if stream else dataset.to_split()
+
+
+def __getattr__(name: str):
+    """``FolderDataset`` is made on first use: it subclasses torchvision's ImageFolder, whose import (about
+    a second) the rest of this module does without."""
+    if name == "FolderDataset":
+        return _folder_dataset_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _folder_dataset_class():
+    from torchvision.datasets import ImageFolder
+
+    class FolderDataset(ImageFolder):
+        """A class-per-sub-folder image folder as a map-style Dataset of ``(image, label)``, decoded as read.
+
+        ``FolderDataset(path, size=32)``: torchvision's ``ImageFolder`` over the files with an image
+        extension (``IMAGE_EXTENSIONS``) directly inside each sub-folder, sorted by name; the classes are
+        the sorted sub-folder names (``classes``; ``targets``: each image's class index). An item is the
+        image converted to RGB (``_open_rgb``, a ``DataError`` naming the file if it cannot be decoded)
+        and resized to ``size x size`` (bilinear), float32 ``[3, size, size]`` in [0, 1] (``_RGBTensor``),
+        with its int label: the pixels ``load_folder`` gives. A missing folder, one without class folders
+        and a class folder without images are a ``DataError`` here.
+        """
+
+        def __init__(self, path: Union[str, os.PathLike], size: int = 32):
+            self.size = _count("size", size, 1)
+            super().__init__(str(path), transform=_RGBTensor(self.size), loader=_open_rgb)
+
+        def find_classes(self, directory) -> Tuple[list, dict]:
+            root = Path(directory)
+            if not root.is_dir():
+                raise DataError(f"path={str(root)!r} is not a folder")
+            classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+            if not classes:
+                raise DataError(f"path={str(root)!r} has no class sub-folders")
+            return classes, {name: c for c, name in enumerate(classes)}
+
+        def make_dataset(self, directory, class_to_idx, *args, **kwargs) -> list:
+            """``(file, class index)`` for the images of each class folder (``IMAGE_EXTENSIONS``, sorted)."""
+            samples = []
+            for name, c in sorted(class_to_idx.items(), key=lambda kv: kv[1]):
+                folder = Path(directory) / name
+                files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+                if not files:
+                    raise DataError(f"class folder {folder} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+                samples.extend((str(f), c) for f in files)
+            return samples
+
+        def to_split(self, workers: int = 0) -> Split:
+            """Every image decoded (by ``workers`` processes: ``iterate_batches``) into one ``Split``."""
+            images = torch.empty(len(self), 3, self.size, self.size)
+            start = 0
+            for batch, _ in iterate_batches(self, batch_size=256, workers=workers):
+                images[start:start + batch.shape[0]] = batch
+                start += batch.shape[0]
+            return Split(images, torch.tensor(self.targets, dtype=torch.int64), self.classes)
+
+    FolderDataset.__qualname__ = "FolderDataset"  # pickled (spawned workers) as fastdd.data.FolderDataset
+    return FolderDataset
+
+
+def _open_rgb(path):
+    """The loader of ``FolderDataset``: the image file decoded and converted to RGB (a PIL image)."""
     from PIL import Image, UnidentifiedImageError
 
-    root = Path(path)
-    if not root.is_dir():
-        raise DataError(f"path={str(root)!r} is not a folder")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise DataError(f"path={str(root)!r} has no class sub-folders")
-    images, labels = [], []
-    for c, name in enumerate(classes):
-        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not files:
-            raise DataError(f"class folder {root / name} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
-        for f in files:
-            try:
-                with Image.open(f) as im:
-                    im = im.convert("RGB").resize((size, size), Image.BILINEAR)
-                    arr = np.asarray(im, dtype=np.uint8)
-            except (UnidentifiedImageError, OSError) as e:
-                raise DataError(f"image {f} cannot be decoded ({e})") from e
-            images.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
-            labels.append(c)
-    return Split(torch.stack(images).float().div_(255.0), torch.tensor(labels, dtype=torch.int64), classes)
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"image {path} cannot be decoded ({e})") from e
+
+
+class _RGBTensor:
+    """The transform of ``FolderDataset``: an RGB PIL image resized to ``size x size`` (bilinear) as float32
+    ``[3, size, size]`` in [0, 1]."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, image) -> torch.Tensor:
+        from PIL import Image
+
+        pixels = np.array(image.resize((self.size, self.size), Image.BILINEAR), dtype=np.uint8)
+        return torch.from_numpy(pixels).permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format) \
+            .div_(255.0)
+
+    def __repr__(self) -> str:
+        return f"RGB resized to {self.size}x{self.size} (bilinear), float32 [3, {self.size}, {self.size}] in [0, 1]"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 import gzip
+import re
 import shutil
 import struct
 
@@ -125,6 +126,46 @@ def test_load_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="holds no image"):
         data.load_folder(tmp_path)
+
+
+def _noise_folder(root, counts=(("cat", 3), ("dog", 2))):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls, n in counts:
+        (root / cls).mkdir()
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streamed_folder_keeps_the_errors(tmp_path, workers):
+    for stream in (False, True):
+        with pytest.raises(DataError, match="is not a folder"):
+            data.load_folder(tmp_path / "nowhere", stream=stream)
+        with pytest.raises(DataError, match="has no class sub-folders"):
+            data.load_folder(tmp_path, stream=stream)
+    root = _noise_folder(tmp_path)
+    with pytest.raises(DataError, match="size must be a positive int"):
+        data.load_folder(root, size=0, stream=True)
+    dataset = data.load_folder(root, size=8, stream=True)
+    assert isinstance(dataset, data.FolderDataset) and isinstance(dataset, torch.utils.data.Dataset)
+    assert dataset.classes == ["cat", "dog"] and dataset.targets == [0, 0, 0, 1, 1]
+    bad = root / "dog" / "1.png"
+    bad.write_bytes(b"not an image")
+    listed = data.load_folder(root, size=8, stream=True)  # listed, not decoded: the error comes when read
+    image, label = listed[0]
+    assert image.shape == (3, 8, 8) and image.dtype == torch.float32 and label == 0
+    with pytest.raises(DataError, match=re.escape(f"image {bad} cannot be decoded")):
+        listed[4]
+    with pytest.raises(DataError, match=re.escape(f"image {bad} cannot be decoded")):
+        list(data.iterate_batches(listed, batch_size=2, workers=workers))
+    with pytest.raises(DataError, match=re.escape(f"image {bad} cannot be decoded")):
+        listed.to_split(workers=workers)
+    (root / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no image"):
+        data.load_folder(root, stream=True)
 
 
 class _PairDataset(torch.utils.data.Dataset):
