@@ -1,10 +1,11 @@
 """Argument validation, in one module so that every function of fastdd words its errors alike.
 
 Every checker names the argument it was given (``name``) and returns the value in its canonical form
-(an int, a float, an int64 tensor, a Path). The data-dependent checks that read device memory (label
-ranges and NaN/Inf of tensors on an accelerator) synchronise with the device, so they run only while
-checks are on (``FASTDD_CHECKS``, default on; see ``fastdd._backend.checks_enabled``); on CPU tensors
-they always run, since reading host memory costs no synchronisation.
+(an int, a float, an int64 tensor, a Path). The data-dependent checks (label ranges, NaN/Inf, and the
+losses' and ops' own value checks) read tensor values on the host: on an accelerator each is a device
+synchronisation, under ``torch.compile`` a graph break. Inside a step (an op or a loss) they run only
+while :func:`checks_enabled` says so, the one rule for all of them: ``FASTDD_CHECKS`` on (the default,
+``fastdd._backend.checks_enabled``) and not while ``torch.compile`` traces the code.
 """
 
 from __future__ import annotations
@@ -17,12 +18,20 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from ._backend import checks_enabled
+from . import _backend
 
 __all__ = ["positive_int", "positive_float", "finite_float", "probability", "value_range", "class_labels",
            "features", "finite", "output_path", "input_file", "seed", "one_of", "checks_enabled"]
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def checks_enabled() -> bool:
+    """Whether the data-dependent checks of a step (label range, NaN/Inf, value checks; one host sync
+    each) run: ``FASTDD_CHECKS`` is on (``fastdd._backend.checks_enabled``, default on) and the code is
+    not being traced by ``torch.compile`` (``torch.compiler.is_compiling()``), which cannot branch on a
+    tensor's value without a graph break. Every such check of fastdd's ops and losses asks here."""
+    return not torch.compiler.is_compiling() and _backend.checks_enabled()
 
 
 def positive_int(name: str, value, allow_none: bool = False, minimum: int = 1):

@@ -6,6 +6,13 @@ the Triton kernels on CUDA tensors and the reference elsewhere; ``FASTDD_IMPL`` 
 and are a ``TypeError`` on "triton" / "cuda", for every op. Ahead-of-time builds of the kernels (no GPU
 needed): :mod:`fastdd.ops.aot`.
 
+torch.compile: the references are plain torch, traced like any code; the kernel backends are
+``torch.library`` custom ops (``torch.ops.fastdd.<op>`` and, for a differentiable op,
+``torch.ops.fastdd.<op>_backward``, with fake implementations for shapes and ``register_autograd`` for the
+backward), so a compiled graph calls them opaquely instead of tracing into the launchers. The checks that
+read tensor values are skipped while compiling (``fastdd.validate.checks_enabled``); the argument checks
+and the backend choice run at trace time.
+
 - :func:`class_centers`: streaming per-class sums, counts, second moments (``ClassSums``).
 - :func:`flow_matching_loss` and :func:`real_flow`: SFM's loss with its fused backward.
 - :func:`ridge_probe`: CLP's batched ridge solve by Cholesky, closed-form backward.

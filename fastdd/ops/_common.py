@@ -87,6 +87,13 @@ def grad_via_reference(
     return tuple(next(it) if (need and leaf is not None) else None for leaf, need in zip(leaves, needs))
 
 
+def no_grad_placeholder(like: torch.Tensor) -> torch.Tensor:
+    """What a custom op's backward returns for a gradient that was not asked for: an empty tensor, since
+    a custom op cannot return None; a fresh one each time, since its returns may not alias each other.
+    The op's autograd formula turns it back into None."""
+    return like.new_empty(0)
+
+
 def no_autocast(device: torch.device):
     """A context that turns autocast off: the ops choose their own precision (see each dtype policy)."""
     return torch.autocast(device_type=device.type, enabled=False)

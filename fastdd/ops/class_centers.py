@@ -24,6 +24,9 @@ Backends:
   a fixed order and adds the result to the accumulator: bit-identical from run to run.
 - cuda (``fastdd._C``): the same two algorithms as CUDA kernels.
 
+The kernel backends are the custom op ``fastdd::class_centers``, which mutates the accumulators
+(:mod:`fastdd.ops`).
+
 Not differentiable (statistics of a frozen encoder's features).
 """
 from __future__ import annotations
@@ -199,6 +202,23 @@ def _class_centers_cuda(features, labels, out: ClassSums, deterministic: bool) -
     return out
 
 
+@torch.library.custom_op("fastdd::class_centers", mutates_args=("sums", "counts", "sq_sums"))
+def _class_centers_op(features: torch.Tensor, labels: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor,
+                      sq_sums: Optional[torch.Tensor], deterministic: bool, backend: str) -> None:
+    """The kernel backends ("triton" | "cuda") as a torch.library custom op (opaque to torch.compile):
+    adds the chunk into the accumulators in place."""
+    out = ClassSums(sums, counts, sq_sums)
+    if backend == "cuda":
+        _class_centers_cuda(features, labels, out, deterministic)
+    else:
+        class_sums_triton(features, labels, out, deterministic)
+
+
+@_class_centers_op.register_fake
+def _(features, labels, sums, counts, sq_sums, deterministic, backend):
+    return None
+
+
 def _validate_out(out: ClassSums, num_classes: int, dim: int, second_moment: bool, device) -> None:
     if not isinstance(out, tuple) or len(out) != 3:
         raise TypeError("out must be a ClassSums(sums, counts, sq_sums)")
@@ -251,9 +271,10 @@ def class_centers(features: torch.Tensor, labels: torch.Tensor, num_classes: int
     check_finite("features", features)
     backend = resolve_impl(impl, features)
     labels = labels.long().contiguous()  # kernels index labels with unit stride
+    if backend == "torch":
+        return class_centers_reference(features, labels, out, deterministic)
     if backend == "triton":
-        return class_sums_triton(int32_safe_columns(features), labels, out, deterministic)
-    if backend == "cuda":
-        return _class_centers_cuda(features, labels, out, deterministic)
-    return class_centers_reference(features, labels, out, deterministic)
+        features = int32_safe_columns(features)
+    _class_centers_op(features, labels, out.sums, out.counts, out.sq_sums, deterministic, backend)
+    return out
 

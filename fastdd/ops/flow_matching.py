@@ -32,20 +32,22 @@ rule of every op (:mod:`fastdd._backend`): the reference, in fp64, under ``impl=
 Backends: torch (reference, autograd); triton: class sums by the deterministic segmented reduction of
 :mod:`fastdd.ops.class_centers`, then one kernel per column block for the flow and the cosine's
 partial sums (forward) and one for :math:`\partial L/\partial S_c / n_c` (backward), followed by a
-row gather. The cuda backend runs the Triton kernels (no separate CUDA kernels for this small op).
+row gather, as the custom ops ``fastdd::flow_matching_loss`` and ``fastdd::flow_matching_loss_backward``
+(:mod:`fastdd.ops`). The cuda backend runs the Triton kernels (no separate CUDA kernels for this small
+op).
 Every class must have at least one synthetic feature, and C >= 2.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
-from fastdd._backend import cdiv, checks_enabled, resolve_impl, tl, triton
+from fastdd._backend import cdiv, resolve_impl, tl, triton
 from fastdd.ops._common import check_finite, check_float, check_labels, grad_via_reference
 from fastdd.ops._tiles import program_span, span
 from fastdd.ops.class_centers import class_sums_triton, empty_class_sums
+from fastdd.validate import checks_enabled
 
 __all__ = ["flow_matching_loss", "flow_matching_loss_reference", "real_flow"]
 
@@ -190,54 +192,47 @@ FLOW_BLOCK_C = 32
 FLOW_BLOCK_D = 64
 
 
-@dataclass(frozen=True)
-class FlowOptions:
-    """Options of :class:`FlowMatchingFunction`: ``nontarget_denominator`` ("classes" | "samples") and
-    ``num_images``, the distinct synthetic images (checked by :func:`_num_images`)."""
-
-    nontarget_denominator: str = "classes"
-    num_images: int = 0
-
-
 def _flow_sums(features, labels, num_classes):
     acc = empty_class_sums(num_classes, features.shape[1], dtype=torch.float32, device=features.device)
     return class_sums_triton(features, labels, acc, deterministic=True)
 
 
-class FlowMatchingFunction(torch.autograd.Function):
-    """Fused SFM loss; backward by the Triton kernels (double backward: the reference, by autograd)."""
-
-    @staticmethod
-    def forward(ctx, features, labels, real_flow, options: FlowOptions):
-        C, D = real_flow.shape
-        acc = _flow_sums(features, labels, C)
-        counts = acc.counts
-        inv_den = 1.0 / _nontarget_denominator(options.nontarget_denominator, C, options.num_images)
-        grid = (cdiv(D, FLOW_BLOCK_D),)
-        partial = torch.empty(grid[0], 3, dtype=torch.float32, device=features.device)
-        _flow_forward_kernel[grid](acc.sums, counts, real_flow, real_flow.stride(0), real_flow.stride(1), partial, C,
-                                   D, inv_den, BLOCK_C=FLOW_BLOCK_C, BLOCK_D=FLOW_BLOCK_D)
-        dot, nr2, ns2 = partial.sum(0).unbind()
-        denom = (nr2.sqrt() * ns2.sqrt()).clamp_min(EPS)
-        cos = dot / denom
-        ctx.save_for_backward(features, labels, real_flow, acc.sums, counts, torch.stack([dot, nr2, ns2]))
-        ctx.options = options
-        return 1 - cos
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        features, labels, real_flow, sums, counts, moments = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: differentiate the reference instead
-            opts = ctx.options
-            (g,) = grad_via_reference(
-                lambda f: flow_matching_loss_reference(f, labels, real_flow, opts.nontarget_denominator,
-                                                       opts.num_images),
-                [features], [True], grad_loss)
-            return g, None, None, None
-        return _flow_backward(ctx, grad_loss, features, labels, real_flow, sums, counts, moments), None, None, None
+# The kernels as torch.library custom ops (opaque to torch.compile). The forward also returns what its
+# backward reads: the class sums [C,D] fp32, the counts [C] int64 and the cosine's sums (dot, |F_r|^2,
+# |F_s|^2) [3] fp32. ``num_images`` is already checked (:func:`_num_images`).
 
 
-def _flow_backward(ctx, grad_loss, features, labels, real_flow, sums, counts, moments):
+@torch.library.custom_op("fastdd::flow_matching_loss", mutates_args=())
+def _flow_forward_op(features: torch.Tensor, labels: torch.Tensor, real_flow: torch.Tensor,
+                     nontarget_denominator: str,
+                     num_images: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused SFM loss: ``(loss, sums, counts, moments)``."""
+    C, D = real_flow.shape
+    acc = _flow_sums(features, labels, C)
+    inv_den = 1.0 / _nontarget_denominator(nontarget_denominator, C, num_images)
+    grid = (cdiv(D, FLOW_BLOCK_D),)
+    partial = torch.empty(grid[0], 3, dtype=torch.float32, device=features.device)
+    _flow_forward_kernel[grid](acc.sums, acc.counts, real_flow, real_flow.stride(0), real_flow.stride(1), partial, C,
+                               D, inv_den, BLOCK_C=FLOW_BLOCK_C, BLOCK_D=FLOW_BLOCK_D)
+    moments = partial.sum(0)
+    dot, nr2, ns2 = moments.unbind()
+    cos = dot / (nr2.sqrt() * ns2.sqrt()).clamp_min(EPS)
+    return 1 - cos, acc.sums, acc.counts, moments
+
+
+@_flow_forward_op.register_fake
+def _(features, labels, real_flow, nontarget_denominator, num_images):
+    C, D = real_flow.shape
+    f32 = dict(dtype=torch.float32)
+    return (features.new_empty((), **f32), features.new_empty(C, D, **f32),
+            features.new_empty(C, dtype=torch.int64), features.new_empty(3, **f32))
+
+
+@torch.library.custom_op("fastdd::flow_matching_loss_backward", mutates_args=())
+def _flow_backward_op(grad_loss: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, real_flow: torch.Tensor,
+                      sums: torch.Tensor, counts: torch.Tensor, moments: torch.Tensor, nontarget_denominator: str,
+                      num_images: int) -> torch.Tensor:
+    """dL/dfeatures [N,D] in the features' dtype, from the forward's sums (see the module docstring)."""
     C, D = real_flow.shape
     dot, nr2, ns2 = moments.unbind()
     prod = nr2.sqrt() * ns2.sqrt()
@@ -247,13 +242,42 @@ def _flow_backward(ctx, grad_loss, features, labels, real_flow, sums, counts, mo
     alpha = -g / denom
     # Above the clamp the cosine also depends on |F_s| (the beta term); below it only through <F_r, F_s>.
     beta = torch.where(prod > EPS, g * cos / ns2, torch.zeros_like(g))
-    inv_den = 1.0 / _nontarget_denominator(ctx.options.nontarget_denominator, C, ctx.options.num_images)
+    inv_den = 1.0 / _nontarget_denominator(nontarget_denominator, C, num_images)
     coef = torch.stack([alpha, beta, torch.full_like(alpha, inv_den)]).contiguous()
     dmean = torch.empty(C, D, dtype=sums.dtype, device=sums.device)
     grid = (cdiv(D, FLOW_BLOCK_D),)
     _flow_backward_kernel[grid](sums, counts, real_flow, real_flow.stride(0), real_flow.stride(1), coef, dmean, C, D,
                                 BLOCK_C=FLOW_BLOCK_C, BLOCK_D=FLOW_BLOCK_D)
     return dmean.index_select(0, labels.long()).to(features.dtype)
+
+
+@_flow_backward_op.register_fake
+def _(grad_loss, features, labels, real_flow, sums, counts, moments, nontarget_denominator, num_images):
+    return features.new_empty(features.shape)
+
+
+def _flow_setup_context(ctx, inputs, output):
+    features, labels, real_flow, nontarget_denominator, num_images = inputs
+    _, sums, counts, moments = output
+    ctx.save_for_backward(features, labels, real_flow, sums, counts, moments)
+    ctx.options = (nontarget_denominator, num_images)
+    ctx.mark_non_differentiable(sums, counts, moments)
+
+
+def _flow_backward(ctx, grad_loss, *_grad_saved):
+    """The backward op (a gradient for the features only); double backward by the reference."""
+    features, labels, real_flow, sums, counts, moments = ctx.saved_tensors
+    denominator, num_images = ctx.options
+    if torch.is_grad_enabled():  # create_graph=True: differentiate the reference instead
+        (g,) = grad_via_reference(
+            lambda f: flow_matching_loss_reference(f, labels, real_flow, denominator, num_images),
+            [features], [True], grad_loss)
+    else:
+        g = _flow_backward_op(grad_loss, features, labels, real_flow, sums, counts, moments, denominator, num_images)
+    return g, None, None, None, None
+
+
+_flow_forward_op.register_autograd(_flow_backward, setup_context=_flow_setup_context)
 
 
 def flow_matching_loss(features: torch.Tensor, labels: torch.Tensor, real_flow: torch.Tensor, *,
@@ -292,6 +316,6 @@ def flow_matching_loss(features: torch.Tensor, labels: torch.Tensor, real_flow: 
     backend = resolve_impl(impl, features, real_flow)
     if backend == "torch":
         return flow_matching_loss_reference(features, labels, real_flow, nontarget_denominator, num_images)
-    return FlowMatchingFunction.apply(features, labels.long().contiguous(), real_flow.detach(),
-                                      FlowOptions(nontarget_denominator, num_images))
+    return _flow_forward_op(features, labels.long().contiguous(), real_flow.detach(), nontarget_denominator,
+                            num_images)[0]
 

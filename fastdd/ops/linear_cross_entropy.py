@@ -38,7 +38,8 @@ Backends:
 - cuda (``fastdd._C``): rows in chunks; cuBLAS products for the chunk's logits and the gradients, one
   fused CUDA kernel per chunk for the row-wise log-sum-exp, loss and softmax-minus-one-hot in place:
   memory chunk x C.
-Double backward goes to the reference.
+The two kernel backends are the custom ops ``fastdd::linear_cross_entropy`` (loss and the rows' lse)
+and ``fastdd::linear_cross_entropy_backward`` (:mod:`fastdd.ops`). Double backward goes to the reference.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ import torch.nn.functional as F
 
 from fastdd._backend import cdiv, interpreter_enabled, matmul_allows_tf32, resolve_impl, tl, triton
 from fastdd.ops._common import check_finite, check_float, check_labels, grad_via_reference
-from fastdd.ops._common import int32_safe_columns, no_autocast, reduce_dtype
+from fastdd.ops._common import int32_safe_columns, no_autocast, no_grad_placeholder, reduce_dtype
 from fastdd.ops._tiles import program_span, span
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_reference"]
@@ -372,59 +373,85 @@ def _lce_cuda(z, y, W_dc, bias, scale: float, row_grad: Optional[torch.Tensor], 
     return loss, dw, db, dz
 
 
-@dataclass(frozen=True)
-class LCEOptions:
-    """Options of :class:`LinearCrossEntropyFunction`."""
-
-    tau: float = 1.0
-    reduction: str = "mean"
-    backend: str = "triton"  # "triton" | "cuda"
+# ----------------------------------------------------------------------------------------------------
+# The kernel backends as torch.library custom ops: torch.compile sees two opaque calls (forward and
+# backward, shapes from the fake implementations) instead of tracing into the launchers. The row
+# log-sum-exps the backward reads are an output of the forward op (empty for the cuda backend).
 
 
-class LinearCrossEntropyFunction(torch.autograd.Function):
-    """Streamed CE (Triton or CUDA-extension kernels); double backward by the reference."""
+@torch.library.custom_op("fastdd::linear_cross_entropy", mutates_args=())
+def _lce_forward_op(z: torch.Tensor, y: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor], tau: float,
+                    reduction: str, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Kernel forward ("triton" | "cuda"): ``(loss, lse)``, the fp32 loss and the rows' fp32 lse [M]."""
+    scale = 1.0 / tau
+    if backend == "cuda":
+        total, _, _, _ = _lce_cuda(z, y, W, bias, scale, None, False, False)
+        lse = z.new_empty(0, dtype=torch.float32)
+    else:
+        loss_rows, lse = lce_forward_triton(z, y, head_operand(W, z.dtype), bias, scale)
+        total = loss_rows.sum()
+    return (total / z.shape[0] if reduction == "mean" else total).reshape(()), lse
 
-    @staticmethod
-    def forward(ctx, z, y, W, bias, options: LCEOptions):
-        M = z.shape[0]
-        scale = 1.0 / options.tau
-        if options.backend == "cuda":
-            total, _, _, _ = _lce_cuda(z, y, W, bias, scale, None, False, False)
-            lse = None
-        else:
-            loss_rows, lse = lce_forward_triton(z, y, head_operand(W, z.dtype), bias, scale)
-            total = loss_rows.sum()
-        loss = total / M if options.reduction == "mean" else total
-        ctx.save_for_backward(z, y, W, bias, lse)
-        ctx.options = options
-        return loss
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        z, y, W, bias, lse = ctx.saved_tensors
-        opts = ctx.options
-        needs_z, _, needs_w, needs_b, _ = ctx.needs_input_grad
-        if torch.is_grad_enabled():  # create_graph=True: differentiate the reference instead
-            dz, dw, db = grad_via_reference(
-                lambda z_, w_, b_: linear_cross_entropy_reference(z_, y, w_, opts.tau, b_, opts.reduction),
-                [z, W, bias], [needs_z, needs_w, needs_b], grad_loss)
-            return dz, None, dw, db, None
-        M = z.shape[0]
-        row_grad = grad_loss.detach().to(torch.float32).reshape(1)
-        if opts.reduction == "mean":
-            row_grad = row_grad / M
-        scale = 1.0 / opts.tau
-        dz = dw = db = None
-        if opts.backend == "cuda":
-            _, dw, db, dz = _lce_cuda(z, y, W, bias, scale, row_grad, needs_z, needs_w or needs_b)
-        else:
-            W_k = head_operand(W, z.dtype)
-            if needs_w or needs_b:
-                dw, db = lce_grad_w_triton(z, y, W_k, bias, lse, row_grad, scale, want_bias=needs_b)
-            if needs_z:
-                dz = lce_grad_z_triton(z, y, W_k, bias, lse, row_grad, scale)
-        return (dz.to(z.dtype) if needs_z else None, None, dw.to(W.dtype) if needs_w else None,
-                db.to(bias.dtype) if needs_b else None, None)
+@_lce_forward_op.register_fake
+def _(z, y, W, bias, tau, reduction, backend):
+    rows = 0 if backend == "cuda" else z.shape[0]
+    return z.new_empty((), dtype=torch.float32), z.new_empty(rows, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastdd::linear_cross_entropy_backward", mutates_args=())
+def _lce_backward_op(grad_loss: torch.Tensor, z: torch.Tensor, y: torch.Tensor, W: torch.Tensor,
+                     bias: Optional[torch.Tensor], lse: torch.Tensor, tau: float, reduction: str, backend: str,
+                     needs_z: bool, needs_w: bool, needs_b: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kernel backward: ``(dz, dW, dbias)`` in their inputs' dtypes; an unneeded one is an empty tensor."""
+    M = z.shape[0]
+    row_grad = grad_loss.detach().to(torch.float32).reshape(1)
+    if reduction == "mean":
+        row_grad = row_grad / M
+    scale = 1.0 / tau
+    dz = dw = db = None
+    if backend == "cuda":
+        _, dw, db, dz = _lce_cuda(z, y, W, bias, scale, row_grad, needs_z, needs_w or needs_b)
+    else:
+        W_k = head_operand(W, z.dtype)
+        if needs_w or needs_b:
+            dw, db = lce_grad_w_triton(z, y, W_k, bias, lse, row_grad, scale, want_bias=needs_b)
+        if needs_z:
+            dz = lce_grad_z_triton(z, y, W_k, bias, lse, row_grad, scale)
+    return (dz.to(z.dtype) if needs_z else no_grad_placeholder(z),
+            dw.to(W.dtype) if needs_w else no_grad_placeholder(z),
+            db.to(bias.dtype) if needs_b else no_grad_placeholder(z))
+
+
+@_lce_backward_op.register_fake
+def _(grad_loss, z, y, W, bias, lse, tau, reduction, backend, needs_z, needs_w, needs_b):
+    return (z.new_empty(z.shape) if needs_z else no_grad_placeholder(z),
+            W.new_empty(W.shape) if needs_w else no_grad_placeholder(z),
+            bias.new_empty(bias.shape) if needs_b else no_grad_placeholder(z))
+
+
+def _lce_setup_context(ctx, inputs, output):
+    z, y, W, bias, tau, reduction, backend = inputs
+    ctx.save_for_backward(z, y, W, bias, output[1])
+    ctx.options = (tau, reduction, backend)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _lce_backward(ctx, grad_loss, _grad_lse):
+    """The kernel backward op; double backward (``create_graph=True``) by the reference."""
+    z, y, W, bias, lse = ctx.saved_tensors
+    tau, reduction, backend = ctx.options
+    needs_z, _, needs_w, needs_b = ctx.needs_input_grad[:4]
+    if torch.is_grad_enabled():  # create_graph=True: differentiate the reference instead
+        dz, dw, db = grad_via_reference(
+            lambda z_, w_, b_: linear_cross_entropy_reference(z_, y, w_, tau, b_, reduction),
+            [z, W, bias], [needs_z, needs_w, needs_b], grad_loss)
+        return dz, None, dw, db, None, None, None
+    dz, dw, db = _lce_backward_op(grad_loss, z, y, W, bias, lse, tau, reduction, backend, needs_z, needs_w, needs_b)
+    return (dz if needs_z else None, None, dw if needs_w else None, db if needs_b else None, None, None, None)
+
+
+_lce_forward_op.register_autograd(_lce_backward, setup_context=_lce_setup_context)
 
 
 def linear_cross_entropy(z: torch.Tensor, y: torch.Tensor, W: torch.Tensor, *, tau: float = 1.0,
@@ -476,6 +503,5 @@ def linear_cross_entropy(z: torch.Tensor, y: torch.Tensor, W: torch.Tensor, *, t
     y = y.long().contiguous()
     bias = bias.contiguous() if bias is not None else None
     with no_autocast(z.device):
-        return LinearCrossEntropyFunction.apply(int32_safe_columns(z), y, W, bias,
-                                                LCEOptions(float(tau), reduction, backend))
+        return _lce_forward_op(int32_safe_columns(z), y, W, bias, float(tau), reduction, backend)[0]
 

@@ -26,8 +26,9 @@ so no [B,C] buffer is allocated. Backward for z alone (LGM's case): two Triton k
 row terms :math:`u_i = \sum_c P_{ic} Q_{ic}` and one accumulating :math:`R\bar G_W/B + JW` per
 [BLOCK_M, BLOCK_DZ] tile while recomputing the logit and Q tiles over the classes (no [B,C] buffer,
 products in the feature dtype as in the forward); when W or b also need gradients, the closed form in
-torch (it forms the [B,C] matrices P, Q and J). The cuda backend runs the Triton kernels. Double
-backward goes to the reference.
+torch (it forms the [B,C] matrices P, Q and J). The cuda backend runs the Triton kernels. They are
+the custom ops ``fastdd::linear_head_gradient`` and ``fastdd::linear_head_gradient_backward``
+(:mod:`fastdd.ops`). Double backward goes to the reference.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ import torch
 
 from fastdd._backend import cdiv, interpreter_enabled, resolve_impl, tl, triton
 from fastdd.ops._common import check_finite, check_float, check_labels, grad_via_reference
-from fastdd.ops._common import int32_safe_columns, no_autocast, reduce_dtype
+from fastdd.ops._common import int32_safe_columns, no_autocast, no_grad_placeholder, reduce_dtype
 from fastdd.ops._tiles import program_span, span
 from fastdd.ops.linear_cross_entropy import (
     INTERPRETER_TILES,
@@ -191,37 +192,71 @@ def lhg_grad_z_triton(z, y, W_dc, b, lse, gw_dc, gb) -> torch.Tensor:
     return dz
 
 
-class LinearHeadGradientFunction(torch.autograd.Function):
-    """Fused forward (streamed CE kernels on W^T); backward: Triton kernels for dz, the closed form in
-    torch when W or b also need gradients; double backward by the reference."""
+# The kernel backend as torch.library custom ops (opaque to torch.compile): the forward returns the rows'
+# log-sum-exps beside (g_W, g_b), since the backward reads them.
 
-    @staticmethod
-    def forward(ctx, z, y, W, b):
-        B = z.shape[0]
-        W_dc = head_operand(W.t(), z.dtype)
-        _, lse = lce_forward_triton(z, y, W_dc, b, 1.0)
-        row_grad = torch.full((1,), 1.0 / B, dtype=torch.float32, device=z.device)
-        dw, db = lce_grad_w_triton(z, y, W_dc, b, lse, row_grad, 1.0, want_bias=True)
-        ctx.save_for_backward(z, y, W, b, lse)
-        return dw.t().contiguous(), db
 
-    @staticmethod
-    def backward(ctx, grad_w, grad_b):
-        z, y, W, b, lse = ctx.saved_tensors
-        needs_z, _, needs_w, needs_b = ctx.needs_input_grad
-        if torch.is_grad_enabled():  # create_graph=True: differentiate the reference instead
-            dz, dw, db = grad_via_reference(lambda z_, W_, b_: linear_head_gradient_reference(z_, y, W_, b_),
-                                            [z, W, b], (needs_z, needs_w, needs_b), (grad_w, grad_b))
-            return dz, None, dw, db
-        if needs_w or needs_b:
-            with no_autocast(z.device):
-                dz, dw, db = _closed_form_backward(z, y, W, b, grad_w, grad_b)
-        else:
-            dw = db = None
-            dz = lhg_grad_z_triton(z, y, head_operand(W.t(), z.dtype), b, lse, head_operand(grad_w.t(), z.dtype),
-                                   grad_b.to(torch.float32).contiguous())
-        return (dz.to(z.dtype) if needs_z else None, None, dw.to(W.dtype) if needs_w else None,
-                db.to(b.dtype) if needs_b else None)
+@torch.library.custom_op("fastdd::linear_head_gradient", mutates_args=())
+def _lhg_forward_op(z: torch.Tensor, y: torch.Tensor, W: torch.Tensor,
+                    b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused forward (the streamed CE kernels on W^T): ``(g_W [C,D], g_b [C], lse [B])``, all fp32."""
+    B = z.shape[0]
+    W_dc = head_operand(W.t(), z.dtype)
+    _, lse = lce_forward_triton(z, y, W_dc, b, 1.0)
+    row_grad = torch.full((1,), 1.0 / B, dtype=torch.float32, device=z.device)
+    dw, db = lce_grad_w_triton(z, y, W_dc, b, lse, row_grad, 1.0, want_bias=True)
+    return dw.t().contiguous(), db, lse
+
+
+@_lhg_forward_op.register_fake
+def _(z, y, W, b):
+    f32 = dict(dtype=torch.float32)
+    return W.new_empty(W.shape, **f32), W.new_empty(W.shape[0], **f32), z.new_empty(z.shape[0], **f32)
+
+
+@torch.library.custom_op("fastdd::linear_head_gradient_backward", mutates_args=())
+def _lhg_backward_op(grad_w: torch.Tensor, grad_b: torch.Tensor, z: torch.Tensor, y: torch.Tensor, W: torch.Tensor,
+                     b: torch.Tensor, lse: torch.Tensor, needs_z: bool, needs_w: bool,
+                     needs_b: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dz, dW, db)`` in their inputs' dtypes (an unneeded one is an empty tensor): Triton kernels for
+    dz alone, the closed form in torch when W or b also need gradients."""
+    if needs_w or needs_b:
+        with no_autocast(z.device):
+            dz, dw, db = _closed_form_backward(z, y, W, b, grad_w, grad_b)
+    else:
+        dw = db = None
+        dz = lhg_grad_z_triton(z, y, head_operand(W.t(), z.dtype), b, lse, head_operand(grad_w.t(), z.dtype),
+                               grad_b.to(torch.float32).contiguous())
+    return (dz.to(z.dtype) if needs_z else no_grad_placeholder(z),
+            dw.to(W.dtype) if needs_w else no_grad_placeholder(z),
+            db.to(b.dtype) if needs_b else no_grad_placeholder(z))
+
+
+@_lhg_backward_op.register_fake
+def _(grad_w, grad_b, z, y, W, b, lse, needs_z, needs_w, needs_b):
+    return (z.new_empty(z.shape) if needs_z else no_grad_placeholder(z),
+            W.new_empty(W.shape) if needs_w else no_grad_placeholder(z),
+            b.new_empty(b.shape) if needs_b else no_grad_placeholder(z))
+
+
+def _lhg_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output[2])
+    ctx.mark_non_differentiable(output[2])
+
+
+def _lhg_backward(ctx, grad_w, grad_b, _grad_lse):
+    """The backward op; double backward (``create_graph=True``) by the reference."""
+    z, y, W, b, lse = ctx.saved_tensors
+    needs_z, _, needs_w, needs_b = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # create_graph=True: differentiate the reference instead
+        dz, dw, db = grad_via_reference(lambda z_, W_, b_: linear_head_gradient_reference(z_, y, W_, b_),
+                                        [z, W, b], (needs_z, needs_w, needs_b), (grad_w, grad_b))
+        return dz, None, dw, db
+    dz, dw, db = _lhg_backward_op(grad_w, grad_b, z, y, W, b, lse, needs_z, needs_w, needs_b)
+    return dz if needs_z else None, None, dw if needs_w else None, db if needs_b else None
+
+
+_lhg_forward_op.register_autograd(_lhg_backward, setup_context=_lhg_setup_context)
 
 
 def linear_head_gradient(z: torch.Tensor, y: torch.Tensor, W: torch.Tensor, b: torch.Tensor, *,
@@ -254,4 +289,5 @@ def linear_head_gradient(z: torch.Tensor, y: torch.Tensor, W: torch.Tensor, b: t
         return linear_head_gradient_reference(z, y, W, b)
     with no_autocast(z.device):
         # Kernels index labels and bias with unit stride (they are tiny; z and W keep their strides).
-        return LinearHeadGradientFunction.apply(int32_safe_columns(z), y.long().contiguous(), W, b.contiguous())
+        gw, gb, _ = _lhg_forward_op(int32_safe_columns(z), y.long().contiguous(), W, b.contiguous())
+        return gw, gb

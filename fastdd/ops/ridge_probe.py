@@ -27,23 +27,24 @@ Backends: there is no Triton or CUDA kernel here on purpose: the work is a Gram 
 batched Cholesky (cuSOLVER), which hand-written kernels would not beat. ``impl="torch"`` differentiates
 the reference by autograd; "triton" and "cuda" (valid on every device: no kernel, no extension needed)
 use the closed-form backward above (one extra triangular solve instead of autograd's saved
-intermediates); ``"auto"`` is the closed form on CUDA tensors, the reference elsewhere. Double backward
-goes to the reference. fp64 zs or targets follow the rule of every op (:mod:`fastdd._backend`): the
+intermediates), as the custom ops ``fastdd::ridge_probe`` and ``fastdd::ridge_probe_backward``
+(:func:`ridge_probe_closed_form`, :mod:`fastdd.ops`); ``"auto"`` is the closed form on CUDA tensors, the
+reference elsewhere. Double backward goes to the reference. fp64 zs or targets follow the rule of every op (:mod:`fastdd._backend`): the
 reference under ``"auto"``, a ``TypeError`` on "triton" / "cuda"; fp32 inputs may still be solved in
 fp64 (``solve_dtype``).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
-from fastdd._backend import checks_enabled, resolve_impl
-from fastdd.ops._common import check_finite, check_float, grad_via_reference
+from fastdd._backend import resolve_impl
+from fastdd.ops._common import check_finite, check_float, grad_via_reference, no_grad_placeholder
+from fastdd.validate import checks_enabled
 
-__all__ = ["ridge_probe", "ridge_probe_reference"]
+__all__ = ["ridge_probe", "ridge_probe_closed_form", "ridge_probe_reference"]
 
 SOLVE_DTYPES = (torch.float32, torch.float64)
 
@@ -72,55 +73,92 @@ def ridge_probe_reference(zs: torch.Tensor, targets: torch.Tensor, lam: torch.Te
     return torch.cholesky_solve(zs.transpose(-1, -2) @ targets, _cholesky(H))
 
 
-@dataclass(frozen=True)
-class RidgeOptions:
-    """``sample_space``: solve the N x N system (else the D x D one)."""
-
-    sample_space: bool
+# The closed form as torch.library custom ops (opaque to torch.compile). The forward also returns what
+# its backward reads: the Cholesky factor L and, for the sample-space system, A = (K + lam I)^-1 Y
+# (an empty tensor for the feature-space one, where the backward reads W instead).
 
 
-class RidgeProbeFunction(torch.autograd.Function):
-    """Batched ridge solve with the closed-form backward of the module docstring."""
+@torch.library.custom_op("fastdd::ridge_probe", mutates_args=())
+def _ridge_forward_op(zs: torch.Tensor, targets: torch.Tensor,
+                      lam: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(W, L, A)`` of the smaller system (sample space when N <= D), batched."""
+    N, D = zs.shape[-2:]
+    lam3 = lam.view(-1, 1, 1)
+    zt = zs.transpose(-1, -2)
+    if N <= D:
+        L = _cholesky(zs @ zt + lam3 * _eye_like(N, zs))
+        A = torch.cholesky_solve(targets, L)
+        return zt @ A, L, A
+    L = _cholesky(zt @ zs + lam3 * _eye_like(D, zs))
+    return torch.cholesky_solve(zt @ targets, L), L, zs.new_empty(0)
 
-    @staticmethod
-    def forward(ctx, zs, targets, lam, options: RidgeOptions):
-        N, D = zs.shape[-2:]
-        lam3 = lam.view(-1, 1, 1)
-        zt = zs.transpose(-1, -2)
-        if options.sample_space:
-            L = _cholesky(zs @ zt + lam3 * _eye_like(N, zs))
-            A = torch.cholesky_solve(targets, L)
-            W = zt @ A
-            ctx.save_for_backward(zs, targets, lam, L, A, W)
-        else:
-            L = _cholesky(zt @ zs + lam3 * _eye_like(D, zs))
-            W = torch.cholesky_solve(zt @ targets, L)
-            ctx.save_for_backward(zs, targets, lam, L, W, W)
-        ctx.options = options
-        return W
 
-    @staticmethod
-    def backward(ctx, G):
-        zs, targets, lam, L, A, W = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():  # create_graph=True: differentiate the reference instead
-            dz, dy, dl = grad_via_reference(ridge_probe_reference, [zs, targets, lam], needs, G)
-            return dz, dy, dl, None
-        G = G.to(zs.dtype)
-        dz = dy = dl = None
-        if ctx.options.sample_space:
-            E = torch.cholesky_solve(zs @ G, L)
-            if needs[0]:
-                dz = A @ G.transpose(-1, -2) - (E @ A.transpose(-1, -2) + A @ E.transpose(-1, -2)) @ zs
-            dy = E if needs[1] else None
-            dl = -(E * A).sum((-2, -1)) if needs[2] else None
-        else:
-            Q = torch.cholesky_solve(G, L)
-            if needs[0]:
-                dz = (targets - zs @ W) @ Q.transpose(-1, -2) - zs @ Q @ W.transpose(-1, -2)
-            dy = zs @ Q if needs[1] else None
-            dl = -(Q * W).sum((-2, -1)) if needs[2] else None
-        return dz, dy, dl, None
+@_ridge_forward_op.register_fake
+def _(zs, targets, lam):
+    P, N, D = zs.shape
+    n = min(N, D)
+    A = zs.new_empty(P, N, targets.shape[-1]) if N <= D else zs.new_empty(0)
+    return zs.new_empty(P, D, targets.shape[-1]), zs.new_empty(P, n, n), A
+
+
+@torch.library.custom_op("fastdd::ridge_probe_backward", mutates_args=())
+def _ridge_backward_op(G: torch.Tensor, zs: torch.Tensor, targets: torch.Tensor, W: torch.Tensor, L: torch.Tensor,
+                       A: torch.Tensor, needs_z: bool, needs_y: bool,
+                       needs_lam: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dzs, dtargets, dlam)`` of the module docstring's closed form (an unneeded one is empty)."""
+    G = G.to(zs.dtype)
+    dz, dy, dl = (no_grad_placeholder(zs) for _ in range(3))
+    if zs.shape[-2] <= zs.shape[-1]:
+        E = torch.cholesky_solve(zs @ G, L)
+        if needs_z:
+            dz = A @ G.transpose(-1, -2) - (E @ A.transpose(-1, -2) + A @ E.transpose(-1, -2)) @ zs
+        if needs_y:
+            dy = E
+        if needs_lam:
+            dl = -(E * A).sum((-2, -1))
+    else:
+        Q = torch.cholesky_solve(G, L)
+        if needs_z:
+            dz = (targets - zs @ W) @ Q.transpose(-1, -2) - zs @ Q @ W.transpose(-1, -2)
+        if needs_y:
+            dy = zs @ Q
+        if needs_lam:
+            dl = -(Q * W).sum((-2, -1))
+    return dz, dy, dl
+
+
+@_ridge_backward_op.register_fake
+def _(G, zs, targets, W, L, A, needs_z, needs_y, needs_lam):
+    return (zs.new_empty(zs.shape) if needs_z else no_grad_placeholder(zs),
+            zs.new_empty(targets.shape) if needs_y else no_grad_placeholder(zs),
+            zs.new_empty(zs.shape[0]) if needs_lam else no_grad_placeholder(zs))
+
+
+def _ridge_setup_context(ctx, inputs, output):
+    zs, targets, lam = inputs
+    W, L, A = output
+    ctx.save_for_backward(zs, targets, lam, W, L, A)
+    ctx.mark_non_differentiable(L, A)
+
+
+def _ridge_backward(ctx, G, _grad_l, _grad_a):
+    """The closed-form backward op; double backward (``create_graph=True``) by the reference."""
+    zs, targets, lam, W, L, A = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # create_graph=True: differentiate the reference instead
+        return grad_via_reference(ridge_probe_reference, [zs, targets, lam], needs, G)
+    grads = _ridge_backward_op(G, zs, targets, W, L, A, *needs)
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+_ridge_forward_op.register_autograd(_ridge_backward, setup_context=_ridge_setup_context)
+
+
+def ridge_probe_closed_form(zs: torch.Tensor, targets: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """W of converted, batched inputs (zs [P,N,D], targets [P,N,C], lam [P] in the solve dtype) by the
+    custom op ``fastdd::ridge_probe``: its closed-form backward, the non-reference path of
+    :func:`ridge_probe` (which checks the inputs; this does not)."""
+    return _ridge_forward_op(zs, targets, lam)[0]
 
 
 def ridge_probe(zs: torch.Tensor, targets: torch.Tensor, lam: Union[float, torch.Tensor], *,
@@ -174,7 +212,6 @@ def ridge_probe(zs: torch.Tensor, targets: torch.Tensor, lam: Union[float, torch
     if backend == "torch":
         W = ridge_probe_reference(z3, y3, lam_t)
     else:
-        N, D = z3.shape[-2:]
-        W = RidgeProbeFunction.apply(z3, y3, lam_t, RidgeOptions(sample_space=N <= D))
+        W = ridge_probe_closed_form(z3, y3, lam_t)
     return W if batched else W.squeeze(0)
 
