@@ -29,7 +29,8 @@ from .encoders import resolve_device, resolve_encoder
 from .files import CorruptFileError
 from .images import PARAMETERIZATIONS, images_from_state, make_images
 from .data import iterate_batches
-from .realdata import RealBatches, check_classes, check_informative, indexable, nearest_to_means, scan
+from .distributed import Group, RowExchange, on_main, resolve_group, shard_bounds
+from .realdata import RealBatch, RealBatches, check_classes, check_informative, indexable, nearest_to_means, scan
 from .stats import RealStats
 from .step import SyntheticRows, chunked_step, encode_without_graph, plain_step
 
@@ -221,7 +222,7 @@ class _Real:
 
 
 def _scan_real(a: _Arguments, images, labels, encoder, dev, cpu_gen, compute_stats: bool, bank_dtype, bank_path,
-               progress: bool, fingerprint: str) -> _Real:
+               progress: bool, fingerprint: str, group: Group) -> _Real:
     """One pass over the real data: labels, counts, size, random real images and, when ``compute_stats``,
     the statistics (with the bank the method needs) in the same pass; then the feature size."""
     source = images
@@ -233,7 +234,7 @@ def _scan_real(a: _Arguments, images, labels, encoder, dev, cpu_gen, compute_sta
     found = scan(source, labels, num_classes=a.num_classes, batch_size=a.batch_size,
                  sample_per_class=a.ipc if a.init == "real" else 0, generator=cpu_gen,
                  encoder=encoder if compute_stats else None, bank=a.method.needs.bank, bank_dtype=bank_dtype,
-                 bank_path=bank_path, device=dev, progress=progress, fingerprint=fingerprint)
+                 bank_path=bank_path, device=dev, progress=progress, fingerprint=fingerprint, group=group)
     check_classes(found.counts, a.ipc)
     with torch.no_grad():  # D from one blank image at the real size (cheap; the encoder may resize it)
         probe = encoder(torch.zeros(1, 3, *found.image_size, device=dev))
@@ -281,25 +282,34 @@ def _check_encoder_output(real: _Real, labels, encoder, dev) -> None:
 
 
 def _settle_stats(a: _Arguments, real: _Real, given: Optional[RealStats], stats_file: Optional[Path],
-                  reuse: bool, encoder, fingerprint: str) -> None:
+                  reuse: bool, encoder, fingerprint: str, group: Group) -> None:
     """``real.stats`` once the pass is done: those kept beside the checkpoint (``reuse``), or the ones the
     pass computed (saved beside the checkpoint), or the ones ``given``; then checked against the run."""
     name = "stats"
     if reuse:
         real.stats, name = RealStats.load(stats_file), f"statistics file {stats_file}"
     elif real.stats is not None and stats_file is not None:
-        real.stats.save(stats_file)
+        on_main(group, lambda: real.stats.save(stats_file), "saving the statistics beside the checkpoint")
     elif given is not None:
         real.stats = given
     if real.stats is not None:
         _check_stats(real.stats, name, a.method, real.scan.counts, real.feature_dim, encoder, fingerprint)
 
 
-def _real_batches(a: _Arguments, real: _Real, labels) -> Optional[RealBatches]:
+def _load_checkpoint(path: Optional[Path], settings: Dict[str, Any]):
+    """``(the saved state, settings["resumed"])`` of an existing checkpoint checked against ``settings``
+    (``checkpoints.load``), or None."""
+    if path is None or not path.exists():
+        return None
+    saved = checkpoints.load(path, settings)
+    return saved, settings["resumed"]
+
+
+def _real_batches(a: _Arguments, real: _Real, labels, group: Group) -> Optional[RealBatches]:
     """The sampler of fresh real batches, for methods that need one."""
     if not a.method.needs.real_batches:
         return None
-    return RealBatches(real.source, real.scan.labels, labels, real.scan.counts.shape[0])
+    return RealBatches(real.source, real.scan.labels, labels, real.scan.counts.shape[0], group)
 
 
 def _initial_images(a: _Arguments, real: _Real, labels, encoder, dev, progress: bool) -> Optional[torch.Tensor]:
@@ -318,9 +328,9 @@ def _initial_images(a: _Arguments, real: _Real, labels, encoder, dev, progress: 
     return None
 
 
-def _settings(a: _Arguments, real: _Real, encoder, fingerprint: str, dev, bank_dtype) -> Dict[str, Any]:
+def _settings(a: _Arguments, real: _Real, encoder, fingerprint: str, dev, bank_dtype, group: Group) -> Dict[str, Any]:
     """Every setting of the run after defaults (recorded in the result and compared on resume, where only
-    ``checkpoints.RESUME_MAY_CHANGE`` may differ)."""
+    ``checkpoints.RESUME_MAY_CHANGE`` may differ); under a group, rank 0's device, the same on every rank."""
     return {"method": a.method.name, "ipc": a.ipc, "steps": a.steps, "num_classes": real.scan.counts.shape[0],
             "image_size": list(real.scan.image_size), "feature_dim": real.feature_dim,
             "encoder": getattr(encoder, "name", type(encoder).__name__), "encoder_fingerprint": fingerprint,
@@ -330,7 +340,8 @@ def _settings(a: _Arguments, real: _Real, encoder, fingerprint: str, dev, bank_d
             **{k: list(v) if isinstance(v, tuple) else v for k, v in a.augment_settings.items()},
             **a.options, "bank_dtype": str(bank_dtype), "chunk_size": a.chunk_size,
             "autocast_dtype": None if a.autocast_dtype is None else str(a.autocast_dtype), "seed": a.seed,
-            "device": str(dev), "recipe": a.recipe}
+            "device": group.broadcast_object(str(dev), "the device's name"), "world_size": group.world_size,
+            "recipe": a.recipe}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -338,25 +349,37 @@ def _settings(a: _Arguments, real: _Real, encoder, fingerprint: str, dev, bank_d
 # --------------------------------------------------------------------------------------------------
 
 class _Loop:
-    """Adam over the image parameters, one ``fastdd.step`` a step; checkpoints, resume, loss history."""
+    """Adam over the image parameters, one ``fastdd.step`` a step; checkpoints, resume, loss history.
+
+    Under a group this rank's ``synth`` is its block ``share`` of the images (``fastdd.distributed``):
+    every rank draws the augmentation of all rows and keeps its own, its rows' features are exchanged
+    (``RowExchange``), and every rank computes the same loss."""
 
     def __init__(self, a: _Arguments, synth, objective: methods.Objective, encoder, num_classes: int, dev,
                  cpu_gen: torch.Generator, dev_gen: torch.Generator, settings: Dict[str, Any],
-                 callback: Optional[Callable[[int, torch.Tensor], None]]):
+                 callback: Optional[Callable[[int, torch.Tensor], None]], group: Group):
         self.a, self.synth, self.objective, self.encoder, self.dev = a, synth, objective, encoder, dev
         self.cpu_gen, self.dev_gen, self.settings, self.callback = cpu_gen, dev_gen, settings, callback
+        self.group = group
         self.image_size = tuple(settings["image_size"])
+        self.num_images = num_classes * a.ipc
+        self.share = shard_bounds(self.num_images, group.rank, group.world_size)
         self.syn_labels = torch.arange(num_classes, device=dev).repeat_interleave(a.ipc)
         self.row_labels = self.syn_labels.repeat(a.copies)
+        self.exchange = RowExchange(group, self.num_images, a.copies, dev) if group.distributed else None
         self.optimizer = torch.optim.Adam(synth.parameters(), lr=a.lr)
         self.history: List[float] = []
         self.start = 0
 
     def restore(self, saved: dict) -> None:
-        """Continue from a checkpoint: images, Adam's state (at this run's lr), history, both generators."""
-        self.synth = images_from_state(saved["images"], self.dev)
+        """Continue from a checkpoint: images, Adam's state (at this run's lr), history, both generators;
+        under a group this rank's block of the whole set's saved state."""
+        images_state, optimizer_state = saved["images"], saved["optimizer"]
+        if self.group.distributed:
+            images_state, optimizer_state = checkpoints.part_state(images_state, optimizer_state, *self.share)
+        self.synth = images_from_state(images_state, self.dev)
         self.optimizer = torch.optim.Adam(self.synth.parameters(), lr=self.a.lr)
-        self.optimizer.load_state_dict(saved["optimizer"])
+        self.optimizer.load_state_dict(optimizer_state)
         for group in self.optimizer.param_groups:  # load_state_dict restores the saved lr; lr, like steps, may change
             group["lr"] = self.a.lr
         self.history = list(saved["history"])
@@ -364,18 +387,32 @@ class _Loop:
         self.cpu_gen.set_state(saved["cpu_rng"])
         self.dev_gen.set_state(saved["device_rng"].to(self.dev_gen.get_state().device))
 
+    def real_features(self):
+        """This step's real features and labels ``(zr, yr)`` (None, None when the method needs none): each
+        rank encodes its share of a ``RealBatch`` and the features are gathered."""
+        real = self.objective.real_batch()
+        if real is None:
+            return None, None
+        a, g = self.a, self.group
+        xr, yr = real[0].to(self.dev), real[1].to(self.dev)
+        total, first = (real.total, real.first) if isinstance(real, RealBatch) else (xr.shape[0], 0)
+        params = a.augment.sample(total, xr.shape[-2:], self.dev_gen, self.dev)[first:first + xr.shape[0]]
+        zr = encode_without_graph(self.encoder, a.augment, xr, params, a.chunk_size, a.autocast_dtype)
+        if total != xr.shape[0]:  # this rank's share: gather every rank's
+            counts = [hi - lo for lo, hi in (shard_bounds(total, r, g.world_size) for r in range(g.world_size))]
+            zr = g.all_gather_rows(zr, counts, what="gathering the real features")
+            yr = g.all_gather_rows(yr, counts, what="gathering the real labels")
+        return zr, yr
+
     def step(self, step: int) -> torch.Tensor:
         a = self.a
         if self.synth.maybe_extend(step, self.dev_gen):
             self.optimizer = torch.optim.Adam(self.synth.parameters(), lr=a.lr)  # LGM: Adam restarts on extension
         self.optimizer.zero_grad(set_to_none=True)
         params = a.augment.sample(len(self.row_labels), self.image_size, self.dev_gen, self.dev)
-        zr = yr = None
-        real = self.objective.real_batch()
-        if real is not None:  # the method's real images of this step, encoded without a graph
-            xr, yr = real[0].to(self.dev), real[1].to(self.dev)
-            real_params = a.augment.sample(xr.shape[0], xr.shape[-2:], self.dev_gen, self.dev)
-            zr = encode_without_graph(self.encoder, a.augment, xr, real_params, a.chunk_size, a.autocast_dtype)
+        if self.exchange is not None:
+            params = params[self.exchange.local_rows]
+        zr, yr = self.real_features()
 
         def loss_fn(zs):
             try:
@@ -386,21 +423,22 @@ class _Loop:
 
         rows = SyntheticRows(self.synth, a.augment, params)
         if a.chunk_size is None:
-            loss = plain_step(rows, self.encoder, loss_fn, a.autocast_dtype)
+            loss = plain_step(rows, self.encoder, loss_fn, a.autocast_dtype, self.exchange)
         else:
-            loss = chunked_step(rows, self.encoder, loss_fn, a.chunk_size, a.autocast_dtype)
+            loss = chunked_step(rows, self.encoder, loss_fn, a.chunk_size, a.autocast_dtype, self.exchange)
         self.optimizer.step()
         return loss
 
     def final_images(self) -> torch.Tensor:
-        """The distilled images on the CPU, float32 in [0, 1]; Adam's state and the gradients are freed
-        first, and the images decoded ``chunk_size`` at a time."""
+        """The distilled images on the CPU, float32 in [0, 1] (under a group every rank's block, gathered);
+        Adam's state and the gradients are freed first, and the images decoded ``chunk_size`` at a time."""
         self.optimizer = None
         self.synth.zero_grad(set_to_none=True)
         n, step = self.synth.num_images, self.a.chunk_size or self.synth.num_images
         with torch.no_grad():
-            return torch.cat([self.synth.decode(torch.arange(lo, min(lo + step, n), device=self.dev)).clamp(0, 1).cpu()
+            mine = torch.cat([self.synth.decode(torch.arange(lo, min(lo + step, n), device=self.dev)).clamp(0, 1).cpu()
                               for lo in range(0, n, step)]).float()
+        return self.group.all_gather_rows(mine, what="gathering the distilled images")
 
     def run(self, progress: bool) -> None:
         from tqdm.auto import tqdm
@@ -421,7 +459,7 @@ class _Loop:
                     bar.set_postfix(loss=f"{self.history[-1]:.4f}")
                 if save:  # never reached with a non-finite loss: _flush_losses raised
                     checkpoints.save(a.checkpoint, done, self.synth, self.optimizer, self.history, self.cpu_gen,
-                                     self.dev_gen, self.settings)
+                                     self.dev_gen, self.settings, self.group)
         finally:
             bar.close()
 
@@ -464,7 +502,7 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
             seed: int = 0, device=None, progress: bool = True, recipe: Optional[str] = None,
             checkpoint: Optional[Union[str, os.PathLike]] = None, checkpoint_every: int = 100,
             resume: bool = True, callback: Optional[Callable[[int, torch.Tensor], None]] = None,
-            encoder_kwargs: Optional[Dict[str, Any]] = None, **deprecated) -> DistilledSet:
+            encoder_kwargs: Optional[Dict[str, Any]] = None, group=None, **deprecated) -> DistilledSet:
     """Distil a labelled image set into ``ipc`` synthetic images per class for linear probing.
 
     Args:
@@ -522,11 +560,19 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
             existing file is an error. Statistics that distill computes are saved beside it
             (``<checkpoint>.stats``) and reused on resume.
         callback: called as ``callback(step, loss)`` after each step (``loss`` a 0-d tensor).
+        group: the ``torch.distributed`` process group to run on (default: the default group when one is
+            initialised, e.g. under ``torchrun``; a ``fastdd.distributed.Group`` also works). Each rank reads
+            its share of the real data and owns a block of the synthetic images (their parameters and
+            Adam's state); every random draw is the single-process run's, so the result equals it up to
+            float rounding; every rank returns the same ``DistilledSet``, rank 0 alone writes files and
+            shows progress. Call it on every rank with the same arguments (``fastdd.distributed``).
 
     Returns:
         ``DistilledSet`` with images in [0, 1] ``[C*ipc,3,H,W]`` (class-major), labels, settings, history.
     """
     t_start = time.perf_counter()
+    g = resolve_group(group)
+    progress = progress and g.is_main
     images, labels, names_from = _real_source(images, labels)
     a = _check_arguments(method, methods.get(method).apply_recipe(recipe, dict(locals())), deprecated)
     dev = resolve_device(device, encoder)
@@ -538,26 +584,32 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
     # ---- the real side: one pass (and the statistics in it unless given or kept beside the checkpoint)
     stats_file = None if a.checkpoint is None else a.checkpoint.with_name(a.checkpoint.name + ".stats")
     needs_stats = stats is None and (a.method.needs.stats or a.init == "centroid")
-    reuse_stats = needs_stats and stats_file is not None and a.checkpoint.exists() and stats_file.exists()
+    reuse_stats = g.broadcast_object(needs_stats and stats_file is not None and a.checkpoint.exists()
+                                     and stats_file.exists(), "looking for the checkpoint's statistics")
     real = _scan_real(a, images, labels, encoder, dev, cpu_gen, needs_stats and not reuse_stats, bank_dtype,
-                      bank_path, progress, fingerprint)
-    settings = _settings(a, real, encoder, fingerprint, dev, bank_dtype)
-    # a checkpoint is checked against this run before anything saved beside it is reused
-    resumed = checkpoints.load(a.checkpoint, settings) if a.checkpoint is not None and a.checkpoint.exists() else None
-    _settle_stats(a, real, stats, stats_file, reuse_stats, encoder, fingerprint)
+                      bank_path, progress, fingerprint, g)
+    settings = _settings(a, real, encoder, fingerprint, dev, bank_dtype, g)
+    # a checkpoint is checked against this run before anything saved beside it is reused (on rank 0,
+    # whose state and verdict every rank receives)
+    resumed = on_main(g, lambda: _load_checkpoint(a.checkpoint, settings), "reading the checkpoint")
+    if resumed is not None:
+        resumed, settings["resumed"] = resumed
+    _settle_stats(a, real, stats, stats_file, reuse_stats, encoder, fingerprint, g)
     _check_encoder_output(real, labels, encoder, dev)
 
     # ---- the synthetic set, the method's objective, the loop
     num_classes = real.scan.counts.shape[0]
     synth = make_images(a.parameterization, num_classes * a.ipc, real.scan.image_size,
                         init_images=_initial_images(a, real, labels, encoder, dev, progress), generator=dev_gen,
-                        device=dev, extend_every=a.extend_every).to(dev)
+                        device=dev, extend_every=a.extend_every,
+                        share=shard_bounds(num_classes * a.ipc, g.rank, g.world_size) if g.distributed else None
+                        ).to(dev)
     real.scan.samples = None  # the parameters hold them now
     context = methods.Context(
         num_classes=num_classes, ipc=a.ipc, copies=a.copies, device=dev, cpu_generator=cpu_gen,
-        device_generator=dev_gen, stats=real.stats, real_batches=_real_batches(a, real, labels))
+        device_generator=dev_gen, stats=real.stats, real_batches=_real_batches(a, real, labels, g))
     loop = _Loop(a, synth, a.method.build(context, a.options), encoder, num_classes, dev, cpu_gen, dev_gen,
-                 settings, callback)
+                 settings, callback, g)
     if resumed is not None:
         loop.restore(resumed)
     loop.run(progress)

@@ -5,8 +5,10 @@ A checkpoint is resumed only by a run whose settings give the same result: every
 (the method and its options, the augmentation, the initialisation, the seed, the data's class counts,
 the encoder's name and the fingerprint of its weights, ...) except ``RESUME_MAY_CHANGE``: ``steps``
 (how far to go), ``lr`` (the remaining steps use the new one), ``chunk_size`` and ``batch_size``
-(memory and speed only: the same gradient up to rounding) and the device's index (not its type: the
-generators differ between CPU and CUDA). Each resume is recorded in ``settings["resumed"]``
+(memory and speed only: the same gradient up to rounding), the device's index (not its type: the
+generators differ between CPU and CUDA) and ``world_size``: a distributed run's checkpoint holds the
+whole synthetic set's state, gathered from the ranks (``whole_state``), so a run with another number
+of processes re-partitions it (``part_state``) and continues the same run. Each resume is recorded in ``settings["resumed"]``
 (``{"step": ..., "changed": {name: [saved, now]}}``, one entry per resume). A setting a checkpoint of an
 earlier fastdd lacks (e.g. ``encoder_fingerprint``) cannot be compared and is not held against it.
 """
@@ -17,24 +19,67 @@ from typing import Any, Dict, List
 
 import torch
 
+from .distributed import SINGLE, Group
 from .files import load_checked, save_checked
 
-__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "RESUME_MAY_CHANGE", "save", "load", "differences"]
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "RESUME_MAY_CHANGE", "save", "load", "differences",
+           "whole_state", "part_state"]
 
 CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "fastdd.Checkpoint", 1
 
 # settings a resumed run may change (recorded in settings["resumed"]); every other one must match
-RESUME_MAY_CHANGE = ("steps", "lr", "chunk_size", "batch_size", "device")
+RESUME_MAY_CHANGE = ("steps", "lr", "chunk_size", "batch_size", "device", "world_size")
 _RECORDS = ("resumed", "seconds")  # what the run writes into its settings: not settings of the run
 
 
 def save(path, step: int, images, optimizer: torch.optim.Optimizer, history: List[float],
-         cpu_generator: torch.Generator, device_generator: torch.Generator, settings: Dict[str, Any]) -> None:
-    """Write the loop's state after ``step`` steps to ``path`` (atomic)."""
-    save_checked({"step": step, "images": images.get_state(), "optimizer": optimizer.state_dict(),
-                  "history": [float(v) for v in history], "cpu_rng": cpu_generator.get_state(),
-                  "device_rng": device_generator.get_state().cpu(), "settings": settings},
-                 path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
+         cpu_generator: torch.Generator, device_generator: torch.Generator, settings: Dict[str, Any],
+         group: Group = SINGLE) -> None:
+    """Write the loop's state after ``step`` steps to ``path`` (atomic). Under a group every rank takes
+    part (its block of images and Adam's state are gathered, ``whole_state``) and rank 0 writes."""
+    images_state, optimizer_state = whole_state(images, optimizer, group)
+    if group.is_main:
+        save_checked({"step": step, "images": images_state, "optimizer": optimizer_state,
+                      "history": [float(v) for v in history], "cpu_rng": cpu_generator.get_state(),
+                      "device_rng": device_generator.get_state().cpu(), "settings": settings},
+                     path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
+    group.barrier("writing the checkpoint")
+
+
+def _map_tensors(state, fn):
+    """``state`` (nested dicts and lists) with ``fn`` applied to every tensor that has an image axis
+    (``dim >= 1``: the image parameters and Adam's moments; 0-d ones such as Adam's step stay)."""
+    if isinstance(state, torch.Tensor):
+        return fn(state) if state.dim() >= 1 else state
+    if isinstance(state, dict):
+        return {k: _map_tensors(v, fn) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_map_tensors(v, fn) for v in state)
+    return state
+
+
+def whole_state(images, optimizer: torch.optim.Optimizer, group: Group = SINGLE):
+    """``(images' state, Adam's state)`` of the whole synthetic set: one process's own; under a group
+    every rank's block gathered in rank order (= image order), so the checkpoint is the one a single
+    process writes and any world size resumes it (``part_state``)."""
+    images_state, optimizer_state = images.get_state(), optimizer.state_dict()
+    if not group.distributed:
+        return images_state, optimizer_state
+    images_state.pop("share", None)
+
+    def gather(t):
+        return group.all_gather_rows(t.cpu(), what="gathering the checkpoint's state").clone()
+    return _map_tensors(images_state, gather), _map_tensors(optimizer_state, gather)
+
+
+def part_state(images_state: dict, optimizer_state: dict, lo: int, hi: int):
+    """The block ``lo..hi-1`` of a whole set's saved state (``whole_state``), for one rank."""
+    def block(t):
+        return t[lo:hi].clone()
+    images_part = _map_tensors(images_state, block)
+    if images_part.get("kind") == "pyramid":
+        images_part["share"] = [lo, int(images_state["levels"][0].shape[0])]
+    return images_part, _map_tensors(optimizer_state, block)
 
 
 def differences(saved: Dict[str, Any], settings: Dict[str, Any]) -> Dict[str, tuple]:

@@ -134,8 +134,12 @@ class PyramidImages(nn.Module):
 
     kind = "pyramid"
 
-    def __init__(self, levels: Sequence[torch.Tensor], size, extend_every: int = 200):
+    def __init__(self, levels: Sequence[torch.Tensor], size, extend_every: int = 200,
+                 share: Optional[Tuple[int, int]] = None):
         super().__init__()
+        # (first image, images of the whole set) when these are one rank's block of a larger set: the
+        # extension noise is drawn for the whole set (as one process draws it) and this block kept
+        self.share = None if share is None else (int(share[0]), int(share[1]))
         self.size = _hw(size)
         self.resolutions = pyramid_resolutions(self.size)
         if not 1 <= len(levels) <= len(self.resolutions):
@@ -203,7 +207,8 @@ class PyramidImages(nn.Module):
         n_old = len(self.levels)
         ref = self.levels[0]
         h, w = self.resolutions[n_old]
-        new = torch.randn(ref.shape[0], 3, h, w, generator=generator, device=ref.device) / (n_old + 1)
+        lo, total = self.share if self.share is not None else (0, ref.shape[0])
+        new = torch.randn(total, 3, h, w, generator=generator, device=ref.device)[lo:lo + ref.shape[0]] / (n_old + 1)
         scaled = [lv.detach() * (n_old / (n_old + 1)) for lv in self.levels]
         self.levels = nn.ParameterList([nn.Parameter(t) for t in scaled + [new]])
 
@@ -218,25 +223,40 @@ class PyramidImages(nn.Module):
         return True
 
     def get_state(self) -> dict:
-        return {"kind": self.kind, "levels": [lv.detach().cpu() for lv in self.levels],
-                "size": list(self.size), "extend_every": self.extend_every}
+        state = {"kind": self.kind, "levels": [lv.detach().cpu() for lv in self.levels],
+                 "size": list(self.size), "extend_every": self.extend_every}
+        if self.share is not None:
+            state["share"] = list(self.share)
+        return state
 
 
 def make_images(parameterization: str, num_images: int, size, init_images: Optional[torch.Tensor] = None,
-                generator: Optional[torch.Generator] = None, device=None, extend_every: int = 200):
-    """Build a parameterisation: ``"pyramid"`` or ``"pixels"``, from noise or from ``init_images``."""
+                generator: Optional[torch.Generator] = None, device=None, extend_every: int = 200,
+                share: Optional[Tuple[int, int]] = None):
+    """Build a parameterisation: ``"pyramid"`` or ``"pixels"``, from noise or from ``init_images``.
+
+    ``share=(lo, hi)``: only images ``lo..hi-1`` of the ``num_images`` (one rank's block); every random
+    draw is still made for all ``num_images`` and the block kept, so the block equals those rows of the
+    whole set."""
     if parameterization not in PARAMETERIZATIONS:
         raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
+    lo, hi = (0, num_images) if share is None else share
     if init_images is not None:
         if init_images.dim() != 4 or init_images.shape[0] != num_images or init_images.shape[1] != 3:
             raise ValueError(f"init_images must have shape [{num_images}, 3, H, W], got {tuple(init_images.shape)}")
+        init_images = init_images[lo:hi]
         init_images = init_images.to(device) if device is not None else init_images
         if parameterization == "pixels":
             return PixelImages.from_images(init_images)
-        return PyramidImages.from_images(init_images, extend_every)
-    if parameterization == "pixels":
-        return PixelImages.from_noise(num_images, size, generator, device)
-    return PyramidImages.from_noise(num_images, size, generator, device, extend_every)
+        out = PyramidImages.from_images(init_images, extend_every)
+    elif parameterization == "pixels":
+        return PixelImages(PixelImages.from_noise(num_images, size, generator, device).theta.detach()[lo:hi])
+    else:
+        full = PyramidImages.from_noise(num_images, size, generator, device, extend_every)
+        out = PyramidImages([lv.detach()[lo:hi] for lv in full.levels], full.size, extend_every)
+    if share is not None:
+        out.share = (lo, num_images)
+    return out
 
 
 def images_from_state(state: dict, device=None):
@@ -247,5 +267,5 @@ def images_from_state(state: dict, device=None):
         return PixelImages(theta.to(device) if device is not None else theta)
     if kind == "pyramid":
         levels = [lv.to(device) if device is not None else lv for lv in state["levels"]]
-        return PyramidImages(levels, tuple(state["size"]), int(state["extend_every"]))
+        return PyramidImages(levels, tuple(state["size"]), int(state["extend_every"]), state.get("share"))
     raise ValueError(f"unknown image parameterisation state kind {kind!r}")

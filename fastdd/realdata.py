@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
 from .data import iterate_batches
+from .distributed import SINGLE, Group, shard_batches, shard_bounds
 from .stats import RealStats, StatsAccumulator, source_length
 
-__all__ = ["RealScan", "scan", "nearest_to_means", "RealBatches", "indexable", "check_informative", "NEAR_ZERO",
+__all__ = ["RealScan", "scan", "nearest_to_means", "RealBatch", "RealBatches", "indexable", "check_informative", "NEAR_ZERO",
            "CONSTANT_RTOL"]
 
 NEAR_ZERO = 1e-6      # features whose largest |value| is below this carry no signal (an fp16 bank loses them)
@@ -63,6 +64,28 @@ class _SmallestPerClass:
         items = torch.stack([self.items[c][order[c]] for c in range(self.num_classes)])
         return items.reshape(self.num_classes * self.k, *self.items.shape[2:])
 
+    def merged(self, group: Group, num_classes: int, item_shape: Tuple[int, ...]) -> torch.Tensor:
+        """``result()`` over the items of every rank: the ``k`` smallest keys per class of all ranks (each
+        class must have ``k`` items in all). The ranks' keys are gathered; each rank then sends the items it
+        holds of the winners, so every rank receives ``C*k`` items, as one process keeps."""
+        if not group.distributed:
+            return self.result()
+        keys = torch.full((num_classes, self.k), math.inf, dtype=torch.float64)
+        keys[:self.num_classes] = self.keys
+        every = torch.stack(group.all_gather_object(keys, what="the real initialisation's keys"))  # [W, C, k]
+        best = torch.argsort(every.permute(1, 0, 2).reshape(num_classes, -1), dim=1)[:, :self.k]  # [C, k]
+        holder, slot = best // self.k, best % self.k
+        counts = [int((holder == r).sum()) for r in range(group.world_size)]
+        classes, places = (holder == group.rank).nonzero(as_tuple=True)
+        sent = self.items[classes, slot[classes, places]] if counts[group.rank] else torch.zeros(0, *item_shape)
+        received = group.all_gather_rows(sent, counts, what="the real initialisation's images")
+        out = received.new_zeros(num_classes, self.k, *item_shape)
+        start = 0
+        for r in range(group.world_size):  # rank r sent its winners in row-major (class, rank of key) order
+            out[(holder == r).nonzero(as_tuple=True)] = received[start:start + counts[r]]
+            start += counts[r]
+        return out.reshape(num_classes * self.k, *item_shape)
+
 
 @dataclass
 class RealScan:
@@ -75,47 +98,74 @@ class RealScan:
 
 def scan(source, labels, *, num_classes: Optional[int], batch_size: int, sample_per_class: int,
          generator: torch.Generator, encoder=None, bank: bool = False, bank_dtype=torch.float16,
-         bank_path=None, device=None, progress: bool = True, fingerprint: Optional[str] = None) -> RealScan:
+         bank_path=None, device=None, progress: bool = True, fingerprint: Optional[str] = None,
+         group: Group = SINGLE) -> RealScan:
     """One pass over the real data (see the module docstring). ``encoder`` None: no statistics; the
-    statistics record ``fingerprint`` (``fastdd.encoders.fingerprint`` of ``encoder``)."""
+    statistics record ``fingerprint`` (``fastdd.encoders.fingerprint`` of ``encoder``). Under a ``group``
+    each rank reads its own batches (``fastdd.distributed.shard_batches``) and every rank returns the
+    scan of the whole data, the one a single process makes."""
     from tqdm.auto import tqdm
 
-    accumulator = None if encoder is None else StatsAccumulator(num_classes, bank=bank, bank_dtype=bank_dtype,
-                                                                bank_path=bank_path, rows=source_length(source))
-    label_chunks, size, reservoir = [], None, None
+    accumulator = None if encoder is None else StatsAccumulator(
+        num_classes, bank=bank, bank_dtype=bank_dtype, bank_path=bank_path, group=group,
+        rows=None if group.distributed else source_length(source))
+    label_chunks, rows, size, reservoir = [], [], None, None
     bar = tqdm(desc="real data" if encoder is None else "real data and statistics", unit="img",
-               disable=not progress, leave=False)
+               disable=not (progress and group.is_main), leave=False)
     try:
-        for i, (images, ys) in enumerate(iterate_batches(source, labels, batch_size=batch_size)):
+        for batch in shard_batches(source, labels, batch_size, group):
+            # the keys of every batch are drawn, this rank's or not: the generator moves as in one process
+            keys = torch.rand(batch.size, generator=generator, dtype=torch.float64) if sample_per_class else None
+            bar.update(batch.size)
+            if batch.data is None:
+                continue
+            images, ys = batch.data
             if size is None:
                 size = tuple(images.shape[-2:])
             elif tuple(images.shape[-2:]) != size:
-                raise ValueError(f"images: all real images must have one size; batch {i} has "
+                raise ValueError(f"images: all real images must have one size; batch {batch.index} has "
                                  f"{tuple(images.shape[-2:])}, earlier ones {size}")
             if num_classes is not None and int(ys.max()) >= num_classes:
                 raise ValueError(f"labels must lie in [0, num_classes={num_classes}), found {int(ys.max())}")
             label_chunks.append(ys)
+            rows.append(torch.arange(batch.offset, batch.offset + batch.size))
             if sample_per_class:
                 if reservoir is None:
                     reservoir = _SmallestPerClass(sample_per_class, num_classes or 1)
-                reservoir.update(torch.rand(ys.shape[0], generator=generator, dtype=torch.float64), ys, images)
+                reservoir.update(keys, ys, images)
             if accumulator is not None:
-                accumulator.encode_and_add(encoder, images, ys, device)
-            bar.update(ys.shape[0])
+                accumulator.encode_and_add(encoder, images, ys, device, batch.offset)
     finally:
         bar.close()
         if accumulator is not None:
             accumulator.close()
-    all_labels = torch.cat(label_chunks)
+    all_labels, size = _whole(group, label_chunks, rows, size)
     c = num_classes if num_classes is not None else int(all_labels.max()) + 1
     counts = torch.bincount(all_labels, minlength=c)
     samples = None
     if sample_per_class and not bool((counts < sample_per_class).any()):  # else check_classes reports it
-        samples = reservoir.result()
+        if reservoir is None:  # a rank that read no batch
+            reservoir = _SmallestPerClass(sample_per_class, c)
+        samples = reservoir.merged(group, c, (3, *size))
     stats = None if accumulator is None else accumulator.result(getattr(encoder, "name", None))
     if stats is not None:
         stats.encoder_fingerprint = fingerprint
     return RealScan(all_labels, counts, size, samples, stats)
+
+
+def _whole(group: Group, label_chunks, rows, size) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """Every rank's labels in the global row order, and the image size all ranks saw."""
+    labels = torch.cat(label_chunks) if label_chunks else torch.zeros(0, dtype=torch.int64)
+    if not group.distributed:
+        return labels, size
+    sizes = [s for s in group.all_gather_object(size, what="the image sizes") if s is not None]
+    if any(s != sizes[0] for s in sizes):
+        raise ValueError(f"images: all real images must have one size; the ranks read sizes {sorted(set(sizes))}")
+    order = group.all_gather_rows(torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64),
+                                  what="the real rows' positions")
+    out = torch.empty(order.shape[0], dtype=torch.int64)
+    out[order] = group.all_gather_rows(labels.cpu(), what="the real labels")
+    return out, sizes[0]
 
 
 def check_classes(counts: torch.Tensor, ipc: int, name: str = "labels") -> None:
@@ -208,17 +258,29 @@ def indexable(source):
     return None
 
 
-class RealBatches:
-    """Class-balanced random real batches, drawn by index from a tensor or a map-style dataset (LGM)."""
+class RealBatch(NamedTuple):
+    """A real batch of one step: this rank's ``images`` and ``labels``, rows ``first..first+len-1`` of
+    the step's ``total`` rows (one process: all of them)."""
 
-    def __init__(self, source, labels_all: torch.Tensor, labels_tensor, num_classes: int):
+    images: torch.Tensor
+    labels: torch.Tensor
+    total: int
+    first: int
+
+
+class RealBatches:
+    """Class-balanced random real batches, drawn by index from a tensor or a map-style dataset (LGM).
+    Under a group every rank draws the same indices (the same generator) and reads only its share."""
+
+    def __init__(self, source, labels_all: torch.Tensor, labels_tensor, num_classes: int, group: Group = SINGLE):
         self.source = source
         self.labels_tensor = labels_tensor
+        self.group = group
         order = torch.argsort(labels_all, stable=True)
         counts = torch.bincount(labels_all, minlength=num_classes)
         self.by_class = list(torch.split(order, counts.tolist()))
 
-    def __call__(self, per_class: int, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, per_class: int, generator: torch.Generator) -> RealBatch:
         picks = []
         for idx in self.by_class:
             if per_class <= idx.numel():  # without replacement when the class is large enough
@@ -226,9 +288,15 @@ class RealBatches:
             else:
                 picks.append(idx[torch.randint(idx.numel(), (per_class,), generator=generator)])
         idx = torch.cat(picks)
+        lo, hi = shard_bounds(idx.numel(), self.group.rank, self.group.world_size)
+        if hi == lo:
+            raise ValueError(f"a real batch of {idx.numel()} images cannot be shared by {self.group.world_size} "
+                             "ranks: use fewer processes or a larger real batch (ipc, copies)")
+        mine = idx[lo:hi]
         if isinstance(self.source, torch.Tensor):
-            batch = iterate_batches(self.source[idx], torch.as_tensor(self.labels_tensor)[idx],
-                                    batch_size=idx.numel())
+            batch = iterate_batches(self.source[mine], torch.as_tensor(self.labels_tensor)[mine],
+                                    batch_size=mine.numel())
         else:
-            batch = iterate_batches(torch.utils.data.Subset(self.source, idx.tolist()), batch_size=idx.numel())
-        return next(iter(batch))
+            batch = iterate_batches(torch.utils.data.Subset(self.source, mine.tolist()), batch_size=mine.numel())
+        images, labels = next(iter(batch))
+        return RealBatch(images, labels, idx.numel(), lo)

@@ -29,6 +29,7 @@ import torch
 from . import ops
 from .encoders import encoder_device, fingerprint, resolve_encoder
 from .files import CorruptFileError, load_checked, save_checked
+from .distributed import SINGLE, Group
 from .validate import class_labels, positive_int
 
 __all__ = ["RealStats", "StatsAccumulator", "CorruptFileError", "source_length"]
@@ -145,39 +146,51 @@ class RealStats:
     def from_data(cls, source, encoder, labels=None, num_classes: Optional[int] = None, bank: bool = False,
                   bank_dtype: torch.dtype = torch.float16, bank_path: Optional[Union[str, os.PathLike]] = None,
                   second_moment: bool = False, batch_size: int = 256, device=None,
-                  progress: bool = True) -> "RealStats":
+                  progress: bool = True, encoder_kwargs: Optional[dict] = None, group=None) -> "RealStats":
         """One streamed pass of ``encoder`` over ``source``.
 
         Args:
-            source: a tensor ``[N,3,H,W]`` in [0,1] (with ``labels``), a map-style Dataset yielding
-                ``(image, label)`` or a DataLoader yielding ``(images, labels)``; read batch by batch via
-                ``fastdd.data.iterate_batches`` (the whole set is never in memory).
-            encoder: a ``FrozenEncoder``, any nn.Module (wrapped by ``fastdd.encoders.wrap``) or a name.
+            source: a tensor ``[N,3,H,W]`` in [0,1] (with ``labels``), a ``fastdd.data.Split``, a map-style
+                Dataset yielding ``(image, label)`` or a DataLoader yielding ``(images, labels)``; read batch
+                by batch via ``fastdd.data.iterate_batches`` (the whole set is never in memory).
+            encoder: a ``FrozenEncoder``, any nn.Module (wrapped by ``fastdd.encoders.wrap``) or a name for
+                ``fastdd.encoders.load`` with ``encoder_kwargs`` (its ``weights``, ``input_size``).
             num_classes: C; inferred (max label + 1) when None. Classes absent from the data keep count 0.
             bank: also keep every feature (for CLP), in ``bank_dtype``.
             bank_path: write the bank to this raw file and memory-map it (for banks larger than memory);
                 implies ``bank=True``. The file holds ``N*D`` values of ``bank_dtype``, row-major.
             second_moment: also accumulate per-class sums of squared features.
             batch_size: images per encoder call. device: where the encoder runs (default: its own device).
-            progress: show a tqdm progress bar.
+            progress: show a tqdm progress bar (on rank 0).
+            group: the ``torch.distributed`` process group to share the pass with (default: the default
+                group when one is initialised, e.g. under ``torchrun``): each rank encodes its own run of
+                batches, the sums are all-reduced and every rank returns the same statistics, equal to one
+                process's (``fastdd.distributed``). With ``bank_path`` the ranks must share a file system.
         """
-        from .data import iterate_batches
+        from .data import Split, num_classes_of
+        from .distributed import resolve_group, shard_batches
 
+        if isinstance(source, Split):
+            if labels is not None:
+                raise ValueError("labels= is not used with a fastdd.data.Split: it holds its own labels")
+            source, labels = source.images, source.labels
         if num_classes is None and isinstance(source, torch.Tensor) and labels is not None:
-            from .data import num_classes_of
             num_classes = num_classes_of(class_labels("labels", labels))  # strings: a clear TypeError
         if bank_dtype not in _BANK_DTYPES:
             raise ValueError(f"bank_dtype must be one of {_BANK_DTYPES}, got {bank_dtype}")
-        encoder = resolve_encoder(encoder, device)
+        group = resolve_group(group)
+        encoder = resolve_encoder(encoder, device, encoder_kwargs)
         dev = encoder_device(encoder) if device is None else torch.device(device)
         rows = source_length(source)
         accumulator = StatsAccumulator(num_classes, bank=bank, bank_dtype=bank_dtype, bank_path=bank_path,
-                                       second_moment=second_moment, rows=rows)
-        bar = _progress(rows, "real statistics", progress)
+                                       second_moment=second_moment, rows=None if group.distributed else rows,
+                                       group=group)
+        bar = _progress(rows, "real statistics", progress and group.is_main)
         try:
-            for images, batch_labels in iterate_batches(source, labels, batch_size=batch_size):
-                accumulator.encode_and_add(encoder, images, batch_labels, dev)
-                bar.update(images.shape[0])
+            for batch in shard_batches(source, labels, batch_size, group):
+                if batch.data is not None:
+                    accumulator.encode_and_add(encoder, *batch.data, dev, batch.offset)
+                bar.update(batch.size)
         finally:
             bar.close()
             accumulator.close()
@@ -264,7 +277,7 @@ class StatsAccumulator:
 
     def __init__(self, num_classes: Optional[int] = None, bank: bool = False,
                  bank_dtype: torch.dtype = torch.float16, bank_path: Optional[Union[str, os.PathLike]] = None,
-                 second_moment: bool = False, rows: Optional[int] = None):
+                 second_moment: bool = False, rows: Optional[int] = None, group: Group = SINGLE):
         if bank_dtype not in _BANK_DTYPES:
             raise ValueError(f"bank_dtype must be one of {_BANK_DTYPES}, got {bank_dtype}")
         self.num_classes = None if num_classes is None else positive_int("num_classes", num_classes)
@@ -275,11 +288,20 @@ class StatsAccumulator:
         expected = positive_int("rows", rows, allow_none=True, minimum=0)
         self._bank_rows = _Rows(expected, bank_dtype) if self.bank and bank_path is None else None
         self._label_rows = _Rows(expected, torch.int64)
-        self._bank_file = open(bank_path, "wb") if bank_path is not None else None
+        self.group = group
+        self.positions = []  # under a group: the global rows of this rank's batches
+        self._bank_file = open(self._part_path(group.rank), "wb") if bank_path is not None else None
 
-    def add(self, feats: torch.Tensor, labels: torch.Tensor, batch_rows: int) -> None:
-        """Fold in one batch: the encoder's ``feats [B, D]`` of ``batch_rows`` images and their labels."""
-        rows = self.rows
+    def _part_path(self, rank: int) -> str:
+        """The file this rank writes its bank rows to: ``bank_path`` itself for one process."""
+        return os.fspath(self.bank_path) if not self.group.distributed else f"{os.fspath(self.bank_path)}.part{rank}"
+
+    def add(self, feats: torch.Tensor, labels: torch.Tensor, batch_rows: int, offset: Optional[int] = None) -> None:
+        """Fold in one batch: the encoder's ``feats [B, D]`` of ``batch_rows`` images and their labels;
+        under a group, ``offset`` is the batch's first row in the global stream."""
+        rows = self.rows if offset is None else offset
+        if self.group.distributed:
+            self.positions.append(torch.arange(rows, rows + batch_rows))
         if feats.dim() != 2 or feats.shape[0] != batch_rows or not feats.is_floating_point():
             raise ValueError(f"encoder must return floating features [B, D]; got {feats.dtype} "
                              f"{tuple(feats.shape)} for {batch_rows} images")
@@ -309,17 +331,21 @@ class StatsAccumulator:
             self._label_rows.append(labels)
         self.rows += batch_rows
 
-    def encode_and_add(self, encoder, images: torch.Tensor, labels: torch.Tensor, device) -> None:
+    def encode_and_add(self, encoder, images: torch.Tensor, labels: torch.Tensor, device,
+                       offset: Optional[int] = None) -> None:
         """Encode one batch of real images (no graph) on ``device`` and fold its features in."""
         with torch.no_grad():
             feats = encoder(images.to(device, non_blocking=True))
-        self.add(feats, labels, images.shape[0])
+        self.add(feats, labels, images.shape[0], offset)
 
     def close(self) -> None:
         if self._bank_file is not None:
             self._bank_file.close()
 
     def result(self, encoder_name: Optional[str] = None) -> "RealStats":
+        """The statistics of the stream; under a group, of every rank's stream (``_reduced``)."""
+        if self.group.distributed:
+            return self._reduced(encoder_name)
         bank_features = bank_labels = None
         if self.bank:
             bank_labels = self._label_rows.result(())
@@ -328,6 +354,64 @@ class StatsAccumulator:
             else:
                 bank_features = self._bank_rows.result((self.sums.shape[1],))
         return RealStats(self.counts, self.sums, self.sq_sums, bank_features, bank_labels, encoder_name)
+
+
+    def _reduced(self, encoder_name: Optional[str]) -> "RealStats":
+        """Every rank's statistics as one process's: fp64 sums and counts all-reduced, the bank's rows
+        and labels gathered into the global row order (in memory on every rank, or concatenated from the
+        ranks' part files into ``bank_path`` by rank 0 and memory-mapped by all)."""
+        g = self.group
+        shapes = g.all_gather_object(None if self.sums is None else tuple(self.sums.shape), what="the class axes")
+        known = [s for s in shapes if s is not None]
+        if not known:
+            raise ValueError("the real data yielded no image on any rank")
+        c = self.num_classes if self.num_classes is not None else max(s[0] for s in known)
+        dim = known[0][1]
+        sums = torch.zeros(c, dim, dtype=torch.float64)
+        counts = torch.zeros(c, dtype=torch.int64)
+        sq_sums = torch.zeros(c, dim, dtype=torch.float64) if self.second_moment else None
+        if self.sums is not None:
+            k = self.sums.shape[0]
+            sums[:k], counts[:k] = self.sums.cpu(), self.counts.cpu()
+            if sq_sums is not None:
+                sq_sums[:k] = self.sq_sums.cpu()
+        sums, counts = g.all_reduce_sum(sums, "summing the class sums"), g.all_reduce_sum(counts, "summing counts")
+        if sq_sums is not None:
+            sq_sums = g.all_reduce_sum(sq_sums, "summing the squared sums")
+        bank_features = bank_labels = None
+        if self.bank:
+            positions = torch.cat(self.positions) if self.positions else torch.zeros(0, dtype=torch.long)
+            order = g.all_gather_rows(positions, what="the bank's row positions")
+            labels = self._label_rows.result(())
+            bank_labels = torch.empty(order.shape[0], dtype=torch.int64)
+            bank_labels[order] = g.all_gather_rows(labels, what="the bank's labels")
+            if self.bank_path is None:
+                rows = self._bank_rows.result((dim,))
+                bank_features = torch.empty(order.shape[0], dim, dtype=self.bank_dtype)
+                bank_features[order] = g.all_gather_rows(rows, what="the bank's rows")
+            else:
+                bank_features = self._merged_bank_file(order, dim)
+        return RealStats(counts, sums, sq_sums, bank_features, bank_labels, encoder_name)
+
+    def _merged_bank_file(self, order: torch.Tensor, dim: int) -> torch.Tensor:
+        """Rank 0 concatenates the ranks' part files into ``bank_path`` (each rank's rows are one
+        contiguous run of the global rows, in rank order), then every rank maps it."""
+        if not torch.equal(order, torch.arange(order.shape[0])):
+            raise ValueError("bank_path under a process group needs a sized source (a tensor, a map-style "
+                             "Dataset or a DataLoader over one), whose ranks read contiguous runs of rows; "
+                             "this stream was read in interleaved batches: keep the bank in memory instead")
+        g = self.group
+        g.barrier("writing the bank's part files")
+        if g.is_main:
+            import shutil
+
+            with open(self.bank_path, "wb") as out:
+                for r in range(g.world_size):
+                    with open(self._part_path(r), "rb") as part:
+                        shutil.copyfileobj(part, out, 1 << 24)
+                    os.remove(self._part_path(r))
+        g.barrier("merging the bank's part files")
+        return _map_bank(self.bank_path, order.shape[0], dim, self.bank_dtype)
 
 
 class _Rows:

@@ -64,24 +64,38 @@ def encode_without_graph(encoder, augment: Augment, images: torch.Tensor, params
                           for lo in range(0, images.shape[0], step)])
 
 
-def plain_step(rows: SyntheticRows, encoder, loss_fn: LossFn,
-               autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """All rows at once with one graph: decode every image, augment, encode, loss, backward."""
+def plain_step(rows: SyntheticRows, encoder, loss_fn: LossFn, autocast_dtype: Optional[torch.dtype] = None,
+               exchange=None) -> torch.Tensor:
+    """All rows at once with one graph: decode every image, augment, encode, loss, backward. With an
+    ``exchange`` (``fastdd.distributed.RowExchange``) the rows are this rank's: their features are
+    gathered with every rank's (no graph), the loss and its gradient w.r.t. all features are computed,
+    and this rank's slice flows back through its graph."""
     zs = encode(encoder, rows.rows(0, rows.num_rows, decoded=rows.images()), autocast_dtype)
-    loss = loss_fn(zs)
-    loss.backward()
+    if exchange is None:
+        loss = loss_fn(zs)
+        loss.backward()
+        return loss.detach()
+    every = exchange.gather(zs.detach()).requires_grad_(True)
+    loss = loss_fn(every)
+    (grad_z,) = torch.autograd.grad(loss, every)
+    zs.backward(exchange.local(grad_z))
     return loss.detach()
 
 
 def chunked_step(rows: SyntheticRows, encoder, loss_fn: LossFn, chunk_size: int,
-                 autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """The memory-flat step (see the module docstring): same gradient as ``plain_step``."""
+                 autocast_dtype: Optional[torch.dtype] = None, exchange=None) -> torch.Tensor:
+    """The memory-flat step (see the module docstring): same gradient as ``plain_step``; with an
+    ``exchange``, across the ranks as there."""
     spans = [(lo, min(lo + chunk_size, rows.num_rows)) for lo in range(0, rows.num_rows, chunk_size)]
     with torch.no_grad():
         zs = torch.cat([encode(encoder, rows.rows(lo, hi), autocast_dtype) for lo, hi in spans])
+    if exchange is not None:
+        zs = exchange.gather(zs)
     zs.requires_grad_(True)
     loss = loss_fn(zs)                                   # piece 3, over every row's features
     (grad_z,) = torch.autograd.grad(loss, zs)
+    if exchange is not None:
+        grad_z = exchange.local(grad_z)
     for lo, hi in spans:                                 # piece 4, this process's rows chunk by chunk
         encode(encoder, rows.rows(lo, hi), autocast_dtype).backward(grad_z[lo:hi])
     return loss.detach()

@@ -133,7 +133,8 @@ class Context:
     """What ``distill`` hands a method's ``build``: the real side it asked for and the run's shape.
 
     ``stats``: the ``RealStats`` (None unless ``needs.stats``); ``real_batches``: a sampler of
-    class-balanced real batches, ``real_batches(per_class, generator) -> (images, labels)`` (None unless
+    class-balanced real batches, ``real_batches(per_class, generator) -> fastdd.realdata.RealBatch`` (this
+    rank's share of the drawn images and labels, and the batch's total; under one process all; None unless
     ``needs.real_batches``); ``cpu_generator`` and ``device_generator``: the run's generators (saved in
     checkpoints, so draws made from them resume exactly)."""
 
@@ -144,14 +145,15 @@ class Context:
     cpu_generator: torch.Generator
     device_generator: torch.Generator
     stats: Any = None
-    real_batches: Optional[Callable[[int, torch.Generator], Tuple[torch.Tensor, torch.Tensor]]] = None
+    real_batches: Optional[Callable[[int, torch.Generator], Any]] = None
 
 
 class Objective:
     """A method's loss for one run. ``loss(zs, ys, zr=None, yr=None)`` is a scalar differentiable w.r.t.
-    the synthetic features ``zs``; ``real_batch()`` gives the real images ``(images, labels)`` whose
-    (augmented, encoded) features the loop passes as ``zr, yr`` this step, or None (the default: the
-    method needs no real image while distilling)."""
+    the synthetic features ``zs``; ``real_batch()`` gives the real images whose (augmented, encoded)
+    features the loop passes as ``zr, yr`` this step: a ``fastdd.realdata.RealBatch`` (each rank encodes
+    its share, the features are gathered) or a plain ``(images, labels)`` pair (every rank encodes all of
+    them), or None (the default: the method needs no real image while distilling)."""
 
     def __init__(self, loss: Callable[..., torch.Tensor]):
         self._loss = loss
