@@ -8,8 +8,12 @@ Subcommands::
     fastdd stats    --data fashion-mnist --encoder torchvision:mobilenet_v2 --bank --out fmnist_stats.pt
 
 ``--data`` is a built-in set name (``fastdd.data.DATASETS``) or a folder with one sub-folder of images per
-class (``fastdd.data.load_folder``); ``distill`` uses its training split (a folder: all of it), ``evaluate``
-its test split; a folder has none, so ``evaluate`` needs ``--test-data FOLDER`` (held-out images) with it.
+class; ``distill`` uses its training split (a folder: all of it), ``evaluate`` its test split; a folder has
+none, so ``evaluate`` needs ``--test-data FOLDER`` (held-out images) with it. A folder is streamed: a
+``fastdd.data.FolderDataset`` read through a DataLoader whose ``--workers`` processes decode the images
+(``fastdd.data.batch_loader``), never loaded whole by ``distill`` and ``stats``; ``evaluate`` holds the
+decoded test images (``fastdd.evaluate`` keeps its test set) and ``baseline`` the decoded training images
+(the baselines select from tensors). Built-in sets are tensors.
 Errors are one line (no traceback). Exit codes: 0 success; 2 a usage error: argparse's own (an unknown or
 missing flag, a value of the wrong type) and any bad flag value found later (by the checks before any work
 or by the library's validation: an error whose message names an argument, shown as its flag, e.g.
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -91,7 +96,8 @@ _FLAGS = {"weights": "--weights", "input_size": "--input-size", "ipc": "--ipc", 
           "batch_size": "--batch-size", "stats": "--stats", "checkpoint": "--checkpoint",
           "checkpoint_every": "--checkpoint-every", "seed": "--seed", "seeds": "--seeds", "epochs": "--epochs",
           "head_init": "--head-init", "device": "--device", "name": "--encoder", "method": "--method",
-          "recipe": "--recipe", "out": "--out", "bank_dtype": "--bank-dtype", "size": "--size", "kind": "--kind"}
+          "recipe": "--recipe", "out": "--out", "bank_dtype": "--bank-dtype", "size": "--size", "kind": "--kind",
+          "workers": "--workers"}
 
 
 def _flags_table() -> dict:
@@ -121,10 +127,26 @@ def _as_flags(message: str):
     return message, named[0] or bool(re.search(r"(?<![\w-])--[a-z]", message))
 
 
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one, else all)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+_WORKERS = min(4, _usable_cpus())  # the default of --workers
+_READ_BATCH = 256  # images a DataLoader worker decodes at a time for evaluate and baseline (no --batch-size)
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     """The data, encoder and device flags every data-reading subcommand shares."""
-    p.add_argument("--data", required=True, help="built-in data set name or a folder of class sub-folders")
+    p.add_argument("--data", required=True, help="built-in data set name or a folder of class sub-folders "
+                                                  "(streamed: decoded as it is read, by --workers processes)")
     p.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
+    p.add_argument("--workers", type=int, default=_WORKERS,
+                   help="processes that decode a folder's images while it is read (default min(4, usable CPUs) = "
+                        f"{_WORKERS}; 0: this process decodes them); built-in sets are tensors and need none")
     p.add_argument("--encoder", default="torchvision:mobilenet_v2", help="encoder name (fastdd.encoders.load)")
     p.add_argument("--weights", type=_weights, default=None,
                    help="encoder weights: 'imagenet' or torchvision's 'DEFAULT' (found offline), an entry "
@@ -205,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probe seeds, one accuracy each (default: fastdd.evaluate's)")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
 
-    b = sub.add_parser("baseline", help="a real-image baseline set: random real images or a coreset")
+    b = sub.add_parser("baseline", help="a real-image baseline set: random real images or a coreset (a folder "
+                                        "is decoded whole into memory: the baselines select from tensors)")
     _add_common(b)
     b.add_argument("--kind", required=True, choices=tuple(_BASELINES),
                    help="random: ipc random real images a class; centroids: those nearest the class centres "
@@ -235,9 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_split(data: str, size: int, test: bool, flag: str = "--data"):
-    """The training (``test`` False) or test split of a built-in set, or a folder given as ``flag``. A
-    folder has no test split: for ``--data`` with ``test`` it is an error (scoring a distilled set on the
-    images it was distilled from overstates its accuracy), ``--test-data FOLDER`` is the held-out set."""
+    """The training (``test`` False) or test split of a built-in set (a ``Split``), or a folder given as
+    ``flag``, streamed (a ``fastdd.data.FolderDataset``: its images are decoded when read). A folder has no
+    test split: for ``--data`` with ``test`` it is an error (scoring a distilled set on the images it was
+    distilled from overstates its accuracy), ``--test-data FOLDER`` is the held-out set."""
     from pathlib import Path
 
     from . import data as fdata
@@ -249,9 +273,25 @@ def _load_split(data: str, size: int, test: bool, flag: str = "--data"):
         if test and flag == "--data":
             raise ValueError(f"--data {data!r} is a folder, which has no test split: pass the held-out images "
                              "as --test-data FOLDER (scoring the training images would overstate the accuracy)")
-        return fdata.load_folder(data, size=size)
+        return fdata.load_folder(data, size=size, stream=True)
     raise ValueError(f"{flag} {data!r} is neither a built-in data set ({', '.join(sorted(fdata.DATASETS))}) "
                      "nor a folder")
+
+
+def _reader(source, batch_size: int, workers: int):
+    """What fastdd's functions read: a built-in set's ``Split`` as it is, a streamed folder as a DataLoader
+    whose ``workers`` processes decode ``batch_size`` images at a time (``fastdd.data.batch_loader``)."""
+    from . import data as fdata
+
+    return source if isinstance(source, fdata.Split) else fdata.batch_loader(source, batch_size, workers)
+
+
+def _images_and_labels(real):
+    """``real`` (a ``_reader``) as the ``(images, labels)`` that ``RealStats.from_data`` and ``evaluate``
+    take: a Split's two tensors, or the DataLoader with labels None (it yields its own)."""
+    from .data import Split
+
+    return (real.images, real.labels) if isinstance(real, Split) else (real, None)
 
 
 def _encoder(args):
@@ -262,8 +302,6 @@ def _encoder(args):
 
 
 def _distill(args) -> int:
-    import os
-
     from . import methods
     from .api import distill
     from .stats import RealStats
@@ -276,16 +314,17 @@ def _distill(args) -> int:
         output_path("--checkpoint", args.checkpoint)
     if args.stats and not os.path.isfile(args.stats):  # a folder is refused here, not read as statistics
         output_path("--stats", args.stats)
-    split = _load_split(args.data, args.size, test=False)
+    real = _reader(_load_split(args.data, args.size, test=False), args.batch_size, args.workers)
     encoder = _encoder(args)
     stats = None
     if args.stats and os.path.isfile(args.stats):
         stats = RealStats.load(args.stats)
     elif args.stats:
-        stats = RealStats.from_data(split.images, encoder, labels=split.labels, bank=methods.get(args.method).needs.bank,
+        images, labels = _images_and_labels(real)
+        stats = RealStats.from_data(images, encoder, labels=labels, bank=methods.get(args.method).needs.bank,
                                     batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
         stats.save(args.stats)
-    out = distill(split, encoder, method=args.method, ipc=args.ipc, steps=args.steps, recipe=args.recipe,
+    out = distill(real, encoder, method=args.method, ipc=args.ipc, steps=args.steps, recipe=args.recipe,
                   lr=args.lr, init=args.init, parameterization=args.parameterization, copies=args.copies,
                   augment=not args.no_augment, crop_scale=args.crop_scale, noise_prob=args.noise_prob,
                   options=options, chunk_size=args.chunk_size, batch_size=args.batch_size, stats=stats, seed=args.seed,
@@ -308,6 +347,7 @@ def _evaluate(args) -> int:
     else:  # a folder as it is; a built-in name: its test split
         split = _load_split(args.test_data, args.size, test=True, flag="--test-data")
         _warn_if_training_folder(args.test_data, distilled)
+    images, labels = _images_and_labels(_reader(split, _READ_BATCH, args.workers))
     kwargs = {"progress": not args.no_progress}
     if args.epochs is not None:
         kwargs["epochs"] = args.epochs
@@ -315,7 +355,7 @@ def _evaluate(args) -> int:
         kwargs["seeds"] = tuple(args.seeds)
     if args.head_init is not None:
         kwargs["head_init"] = args.head_init
-    result = evaluate(distilled, _encoder(args), split.images, split.labels, **kwargs)
+    result = evaluate(distilled, _encoder(args), images, labels, **kwargs)
     if args.json:
         print(json.dumps({"mean": result.mean, "std": result.std, "accuracies": list(result.accuracies),
                           "distilled": args.distilled, "method": distilled.method}))
@@ -332,11 +372,14 @@ _BASELINES = {"random": "random_real", "centroids": "class_centroids", "kcenter"
 
 def _baseline(args) -> int:
     from . import probe
+    from .data import Split
     from .distilled import DistilledSet
     from .validate import output_path
 
     output_path("--out", args.out)
     split = _load_split(args.data, args.size, test=False)
+    if not isinstance(split, Split):  # a streamed folder: the baselines select from tensors
+        split = split.to_split(workers=args.workers)
     select = getattr(probe, _BASELINES[args.kind])
     if args.kind == "random":
         images, labels = select(split.images, split.labels, ipc=args.ipc, seed=args.seed)
@@ -365,13 +408,14 @@ def _stats(args) -> int:
     output_path("--out", args.out)
     positive_int("--batch-size", args.batch_size)
     start = time.perf_counter()
-    split = _load_split(args.data, args.size, test=False)
-    stats = RealStats.from_data(split.images, _encoder(args), labels=split.labels, bank=args.bank,
+    images, labels = _images_and_labels(_reader(_load_split(args.data, args.size, test=False), args.batch_size,
+                                                args.workers))
+    stats = RealStats.from_data(images, _encoder(args), labels=labels, bank=args.bank,
                                 bank_dtype=getattr(torch, _BANK_DTYPES[args.bank_dtype]), batch_size=args.batch_size,
                                 device=args.device, progress=not args.no_progress)
     stats.save(args.out)
     bank = f", bank {args.bank_dtype}" if args.bank else ""
-    print(f"fastdd: saved RealStats of {len(split.images)} images, {stats.num_classes} classes, D={stats.feature_dim}"
+    print(f"fastdd: saved RealStats of {stats.num_samples} images, {stats.num_classes} classes, D={stats.feature_dim}"
           f"{bank} to {args.out} ({time.perf_counter() - start:.1f} s)")
     return 0
 
@@ -433,6 +477,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .encoders import resolve_device
 
             resolve_device(args.device)
+        if getattr(args, "workers", None) is not None:  # before any data are read
+            from .validate import positive_int
+
+            positive_int("--workers", args.workers, minimum=0)
         return run(args)
     except (ValueError, TypeError, OSError, ArithmeticError, RuntimeError) as e:
         # one clear line, no traceback: a bad flag value (the message names the argument, written as its
@@ -448,8 +496,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _resume_hint(args) -> str:
     """How to resume an interrupted command: the checkpoint it resumes from, if one was given."""
-    import os
-
     if args.command != "distill":
         return ""
     if not args.checkpoint:

@@ -303,3 +303,41 @@ def test_stats_command_writes_real_stats(folder, tmp_path, capsys):
     stats = RealStats.load(out)
     assert stats.num_classes == 3 and stats.feature_dim == 512 and stats.has_bank
     assert cli.main(["stats", "--data", str(folder), *ENCODER, "--no-bank", "--out", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("command", ["distill", "stats", "evaluate", "baseline"])
+def test_workers_flag_is_shown_and_checked_before_any_work(command, tmp_path, capsys, monkeypatch):
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    workers = next(a for a in sub.choices[command]._actions if "--workers" in a.option_strings)
+    assert workers.default == cli._WORKERS and "folder" in workers.help
+    monkeypatch.setattr(cli, "_load_split", _no_work)
+    monkeypatch.setattr(cli, "_encoder", _no_work)
+    extra = {"distill": ["--out", str(tmp_path / "x.pt")], "stats": ["--out", str(tmp_path / "x.pt")],
+             "evaluate": ["--distilled", str(_distilled_file(tmp_path))],
+             "baseline": ["--kind", "random", "--out", str(tmp_path / "x.pt")]}[command]
+    code = cli.main([command, "--data", "digits", *ENCODER, "--workers", "-1", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and "--workers must be an int >= 0, got -1" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_evaluate_streams_a_test_folder_through_workers(folder, tmp_path, monkeypatch, capsys):
+    import torch
+
+    from fastdd import data as fdata
+    from fastdd import probe
+
+    seen = []
+
+    def evaluate(distilled, encoder, images, labels, **kwargs):
+        seen.append((images, labels))
+        return _Result()
+
+    monkeypatch.setattr(cli, "_encoder", lambda args: None)
+    monkeypatch.setattr(probe, "evaluate", evaluate)
+    assert cli.main(["evaluate", "--data", "digits", "--test-data", str(folder), "--workers", "2",
+                     "--distilled", str(_distilled_file(tmp_path)), *ENCODER]) == 0
+    (loader, labels), = seen
+    assert isinstance(loader, torch.utils.data.DataLoader) and loader.num_workers == 2 and labels is None
+    assert isinstance(loader.dataset.dataset, fdata.FolderDataset) and loader.dataset.classes == ["cat", "dog", "fox"]
+    capsys.readouterr()
