@@ -54,8 +54,16 @@ class ClosedFormProbeLoss(nn.Module):
         real_batch: None (whole bank per call) or the number of bank rows drawn per call.
         relative_lam, centered_targets, feature_norm, bias, solve_dtype: see the module docstring.
         generator: ``torch.Generator`` (CPU) drawing the real batches.
-        cache_bank: keep a copy of the bank on the features' device (in its stored dtype) after the first
-            call; False gathers the rows from the (possibly memory-mapped) CPU bank every call.
+        cache_bank: keep the bank on the features' device after the first call (the whole bank used:
+            normalised, float32; drawn rows: in its stored dtype); False gathers the rows from the
+            (possibly memory-mapped) bank where the stats keep it, every call.
+
+    With ``cache_bank`` the bank is held in the non-persistent buffers ``bank_features`` and
+    ``bank_labels``: ``.to(device)`` moves it with the module, and ``state_dict()`` leaves it out (it is
+    the statistics' data, possibly memory-mapped and as large as the real set; the loss is rebuilt from
+    them). They start as the statistics' own tensors (no copy) and become the device copy at the first
+    call. ``feature_shift`` / ``feature_scale`` are ordinary buffers. Without ``cache_bank`` the bank is a
+    plain attribute that ``.to()`` does not move.
     """
 
     def __init__(self, stats, lam: float = 1.0, tau: float = 0.1, real_batch: Optional[int] = None, *,
@@ -93,7 +101,12 @@ class ClosedFormProbeLoss(nn.Module):
         self.solve_dtype = solve_dtype
         self.generator = generator
         self.cache_bank = bool(cache_bank)
-        self._bank_cache = None
+        if self.cache_bank:
+            self.register_buffer("bank_features", stats.bank_features, persistent=False)
+            self.register_buffer("bank_labels", stats.bank_labels, persistent=False)
+        else:
+            self.bank_features, self.bank_labels = stats.bank_features, stats.bank_labels
+        self._bank_normalized = False  # the bank buffers hold the normalised float32 bank
         shift = scale = None
         if feature_norm in ("center", "standardize"):
             shift, scale = _bank_mean_std(stats.bank_features)
@@ -136,22 +149,21 @@ class ClosedFormProbeLoss(nn.Module):
         """The real rows used this call, normalised: ``(zr [M, D(+1)] float32 on device, yr [M])``.
 
         With the whole bank in use (``real_batch`` None or >= its rows) and ``cache_bank``, the normalised
-        float32 bank is computed once per device and reused; otherwise the drawn rows are gathered (from the
-        device copy in the stored dtype, or from the CPU bank) and normalised per call."""
-        bank, labels = self.stats.bank_features, self.stats.bank_labels
+        float32 bank is computed once (at the first call) into the bank buffers and moved with them;
+        otherwise the drawn rows are gathered (from the buffers' device copy in the stored dtype, or
+        from the bank where the stats keep it) and normalised per call."""
         device = torch.device(device)
-        whole = self.real_batch is None or self.real_batch >= bank.shape[0]
-        if self.cache_bank:
-            if self._bank_cache is None or self._bank_cache[0].device != device:
-                if whole:
-                    self._bank_cache = (self.normalize(bank.to(device).float()), labels.to(device))
-                else:
-                    self._bank_cache = (bank.to(device), labels.to(device))
-            bank, labels = self._bank_cache
-            if whole:
-                return bank, labels
-        elif whole:
-            return self.normalize(bank.to(device).float()), labels.to(device)
+        whole = self.real_batch is None or self.real_batch >= self.bank_features.shape[0]
+        if self.cache_bank and (self.bank_features.device != device or whole and not self._bank_normalized):
+            bank = self.bank_features.to(device)
+            if whole and not self._bank_normalized:
+                bank = self.normalize(bank.float())
+                self._bank_normalized = True
+            self.bank_features, self.bank_labels = bank, self.bank_labels.to(device)
+        bank, labels = self.bank_features, self.bank_labels
+        if whole:
+            zr = bank if self._bank_normalized else self.normalize(bank.to(device).float())
+            return zr, labels.to(device)
         idx = torch.randint(bank.shape[0], (self.real_batch,), generator=self.generator)
         idx = idx.to(bank.device)
         return self.normalize(bank[idx].to(device).float()), labels[idx].to(device)

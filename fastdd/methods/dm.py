@@ -42,12 +42,14 @@ class DistributionMatchingLoss(nn.Module):
         check_features(zs, ys, dim=self.real_means.shape[1], num_classes=self.num_classes)
         means = self.real_means.to(zs.device)
         z = zs if zs.dtype in (torch.float32, torch.float64) else zs.float()
-        counts = torch.bincount(ys, minlength=self.num_classes)
+        # counts by index_add, not bincount: bincount sizes its output from the labels' maximum (a host
+        # sync on an accelerator, a data-dependent shape under torch.compile)
+        counts = z.new_zeros(self.num_classes).index_add(0, ys, z.new_ones(z.shape[0]))
         if checks_enabled() and bool((counts == 0).any()):
             missing = torch.nonzero(counts == 0).flatten().tolist()
             raise ValueError(f"ys: classes {missing[:10]} have no synthetic row; every class must appear")
         sums = z.new_zeros(self.num_classes, z.shape[1]).index_add(0, ys, z)
-        syn_means = sums / counts.clamp(min=1).unsqueeze(1).to(z.dtype)
+        syn_means = sums / counts.clamp(min=1).unsqueeze(1)
         return (syn_means - means.to(z.dtype)).pow(2).sum()
 
     def extra_repr(self) -> str:
