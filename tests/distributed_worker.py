@@ -108,18 +108,23 @@ def main():
         result["stats"] = stats_cases(x, y, out_dir)
         result["distill"] = distill_cases(x, y)
     elif scenario == "die":
-        if rank == 1:
-            os._exit(3)  # a rank that dies before the first collective
+        die_at = int(os.environ.get("DIE_AT", "-1"))
+        if rank == 1 and die_at < 0:
+            os._exit(3)  # a rank that dies before distill's first collective
+
+        def callback(step, loss):
+            if rank == 1 and step == die_at:
+                os._exit(3)  # a rank that dies in the middle of the steps
         start = time.time()
         try:
-            fastdd.distill(x, encoder(), labels=y, **run_kwargs("sfm", 5))
+            fastdd.distill(x, encoder(), labels=y, callback=callback, **run_kwargs("sfm", 8))
             result["error"] = None
         except Exception as e:  # noqa: BLE001 - the test reads the type and message
             result["error"] = (type(e).__name__, str(e))
         result["seconds"] = time.time() - start
     elif scenario in ("resume-crash", "resume", "whole"):
         method = os.environ["METHOD"]
-        ck = os.path.join(out_dir, "..", f"{method}.ck")
+        ck = os.environ.get("CK") or os.path.join(out_dir, "..", f"{method}.ck")
         kill_at = 7 if scenario == "resume-crash" else None
 
         def callback(step, loss):
