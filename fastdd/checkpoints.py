@@ -60,15 +60,16 @@ def _map_tensors(state, fn):
 
 def whole_state(images, optimizer: torch.optim.Optimizer, group: Group = SINGLE):
     """``(images' state, Adam's state)`` of the whole synthetic set: one process's own; under a group
-    every rank's block gathered in rank order (= image order), so the checkpoint is the one a single
-    process writes and any world size resumes it (``part_state``)."""
+    every rank's block gathered in rank order (= image order) on rank 0 (the tensors are None on the
+    others), so the checkpoint is the one a single process writes and any world size resumes it
+    (``part_state``)."""
     images_state, optimizer_state = images.get_state(), optimizer.state_dict()
     if not group.distributed:
         return images_state, optimizer_state
     images_state.pop("share", None)
 
-    def gather(t):
-        return group.all_gather_rows(t.cpu(), what="gathering the checkpoint's state").clone()
+    def gather(t):  # to rank 0 only, which writes the file
+        return group.gather_rows(t.cpu(), what="gathering the checkpoint's state")
     return _map_tensors(images_state, gather), _map_tensors(optimizer_state, gather)
 
 

@@ -104,16 +104,37 @@ class Group:
         counts = [int(c) for c in counts]
         if counts[self.rank] != tensor.shape[0]:
             raise ValueError(f"rank {self.rank} holds {tensor.shape[0]} rows, the plan says {counts[self.rank]}")
-        longest = max(counts)
-        row_shape = tuple(tensor.shape[1:])
-        row_bytes = tensor.element_size() * math.prod(row_shape)
-        raw = tensor.detach().contiguous().view(torch.uint8).reshape(tensor.shape[0], row_bytes)
-        send = torch.zeros(longest, row_bytes, dtype=torch.uint8, device=self._device())
-        send[:tensor.shape[0]] = raw.to(self._device())
+        send = self._padded_bytes(tensor, max(counts))
         parts = [torch.empty_like(send) for _ in range(self.world_size)]
         self._call(what, dist.all_gather, parts, send, group=self.group)
-        rows = torch.cat([p[:c] for p, c in zip(parts, counts)]).to(tensor.device)
-        return rows.view(tensor.dtype).reshape(sum(counts), *row_shape)
+        return self._rows_from_bytes(parts, counts, tensor)
+
+    def _padded_bytes(self, tensor: torch.Tensor, rows: int) -> torch.Tensor:
+        """``tensor``'s rows as bytes ``[rows, row bytes]`` on the backend's device, zero-padded to ``rows``."""
+        row_bytes = tensor.element_size() * math.prod(tensor.shape[1:])
+        raw = tensor.detach().contiguous().view(torch.uint8).reshape(tensor.shape[0], row_bytes)
+        send = torch.zeros(rows, row_bytes, dtype=torch.uint8, device=self._device())
+        send[:tensor.shape[0]] = raw.to(self._device())
+        return send
+
+    @staticmethod
+    def _rows_from_bytes(parts, counts, like: torch.Tensor) -> torch.Tensor:
+        rows = torch.cat([p[:c] for p, c in zip(parts, counts)]).to(like.device)
+        return rows.view(like.dtype).reshape(sum(counts), *like.shape[1:])
+
+    def gather_rows(self, tensor: torch.Tensor, what: str = "gather") -> Optional[torch.Tensor]:
+        """Every rank's ``tensor`` concatenated in rank order on rank 0 (None on the others): what only
+        rank 0 writes (a checkpoint), without a copy on every rank."""
+        if not self.distributed:
+            return tensor.detach()
+        import torch.distributed as dist
+
+        counts = self.all_gather_rows(torch.tensor([tensor.shape[0]]), counts=[1] * self.world_size,
+                                      what=f"{what} (row counts)").tolist()
+        send = self._padded_bytes(tensor, max(counts))
+        parts = [torch.empty_like(send) for _ in range(self.world_size)] if self.is_main else None
+        self._call(what, dist.gather, send, parts, dst=0, group=self.group)
+        return self._rows_from_bytes(parts, counts, tensor) if self.is_main else None
 
     def all_gather_object(self, obj, what: str = "all_gather_object") -> List[Any]:
         """``obj`` of every rank, in rank order (small Python objects only)."""

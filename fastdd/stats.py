@@ -250,15 +250,33 @@ class RealStats:
         save_checked(payload, path, STATS_FORMAT, STATS_FORMAT_VERSION, container=container)
 
     @classmethod
-    def load(cls, path: Union[str, os.PathLike], mmap: bool = True, verify: bool = True) -> "RealStats":
+    def load(cls, path: Union[str, os.PathLike], mmap: bool = True, verify: bool = True,
+             shard: Optional[tuple] = None) -> "RealStats":
         """Load statistics saved by ``save`` (either container, told by its first bytes); the bank is
         memory-mapped from the file when ``mmap`` (its pages are read on first use).
 
+        ``shard=(index, count)``: keep only the bank rows of shard ``index`` of ``count`` (the contiguous
+        run ``fastdd.distributed.shard_bounds`` gives, e.g. ``(rank, world_size)``); the class counts and
+        sums stay those of the whole set.
+
         Raises ``CorruptFileError`` for a truncated, altered or foreign file.
         """
+        if shard is not None:
+            if not isinstance(shard, (tuple, list)) or len(shard) != 2:
+                raise ValueError(f"shard must be a pair (index, count), got {shard!r}")
+            index = positive_int("shard index", shard[0], minimum=0)
+            count = positive_int("shard count", shard[1])
+            if index >= count:
+                raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shard!r}")
         p = load_checked(path, STATS_FORMAT, STATS_FORMAT_VERSION, mmap=mmap, verify=verify)
+        bank, bank_labels = p.get("bank_features"), p.get("bank_labels")
+        if shard is not None and bank is not None:
+            from .distributed import shard_bounds
+
+            lo, hi = shard_bounds(bank.shape[0], index, count)
+            bank, bank_labels = bank[lo:hi], bank_labels[lo:hi]
         try:
-            return cls(p["counts"], p["sums"], p.get("sq_sums"), p.get("bank_features"), p.get("bank_labels"),
+            return cls(p["counts"], p["sums"], p.get("sq_sums"), bank, bank_labels,
                        p.get("encoder_name"), p.get("encoder_fingerprint"))
         except (KeyError, ValueError) as e:
             raise CorruptFileError(f"{path} holds inconsistent statistics: {e}") from e

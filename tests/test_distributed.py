@@ -131,3 +131,20 @@ def test_killed_and_resumed_distributed_run_equals_the_uninterrupted_one(tmp_pat
     three = load(tmp_path / "three", 2)
     assert three["settings"]["resumed"] == [{"step": 5, "changed": {"world_size": [2, 3]}}]
     torch.testing.assert_close(three["images"], whole["images"], rtol=0, atol=1e-4)
+
+
+def test_saved_statistics_load_by_shard(tmp_path):
+    import fastdd
+    from fastdd.distributed import shard_bounds
+
+    x, y = worker.data()
+    stats = fastdd.RealStats.from_data(x, worker.encoder(), labels=y, bank=True, batch_size=8, progress=False)
+    stats.save(tmp_path / "s.safetensors")
+    parts = [fastdd.RealStats.load(tmp_path / "s.safetensors", shard=(r, 3)) for r in range(3)]
+    assert torch.equal(torch.cat([p.bank_features for p in parts]), stats.bank_features)
+    assert torch.equal(torch.cat([p.bank_labels for p in parts]), stats.bank_labels)
+    assert [p.bank_features.shape[0] for p in parts] == [hi - lo for lo, hi in (shard_bounds(52, r, 3) for r in range(3))]
+    assert all(torch.equal(p.sums, stats.sums) and torch.equal(p.counts, stats.counts) for p in parts)
+    for bad in [(3, 3), (0,), (-1, 2), (0, 0)]:
+        with pytest.raises(ValueError, match="shard"):
+            fastdd.RealStats.load(tmp_path / "s.safetensors", shard=bad)
