@@ -209,6 +209,25 @@ def test_closed_form_probe_real_batch_draws_from_the_bank():
     assert not torch.allclose(loss_fn(zs, ys), got)  # a fresh batch on the next call
 
 
+def test_closed_form_probe_bank_buffers():
+    """cache_bank: the bank is a non-persistent buffer pair, the statistics' own tensors until the first
+    call (no copy), then the normalised float32 bank; .to() moves it, state_dict() leaves it out."""
+    zr, yr = _balanced(3, 5, 4, seed=15)
+    zs, ys = _balanced(3, 1, 4, seed=16)
+    stats = RealStats.from_features(zr, yr)
+    loss_fn = fnn.ClosedFormProbeLoss(stats, feature_norm="center")
+    buffers = dict(loss_fn.named_buffers())
+    assert buffers["bank_features"] is stats.bank_features and buffers["bank_labels"] is stats.bank_labels
+    assert set(loss_fn.state_dict()) == {"feature_shift"}
+    loss_fn(zs, ys)
+    torch.testing.assert_close(loss_fn.bank_features, stats.bank_features.float() - zr.mean(0), rtol=1e-6, atol=1e-6)
+    moved = loss_fn.to("meta")
+    assert moved.bank_features.device.type == "meta" and moved.bank_labels.device.type == "meta"
+    uncached = fnn.ClosedFormProbeLoss(stats, cache_bank=False)
+    assert "bank_features" not in dict(uncached.named_buffers())
+    assert uncached.to("meta").bank_features.device.type == "cpu"  # gathered where the stats keep it
+
+
 def test_closed_form_probe_argument_errors():
     z, y = _balanced(3, 4, 5)
     with pytest.raises(ValueError, match="bank"):

@@ -53,9 +53,11 @@ def _eye_like(n: int, like: torch.Tensor) -> torch.Tensor:
     return torch.eye(n, dtype=like.dtype, device=like.device)
 
 
-def _cholesky(matrix: torch.Tensor) -> torch.Tensor:
+def _cholesky(matrix: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """The Cholesky factor; ``check``: refuse a matrix that is not positive definite while checks are on
+    (off for the fake implementation, whose tensors hold no values)."""
     L, info = torch.linalg.cholesky_ex(matrix)
-    if checks_enabled() and bool((info > 0).any()):
+    if check and checks_enabled() and bool((info > 0).any()):
         raise ValueError("ridge_probe: the regularised Gram matrix is not positive definite "
                          "(lam too small for the features' scale, or NaN features); increase lam")
     return L
@@ -78,33 +80,37 @@ def ridge_probe_reference(zs: torch.Tensor, targets: torch.Tensor, lam: torch.Te
 # (an empty tensor for the feature-space one, where the backward reads W instead).
 
 
-@torch.library.custom_op("fastdd::ridge_probe", mutates_args=())
-def _ridge_forward_op(zs: torch.Tensor, targets: torch.Tensor,
-                      lam: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _ridge_forward(zs: torch.Tensor, targets: torch.Tensor, lam: torch.Tensor,
+                   check: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(W, L, A)`` of the smaller system (sample space when N <= D), batched."""
     N, D = zs.shape[-2:]
     lam3 = lam.view(-1, 1, 1)
     zt = zs.transpose(-1, -2)
     if N <= D:
-        L = _cholesky(zs @ zt + lam3 * _eye_like(N, zs))
+        L = _cholesky(zs @ zt + lam3 * _eye_like(N, zs), check)
         A = torch.cholesky_solve(targets, L)
         return zt @ A, L, A
-    L = _cholesky(zt @ zs + lam3 * _eye_like(D, zs))
+    L = _cholesky(zt @ zs + lam3 * _eye_like(D, zs), check)
     return torch.cholesky_solve(zt @ targets, L), L, zs.new_empty(0)
 
 
+@torch.library.custom_op("fastdd::ridge_probe", mutates_args=())
+def _ridge_forward_op(zs: torch.Tensor, targets: torch.Tensor,
+                      lam: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(W, L, A)`` (:func:`_ridge_forward`, with the positive-definiteness check)."""
+    return _ridge_forward(zs, targets, lam)
+
+
+# The fake implementations run the same torch code on fake tensors: outputs in the layouts torch.linalg
+# gives (its factors and solves are column-major), which opcheck compares.
 @_ridge_forward_op.register_fake
 def _(zs, targets, lam):
-    P, N, D = zs.shape
-    n = min(N, D)
-    A = zs.new_empty(P, N, targets.shape[-1]) if N <= D else zs.new_empty(0)
-    return zs.new_empty(P, D, targets.shape[-1]), zs.new_empty(P, n, n), A
+    return _ridge_forward(zs, targets, lam, check=False)
 
 
-@torch.library.custom_op("fastdd::ridge_probe_backward", mutates_args=())
-def _ridge_backward_op(G: torch.Tensor, zs: torch.Tensor, targets: torch.Tensor, W: torch.Tensor, L: torch.Tensor,
-                       A: torch.Tensor, needs_z: bool, needs_y: bool,
-                       needs_lam: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _ridge_backward_math(G: torch.Tensor, zs: torch.Tensor, targets: torch.Tensor, W: torch.Tensor,
+                         L: torch.Tensor, A: torch.Tensor, needs_z: bool, needs_y: bool,
+                         needs_lam: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dzs, dtargets, dlam)`` of the module docstring's closed form (an unneeded one is empty)."""
     G = G.to(zs.dtype)
     dz, dy, dl = (no_grad_placeholder(zs) for _ in range(3))
@@ -127,11 +133,8 @@ def _ridge_backward_op(G: torch.Tensor, zs: torch.Tensor, targets: torch.Tensor,
     return dz, dy, dl
 
 
-@_ridge_backward_op.register_fake
-def _(G, zs, targets, W, L, A, needs_z, needs_y, needs_lam):
-    return (zs.new_empty(zs.shape) if needs_z else no_grad_placeholder(zs),
-            zs.new_empty(targets.shape) if needs_y else no_grad_placeholder(zs),
-            zs.new_empty(zs.shape[0]) if needs_lam else no_grad_placeholder(zs))
+_ridge_backward_op = torch.library.custom_op("fastdd::ridge_probe_backward", _ridge_backward_math, mutates_args=())
+_ridge_backward_op.register_fake(_ridge_backward_math)  # plain torch code: it runs on fake tensors as it is
 
 
 def _ridge_setup_context(ctx, inputs, output):
