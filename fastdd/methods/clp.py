@@ -53,7 +53,8 @@ class ClosedFormProbeLoss(nn.Module):
         tau: softmax temperature of the outer cross-entropy.
         real_batch: None (whole bank per call) or the number of bank rows drawn per call.
         relative_lam, centered_targets, feature_norm, bias, solve_dtype: see the module docstring.
-        generator: ``torch.Generator`` (CPU) drawing the real batches.
+        generator: ``torch.Generator`` (CPU) drawing the real batches (``torch.compile(fullgraph=True)``
+            cannot trace one: None draws from the global RNG).
         cache_bank: keep the bank on the features' device after the first call (the whole bank used:
             normalised, float32; drawn rows: in its stored dtype); False gathers the rows from the
             (possibly memory-mapped) bank where the stats keep it, every call.

@@ -32,7 +32,8 @@ class LinearGradientMatchingLoss(nn.Module):
             same classes.
         head_std: standard deviation of the fresh head's weights (LGM: 0.01).
         generator: the ``torch.Generator`` drawing fresh heads (on the features' device), for
-            reproducibility; None uses the global RNG.
+            reproducibility; None uses the global RNG. ``torch.compile(fullgraph=True)`` needs None (it
+            cannot trace a generator) and ``num_classes`` (or a head).
 
     ``head=(W [C, D], b [C])`` uses that head instead of a fresh one.
     """
