@@ -20,9 +20,14 @@ Images come back as float32 ``[N, 3, size, size]`` in [0, 1]: grey images are re
 antialiasing) and their single channel is *expanded* to three, a view that costs no memory (write to a
 ``.clone()`` if you need to modify it). Labels are int64.
 
+Any folder with one sub-folder of images per class: ``load_folder(path, size)`` decodes it into a ``Split``;
+``load_folder(path, size, stream=True)`` is a ``FolderDataset`` (torchvision's ``ImageFolder``) that decodes
+each image when it is read, with the same pixels, for folders larger than memory.
+
 ``iterate_batches`` is the single entry point through which the rest of fastdd reads real data: a tensor
 (with labels), a map-style ``Dataset`` yielding ``(image, label)`` or a ``DataLoader`` yielding
-``(images, labels)``; it validates every batch and never materialises the whole source.
+``(images, labels)``; it validates every batch and never materialises the whole source. ``batch_loader``
+is the DataLoader that reads a map-style Dataset in worker processes as ``iterate_batches`` reads it.
 """
 
 from __future__ import annotations
