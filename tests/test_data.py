@@ -320,3 +320,18 @@ def test_batch_loader_needs_a_map_style_dataset():
             data.batch_loader(source)
     with pytest.raises(DataError, match="batch_size must be a positive int"):
         data.batch_loader(loader.dataset, batch_size=0)
+
+
+def test_folder_dataset_pickles_and_is_made_on_first_use(tmp_path):
+    import pickle
+    import subprocess
+    import sys
+
+    dataset = data.load_folder(_noise_folder(tmp_path), size=8, stream=True)
+    again = pickle.loads(pickle.dumps(dataset))  # as spawned DataLoader workers receive it
+    assert type(again) is data.FolderDataset and again.samples == dataset.samples
+    assert torch.equal(again[2][0], dataset[2][0])
+    probe = "import sys, fastdd.data; assert 'torchvision' not in sys.modules; fastdd.data.FolderDataset; " \
+            "assert 'torchvision' in sys.modules"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
