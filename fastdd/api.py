@@ -27,6 +27,7 @@ from .augment import Augment, CROP_LOG_RATIO, FLIP_PROB, NOISE_MEAN, NOISE_STD
 from .distilled import DistilledSet
 from .encoders import resolve_device, resolve_encoder
 from .files import CorruptFileError
+from .logs import Phase
 from .images import PARAMETERIZATIONS, images_from_state, make_images
 from .data import iterate_batches
 from .distributed import Group, RowExchange, on_main, resolve_group, shard_bounds
@@ -440,28 +441,32 @@ class _Loop:
                               for lo in range(0, n, step)]).float()
         return self.group.all_gather_rows(mine, what="gathering the distilled images")
 
-    def run(self, progress: bool) -> None:
-        from tqdm.auto import tqdm
-
+    def run(self, progress: bool) -> float:
+        """The steps from ``start`` to ``steps``; returns their wall time."""
         a, pending = self.a, []
-        bar = tqdm(total=a.steps, initial=min(self.start, a.steps), desc=f"distill {a.method.name}", unit="step",
-                   disable=not progress)
+        phase = Phase(f"distill {a.method.name}", total=a.steps, unit="step", progress=progress,
+                      initial=min(self.start, a.steps))
         try:
             for step in range(self.start, a.steps):
                 pending.append(self.step(step))
                 if self.callback is not None:
                     self.callback(step, pending[-1])
-                bar.update(1)
+                phase.update(1)
                 done = step + 1
                 save = a.checkpoint is not None and (done % a.checkpoint_every == 0 or done == a.steps)
                 if len(pending) >= 10 or done == a.steps or save:  # one host sync per 10 steps, not per step
                     _flush_losses(pending, self.history, a.method.name, done)
-                    bar.set_postfix(loss=f"{self.history[-1]:.4f}")
+                    phase.bar.set_postfix(loss=f"{self.history[-1]:.4f}")
                 if save:  # never reached with a non-finite loss: _flush_losses raised
                     checkpoints.save(a.checkpoint, done, self.synth, self.optimizer, self.history, self.cpu_gen,
                                      self.dev_gen, self.settings, self.group)
-        finally:
-            bar.close()
+        except BaseException:
+            phase.close()
+            raise
+        ran = max(a.steps - self.start, 0)
+        last = f", final loss {self.history[-1]:.4g}" if self.history else ""
+        return phase.done(f"{ran} steps of {self.num_images} images{last}", steps=ran,
+                          loss=self.history[-1] if self.history else None)
 
 
 def _raise_if_not_finite(error: Exception, step: int, zs: torch.Tensor, zr: Optional[torch.Tensor] = None) -> None:
@@ -595,6 +600,7 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
     if resumed is not None:
         resumed, settings["resumed"] = resumed
     _settle_stats(a, real, stats, stats_file, reuse_stats, encoder, fingerprint, g)
+    t_init = time.perf_counter()
     _check_encoder_output(real, labels, encoder, dev)
 
     # ---- the synthetic set, the method's objective, the loop
@@ -612,8 +618,11 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
                  settings, callback, g)
     if resumed is not None:
         loop.restore(resumed)
-    loop.run(progress)
+    initialisation = time.perf_counter() - t_init
+    steps_seconds = loop.run(progress)
     final = loop.final_images()
     settings["seconds"] = time.perf_counter() - t_start
+    settings["phase_seconds"] = {"real_data": real.scan.seconds, "initialisation": initialisation,
+                                 "steps": steps_seconds}
     return DistilledSet(final, loop.syn_labels.cpu(), a.method.name, settings, loop.history,
                         classes=_class_names(names_from, num_classes))

@@ -29,7 +29,7 @@ CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "fastdd.Checkpoint", 1
 
 # settings a resumed run may change (recorded in settings["resumed"]); every other one must match
 RESUME_MAY_CHANGE = ("steps", "lr", "chunk_size", "batch_size", "device", "world_size")
-_RECORDS = ("resumed", "seconds")  # what the run writes into its settings: not settings of the run
+_RECORDS = ("resumed", "seconds", "phase_seconds")  # what the run writes into its settings: not settings of the run
 
 
 def save(path, step: int, images, optimizer: torch.optim.Optimizer, history: List[float],

@@ -21,6 +21,7 @@ import torch
 
 from .data import iterate_batches
 from .distributed import SINGLE, Group, shard_batches, shard_bounds
+from .logs import Phase
 from .stats import RealStats, StatsAccumulator, source_length
 
 __all__ = ["RealScan", "scan", "nearest_to_means", "RealBatch", "RealBatches", "indexable", "check_informative", "NEAR_ZERO",
@@ -94,6 +95,7 @@ class RealScan:
     image_size: Tuple[int, int]
     samples: Optional[torch.Tensor]  # [C*k, 3, H, W] random real images per class, or None
     stats: Optional[RealStats]       # the class statistics (and bank), when an encoder was given
+    seconds: float = 0.0             # the pass's wall time
 
 
 def scan(source, labels, *, num_classes: Optional[int], batch_size: int, sample_per_class: int,
@@ -104,19 +106,16 @@ def scan(source, labels, *, num_classes: Optional[int], batch_size: int, sample_
     statistics record ``fingerprint`` (``fastdd.encoders.fingerprint`` of ``encoder``). Under a ``group``
     each rank reads its own batches (``fastdd.distributed.shard_batches``) and every rank returns the
     scan of the whole data, the one a single process makes."""
-    from tqdm.auto import tqdm
-
     accumulator = None if encoder is None else StatsAccumulator(
         num_classes, bank=bank, bank_dtype=bank_dtype, bank_path=bank_path, group=group,
         rows=None if group.distributed else source_length(source))
     label_chunks, rows, size, reservoir = [], [], None, None
-    bar = tqdm(desc="real data" if encoder is None else "real data and statistics", unit="img",
-               disable=not (progress and group.is_main), leave=False)
+    phase = Phase("real data" if encoder is None else "real data and statistics", progress=progress and group.is_main)
     try:
         for batch in shard_batches(source, labels, batch_size, group):
             # the keys of every batch are drawn, this rank's or not: the generator moves as in one process
             keys = torch.rand(batch.size, generator=generator, dtype=torch.float64) if sample_per_class else None
-            bar.update(batch.size)
+            phase.update(batch.size)
             if batch.data is None:
                 continue
             images, ys = batch.data
@@ -135,8 +134,10 @@ def scan(source, labels, *, num_classes: Optional[int], batch_size: int, sample_
                 reservoir.update(keys, ys, images)
             if accumulator is not None:
                 accumulator.encode_and_add(encoder, images, ys, device, batch.offset)
+    except BaseException:
+        phase.close()
+        raise
     finally:
-        bar.close()
         if accumulator is not None:
             accumulator.close()
     all_labels, size = _whole(group, label_chunks, rows, size)
@@ -150,7 +151,11 @@ def scan(source, labels, *, num_classes: Optional[int], batch_size: int, sample_
     stats = None if accumulator is None else accumulator.result(getattr(encoder, "name", None))
     if stats is not None:
         stats.encoder_fingerprint = fingerprint
-    return RealScan(all_labels, counts, size, samples, stats)
+    bank_rows = 0 if stats is None or not stats.has_bank else stats.bank_features.shape[0]
+    phase.done(f"{all_labels.shape[0]} images of {c} classes at {size[0]}x{size[1]}" +
+               ("" if stats is None else f", class statistics of {stats.feature_dim}-d features") +
+               (f" and a {bank_rows}-row bank" if bank_rows else ""), images=int(all_labels.shape[0]), classes=c)
+    return RealScan(all_labels, counts, size, samples, stats, phase.seconds)
 
 
 def _whole(group: Group, label_chunks, rows, size) -> Tuple[torch.Tensor, Tuple[int, int]]:
@@ -208,7 +213,6 @@ def nearest_to_means(source, labels, scanned_labels: torch.Tensor, encoder, stat
     With a feature bank of exactly these images (its labels are the scanned ones, row for row) the
     distances come from the bank and only the chosen images are read again; otherwise the encoder runs
     over the source once more."""
-    from tqdm.auto import tqdm
 
     means = stats.means
     if stats.has_bank and torch.equal(stats.bank_labels, scanned_labels):
@@ -220,13 +224,17 @@ def nearest_to_means(source, labels, scanned_labels: torch.Tensor, encoder, stat
         return _images_at(source, labels, keep.result(), batch_size)
     keep = _SmallestPerClass(k, means.shape[0])
     means = means.to(device)
-    bar = tqdm(desc="finding class centroids", unit="img", disable=not progress, leave=False)
-    for images, ys in iterate_batches(source, labels, batch_size=batch_size):
-        with torch.no_grad():
-            z = encoder(images.to(device))
-        keep.update((z - means[ys.to(device)]).pow(2).sum(1), ys, images)
-        bar.update(ys.shape[0])
-    bar.close()
+    phase = Phase("finding class centroids", progress=progress)
+    try:
+        for images, ys in iterate_batches(source, labels, batch_size=batch_size):
+            with torch.no_grad():
+                z = encoder(images.to(device))
+            keep.update((z - means[ys.to(device)]).pow(2).sum(1), ys, images)
+            phase.update(ys.shape[0])
+    except BaseException:
+        phase.close()
+        raise
+    phase.done(f"the {k} real images nearest each of {means.shape[0]} class means")
     return keep.result()
 
 

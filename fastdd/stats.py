@@ -29,6 +29,7 @@ import torch
 from . import ops
 from .encoders import encoder_device, fingerprint, resolve_encoder
 from .files import CorruptFileError, load_checked, save_checked
+from .logs import Phase
 from .distributed import SINGLE, Group
 from .validate import class_labels, positive_int
 
@@ -185,17 +186,22 @@ class RealStats:
         accumulator = StatsAccumulator(num_classes, bank=bank, bank_dtype=bank_dtype, bank_path=bank_path,
                                        second_moment=second_moment, rows=None if group.distributed else rows,
                                        group=group)
-        bar = _progress(rows, "real statistics", progress and group.is_main)
+        phase = Phase("real statistics", total=rows, progress=progress and group.is_main)
         try:
             for batch in shard_batches(source, labels, batch_size, group):
                 if batch.data is not None:
                     accumulator.encode_and_add(encoder, *batch.data, dev, batch.offset)
-                bar.update(batch.size)
+                phase.update(batch.size)
+        except BaseException:
+            phase.close()
+            raise
         finally:
-            bar.close()
             accumulator.close()
         stats = accumulator.result(getattr(encoder, "name", None))
         stats.encoder_fingerprint = fingerprint(encoder)
+        phase.done(f"{stats.num_samples} images of {stats.num_classes} classes, {stats.feature_dim}-d features"
+                   + (f", a {stats.bank_features.shape[0]}-row bank" if stats.has_bank else ""),
+                   images=stats.num_samples, classes=stats.num_classes)
         return stats
 
     @classmethod
@@ -517,8 +523,3 @@ def _map_bank(path, rows: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
     np_dtype = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}[itemsize]
     arr = np.memmap(path, dtype=np_dtype, mode="c", shape=(rows, dim))  # copy-on-write: file never altered
     return torch.from_numpy(arr).view(dtype)
-
-
-def _progress(total, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False)
