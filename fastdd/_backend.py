@@ -23,7 +23,9 @@ when the backend is ``"auto"``, and raises ``TypeError`` when ``"triton"`` or ``
 outputs, not inputs: fp64 ones stay on the kernels.
 
 Data-dependent input checks (label range, NaN/Inf) need one device-to-host sync each. They are on by
-default; ``FASTDD_CHECKS=0`` turns them off (shape, dtype and device checks always run). The op
+default for a call of an op or a loss, off inside ``distill``'s steps (whose inputs are checked at its
+entry); ``FASTDD_CHECKS=1`` turns them on everywhere (a debug setting), ``FASTDD_CHECKS=0`` off
+everywhere (shape, dtype and device checks always run; ``fastdd.validate.checks_enabled``). The op
 benchmarks report timings with both settings.
 
 Nothing here queries a device at import time.
@@ -41,6 +43,7 @@ __all__ = [
     "available_backends",
     "cdiv",
     "checks_enabled",
+    "checks_setting",
     "has_triton",
     "interpreter_enabled",
     "matmul_allows_tf32",
@@ -92,9 +95,17 @@ def interpreter_enabled() -> bool:
     return _INTERPRETED
 
 
+def checks_setting() -> Optional[bool]:
+    """``FASTDD_CHECKS`` as the user set it: True (``1``, the debug setting: checks inside distill's steps
+    too), False (``0``: none at all) or None (unset: the default, see ``fastdd.validate.checks_enabled``)."""
+    value = os.environ.get("FASTDD_CHECKS")
+    return None if value is None else value != "0"
+
+
 def checks_enabled() -> bool:
-    """Whether data-dependent checks (label range, NaN/Inf; one host sync each) run."""
-    return os.environ.get("FASTDD_CHECKS", "1") != "0"
+    """Whether data-dependent checks (label range, NaN/Inf; one host sync each) run outside distill's
+    steps: unless ``FASTDD_CHECKS=0``."""
+    return checks_setting() is not False
 
 
 def available_backends() -> Dict[str, bool]:

@@ -406,6 +406,11 @@ class _Loop:
         return zr, yr
 
     def step(self, step: int) -> torch.Tensor:
+        """One step; no host synchronisation unless ``FASTDD_CHECKS=1`` (``validate.distill_step``)."""
+        with validate.distill_step():
+            return self._step(step)
+
+    def _step(self, step: int) -> torch.Tensor:
         a = self.a
         if self.synth.maybe_extend(step, self.dev_gen):
             self.optimizer = torch.optim.Adam(self.synth.parameters(), lr=a.lr)  # LGM: Adam restarts on extension
@@ -487,7 +492,8 @@ def _flush_losses(pending: List[torch.Tensor], history: List[float], method: str
     for i, v in enumerate(values):
         if v != v or v in (float("inf"), float("-inf")):
             raise FloatingPointError(f"the {method} loss became {v} at step {done - len(values) + i} "
-                                     f"(history entry {first + i}): lower lr or check the encoder")
+                                     f"(history entry {first + i}): lower lr or check the encoder (with "
+                                     "FASTDD_CHECKS=1 every step checks its features and names the cause)")
 
 
 # --------------------------------------------------------------------------------------------------

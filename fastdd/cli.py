@@ -157,6 +157,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "native size for timm)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--json", action="store_true",
+                   help="log lines (each phase's summary, the result) as one JSON object a line on stdout")
 
 
 def _add_distill(sub) -> None:
@@ -225,7 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--epochs", type=int, default=None, help="probe training epochs (default: fastdd.evaluate's)")
     e.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="probe seeds, one accuracy each (default: fastdd.evaluate's)")
-    e.add_argument("--json", action="store_true", help="print the result as JSON")
 
     b = sub.add_parser("baseline", help="a real-image baseline set: random real images or a coreset (a folder "
                                         "is decoded whole into memory: the baselines select from tensors)")
@@ -245,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also keep every feature (CLP needs the bank; default --no-bank)")
     s.add_argument("--bank-dtype", choices=tuple(_BANK_DTYPES), default="float16",
                    help="dtype of the feature bank (default float16)")
+    s.add_argument("--bank-path", default=None,
+                   help="write the bank to this raw file as it is computed and memory-map it (banks larger than "
+                        "memory; under torchrun on a file system every rank sees); implies --bank")
     s.add_argument("--batch-size", type=int, default=256, help="real images per encoder call (default 256)")
     s.add_argument("--out", required=True, help="where to save the RealStats (.pt)")
 
@@ -310,6 +314,8 @@ def _distill(args) -> int:
     # every file this run writes is checked before the data, the statistics pass and the steps
     options = _method_options(args)
     output_path("--out", args.out)
+    for record in _records(args.out):
+        output_path("--out", record)
     if args.checkpoint:
         output_path("--checkpoint", args.checkpoint)
     if args.stats and not os.path.isfile(args.stats):  # a folder is refused here, not read as statistics
@@ -323,7 +329,8 @@ def _distill(args) -> int:
         images, labels = _images_and_labels(real)
         stats = RealStats.from_data(images, encoder, labels=labels, bank=methods.get(args.method).needs.bank,
                                     batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
-        stats.save(args.stats)
+        if _main_rank():
+            stats.save(args.stats)
     out = distill(real, encoder, method=args.method, ipc=args.ipc, steps=args.steps, recipe=args.recipe,
                   lr=args.lr, init=args.init, parameterization=args.parameterization, copies=args.copies,
                   augment=not args.no_augment, crop_scale=args.crop_scale, noise_prob=args.noise_prob,
@@ -331,11 +338,38 @@ def _distill(args) -> int:
                   device=args.device, progress=not args.no_progress, checkpoint=args.checkpoint,
                   checkpoint_every=args.checkpoint_every)
     out.settings["data"] = args.data  # the class names travel in out.classes
-    out.save(args.out)
+    if _main_rank():
+        out.save(args.out)
+        _write_records(out, args.out)
     last = f"{out.history[-1]:.4f}" if out.history else "n/a"
-    print(f"fastdd: saved {tuple(out.images.shape)} {args.method} images to {args.out} "
-          f"(final loss {last}, {out.settings['seconds']:.1f} s)")
+    curve, log = _records(args.out)
+    _say(f"saved {tuple(out.images.shape)} {args.method} images to {args.out} (final loss {last}, "
+         f"{out.settings['seconds']:.1f} s; loss curve {curve}, log {log})", out=args.out,
+         images=list(out.images.shape), loss=out.history[-1] if out.history else None,
+         seconds=out.settings["seconds"], phase_seconds=out.settings["phase_seconds"])
     return 0
+
+
+def _records(out: str):
+    """The loss curve and the JSON log written beside a distilled set ``out``: ``<stem>.loss.png`` and
+    ``<stem>.log.json``."""
+    from pathlib import Path
+
+    return str(Path(out).with_suffix(".loss.png")), str(Path(out).with_suffix(".log.json"))
+
+
+def _write_records(out, path: str) -> None:
+    """Beside the set: its loss per step as a PNG, and a JSON log (method, settings with the per-phase
+    times, the loss history, the class names)."""
+    from .files import atomic_write
+    from .logs import save_loss_curve
+
+    curve, log = _records(path)
+    save_loss_curve(out.history, curve, title=f"{out.method} loss")
+    record = {"method": out.method, "settings": out.settings, "history": list(out.history), "classes": out.classes,
+              "images": list(out.images.shape), "out": path}
+    with atomic_write(log, "w") as f:
+        json.dump(record, f, indent=1, default=str)
 
 
 def _evaluate(args) -> int:
@@ -356,12 +390,9 @@ def _evaluate(args) -> int:
     if args.head_init is not None:
         kwargs["head_init"] = args.head_init
     result = evaluate(distilled, _encoder(args), images, labels, **kwargs)
-    if args.json:
-        print(json.dumps({"mean": result.mean, "std": result.std, "accuracies": list(result.accuracies),
-                          "distilled": args.distilled, "method": distilled.method}))
-    else:
-        print(f"fastdd: {distilled.method} ({args.distilled}): top-1 {result.mean:.2f} +- {result.std:.2f} % "
-              f"over {len(result.accuracies)} probe seeds")
+    _say(f"{distilled.method} ({args.distilled}): top-1 {result.mean:.2f} +- {result.std:.2f} % over "
+         f"{len(result.accuracies)} probe seeds", mean=result.mean, std=result.std,
+         accuracies=list(result.accuracies), distilled=args.distilled, method=distilled.method)
     return 0
 
 
@@ -390,7 +421,7 @@ def _baseline(args) -> int:
     out = DistilledSet(images, labels, f"baseline:{args.kind}", {"data": args.data, "ipc": args.ipc,
                                                                   "seed": args.seed}, [], classes=split.classes)
     out.save(args.out)
-    print(f"fastdd: saved {tuple(out.images.shape)} {args.kind} baseline images to {args.out}")
+    _say(f"saved {tuple(out.images.shape)} {args.kind} baseline images to {args.out}", out=args.out, kind=args.kind)
     return 0
 
 
@@ -406,17 +437,21 @@ def _stats(args) -> int:
     from .validate import output_path, positive_int
 
     output_path("--out", args.out)
+    if args.bank_path:
+        output_path("--bank-path", args.bank_path)
     positive_int("--batch-size", args.batch_size)
     start = time.perf_counter()
     images, labels = _images_and_labels(_reader(_load_split(args.data, args.size, test=False), args.batch_size,
                                                 args.workers))
-    stats = RealStats.from_data(images, _encoder(args), labels=labels, bank=args.bank,
-                                bank_dtype=getattr(torch, _BANK_DTYPES[args.bank_dtype]), batch_size=args.batch_size,
-                                device=args.device, progress=not args.no_progress)
-    stats.save(args.out)
-    bank = f", bank {args.bank_dtype}" if args.bank else ""
-    print(f"fastdd: saved RealStats of {stats.num_samples} images, {stats.num_classes} classes, D={stats.feature_dim}"
-          f"{bank} to {args.out} ({time.perf_counter() - start:.1f} s)")
+    stats = RealStats.from_data(images, _encoder(args), labels=labels, bank=args.bank or bool(args.bank_path),
+                                bank_dtype=getattr(torch, _BANK_DTYPES[args.bank_dtype]), bank_path=args.bank_path,
+                                batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
+    if _main_rank():
+        stats.save(args.out)
+    bank = f", bank {args.bank_dtype}" if stats.has_bank else ""
+    _say(f"saved RealStats of {stats.num_samples} images, {stats.num_classes} classes, D={stats.feature_dim}"
+         f"{bank} to {args.out} ({time.perf_counter() - start:.1f} s)", out=args.out, images=stats.num_samples,
+         classes=stats.num_classes, feature_dim=stats.feature_dim)
     return 0
 
 
@@ -438,7 +473,8 @@ def _export(args) -> int:
         output_path("--out", args.out)
     distilled = _load_distilled(args.distilled)
     written = distilled.export(args.out, args.format)
-    print(f"fastdd: wrote {len(distilled)} images of {distilled.num_classes} classes as {args.format} to {written}")
+    _say(f"wrote {len(distilled)} images of {distilled.num_classes} classes as {args.format} to {written}",
+         out=str(written), format=args.format)
     return 0
 
 
@@ -468,11 +504,54 @@ def _methods(args) -> int:
     return 0
 
 
+# the commands that share their work over the ranks of a torchrun launch; the others run in one process
+_DISTRIBUTED = ("distill", "stats")
+
+
+class _LaunchError(ValueError):
+    """The command was launched in a way it cannot run (a usage error, exit code 2)."""
+
+
+def _main_rank() -> bool:
+    """True but on the ranks other than 0 of a process group (which write no file and print nothing)."""
+    from .distributed import resolve_group
+
+    return resolve_group().is_main
+
+
+def _say(message: str, **fields) -> None:
+    """A result line of a command, through the ``fastdd`` logger (text, or JSON with ``--json``)."""
+    from .logs import logger
+
+    logger.info(message, extra=fields)
+
+
+def _set_up(args) -> bool:
+    """The run's process group and logging: under torchrun (WORLD_SIZE > 1) ``distill`` and ``stats``
+    start the default group (NCCL with CUDA, else gloo; returns True) and the other commands refuse to
+    run once per rank; the ``fastdd`` logger prints on stdout on rank 0 only (the phases' final lines
+    with progress or ``--json``)."""
+    import logging
+
+    from . import distributed, logs
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in _DISTRIBUTED:
+        raise _LaunchError(f"fastdd {args.command} runs in one process: launch it without torchrun (only "
+                         f"{' and '.join(_DISTRIBUTED)} share their work over several processes)")
+    started = args.command in _DISTRIBUTED and distributed.init_from_environment()
+    json_lines = getattr(args, "json", False)
+    logs.configure(json_lines=json_lines, stream=sys.stdout, level=logging.INFO if _main_rank() else logging.WARNING,
+                   phases=json_lines or not getattr(args, "no_progress", True))
+    return started
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     run = {"distill": _distill, "evaluate": _evaluate, "methods": _methods, "export": _export,
            "baseline": _baseline, "stats": _stats}[args.command]
+    started = False
     try:
+        started = _set_up(args)
         if getattr(args, "device", None) is not None:  # before an encoder is loaded onto it
             from .encoders import resolve_device
 
@@ -487,11 +566,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         # flag) is a usage error, 2; anything else failed while running (a corrupt file, NaN features, a
         # full disk), 1
         message, usage = _as_flags(str(e))
+        usage = usage or isinstance(e, _LaunchError)
         print(f"fastdd {args.command}: error: {message}", file=sys.stderr)
         return 2 if usage else 1
     except KeyboardInterrupt:  # Ctrl-C: one line that says how to go on, and the shell's 128 + SIGINT
         print(f"fastdd {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 def _resume_hint(args) -> str:

@@ -4,8 +4,9 @@ records the command line writes beside its output (a JSON log and a loss-curve P
 fastdd never prints from the library: every message goes to the ``logging.getLogger("fastdd")`` logger
 (configure it as any other; the command line sends it to stderr, as text or with ``--json`` as one JSON
 object a line). A long phase (``Phase``) shows a tqdm bar while it runs (``progress=True``) and, when
-it ends, one line that stays: what it did and how long it took, written under the bar with
-``tqdm.write`` when progress is shown and logged at INFO always, with the figures as ``extra`` fields.
+it ends, one line that stays: what it did and how long it took, logged at INFO with the figures as
+``extra`` fields, and written under the bar with ``tqdm.write`` when progress is shown and the logger
+would not show INFO lines itself.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class Phase:
         self.bar.close()
         self.seconds = time.perf_counter() - self.start
         line = f"{self.desc}: {summary} ({self.seconds:.1f} s)"
-        if self.progress:
+        if self.progress and not logger.isEnabledFor(logging.INFO):  # else the logger shows it
             from tqdm.auto import tqdm
 
             tqdm.write(f"fastdd: {line}")
@@ -67,13 +68,17 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def configure(json_lines: bool = False, level: int = logging.INFO, stream=None) -> logging.Handler:
+def configure(json_lines: bool = False, level: int = logging.INFO, stream=None, phases: bool = True
+              ) -> logging.Handler:
     """Send the ``fastdd`` logger to ``stream`` (stderr), as text lines or JSON lines: the command
-    line's set-up. Returns the handler (removed and replaced by a second call)."""
+    line's set-up. ``phases`` False drops the phases' final lines (``Phase``). Returns the handler
+    (removed and replaced by a second call)."""
     for old in [h for h in logger.handlers if getattr(h, "_fastdd", False)]:
         logger.removeHandler(old)
     handler = logging.StreamHandler(stream)
     handler._fastdd = True
+    if not phases:
+        handler.addFilter(lambda record: not hasattr(record, "phase"))
     handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter("fastdd: %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(level)

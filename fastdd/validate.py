@@ -4,12 +4,17 @@ Every checker names the argument it was given (``name``) and returns the value i
 (an int, a float, an int64 tensor, a Path). The data-dependent checks (label ranges, NaN/Inf, and the
 losses' and ops' own value checks) read tensor values on the host: on an accelerator each is a device
 synchronisation, under ``torch.compile`` a graph break. Inside a step (an op or a loss) they run only
-while :func:`checks_enabled` says so, the one rule for all of them: ``FASTDD_CHECKS`` on (the default,
-``fastdd._backend.checks_enabled``) and not while ``torch.compile`` traces the code.
+while :func:`checks_enabled` says so, the one rule for all of them: never while ``torch.compile``
+traces the code; with ``FASTDD_CHECKS=1`` (the debug setting) always, with ``FASTDD_CHECKS=0`` never;
+unset (the default), in a call of an op or a loss but not inside ``distill``'s steps
+(:func:`distill_step`), which make no host synchronisation: ``distill`` checks its inputs at its entry
+and a non-finite loss when the loss history is flushed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
 import secrets
@@ -21,17 +26,35 @@ import torch
 from . import _backend
 
 __all__ = ["positive_int", "positive_float", "finite_float", "probability", "value_range", "class_labels",
-           "features", "finite", "output_path", "input_file", "seed", "one_of", "checks_enabled"]
+           "features", "finite", "output_path", "input_file", "seed", "one_of", "checks_enabled",
+           "distill_step"]
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
+_IN_DISTILL_STEP = contextvars.ContextVar("fastdd_in_distill_step", default=False)
+
+
 def checks_enabled() -> bool:
     """Whether the data-dependent checks of a step (label range, NaN/Inf, value checks; one host sync
-    each) run: ``FASTDD_CHECKS`` is on (``fastdd._backend.checks_enabled``, default on) and the code is
-    not being traced by ``torch.compile`` (``torch.compiler.is_compiling()``), which cannot branch on a
-    tensor's value without a graph break. Every such check of fastdd's ops and losses asks here."""
-    return not torch.compiler.is_compiling() and _backend.checks_enabled()
+    each) run (see the module docstring): not while ``torch.compile`` traces (it cannot branch on a
+    tensor's value without a graph break); else as ``FASTDD_CHECKS`` says (``fastdd._backend``), and
+    when it is unset, everywhere but inside ``distill``'s steps. Every such check of fastdd's ops and
+    losses asks here."""
+    if torch.compiler.is_compiling():
+        return False
+    setting = _backend.checks_setting()
+    return (not _IN_DISTILL_STEP.get()) if setting is None else setting
+
+
+@contextlib.contextmanager
+def distill_step():
+    """The block of one ``distill`` step: its data-dependent checks off unless ``FASTDD_CHECKS=1``."""
+    token = _IN_DISTILL_STEP.set(True)
+    try:
+        yield
+    finally:
+        _IN_DISTILL_STEP.reset(token)
 
 
 def positive_int(name: str, value, allow_none: bool = False, minimum: int = 1):

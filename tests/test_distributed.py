@@ -10,6 +10,7 @@ launched with torchrun's environment) against the single-process run in this pro
 - a distributed run killed after a checkpoint and resumed gives the uninterrupted distributed run
   exactly; resumed with another world size, the same run up to rounding.
 """
+import json
 import os
 import socket
 import subprocess
@@ -148,3 +149,51 @@ def test_saved_statistics_load_by_shard(tmp_path):
     for bad in [(3, 3), (0,), (-1, 2), (0, 0)]:
         with pytest.raises(ValueError, match="shard"):
             fastdd.RealStats.load(tmp_path / "s.safetensors", shard=bad)
+
+
+CLI = ["--data", "digits", "--encoder", "torchvision:mobilenet_v2", "--weights", "imagenet", "--size", "16",
+       "--no-progress"]
+
+
+def _fastdd(args, cwd, world=None):
+    """``fastdd ARGS`` in a subprocess, under ``torchrun --nproc-per-node world`` when given."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"] \
+        if world else [sys.executable]
+    return subprocess.run(launcher + ["-m", "fastdd"] + args, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_torchrun_command_line_shares_the_work_and_writes_once(tmp_path):
+    import fastdd
+
+    one = _fastdd(["stats", *CLI, "--bank", "--out", "one.stats"], tmp_path)
+    two = _fastdd(["stats", *CLI, "--bank", "--out", "two.stats"], tmp_path, world=2)
+    assert one.returncode == 0 and two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    assert two.stdout.count("saved RealStats of 1438 images") == 1  # rank 0 alone reports
+    a, b = fastdd.RealStats.load(tmp_path / "one.stats"), fastdd.RealStats.load(tmp_path / "two.stats")
+    assert torch.equal(a.sums, b.sums) and torch.equal(a.counts, b.counts)
+    assert torch.equal(a.bank_features, b.bank_features) and torch.equal(a.bank_labels, b.bank_labels)
+
+    run = ["distill", *CLI, "--method", "sfm", "--steps", "3", "--checkpoint-every", "2"]
+    one = _fastdd(run + ["--out", "one.pt"], tmp_path)
+    two = _fastdd(run + ["--out", "two.pt", "--json"], tmp_path, world=2)
+    assert one.returncode == 0 and two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    lines = [json.loads(line) for line in two.stdout.splitlines() if line.startswith("{")]
+    assert [line["message"].startswith("saved") for line in lines].count(True) == 1
+    x, y = fastdd.DistilledSet.load(tmp_path / "one.pt"), fastdd.DistilledSet.load(tmp_path / "two.pt")
+    assert y.settings["world_size"] == 2 and x.settings["world_size"] == 1
+    torch.testing.assert_close(y.images, x.images, rtol=0, atol=1e-3)
+    assert (tmp_path / "two.loss.png").exists() and json.loads((tmp_path / "two.log.json").read_text())["method"] == "sfm"
+
+
+def test_one_process_commands_refuse_torchrun(tmp_path, capsys):
+    from fastdd import cli
+
+    os.environ["WORLD_SIZE"] = "2"
+    try:
+        code = cli.main(["baseline", *CLI, "--kind", "random", "--out", str(tmp_path / "b.pt")])
+    finally:
+        del os.environ["WORLD_SIZE"]
+    assert code == 2 and "runs in one process: launch it without torchrun" in capsys.readouterr().err

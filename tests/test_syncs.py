@@ -29,12 +29,25 @@ VALUE_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"
 DATA_DEPENDENT_SHAPES = ("nonzero", "unique", "bincount", "masked_select")
 
 
+_PAUSED = [0]
+
+
+@contextlib.contextmanager
+def paused():
+    """Inside ``count_syncs``: count nothing in this block (reads of host memory, not of a device)."""
+    _PAUSED[0] += 1
+    try:
+        yield
+    finally:
+        _PAUSED[0] -= 1
+
+
 @contextlib.contextmanager
 def count_syncs():
     """A Counter of the host synchronisations (see the module docstring) made inside the block."""
     counts = collections.Counter()
     patched = []  # (owner, name, what owner.__dict__ held: None when the attribute was inherited)
-    depth = [0]  # one count per outermost call (Tensor.unique calls torch.unique)
+    depth = _PAUSED  # one count per outermost call (Tensor.unique calls torch.unique), none while paused
 
     def patch(owner, name):
         original = getattr(owner, name)
@@ -167,3 +180,40 @@ def test_a_whole_step_makes_no_sync_with_checks_off(tiny, name, chunk_size, monk
                 chunked_step(rows, tiny, loss_fn, chunk_size)
         assert not counts, f"{name}: host synchronisations {dict(counts)}"
         assert all(p.grad is not None for p in images.parameters())
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+@pytest.mark.parametrize("name", ["lgm", "sfm", "clp", "dm"])
+def test_distill_steps_make_no_sync_by_default(tiny, name, chunk_size, monkeypatch):
+    """distill's steps with FASTDD_CHECKS unset (the default): no host synchronisation in a step. Two
+    host-side parts are not counted, as on a GPU they wait for no kernel: LGM's real batch, read from
+    host memory (the real images, validated in the pass over the data) before it goes to the device,
+    and Adam's step, whose step counters torch keeps on the CPU (``.item()`` of a CPU tensor)."""
+    from fastdd import api, realdata
+
+    monkeypatch.delenv("FASTDD_CHECKS", raising=False)
+    draw, step, adam = realdata.RealBatches.__call__, api._Loop.step, torch.optim.Adam.step
+    counted = []
+
+    def host_side_draw(self, *args):
+        with paused():
+            return draw(self, *args)
+
+    def host_side_adam(self, *args, **kwargs):
+        with paused():
+            return adam(self, *args, **kwargs)
+
+    def counting_step(self, i):
+        with count_syncs() as counts:
+            loss = step(self, i)
+        counted.append(dict(counts))
+        return loss
+
+    monkeypatch.setattr(realdata.RealBatches, "__call__", host_side_draw)
+    monkeypatch.setattr(torch.optim.Adam, "step", host_side_adam)
+    monkeypatch.setattr(api._Loop, "step", counting_step)
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.rand(C * 6, 3, SIZE, SIZE, generator=g), torch.arange(C).repeat(6)
+    api.distill(x, tiny, labels=y, method=name, ipc=2, steps=3, chunk_size=chunk_size, progress=False,
+                options={"real_batch": 7} if name == "clp" else None)
+    assert counted == [{}, {}, {}], f"{name}: host synchronisations per step {counted}"
