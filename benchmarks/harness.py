@@ -110,9 +110,13 @@ def machine_info(device) -> Dict[str, Any]:
 
 
 def device_slug(device) -> str:
-    """``cpu``, or the GPU's name in lower case without "nvidia" (e.g. ``h200``), for file names."""
+    """The machine in a file name, so that a run on another machine never overwrites this one's results:
+    the GPU's name in lower case without "nvidia" (e.g. ``h200``), or ``cpu-<model>-<cores>c`` (e.g.
+    ``cpu-intel-xeon-processor-2c``)."""
     if device.type != "cuda":
-        return "cpu"
+        model = re.sub(r"\((r|tm)\)|\bcpu\b|@.*$", "", cpu_name().lower())
+        model = re.sub(r"[^a-z0-9]+", "-", model).strip("-") or "unknown"
+        return f"cpu-{model}-{os.cpu_count()}c"
     import torch
 
     name = torch.cuda.get_device_name(device).lower().replace("nvidia", "")

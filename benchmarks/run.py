@@ -72,8 +72,10 @@ with ``benchmarks/ops_bench.py`` and ``scripts/calibrate.py``).
   (``floor_time_s`` null) where the run did not distil, or under a per-run time cap that ten of its steps
   would outlast.
 
-Output (``--out``, default ``benchmarks/results``): ``<device>-<date>[-<profile>].json``, ``.csv`` and
-``.md`` (the printed table), and PNG plots (``benchmarks/plots.py``). The JSON's shape is stable::
+Output (``--out``, default ``benchmarks/results``): ``<machine>-<date>[-<profile>].json``, ``.csv`` and
+``.md`` (the printed table), and PNG plots (``benchmarks/plots.py``). ``<machine>`` is the GPU's name
+(``h200``) or ``cpu-<model>-<cores>c`` (``harness.device_slug``), so a run on another machine never
+overwrites the committed results of this one. The JSON's shape is stable::
 
     {"schema": "fastdd.benchmark/1", "date", "command", "git": {"revision", "dirty"},
      "device": {"type", "name", "cpu", "cores", "torch_threads", "memory_bytes", "load_average", ...},

@@ -34,6 +34,7 @@ from .distributed import Group, RowExchange, on_main, resolve_group, shard_bound
 from .realdata import RealBatch, RealBatches, check_classes, check_informative, indexable, nearest_to_means, scan
 from .stats import RealStats
 from .step import SyntheticRows, chunked_step, encode_without_graph, plain_step
+from .validate import shown
 
 __all__ = ["distill", "DistilledSet", "METHODS", "INITS", "METHOD_DEFAULTS", "CorruptFileError",
            "StatsMismatchWarning"]
@@ -111,7 +112,7 @@ def _init_argument(init, default: str):
     init = default if init is None else init
     if not isinstance(init, torch.Tensor):
         if init not in INITS:
-            raise ValueError(f"init must be one of {INITS} or a tensor of images, got {init!r}")
+            raise ValueError(f"init must be one of {INITS} or a tensor of images, got {shown(init)}")
         return init, None
     if init.dim() != 4 or init.shape[1] != 3 or not init.is_floating_point():
         raise ValueError(f"init given as images must be a float tensor [C*ipc, 3, H, W], got "
@@ -133,7 +134,7 @@ def _crop_size_argument(crop_size):
         except (TypeError, ValueError):
             crop_size = ()
     if len(crop_size) != 2 or min(crop_size) < 1:
-        raise ValueError(f"crop_size must be a positive int or (h, w), got {given!r}")
+        raise ValueError(f"crop_size must be a positive int or (h, w), got {shown(given)}")
     return crop_size
 
 
@@ -187,7 +188,8 @@ def _check_arguments(method: str, a: Dict[str, Any], deprecated: Dict[str, Any])
     options = _method_options(spec, a["options"], deprecated)
     _check_real_images(a["images"], a["labels"])
     if a["autocast_dtype"] not in (None, torch.float16, torch.bfloat16):
-        raise ValueError(f"autocast_dtype must be None, torch.float16 or torch.bfloat16, got {a['autocast_dtype']!r}")
+        raise ValueError("autocast_dtype must be None, torch.float16 or torch.bfloat16, got "
+                         f"{shown(a['autocast_dtype'])}")
     if a["stats"] is not None and not isinstance(a["stats"], RealStats):
         raise ValueError(f"stats must be a fastdd.RealStats, got {type(a['stats']).__name__}")
     checkpoint = a["checkpoint"]

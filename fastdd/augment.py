@@ -32,6 +32,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from .validate import shown
+
 __all__ = ["Augment", "AugmentParams", "FLIP_PROB", "CROP_SCALE", "CROP_LOG_RATIO", "NOISE_PROB",
            "NOISE_MEAN", "NOISE_STD"]
 
@@ -90,7 +92,7 @@ class Augment:
                  noise_mean: float = NOISE_MEAN, noise_std: float = NOISE_STD):
         for name, p in (("flip_prob", flip_prob), ("noise_prob", noise_prob)):
             if not 0.0 <= float(p) <= 1.0:
-                raise ValueError(f"{name} must lie in [0, 1], got {p!r}")
+                raise ValueError(f"{name} must lie in [0, 1], got {shown(p)}")
         lo, hi = (float(v) for v in crop_scale)
         if not 0.0 < lo <= hi:
             raise ValueError(f"crop_scale must be (lo, hi) with 0 < lo <= hi, got {tuple(crop_scale)!r}")
@@ -98,7 +100,7 @@ class Augment:
         if rlo > rhi:
             raise ValueError(f"crop_log_ratio must be (lo, hi) with lo <= hi, got {tuple(crop_log_ratio)!r}")
         if float(noise_std) < 0:
-            raise ValueError(f"noise_std must be >= 0, got {noise_std!r}")
+            raise ValueError(f"noise_std must be >= 0, got {shown(noise_std)}")
         self.crop_size = None if crop_size is None else _pair(crop_size)
         self.flip_prob = float(flip_prob)
         self.crop = bool(crop)

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .validate import class_labels
+from .validate import class_labels, shown
 
 __all__ = [
     "Split",
@@ -123,7 +123,7 @@ def load(name: str, size: int = 32, root: Optional[Union[str, os.PathLike]] = No
     if name not in DATASETS:
         raise DataError(f"name={name!r} is not a built-in data set; choose one of {sorted(DATASETS)}")
     if not isinstance(size, int) or isinstance(size, bool) or size < 8:
-        raise DataError(f"size must be an int >= 8, got {size!r}")
+        raise DataError(f"size must be an int >= 8, got {shown(size)}")
     return DATASETS[name](size, root)
 
 
@@ -442,7 +442,7 @@ def _count(name: str, value, minimum: int) -> int:
     """``value`` as an int >= ``minimum`` (0 or 1); a DataError naming ``name`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         kind = "positive" if minimum > 0 else "non-negative"
-        raise DataError(f"{name} must be a {kind} int, got {value!r}")
+        raise DataError(f"{name} must be a {kind} int, got {shown(value)}")
     return value
 
 
@@ -555,7 +555,7 @@ def _integer_label(value, index: int) -> int:
         return int(value)
     if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
         return int(value)
-    raise DataError(f"dataset[{index}]: the label must be an integer class index, got {value!r} "
+    raise DataError(f"dataset[{index}]: the label must be an integer class index, got {shown(value)} "
                     f"({type(value).__name__}): map class names to indices first")
 
 

@@ -47,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .files import atomic_write, checksum
+from .validate import shown
 
 __all__ = ["FrozenEncoder", "wrap", "load", "fingerprint", "resolve_encoder", "resolve_device", "encoder_device",
            "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -95,7 +96,7 @@ class FrozenEncoder(nn.Module):
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
         if input_size is not None and (not isinstance(input_size, int) or input_size < 1):
-            raise ValueError(f"input_size must be a positive int or None, got {input_size!r}")
+            raise ValueError(f"input_size must be a positive int or None, got {shown(input_size)}")
         if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
             raise ValueError(f"mean and std must be 3 per-channel values with std > 0, got {mean}, {std}")
         self.backbone = backbone
@@ -267,7 +268,8 @@ def load(name: str, weights=ENCODER_DEFAULT, input_size: Optional[int] = None,
         device: where to put the encoder (default: CPU).
     """
     if not isinstance(name, str) or ":" not in name:
-        raise ValueError(f"name must look like 'torchvision:mobilenet_v2' or 'timm:vit_small_patch16_224', got {name!r}")
+        raise ValueError("name must look like 'torchvision:mobilenet_v2' or 'timm:vit_small_patch16_224', got "
+                         f"{shown(name)}")
     library, model_name = name.split(":", 1)
     weights = _weights_argument(library, weights)
     if library == "torchvision":

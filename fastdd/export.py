@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .files import atomic_write, load_tensors
+from .validate import shown
 
 __all__ = ["FORMATS", "save_folder", "save_grid", "save_lgm", "save_dcbench", "load", "export"]
 
@@ -109,7 +110,7 @@ def export(distilled, path: PathLike, format: str, **kwargs) -> Path:
     """Write ``distilled`` to ``path`` in ``format`` (one of ``FORMATS``)."""
     writers = {"folder": save_folder, "grid": save_grid, "lgm": save_lgm, "dcbench": save_dcbench}
     if format not in writers:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        raise ValueError(f"format must be one of {FORMATS}, got {shown(format)}")
     return writers[format](distilled, path, **kwargs)
 
 

@@ -46,6 +46,8 @@ from typing import Any, Iterator, Optional, Union
 
 import torch
 
+from .validate import shown
+
 __all__ = ["load_tensors", "CorruptFileError", "DiskFullError", "atomic_write", "write_json", "checksum", "save_checked", "load_checked"]
 
 _HASH_CHUNK_BYTES = 1 << 24
@@ -216,7 +218,7 @@ def save_checked(payload: dict, path: PathLike, kind: str, version: int, *, cont
     """Write ``payload`` to ``path`` with its kind, format version and checksum, atomically, in
     ``container``: ``"torch"`` (a torch zip file) or ``"safetensors"`` (see the module's docstring)."""
     if container not in CONTAINERS:
-        raise ValueError(f"container must be one of {CONTAINERS}, got {container!r}")
+        raise ValueError(f"container must be one of {CONTAINERS}, got {shown(container)}")
     if container == "safetensors":
         _save_safetensors(payload, path, kind, int(version))
         return

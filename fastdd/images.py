@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .validate import shown
+
 __all__ = ["COLOR_CORRELATION", "color_matrix", "decorrelate", "correlate", "decode", "encode",
            "pyramid_resolutions", "PixelImages", "PyramidImages", "make_images", "images_from_state",
            "PARAMETERIZATIONS"]
@@ -71,7 +73,7 @@ def _hw(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
     else:
         h, w = (int(v) for v in size)
     if h < 1 or w < 1:
-        raise ValueError(f"size must be positive, got {size!r}")
+        raise ValueError(f"size must be positive, got {shown(size)}")
     return h, w
 
 
@@ -150,7 +152,7 @@ class PyramidImages(nn.Module):
                 raise ValueError(f"level {i} must have shape [N, 3, {self.resolutions[i][0]}, "
                                  f"{self.resolutions[i][1]}], got {tuple(lv.shape)}")
         if isinstance(extend_every, bool) or not isinstance(extend_every, int) or extend_every < 1:
-            raise ValueError(f"extend_every must be a positive int, got {extend_every!r}")
+            raise ValueError(f"extend_every must be a positive int, got {shown(extend_every)}")
         self.extend_every = extend_every
         self.levels = nn.ParameterList([nn.Parameter(lv.detach().clone().float()) for lv in levels])
 
@@ -239,7 +241,7 @@ def make_images(parameterization: str, num_images: int, size, init_images: Optio
     draw is still made for all ``num_images`` and the block kept, so the block equals those rows of the
     whole set."""
     if parameterization not in PARAMETERIZATIONS:
-        raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
+        raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {shown(parameterization)}")
     lo, hi = (0, num_images) if share is None else share
     if init_images is not None:
         if init_images.dim() != 4 or init_images.shape[0] != num_images or init_images.shape[1] != 3:

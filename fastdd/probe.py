@@ -56,7 +56,7 @@ import torch.nn as nn
 
 from .augment import CROP_SCALE, Augment
 from .encoders import encoder_device, resolve_encoder
-from .validate import class_labels, finite, one_of, positive_float, positive_int
+from .validate import class_labels, finite, one_of, positive_float, positive_int, shown
 from .validate import seed as check_seed
 
 __all__ = ["ProbeResult", "evaluate", "encode", "fit_linear_head", "full_data_probe", "random_real",
@@ -169,7 +169,7 @@ def _check_seeds(seeds) -> List[int]:
         raise ValueError("seeds must be a non-empty sequence of ints, got []")
     seeds = [check_seed(f"seeds[{i}]", s) for i, s in enumerate(seeds)]
     if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct, got {seeds!r}")
+        raise ValueError(f"seeds must be distinct, got {shown(seeds)}")
     return seeds
 
 

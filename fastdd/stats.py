@@ -31,7 +31,7 @@ from .encoders import encoder_device, fingerprint, resolve_encoder
 from .files import CorruptFileError, load_checked, save_checked
 from .logs import Phase
 from .distributed import SINGLE, Group
-from .validate import class_labels, positive_int
+from .validate import class_labels, positive_int, shown
 
 __all__ = ["RealStats", "StatsAccumulator", "CorruptFileError", "source_length"]
 
@@ -269,11 +269,11 @@ class RealStats:
         """
         if shard is not None:
             if not isinstance(shard, (tuple, list)) or len(shard) != 2:
-                raise ValueError(f"shard must be a pair (index, count), got {shard!r}")
+                raise ValueError(f"shard must be a pair (index, count), got {shown(shard)}")
             index = positive_int("shard index", shard[0], minimum=0)
             count = positive_int("shard count", shard[1])
             if index >= count:
-                raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shard!r}")
+                raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shown(shard)}")
         p = load_checked(path, STATS_FORMAT, STATS_FORMAT_VERSION, mmap=mmap, verify=verify)
         bank, bank_labels = p.get("bank_features"), p.get("bank_labels")
         if shard is not None and bank is not None:

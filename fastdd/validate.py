@@ -27,7 +27,7 @@ from . import _backend
 
 __all__ = ["positive_int", "positive_float", "finite_float", "probability", "value_range", "class_labels",
            "features", "finite", "output_path", "input_file", "seed", "one_of", "checks_enabled",
-           "distill_step"]
+           "distill_step", "shown"]
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
@@ -57,33 +57,44 @@ def distill_step():
         _IN_DISTILL_STEP.reset(token)
 
 
+def shown(value, limit: int = 80) -> str:
+    """``value`` as an error message shows it: a module or a tensor by its kind (never a whole module's
+    repr, or a tensor's values), anything else by its repr cut to ``limit`` characters."""
+    if isinstance(value, torch.nn.Module):
+        return f"a {type(value).__name__} module"
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 20]}... ({type(value).__name__})"
+
+
 def positive_int(name: str, value, allow_none: bool = False, minimum: int = 1):
     """``value`` as an int >= ``minimum`` (None passes when ``allow_none``); a ValueError naming ``name``."""
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        raise ValueError(f"{name} must be an int >= {minimum}, got {shown(value)}")
     return value
 
 
 def positive_float(name: str, value) -> float:
     """``value`` as a finite float > 0 (inf would make a loss constant, NaN poisons every step)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        raise ValueError(f"{name} must be a finite number > 0, got {shown(value)}")
     return float(value)
 
 
 def finite_float(name: str, value) -> float:
     """``value`` as a finite float of any sign."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+        raise ValueError(f"{name} must be a finite number, got {shown(value)}")
     return float(value)
 
 
 def probability(name: str, value) -> float:
     """``value`` as a float in [0, 1]."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+        raise ValueError(f"{name} must be a probability in [0, 1], got {shown(value)}")
     return float(value)
 
 
@@ -92,18 +103,18 @@ def value_range(name: str, value, positive: bool = False) -> Tuple[float, float]
     try:
         lo, hi = (float(v) for v in value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a pair (lo, hi), got {value!r}") from None
+        raise ValueError(f"{name} must be a pair (lo, hi), got {shown(value)}") from None
     if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
-        raise ValueError(f"{name} must be a pair (lo, hi) with lo <= hi, got {value!r}")
+        raise ValueError(f"{name} must be a pair (lo, hi) with lo <= hi, got {shown(value)}")
     if positive and not lo > 0:
-        raise ValueError(f"{name} must lie in (0, inf), got {value!r}")
+        raise ValueError(f"{name} must lie in (0, inf), got {shown(value)}")
     return lo, hi
 
 
 def seed(name: str, value) -> int:
     """``value`` as an int (any sign): a seed for ``torch.Generator.manual_seed``."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int, got {value!r}")
+        raise ValueError(f"{name} must be an int, got {shown(value)}")
     return value
 
 
@@ -231,5 +242,5 @@ def input_file(name: str, path) -> Path:
 def one_of(name: str, value, choices: Sequence):
     """``value`` if it is one of ``choices``, else a ValueError listing them."""
     if value not in tuple(choices):
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {shown(value)}")
     return value

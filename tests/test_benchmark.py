@@ -13,6 +13,8 @@ import importlib.util
 import json
 import math
 import os
+import re
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -72,6 +74,13 @@ def _outputs(out: Path, stem: str):
     return {ext: out / f"{stem}.{ext}" for ext in ("json", "csv", "md")}
 
 
+def _stem(result) -> str:
+    """The results' file stem of a CPU run: the machine and the date."""
+    import harness  # benchmarks/ is on sys.path once run.py is loaded (the bench fixture)
+
+    return harness.device_slug(torch.device("cpu")) + "-" + result["date"][:10]
+
+
 def _check_png(path: Path):
     assert path.is_file(), path
     data = path.read_bytes()
@@ -80,7 +89,7 @@ def _check_png(path: Path):
 
 def test_default_profile_end_to_end(bench, tmp_path):
     result = bench.main(["--tiny", "--in-process", "--quiet", "--out", str(tmp_path)])
-    files = _outputs(tmp_path, "cpu-" + result["date"][:10] + "-tiny")
+    files = _outputs(tmp_path, _stem(result) + "-tiny")
     for path in files.values():
         assert path.is_file(), path
 
@@ -351,7 +360,8 @@ def test_machine_versions_and_revision(harness):
     assert harness.git_label({"revision": "0123456789abcdef", "dirty": True}) == "0123456+dirty"
     assert harness.git_label({"revision": "0123456789abcdef", "dirty": False}) == "0123456"
     assert harness.git_label({"revision": None, "dirty": None}) == "unknown"
-    assert harness.device_slug(torch.device("cpu")) == "cpu"
+    slug = harness.device_slug(torch.device("cpu"))  # the machine in the file name: another never overwrites it
+    assert re.fullmatch(rf"cpu-[a-z0-9-]+-{os.cpu_count()}c", slug), slug
 
 
 def test_write_json_is_atomic_and_json_safe(harness, tmp_path):
@@ -424,7 +434,7 @@ def test_every_distilled_method_reports_its_floor(bench, tmp_path):
     floor_time_s > 0 for every distilled run, step / floor in the JSON, the CSV and the table's "vs floor"."""
     result = bench.main(["--tiny", "--in-process", "--quiet", "--no-evaluate", "--no-plots", "--lgm-copies", "2",
                          "--out", str(tmp_path)])
-    stem = "cpu-" + result["date"][:10] + "-tiny"
+    stem = _stem(result) + "-tiny"
     saved = json.loads((tmp_path / f"{stem}.json").read_text())
     classes = 10  # --tiny: the digits, 10 classes
     distilled = {k: e for k, e in saved["methods"].items() if e["kind"] == "distilled"}

@@ -82,3 +82,21 @@ def test_distilled_set_refuses_images_outside_0_1(images, message):
     with pytest.raises(ValueError, match=message):
         DistilledSet(images, torch.arange(3), "clp")
     DistilledSet(images.float().nan_to_num(0).clamp(0, 1), torch.arange(3), "clp")  # the same, fixed: fine
+
+
+def test_errors_never_print_a_whole_module_or_tensor():
+    """A module or a tensor passed where a number or a name belongs is named by its kind in the error,
+    not by its repr (a whole network's, or every value of a tensor)."""
+    import fastdd
+    from fastdd.validate import shown
+
+    big = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(50)])
+    assert shown(big) == "a Sequential module"
+    assert shown(torch.zeros(1000, 3)) == "a torch.float32 tensor of shape (1000, 3)"
+    assert len(shown("x" * 500)) <= 80 and shown(3) == "3"
+    x, y = torch.rand(8, 3, 8, 8), torch.arange(4).repeat(2)
+    for bad in [dict(lr=big), dict(ipc=big), dict(init=big), dict(crop_size=big), dict(steps=torch.ones(100, 100)),
+                dict(autocast_dtype=big), dict(options={"lam": big})]:
+        with pytest.raises((ValueError, TypeError)) as info:
+            fastdd.distill(x, torch.nn.Conv2d(3, 4, 3), labels=y, method="clp", progress=False, **bad)
+        assert len(str(info.value)) < 400 and "Linear(in_features" not in str(info.value), (bad, str(info.value))

@@ -27,6 +27,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
+from ..validate import shown
+
 __all__ = ["Option", "RealNeeds", "Context", "Objective", "Method", "Recipe", "RecipeWarning", "RECIPE_KEYS",
            "LOOP_DEFAULTS", "parse_bool", "parse_optional_int", "class_means"]
 
@@ -189,7 +191,7 @@ class Method:
         if not isinstance(recipe, str) or recipe not in self.recipes:
             known = ", ".join(repr(r) for r in self.recipes) or "none"
             raise ValueError(f"recipe must be one of method {self.name!r}'s recipes ({known}) or None, "
-                             f"got {recipe!r}")
+                             f"got {shown(recipe)}")
         return self.recipes[recipe].apply(recipe, self.name, arguments)
 
     def option_defaults(self) -> Dict[str, Any]:
@@ -209,7 +211,7 @@ class Method:
         for key, option in self.options.items():
             value = given.get(key, option.default)
             if option.choices is not None and value not in option.choices:
-                raise ValueError(f"{key} must be one of {option.choices}, got {value!r}")
+                raise ValueError(f"{key} must be one of {option.choices}, got {shown(value)}")
             out[key] = value if option.check is None else option.check(key, value)
         return out
 
@@ -221,7 +223,7 @@ def parse_bool(text: str) -> bool:
         return True
     if value in ("false", "no", "off", "0"):
         return False
-    raise ValueError(f"expected true or false, got {text!r}")
+    raise ValueError(f"expected true or false, got {shown(text)}")
 
 
 def parse_optional_int(text: str) -> Optional[int]:
@@ -231,7 +233,7 @@ def parse_optional_int(text: str) -> Optional[int]:
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"expected an int or 'all', got {text!r}") from None
+        raise ValueError(f"expected an int or 'all', got {shown(text)}") from None
 
 
 def class_means(stats, what: str, method: str) -> torch.Tensor:

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from .. import ops
 from .base import Context, Method, Objective, Option, RealNeeds, Recipe, parse_bool, parse_optional_int
 from ..validate import checks_enabled, features as check_features, positive_float, positive_int
+from ..validate import shown
 
 __all__ = ["ClosedFormProbeLoss", "FEATURE_NORMS", "METHOD"]
 
@@ -82,13 +83,13 @@ class ClosedFormProbeLoss(nn.Module):
             raise ValueError("stats: the feature bank is empty")
         if real_batch is not None and (isinstance(real_batch, bool) or not isinstance(real_batch, int)
                                        or real_batch < 1):
-            raise ValueError(f"real_batch must be None or a positive int, got {real_batch!r}")
+            raise ValueError(f"real_batch must be None or a positive int, got {shown(real_batch)}")
         if feature_norm is None:
             feature_norm = "none"
         if feature_norm not in FEATURE_NORMS:
-            raise ValueError(f"feature_norm must be one of {FEATURE_NORMS}, got {feature_norm!r}")
+            raise ValueError(f"feature_norm must be one of {FEATURE_NORMS}, got {shown(feature_norm)}")
         if solve_dtype not in (None, torch.float32, torch.float64):
-            raise ValueError(f"solve_dtype must be None, torch.float32 or torch.float64, got {solve_dtype!r}")
+            raise ValueError(f"solve_dtype must be None, torch.float32 or torch.float64, got {shown(solve_dtype)}")
         stats.require_nonempty("ClosedFormProbeLoss(stats)")
         self.stats = stats
         self.num_classes = stats.num_classes
@@ -215,7 +216,7 @@ def _build(context: Context, options: dict) -> Objective:
 
 def _flag(name: str, value) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
+        raise ValueError(f"{name} must be True or False, got {shown(value)}")
     return value
 
 
