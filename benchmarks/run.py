@@ -165,6 +165,18 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         # max_total_seconds are reported as skipped (run them alone: --ipc 10 --no-ops).
         autocast="fp16", chunk_size=256, max_run_seconds=50.0, max_total_seconds=300.0, ops=True,
         ops_max_seconds=150.0, real_on_device=True),
+    # Memory flat in ipc: the chunked engine (10 rows at a time) at ipc 1 and 10, every method, on a
+    # stratified 10,000-image part of Fashion-MNIST; a dozen steps each, no probe (a few minutes on 2 cores).
+    "memory": dict(
+        dataset="fashion-mnist", size=None, classes=None, real_per_class=None, bank_rows=None,
+        train_limit=10000, test_limit=None,
+        encoder="torchvision:mobilenet_v2", weights="imagenet", encoder_image_size=None,
+        ipc=[1, 10], methods=list(registry.names()), lgm_copies=[REFERENCE_COPIES],
+        steps=12, warmup=2, extend_every=None,
+        evaluate=False, probe_epochs=None, probe_views=None, probe_seeds=None, baseline_seeds=0,
+        full_data_epochs=None, parameterization="pyramid",
+        autocast=None, chunk_size=10, max_run_seconds=None, max_total_seconds=None, ops=False,
+        ops_max_seconds=None, real_on_device=False),
 }
 # --tiny: the same code paths at a seconds-long size (tests, smoke runs).
 TINY: Dict[str, Dict[str, Any]] = {
@@ -173,6 +185,8 @@ TINY: Dict[str, Dict[str, Any]] = {
     "imagenet1k": dict(size=32, classes=4, real_per_class=3, bank_rows=64, encoder="timm:vit_tiny_patch16_224",
                        encoder_image_size=32, ipc=[1, 2], lgm_copies=[1, 2], steps=3, warmup=1,
                        chunk_size=4, max_run_seconds=60.0, max_total_seconds=None),
+    "memory": dict(dataset="digits", size=16, train_limit=300, ipc=[1, 2], lgm_copies=[2], steps=3, warmup=1,
+                   chunk_size=4),
 }
 
 
@@ -405,6 +419,42 @@ def compute_stats(s: Dict[str, Any], data: Dict[str, Any], encoder, device, prog
         stats = fastdd.RealStats.from_features(bank, labels, num_classes=c, bank=True)
         note += f" (timed); bank and means from {rows} random fp16 features (ImageNet-1K's shape)"
     return stats, seconds, note
+
+
+STATS_THROUGHPUT_BATCHES, STATS_THROUGHPUT_REPS = 8, 5
+
+
+def measure_stats_throughput(s: Dict[str, Any], data: Dict[str, Any], encoder, device) -> Dict[str, Any]:
+    """The statistics pass against the encoder alone over the same batches, in this process: the first
+    ``STATS_THROUGHPUT_BATCHES`` batches of 256 training images (2 of 64 with ``--tiny``) read by
+    ``RealStats.from_data`` (with the run's bank), and the encoder's forward (no graph) over the same
+    batches already in memory; each timed by ``harness.time_call`` (median after warm-up).
+    ``throughput_ratio``: encoder time / statistics time, the share of the encoder's forward throughput
+    the pass reaches (1.0: loading, checking and accumulating cost nothing)."""
+    import torch
+
+    import fastdd
+
+    batch = 64 if s["tiny"] else 256
+    n = min(int(data["train_labels"].shape[0]), batch * (2 if s["tiny"] else STATS_THROUGHPUT_BATCHES))
+    images, labels = data["train_images"][:n], data["train_labels"][:n]
+    bank = needs_bank(s) or s["evaluate"]
+
+    def stats_pass():
+        fastdd.RealStats.from_data(images, encoder, labels=labels, bank=bank, batch_size=batch, device=device,
+                                   progress=False)
+
+    def encoder_pass():
+        with torch.no_grad():
+            for lo in range(0, n, batch):
+                encoder(images[lo:lo + batch].to(device))
+
+    reps = 2 if s["tiny"] else STATS_THROUGHPUT_REPS
+    stats_t = harness.time_call(stats_pass, device, reps=reps, warmup=1)
+    encoder_t = harness.time_call(encoder_pass, device, reps=reps, warmup=1)
+    return {"images": n, "batch_size": batch, "bank": bank, "stats_time_s": stats_t.median,
+            "encoder_time_s": encoder_t.median, "throughput_ratio": encoder_t.median / stats_t.median,
+            "timer": stats_t.timer}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -781,6 +831,12 @@ def format_table(result: Dict[str, Any]) -> str:
             "vs floor: the per-step time over the step's floor (the encoder alone, forward and backward over the "
             "method's synthetic rows plus the forward over its real batch, timed in the run's process right "
             "after its steps).\n")
+    tp = setup.get("stats_throughput")
+    if tp:
+        head += (f"Statistics pass vs the encoder alone over the same {tp['images']} images (batches of "
+                 f"{tp['batch_size']}{', with the bank' if tp['bank'] else ''}): {_fmt(tp['stats_time_s'], 1e3)} vs "
+                 f"{_fmt(tp['encoder_time_s'], 1e3)} ms, {tp['throughput_ratio']:.0%} of the encoder's forward "
+                 "throughput.\n")
     text = head + "\n" + "\n".join(rows) + "\n"
     ops = result.get("ops") or {}
     if ops.get("results"):
@@ -889,6 +945,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         setup["ops_time_s"] = time.perf_counter() - t0
 
     stats, setup["stats_time_s"], setup["stats_note"] = compute_stats(s, data, encoder, device, progress)
+    if s.get("bank_rows") is None:  # real data: the pass against the encoder alone, in this process
+        setup["stats_throughput"] = measure_stats_throughput(s, data, encoder, device)
 
     images_for_grid: Dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="fastdd-bench-") as tmp:

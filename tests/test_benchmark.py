@@ -92,6 +92,10 @@ def test_default_profile_end_to_end(bench, tmp_path):
     files = _outputs(tmp_path, _stem(result) + "-tiny")
     for path in files.values():
         assert path.is_file(), path
+    tp = result["setup"]["stats_throughput"]  # the statistics pass against the encoder alone, same batches
+    assert tp["images"] == 128 and tp["stats_time_s"] > 0 and tp["encoder_time_s"] > 0
+    assert math.isclose(tp["throughput_ratio"], tp["encoder_time_s"] / tp["stats_time_s"])
+    assert "of the encoder's forward throughput" in files["md"].read_text()
 
     saved = json.loads(files["json"].read_text())
     assert saved["schema"] == "fastdd.benchmark/1"
@@ -461,3 +465,15 @@ def test_every_distilled_method_reports_its_floor(bench, tmp_path):
     for key, e in distilled.items():
         line = next(line for line in table.splitlines() if line.startswith(f"| {key} |"))
         assert [c.strip() for c in line.strip("|").split("|")][columns.index("vs floor")] == f"{e['step_vs_floor']:.2f}x"
+
+
+def test_memory_profile_reports_memory_at_two_ipc_with_the_chunked_engine(bench, tmp_path):
+    result = bench.main(["--profile", "memory", "--tiny", "--in-process", "--quiet", "--no-plots",
+                         "--out", str(tmp_path)])
+    s = result["settings"]
+    assert s["chunk_size"] == 4 and s["ipc"] == [1, 2] and s["evaluate"] is False
+    seen = {(e["method"], e["ipc"]) for e in result["methods"].values() if e["kind"] == "distilled"}
+    assert seen == {(m, ipc) for m in registry.names() for ipc in (1, 2)}
+    for e in result["methods"].values():
+        if e["kind"] == "distilled":
+            assert e["status"] == "ok" and e["peak_memory_bytes"] > 0 and e["distill_settings"]["chunk_size"] == 4
