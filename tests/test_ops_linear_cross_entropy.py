@@ -135,3 +135,27 @@ def test_half_products_keep_tiny_row_weights(monkeypatch, device):
     # cannot hold it, so only its products are checked here, through dW.
     for name, g, r in zip(["dW", "dbias"], got[2:], ref[2:]):
         assert_close(g, r, tolerance(torch.float16, products=True)[0] + 5e-3, 0.0, name)
+
+
+def test_reference_raises_far_logits_so_no_gradient_is_denormal():
+    """Non-target logits 80 or more under their row's largest (probabilities under e^-80) are raised to
+    that floor below fp64: the loss (also where the target logit itself is far under the largest) equals
+    the fp64 one to fp32 precision and the head gradient holds no denormal (which would slow the CPU's
+    matmul several times over)."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(512, 64, generator=g) * 6
+    y = torch.randint(0, 10, (512,), generator=g)
+    w = (torch.randn(64, 10, generator=g) * 3).requires_grad_(True)
+    loss = linear_cross_entropy_reference(z, y, w, tau=0.1)
+    loss.backward()
+    exact = linear_cross_entropy_reference(z.double(), y, w.detach().double(), tau=0.1)
+    assert ((z.double() @ w.detach().double()) / 0.1).amax(1).sub((z @ w.detach() / 0.1).amin(1)).min() > 200
+    torch.testing.assert_close(loss.double(), exact, rtol=1e-6, atol=0)
+    tiny = torch.finfo(torch.float32).tiny
+    logits = (z @ w.detach() / 0.1).requires_grad_(True)
+    torch.nn.functional.cross_entropy(logits, y).backward()  # unfloored: the softmax gradient turns denormal
+    assert ((logits.grad != 0) & (logits.grad.abs() < tiny)).any()
+    assert not ((w.grad != 0) & (w.grad.abs() < tiny)).any() and bool(torch.isfinite(w.grad).all())
+    w64 = w.detach().double().requires_grad_(True)
+    linear_cross_entropy_reference(z.double(), y, w64, tau=0.1).backward()
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-4 * float(w64.grad.abs().max()))

@@ -42,6 +42,9 @@ from ..validate import shown
 __all__ = ["ClosedFormProbeLoss", "FEATURE_NORMS", "METHOD"]
 
 FEATURE_NORMS = ("none", "center", "standardize", "l2")
+# A drawn bank's float32 normalised copy is made once when it takes at most this (else the rows are
+# converted per call): a gather of float32 rows costs a third of gathering and converting fp16 ones on a CPU
+FLOAT_CACHE_BYTES = 1 << 30
 _STAT_CHUNK = 65536
 
 
@@ -150,15 +153,18 @@ class ClosedFormProbeLoss(nn.Module):
     def real_features(self, device) -> tuple:
         """The real rows used this call, normalised: ``(zr [M, D(+1)] float32 on device, yr [M])``.
 
-        With the whole bank in use (``real_batch`` None or >= its rows) and ``cache_bank``, the normalised
-        float32 bank is computed once (at the first call) into the bank buffers and moved with them;
-        otherwise the drawn rows are gathered (from the buffers' device copy in the stored dtype, or
-        from the bank where the stats keep it) and normalised per call."""
+        With ``cache_bank`` the bank moves to the device at the first call, into the bank buffers; there it
+        is normalised in float32 once when the whole bank is used every call or when that copy takes at
+        most ``FLOAT_CACHE_BYTES`` (a drawn batch is then a row gather, no conversion), else kept in its
+        stored dtype and the drawn rows converted and normalised per call. Without ``cache_bank`` the rows
+        are gathered from the bank where the stats keep it."""
         device = torch.device(device)
-        whole = self.real_batch is None or self.real_batch >= self.bank_features.shape[0]
-        if self.cache_bank and (self.bank_features.device != device or whole and not self._bank_normalized):
+        rows = self.bank_features.shape[0]
+        whole = self.real_batch is None or self.real_batch >= rows
+        normalize_once = whole or rows * (self.stats.feature_dim + self.bias) * 4 <= FLOAT_CACHE_BYTES
+        if self.cache_bank and (self.bank_features.device != device or normalize_once and not self._bank_normalized):
             bank = self.bank_features.to(device)
-            if whole and not self._bank_normalized:
+            if normalize_once and not self._bank_normalized:
                 bank = self.normalize(bank.float())
                 self._bank_normalized = True
             self.bank_features, self.bank_labels = bank, self.bank_labels.to(device)
@@ -166,9 +172,9 @@ class ClosedFormProbeLoss(nn.Module):
         if whole:
             zr = bank if self._bank_normalized else self.normalize(bank.to(device).float())
             return zr, labels.to(device)
-        idx = torch.randint(bank.shape[0], (self.real_batch,), generator=self.generator)
-        idx = idx.to(bank.device)
-        return self.normalize(bank[idx].to(device).float()), labels[idx].to(device)
+        idx = torch.randint(rows, (self.real_batch,), generator=self.generator).to(bank.device)
+        zr, yr = torch.index_select(bank, 0, idx).to(device), torch.index_select(labels, 0, idx).to(device)
+        return (zr if self._bank_normalized else self.normalize(zr.float())), yr
 
     # ---- the loss ----------------------------------------------------------------------------------
     def forward(self, zs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:

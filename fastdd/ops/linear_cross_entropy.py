@@ -61,14 +61,28 @@ __all__ = ["linear_cross_entropy", "linear_cross_entropy_reference"]
 REDUCTIONS = ("mean", "sum")
 
 
+# Below fp64, a non-target logit more than this under its row's largest has a probability under e^-80
+# (1.8e-35): below fp32's normal range once divided by the rows, where the softmax gradient turns denormal
+# and one such row slows the CPU's head-gradient matmul several times over (denormal arithmetic). Such
+# logits are raised to the floor: the loss (log-sum-exp minus the target logit, which is left as it is)
+# moves by less than C * e^-80 of itself, far under fp32's resolution.
+_LOGIT_FLOOR = 80.0
+
+
 def linear_cross_entropy_reference(z: torch.Tensor, y: torch.Tensor, W: torch.Tensor, tau: float = 1.0,
                                    bias: Optional[torch.Tensor] = None, reduction: str = "mean") -> torch.Tensor:
-    """Torch reference (materialises the [M,C] logits; differentiable by autograd)."""
+    """Torch reference (materialises the [M,C] logits; differentiable by autograd). Below fp64, non-target
+    logits under their row's largest by more than ``_LOGIT_FLOOR`` are raised to it (no denormal
+    gradients)."""
     dtype = reduce_dtype(z, W, bias)
     with no_autocast(z.device):
         logits = (z.to(dtype) @ W.to(dtype)) / tau
         if bias is not None:
             logits = logits + bias.to(dtype)
+        if dtype != torch.float64:
+            floor = logits.detach().amax(dim=1, keepdim=True) - _LOGIT_FLOOR
+            target = F.one_hot(y.long(), logits.shape[1]).bool()
+            logits = torch.where(target, logits, torch.maximum(logits, floor))
         return F.cross_entropy(logits, y.long(), reduction=reduction)
 
 
