@@ -4,7 +4,9 @@
 #   2. build:   the CUDA extension, just in time (fastdd._ext.build);
 #   3. tests:   the GPU tests of the ops and of the extension (the Triton kernels compiled on the device);
 #   4. ops:     the per-op benchmark (benchmarks/ops_bench.py) against the measured matmul rate and copy
-#               bandwidth and torch.compile of each reference;
+#               bandwidth, torch.compile of each reference, and Liger-Kernel's and cut-cross-entropy's fused
+#               linear cross-entropy where their wheels came along (.gpu-wheels: run
+#               scripts/fetch_gpu_wheels.sh first and carry the folder; stage "wheels" installs them);
 #   5. methods: the imagenet1k profile of benchmarks/run.py within the time left.
 # Everything goes under one results folder (default benchmarks/results/gpu-<date>), each stage's output in
 # <stage>.log, the stage table in stages.tsv, and a one-screen summary in summary.txt (also printed).
@@ -25,7 +27,7 @@ while [ $# -gt 0 ]; do
         --dry-run) DRY=1 ;;
         --out) OUT="$2"; shift ;;
         --budget) BUDGET="$2"; shift ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -54,6 +56,16 @@ stage() {
     printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" >> "$OUT/stages.tsv"
     echo "gpu_check: $name exit $rc ($(( $(date +%s) - t0 )) s)"
 }
+
+# the neighbouring fused cross-entropies (Liger-Kernel, cut-cross-entropy) for the ops stage: installed from
+# .gpu-wheels (scripts/fetch_gpu_wheels.sh, carried to the GPU machine) into a scratch folder, if present
+SITE=$(mktemp -d)
+if ls .gpu-wheels/*.whl > /dev/null 2>&1; then
+    stage wheels 60 "$PY" -m pip install --no-deps --no-index --target "$SITE" .gpu-wheels/*.whl
+else
+    stage wheels 60 echo "no .gpu-wheels: Liger-Kernel and cut-cross-entropy are skipped (scripts/fetch_gpu_wheels.sh)"
+fi
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 
 if [ "$DRY" = 1 ]; then
     stage device 60 "$PY" -c "import torch, fastdd; print('torch', torch.__version__, 'fastdd', fastdd.__version__, 'cuda', torch.cuda.is_available())"

@@ -64,7 +64,12 @@ from fastdd.ops.linear_cross_entropy import linear_cross_entropy_reference  # no
 from fastdd.ops.linear_head_gradient import linear_head_gradient_reference  # noqa: E402
 from fastdd.ops.ridge_probe import ridge_probe_reference  # noqa: E402
 
-BACKENDS = ("torch", "torch.compile", "triton", "cuda")
+BACKENDS = ("torch", "torch.compile", "triton", "cuda", "liger", "cce")
+# The neighbouring fused linear cross-entropies, compared on linear_cross_entropy where they import (on
+# a GPU): Liger-Kernel's (liger_kernel) and Apple's cut-cross-entropy (cut_cross_entropy). Both take the
+# head as [C, D] in the features' dtype and have no temperature, so they get (W / tau)^T in bf16; both also
+# compute the features' gradient, which fastdd's op skips when the features need none (the bank).
+_THIRD_PARTY = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}
 
 
 @dataclass
@@ -173,8 +178,25 @@ def linear_cross_entropy_cases(quick: bool) -> List[Case]:
             flops=gemms * 2.0 * M * D * C, bytes=M * D * _elt(dtype) + M * 8 + D * C * 4 * (2 if backward else 1),
             build=build,
             runners={"torch": make(pub("torch"), backward), "torch.compile": make(compiled, backward),
-                     "triton": make(pub("triton"), backward), "cuda": make(pub("cuda"), backward)}))
+                     "triton": make(pub("triton"), backward), "cuda": make(pub("cuda"), backward),
+                     "liger": make(_liger(tau), backward), "cce": make(_cce(tau), backward)}))
     return cases
+
+
+def _liger(tau: float):
+    def call(z, y, W):
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        return liger_fused_linear_cross_entropy(z, (W / tau).t().to(z.dtype), y)
+    return call
+
+
+def _cce(tau: float):
+    def call(z, y, W):
+        from cut_cross_entropy import linear_cross_entropy
+
+        return linear_cross_entropy(z, (W / tau).t().to(z.dtype), y)
+    return call
 
 
 def flow_cases(quick: bool) -> List[Case]:
@@ -266,8 +288,13 @@ ALL_CASES = {
 
 
 def _unavailable(backend: str, device: torch.device) -> Optional[str]:
-    if backend in ("triton", "cuda") and device.type != "cuda":
+    if backend in ("triton", "cuda", *_THIRD_PARTY) and device.type != "cuda":
         return "needs a CUDA device"
+    if backend in _THIRD_PARTY:
+        import importlib.util
+
+        if importlib.util.find_spec(_THIRD_PARTY[backend]) is None:
+            return f"{_THIRD_PARTY[backend]} not installed (scripts/fetch_gpu_wheels.sh, then carry .gpu-wheels)"
     if backend == "triton" and not _backend.has_triton():
         return "triton not installed"
     if backend == "cuda" and not _ext.is_available():
