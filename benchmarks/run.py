@@ -577,7 +577,7 @@ def _num_classes(data: Dict[str, Any], stats) -> int:
 # The physical floor of a step
 # --------------------------------------------------------------------------------------------------
 
-FLOOR_WARMUP, FLOOR_REPS = 2, 7  # untimed, then timed calls of the floor (CPU; do_bench chooses its own on a GPU)
+FLOOR_WARMUP, FLOOR_REPS = 3, 30  # untimed, then timed calls of the floor (CPU; do_bench chooses its own on a GPU)
 FLOOR_CALLS_PER_CAP = 10  # under a per-run time cap, the floor is measured only if 10 steps fit in the cap
 
 

@@ -363,31 +363,3 @@ def test_closed_form_probe_fp16_features_and_fp64_solve(monkeypatch):
     monkeypatch.setattr(ops, "linear_cross_entropy", lambda zr, *a, **k: seen.append(zr.dtype) or real_op(zr, *a, **k))
     fnn.ClosedFormProbeLoss(stats, solve_dtype=torch.float64)(zs.float(), torch.arange(3))
     assert seen == [torch.float32]  # the bank is not copied to fp64
-
-
-def test_clp_drawn_rows_from_the_float_cache_equal_the_per_call_path():
-    """A bank whose float32 normalised copy fits FLOAT_CACHE_BYTES is normalised once and drawn rows are
-    gathered from it: the same loss, bit for bit, as converting and normalising the drawn rows per call."""
-    from fastdd.methods import clp
-
-    g = torch.Generator().manual_seed(0)
-    y = torch.arange(5).repeat(40)
-    stats = RealStats.from_features((torch.randn(200, 12, generator=g) + y[:, None]).half(), y)
-    zs, ys = torch.randn(10, 12, generator=g), torch.arange(5).repeat(2)
-    for norm in ("none", "l2", "standardize"):
-        losses = []
-        for cache in (True, False):
-            loss = fnn.ClosedFormProbeLoss(stats, real_batch=64, feature_norm=norm, bias=True, cache_bank=cache,
-                                           generator=torch.Generator().manual_seed(1))
-            losses.append(torch.stack([loss(zs, ys) for _ in range(3)]))
-        assert torch.equal(losses[0], losses[1]), norm
-    cached = fnn.ClosedFormProbeLoss(stats, real_batch=64, generator=torch.Generator().manual_seed(1))
-    cached(zs, ys)
-    assert cached._bank_normalized and cached.bank_features.dtype == torch.float32
-    big = fnn.ClosedFormProbeLoss(stats, real_batch=64, generator=torch.Generator().manual_seed(1))
-    saved, clp.FLOAT_CACHE_BYTES = clp.FLOAT_CACHE_BYTES, 100  # too big for the float copy: stored dtype
-    try:
-        big(zs, ys)
-    finally:
-        clp.FLOAT_CACHE_BYTES = saved
-    assert not big._bank_normalized and big.bank_features.dtype == torch.float16

@@ -42,9 +42,6 @@ from ..validate import shown
 __all__ = ["ClosedFormProbeLoss", "FEATURE_NORMS", "METHOD"]
 
 FEATURE_NORMS = ("none", "center", "standardize", "l2")
-# A drawn bank's float32 normalised copy is made once when it takes at most this (else the rows are
-# converted per call): a gather of float32 rows costs a third of gathering and converting fp16 ones on a CPU
-FLOAT_CACHE_BYTES = 1 << 30
 _STAT_CHUNK = 65536
 
 
@@ -153,18 +150,18 @@ class ClosedFormProbeLoss(nn.Module):
     def real_features(self, device) -> tuple:
         """The real rows used this call, normalised: ``(zr [M, D(+1)] float32 on device, yr [M])``.
 
-        With ``cache_bank`` the bank moves to the device at the first call, into the bank buffers; there it
-        is normalised in float32 once when the whole bank is used every call or when that copy takes at
-        most ``FLOAT_CACHE_BYTES`` (a drawn batch is then a row gather, no conversion), else kept in its
-        stored dtype and the drawn rows converted and normalised per call. Without ``cache_bank`` the rows
-        are gathered from the bank where the stats keep it."""
+        With the whole bank in use (``real_batch`` None or >= its rows) and ``cache_bank``, the normalised
+        float32 bank is computed once (at the first call) into the bank buffers and moved with them;
+        otherwise the drawn rows are gathered (``index_select``, from the buffers' device copy in the
+        stored dtype, or from the bank where the stats keep it) and converted and normalised per call: a
+        float32 copy of a drawn bank would save about a millisecond a step on a CPU for twice the
+        bank's memory (fp16)."""
         device = torch.device(device)
         rows = self.bank_features.shape[0]
         whole = self.real_batch is None or self.real_batch >= rows
-        normalize_once = whole or rows * (self.stats.feature_dim + self.bias) * 4 <= FLOAT_CACHE_BYTES
-        if self.cache_bank and (self.bank_features.device != device or normalize_once and not self._bank_normalized):
+        if self.cache_bank and (self.bank_features.device != device or whole and not self._bank_normalized):
             bank = self.bank_features.to(device)
-            if normalize_once and not self._bank_normalized:
+            if whole and not self._bank_normalized:
                 bank = self.normalize(bank.float())
                 self._bank_normalized = True
             self.bank_features, self.bank_labels = bank, self.bank_labels.to(device)
@@ -174,7 +171,7 @@ class ClosedFormProbeLoss(nn.Module):
             return zr, labels.to(device)
         idx = torch.randint(rows, (self.real_batch,), generator=self.generator).to(bank.device)
         zr, yr = torch.index_select(bank, 0, idx).to(device), torch.index_select(labels, 0, idx).to(device)
-        return (zr if self._bank_normalized else self.normalize(zr.float())), yr
+        return self.normalize(zr.float()), yr
 
     # ---- the loss ----------------------------------------------------------------------------------
     def forward(self, zs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
