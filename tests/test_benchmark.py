@@ -179,9 +179,9 @@ def test_imagenet1k_profile_tiny(bench, tmp_path):
         assert e["ratio_reference"] == ("lgm_k2" if e["ipc"] == 1 else "lgm_k2_ipc2")
     assert result["methods"]["lgm_k2_ipc2"]["distill_settings"]["copies"] == 2
     assert result["methods"]["clp"]["distill_settings"]["chunk_size"] == 4
-    saved = json.loads((tmp_path / f"cpu-{result['date'][:10]}-imagenet1k-tiny.json").read_text())
+    saved = json.loads((tmp_path / f"{_stem(result)}-imagenet1k-tiny.json").read_text())
     assert set(saved["methods"]) == expected
-    _check_png(tmp_path / f"cpu-{result['date'][:10]}-imagenet1k-tiny-time-memory.png")
+    _check_png(tmp_path / f"{_stem(result)}-imagenet1k-tiny-time-memory.png")
 
 
 def test_time_cap_stops_a_run_and_keeps_its_timing(bench, tmp_path):
@@ -477,3 +477,17 @@ def test_memory_profile_reports_memory_at_two_ipc_with_the_chunked_engine(bench,
     for e in result["methods"].values():
         if e["kind"] == "distilled":
             assert e["status"] == "ok" and e["peak_memory_bytes"] > 0 and e["distill_settings"]["chunk_size"] == 4
+
+
+def test_repeats_take_the_median_of_the_processes(bench, tmp_path):
+    result = bench.main(["--tiny", "--in-process", "--quiet", "--no-evaluate", "--no-plots", "--methods", "sfm",
+                         "--repeats", "3", "--out", str(tmp_path)])
+    e = result["methods"]["sfm"]
+    assert e["repeats"] == 3 and len(e["step_time_repeats_s"]) == 3 and len(e["floor_time_repeats_s"]) == 3
+    assert e["step_time_s"] == sorted(e["step_time_repeats_s"])[1]
+    assert e["floor_time_s"] == sorted(e["floor_time_repeats_s"])[1]
+    assert math.isclose(e["step_vs_floor"], e["step_time_s"] / e["floor_time_s"])
+    assert "the median of 3 processes' medians" in (tmp_path / f"{_stem(result)}-tiny.md").read_text()
+    calls = []
+    assert bench.median_of_repeats(lambda: calls.append(1) or {"status": "capped", "step_time_s": 1.0}, 3)["repeats"] == 0
+    assert len(calls) == 1  # a run that did not end ok is not repeated
