@@ -43,8 +43,9 @@ with ``benchmarks/ops_bench.py`` and ``scripts/calibrate.py``).
 - per-step time: the median, over the steps after ``--warmup``, of the wall time between consecutive
   steps (``distill``'s per-step callback; ``torch.cuda.synchronize`` first on a GPU); with ``--repeats R``
   (the default profile: 3) each run is repeated in R processes and its step and floor times are the
-  medians of theirs (``step_time_repeats_s``, ``floor_time_repeats_s``), since one CPU process's times
-  move by about +-20 % on a shared machine;
+  medians of theirs (``step_time_repeats_s``, ``floor_time_repeats_s``) and ``step_vs_floor`` the median of
+  each process's own step / floor (``step_vs_floor_repeats``), since one CPU process's times move by
+  about +-20 % on a shared machine;
 - total time: the whole ``distill`` call (scanning the real data, set-up, all steps). The statistics pass
   (``RealStats.from_data`` over the real training set, with a feature bank where a method needs one
   or the probe baselines read it) is shared set-up: it runs once, before the methods, and is reported separately as ``setup.stats_time_s``; every method reads it
@@ -604,7 +605,9 @@ def _num_classes(data: Dict[str, Any], stats) -> int:
 # The physical floor of a step
 # --------------------------------------------------------------------------------------------------
 
-FLOOR_WARMUP, FLOOR_REPS = 3, 30  # untimed, then timed calls of the floor (CPU; do_bench chooses its own on a GPU)
+# the floor: FLOOR_WARMUP untimed calls, then FLOOR_MIN_REPS..FLOOR_REPS timed ones, as many as fit in about
+# FLOOR_SECONDS (CPU; do_bench chooses its own on a GPU)
+FLOOR_WARMUP, FLOOR_MIN_REPS, FLOOR_REPS, FLOOR_SECONDS = 3, 5, 30, 3.0
 FLOOR_CALLS_PER_CAP = 10  # under a per-run time cap, the floor is measured only if 10 steps fit in the cap
 
 
@@ -654,7 +657,10 @@ def measure_floor(s: Dict[str, Any], encoder, method: str, ipc: int, copies: Opt
             x.grad = None
             encode(encoder, x, dtype).backward(up)
 
-    timing = harness.time_call(one_floor, device, reps=FLOOR_REPS, warmup=FLOOR_WARMUP)
+    t0 = time.perf_counter()
+    one_floor()  # the first call: a warm-up that also sizes the repetitions to about FLOOR_SECONDS
+    reps = max(FLOOR_MIN_REPS, min(FLOOR_REPS, int(FLOOR_SECONDS / max(time.perf_counter() - t0, 1e-6))))
+    timing = harness.time_call(one_floor, device, reps=reps, warmup=FLOOR_WARMUP - 1)
     del syn, upstream, real
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -786,6 +792,10 @@ def add_ratios(methods: Dict[str, Dict[str, Any]]) -> None:
             continue
         step, floor = entry.get("step_time_s"), entry.get("floor_time_s")
         entry["step_vs_floor"] = step / floor if step is not None and floor else None
+        pairs = list(zip(entry.get("step_time_repeats_s") or [], entry.get("floor_time_repeats_s") or []))
+        if len(pairs) > 1:  # repeats: the median of each process's own ratio (step and floor, same machine state)
+            entry["step_vs_floor_repeats"] = [a / b for a, b in pairs]
+            entry["step_vs_floor"] = statistics.median(entry["step_vs_floor_repeats"])
         timed = [(k, e) for k, e in methods.items() if e["kind"] == "distilled" and e["method"] == REFERENCE.name
                  and e["ipc"] == entry["ipc"] and e.get("step_time_s") is not None and e["status"] != "oom"]
         ref = ([x for x in timed if x[1]["copies"] == REFERENCE_COPIES]
@@ -834,7 +844,8 @@ def _fmt(value, scale=1.0, digits=1, suffix="") -> str:
 
 def _repeats_note(s: Dict[str, Any]) -> str:
     repeats = s.get("repeats", 1)
-    return "" if repeats == 1 else f"; step and floor times: the median of {repeats} processes' medians"
+    return "" if repeats == 1 else (f"; step and floor times: the median of {repeats} processes' medians, vs floor: "
+                                    "the median of their ratios")
 
 
 def format_table(result: Dict[str, Any]) -> str:
