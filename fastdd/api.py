@@ -299,13 +299,32 @@ def _settle_stats(a: _Arguments, real: _Real, given: Optional[RealStats], stats_
         _check_stats(real.stats, name, a.method, real.scan.counts, real.feature_dim, encoder, fingerprint)
 
 
-def _load_checkpoint(path: Optional[Path], settings: Dict[str, Any]):
-    """``(the saved state, settings["resumed"])`` of an existing checkpoint checked against ``settings``
-    (``checkpoints.load``), or None."""
+def _check_checkpoint(path: Optional[Path], settings: Dict[str, Any], distributed: bool):
+    """An existing checkpoint checked against ``settings`` (``checkpoints.load``): ``(its state,
+    settings["resumed"])``, the state None under a group (rank 0's verdict travels to every rank, the
+    state does not: each rank reads its own block), or None without a checkpoint."""
     if path is None or not path.exists():
         return None
     saved = checkpoints.load(path, settings)
-    return saved, settings["resumed"]
+    return (None if distributed else saved), settings["resumed"]
+
+
+def _check_group(g: Group, num_images: int, stats: Optional[RealStats], dev) -> None:
+    """What a process group needs beyond one process, checked alike on every rank: a synthetic image or
+    more per rank, the same statistics on every rank (a bank loaded by shard would draw other rows on
+    each), and for NCCL the rank's own GPU."""
+    if not g.distributed:
+        return
+    if num_images < g.world_size:
+        raise ValueError(f"ipc: the {num_images} synthetic images cannot be shared by {g.world_size} ranks (each "
+                         "owns a block of at least one): use fewer processes or a larger ipc")
+    if stats is not None:
+        g.agree((stats.num_samples, None if not stats.has_bank else int(stats.bank_features.shape[0])),
+                "stats (their sample count and bank rows)")
+    if g.backend == "nccl" and (dev.type != "cuda" or (dev.index is not None and dev.index != torch.cuda.current_device())):
+        raise ValueError(f"device={str(dev)!r}: under an NCCL group each rank runs on its own GPU, the current one "
+                         f"(cuda:{torch.cuda.current_device()}): call torch.cuda.set_device(LOCAL_RANK) first and "
+                         "pass device='cuda'")
 
 
 def _real_batches(a: _Arguments, real: _Real, labels, group: Group) -> Optional[RealBatches]:
@@ -452,7 +471,7 @@ class _Loop:
         """The steps from ``start`` to ``steps``; returns their wall time."""
         a, pending = self.a, []
         phase = Phase(f"distill {a.method.name}", total=a.steps, unit="step", progress=progress,
-                      initial=min(self.start, a.steps))
+                      initial=min(self.start, a.steps), log=self.group.is_main)
         try:
             for step in range(self.start, a.steps):
                 pending.append(self.step(step))
@@ -604,15 +623,19 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
     settings = _settings(a, real, encoder, fingerprint, dev, bank_dtype, g)
     # a checkpoint is checked against this run before anything saved beside it is reused (on rank 0,
     # whose state and verdict every rank receives)
-    resumed = on_main(g, lambda: _load_checkpoint(a.checkpoint, settings), "reading the checkpoint")
-    if resumed is not None:
-        resumed, settings["resumed"] = resumed
+    checked = on_main(g, lambda: _check_checkpoint(a.checkpoint, settings, g.distributed), "checking the checkpoint")
+    resumed = None
+    if checked is not None:
+        resumed, settings["resumed"] = checked
+        if resumed is None:  # under a group every rank maps the file and keeps its own block (_Loop.restore)
+            resumed = checkpoints.read(a.checkpoint)
     _settle_stats(a, real, stats, stats_file, reuse_stats, encoder, fingerprint, g)
     t_init = time.perf_counter()
     _check_encoder_output(real, labels, encoder, dev)
 
     # ---- the synthetic set, the method's objective, the loop
     num_classes = real.scan.counts.shape[0]
+    _check_group(g, num_classes * a.ipc, real.stats, dev)
     synth = make_images(a.parameterization, num_classes * a.ipc, real.scan.image_size,
                         init_images=_initial_images(a, real, labels, encoder, dev, progress), generator=dev_gen,
                         device=dev, extend_every=a.extend_every,

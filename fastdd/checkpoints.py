@@ -22,7 +22,7 @@ import torch
 from .distributed import SINGLE, Group
 from .files import load_checked, save_checked
 
-__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "RESUME_MAY_CHANGE", "save", "load", "differences",
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "RESUME_MAY_CHANGE", "save", "load", "read", "differences",
            "whole_state", "part_state"]
 
 CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "fastdd.Checkpoint", 1
@@ -96,6 +96,12 @@ def differences(saved: Dict[str, Any], settings: Dict[str, Any]) -> Dict[str, tu
             continue
         out[k] = (then, settings[k])
     return out
+
+
+def read(path) -> dict:
+    """The state saved at ``path``, its tensors memory-mapped (a rank takes its block of them), unchecked:
+    for the ranks of a group once rank 0 has checked the file (``load``)."""
+    return load_checked(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, mmap=True, verify=False)
 
 
 def _short(value) -> str:

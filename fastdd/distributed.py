@@ -71,6 +71,32 @@ class Group:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
+    def _global_rank_of_main(self) -> int:
+        """The global rank of this group's rank 0 (torch.distributed's ``src`` and ``dst`` are global)."""
+        import torch.distributed as dist
+
+        return 0 if self.group is None else dist.get_global_rank(self.group, 0)
+
+    def raise_first_failure(self, error: Optional[BaseException], what: str) -> None:
+        """After a phase in which each rank works alone: every rank learns whether one failed, and all
+        raise the first failing rank's error (its own error on that rank), so bad data found by one rank
+        is one clear error everywhere instead of the others waiting in their next collective."""
+        if not self.distributed:
+            if error is not None:
+                raise error
+            return
+        outcomes = self.all_gather_object(None if error is None else _portable(error), what=f"{what} (outcomes)")
+        failed = [(r, e) for r, e in enumerate(outcomes) if e is not None]
+        if error is not None:
+            raise error
+        if failed:
+            rank, e = failed[0]
+            try:
+                named = type(e)(f"rank {rank} of {self.world_size}: {e}")
+            except Exception:  # noqa: BLE001 - an exception type that takes other arguments
+                named = RuntimeError(f"rank {rank} of {self.world_size}: {type(e).__name__}: {e}")
+            raise named from e
+
     def _call(self, what: str, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
@@ -133,7 +159,7 @@ class Group:
                                       what=f"{what} (row counts)").tolist()
         send = self._padded_bytes(tensor, max(counts))
         parts = [torch.empty_like(send) for _ in range(self.world_size)] if self.is_main else None
-        self._call(what, dist.gather, send, parts, dst=0, group=self.group)
+        self._call(what, dist.gather, send, parts, dst=self._global_rank_of_main(), group=self.group)
         return self._rows_from_bytes(parts, counts, tensor) if self.is_main else None
 
     def all_gather_object(self, obj, what: str = "all_gather_object") -> List[Any]:
@@ -153,7 +179,7 @@ class Group:
         import torch.distributed as dist
 
         box = [obj if self.is_main else None]
-        self._call(what, dist.broadcast_object_list, box, src=0, group=self.group)
+        self._call(what, dist.broadcast_object_list, box, src=self._global_rank_of_main(), group=self.group)
         return box[0]
 
     def barrier(self, what: str = "barrier") -> None:
@@ -173,6 +199,20 @@ class Group:
 
 
 SINGLE = Group()
+
+
+def _portable(error: BaseException) -> BaseException:
+    """``error`` as it can travel between processes: itself if it pickles with its message, else a
+    RuntimeError carrying its type and message."""
+    import pickle
+
+    try:
+        copy = pickle.loads(pickle.dumps(error))
+        if str(copy) == str(error):
+            return error
+    except Exception:  # noqa: BLE001 - an unpicklable exception travels as its text
+        pass
+    return RuntimeError(f"{type(error).__name__}: {error}")
 
 
 def resolve_group(group=None) -> Group:
@@ -279,7 +319,12 @@ def shard_batches(source, labels, batch_size: int, group: Group):
         offsets.append(offsets[-1] + n)
     own = iterate_batches(own_source, own_labels, batch_size=batch_size) if last > first else iter(())
     for i, n in enumerate(sizes):
-        yield ShardBatch(i, offsets[i], n, next(own) if first <= i < last else None)
+        data = next(own) if first <= i < last else None
+        if data is not None and data[1].shape[0] != n:
+            raise ValueError(f"batch {i} of the data source holds {data[1].shape[0]} images where the batch plan "
+                             f"says {n}: under a process group the source must yield its batches as listed "
+                             "(a collate_fn that drops items, or a source whose length differs between ranks)")
+        yield ShardBatch(i, offsets[i], n, data)
 
 
 def _batch_plan(source, labels, batch_size: int, group: Group):
@@ -287,6 +332,13 @@ def _batch_plan(source, labels, batch_size: int, group: Group):
     from torch.utils.data import DataLoader, IterableDataset, Subset
 
     if isinstance(source, DataLoader):
+        from torch.utils.data.distributed import DistributedSampler
+
+        if isinstance(source.sampler, DistributedSampler) or isinstance(
+                getattr(source.batch_sampler, "sampler", None), DistributedSampler):
+            raise ValueError("images: a DataLoader with a DistributedSampler reads a share per rank (and pads "
+                             "it with duplicates); pass the DataLoader or the dataset of the whole data: fastdd "
+                             "splits it over the ranks itself")
         if isinstance(source.dataset, IterableDataset) or source.batch_sampler is None:
             return None
         batches = group.broadcast_object([list(b) for b in source.batch_sampler] if group.is_main else None,

@@ -252,7 +252,8 @@ def make_images(parameterization: str, num_images: int, size, init_images: Optio
             return PixelImages.from_images(init_images)
         out = PyramidImages.from_images(init_images, extend_every)
     elif parameterization == "pixels":
-        return PixelImages(PixelImages.from_noise(num_images, size, generator, device).theta.detach()[lo:hi])
+        h, w = _hw(size)
+        return PixelImages(torch.randn(num_images, 3, h, w, generator=generator, device=device)[lo:hi])
     else:
         full = PyramidImages.from_noise(num_images, size, generator, device, extend_every)
         out = PyramidImages([lv.detach()[lo:hi] for lv in full.levels], full.size, extend_every)

@@ -24,14 +24,15 @@ logger = logging.getLogger("fastdd")
 
 class Phase:
     """One long phase: ``update(n)`` moves its bar, ``done(summary, **figures)`` closes it and keeps the
-    final line ``"<desc>: <summary> (<seconds> s)"``; ``seconds`` is the phase's wall time. Shown only
-    when ``progress`` (rank 0 of a group passes its own flag)."""
+    final line ``"<desc>: <summary> (<seconds> s)"``; ``seconds`` is the phase's wall time. The bar and
+    the written line only when ``progress``, the logged line only when ``log`` (under a process group
+    both are rank 0's alone)."""
 
     def __init__(self, desc: str, total: Optional[int] = None, unit: str = "img", progress: bool = True,
-                 initial: int = 0):
+                 initial: int = 0, log: bool = True):
         from tqdm.auto import tqdm
 
-        self.desc, self.progress = desc, progress
+        self.desc, self.progress, self.log = desc, progress, log
         self.start = time.perf_counter()
         self.seconds: Optional[float] = None
         self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not progress, leave=False)
@@ -51,7 +52,8 @@ class Phase:
             from tqdm.auto import tqdm
 
             tqdm.write(f"fastdd: {line}")
-        logger.info(line, extra={"phase": self.desc, "seconds": round(self.seconds, 3), **figures})
+        if self.log:
+            logger.info(line, extra={"phase": self.desc, "seconds": round(self.seconds, 3), **figures})
         return self.seconds
 
 

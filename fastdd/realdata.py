@@ -110,7 +110,9 @@ def scan(source, labels, *, num_classes: Optional[int], batch_size: int, sample_
         num_classes, bank=bank, bank_dtype=bank_dtype, bank_path=bank_path, group=group,
         rows=None if group.distributed else source_length(source))
     label_chunks, rows, size, reservoir = [], [], None, None
-    phase = Phase("real data" if encoder is None else "real data and statistics", progress=progress and group.is_main)
+    phase = Phase("real data" if encoder is None else "real data and statistics", progress=progress and group.is_main,
+                  log=group.is_main)
+    failure = None
     try:
         for batch in shard_batches(source, labels, batch_size, group):
             # the keys of every batch are drawn, this rank's or not: the generator moves as in one process
@@ -134,12 +136,14 @@ def scan(source, labels, *, num_classes: Optional[int], batch_size: int, sample_
                 reservoir.update(keys, ys, images)
             if accumulator is not None:
                 accumulator.encode_and_add(encoder, images, ys, device, batch.offset)
-    except BaseException:
-        phase.close()
-        raise
+    except Exception as e:  # noqa: BLE001 - raised below, on every rank
+        failure = e
     finally:
+        if failure is not None:
+            phase.close()
         if accumulator is not None:
             accumulator.close()
+    group.raise_first_failure(failure, "reading the real data")
     all_labels, size = _whole(group, label_chunks, rows, size)
     c = num_classes if num_classes is not None else int(all_labels.max()) + 1
     counts = torch.bincount(all_labels, minlength=c)
@@ -168,6 +172,9 @@ def _whole(group: Group, label_chunks, rows, size) -> Tuple[torch.Tensor, Tuple[
         raise ValueError(f"images: all real images must have one size; the ranks read sizes {sorted(set(sizes))}")
     order = group.all_gather_rows(torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64),
                                   what="the real rows' positions")
+    if order.numel() == 0 or not bool((torch.bincount(order, minlength=order.shape[0]) == 1).all()):
+        raise ValueError("images: the ranks read overlapping or missing rows of the real data; every rank must "
+                         "be given the same whole data (not a per-rank share) and the same batch_size")
     out = torch.empty(order.shape[0], dtype=torch.int64)
     out[order] = group.all_gather_rows(labels.cpu(), what="the real labels")
     return out, sizes[0]

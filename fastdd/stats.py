@@ -186,17 +186,20 @@ class RealStats:
         accumulator = StatsAccumulator(num_classes, bank=bank, bank_dtype=bank_dtype, bank_path=bank_path,
                                        second_moment=second_moment, rows=None if group.distributed else rows,
                                        group=group)
-        phase = Phase("real statistics", total=rows, progress=progress and group.is_main)
+        phase = Phase("real statistics", total=rows, progress=progress and group.is_main, log=group.is_main)
+        failure = None
         try:
             for batch in shard_batches(source, labels, batch_size, group):
                 if batch.data is not None:
                     accumulator.encode_and_add(encoder, *batch.data, dev, batch.offset)
                 phase.update(batch.size)
-        except BaseException:
-            phase.close()
-            raise
+        except Exception as e:  # noqa: BLE001 - raised below, on every rank
+            failure = e
         finally:
+            if failure is not None:
+                phase.close()
             accumulator.close()
+        group.raise_first_failure(failure, "the statistics pass")
         stats = accumulator.result(getattr(encoder, "name", None))
         stats.encoder_fingerprint = fingerprint(encoder)
         phase.done(f"{stats.num_samples} images of {stats.num_classes} classes, {stats.feature_dim}-d features"

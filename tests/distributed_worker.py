@@ -71,7 +71,7 @@ def stats_cases(x, y, tmp):
 
 
 def run_kwargs(method, steps, **extra):
-    kw = dict(method=method, ipc=2, steps=steps, batch_size=BATCH, seed=3, progress=False, lr=0.05)
+    kw = dict(method=method, ipc=extra.pop("ipc", 2), steps=steps, batch_size=BATCH, seed=3, progress=False, lr=0.05)
     if method == "clp":
         kw["options"] = {"real_batch": 24}  # drawn rows: the shared generator must draw the same ones
     kw.update(extra)
@@ -122,6 +122,17 @@ def main():
         except Exception as e:  # noqa: BLE001 - the test reads the type and message
             result["error"] = (type(e).__name__, str(e))
         result["seconds"] = time.time() - start
+    elif scenario in ("bad-data", "few"):
+        if scenario == "bad-data":
+            x = x.clone()
+            x[-3] = float("nan")  # in the last batch: rank 1's share only
+        else:
+            y = y % 2  # 2 classes at ipc 1: 2 synthetic images for 3 ranks
+        try:
+            fastdd.distill(x, encoder(), labels=y, **run_kwargs("sfm", 2, ipc=1))
+            result["error"] = None
+        except Exception as e:  # noqa: BLE001 - the test reads the type and message
+            result["error"] = (type(e).__name__, str(e))
     elif scenario in ("resume-crash", "resume", "whole"):
         method = os.environ["METHOD"]
         ck = os.environ.get("CK") or os.path.join(out_dir, "..", f"{method}.ck")

@@ -39,21 +39,26 @@ def launch(scenario: str, world: int, out: Path, timeout: float = 300, **env) ->
     """Run ``world`` ranks of the worker (the environment torchrun gives); ``[(exit code, output)]``."""
     out.mkdir(parents=True, exist_ok=True)
     port = _free_port()
-    procs = []
+    procs, logs = [], []
     for rank in range(world):
         e = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                  MASTER_PORT=str(port), OMP_NUM_THREADS="1", **{k: str(v) for k, v in env.items()})
         e.pop("TRITON_INTERPRET", None)
+        logs.append(open(out / f"rank{rank}.log", "w+"))  # a file, not a pipe: a talkative rank never blocks
         procs.append(subprocess.Popen([sys.executable, str(WORKER), scenario, str(out)], env=e, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+                                      stdout=logs[-1], stderr=subprocess.STDOUT))
+    deadline = time.time() + timeout
     results = []
-    for p in procs:
+    for p, log in zip(procs, logs):
         try:
-            results.append((p.wait(timeout=timeout), p.stdout.read()))
+            code = p.wait(timeout=max(deadline - time.time(), 1))
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
             pytest.fail(f"the {scenario} ranks did not finish within {timeout} s (a hang)")
+        log.seek(0)
+        results.append((code, log.read()))
+        log.close()
     return results
 
 
@@ -197,3 +202,32 @@ def test_one_process_commands_refuse_torchrun(tmp_path, capsys):
     finally:
         del os.environ["WORLD_SIZE"]
     assert code == 2 and "runs in one process: launch it without torchrun" in capsys.readouterr().err
+
+
+def test_bad_data_in_one_ranks_share_is_one_clear_error_on_every_rank(tmp_path):
+    for code, text in launch("bad-data", 2, tmp_path, timeout=120):
+        assert code == 0, text[-3000:]
+    own, other = load(tmp_path, 1)["error"], load(tmp_path, 0)["error"]
+    assert own[0] == other[0] == "DataError" and "NaN" in own[1]
+    assert other[1].startswith("rank 1 of 2: ") and own[1] in other[1]
+
+
+def test_fewer_synthetic_images_than_ranks_is_refused_on_every_rank(tmp_path):
+    for code, text in launch("few", 3, tmp_path, timeout=120):
+        assert code == 0, text[-3000:]
+    for rank in range(3):
+        error = load(tmp_path, rank)["error"]
+        assert error[0] == "ValueError" and "cannot be shared by 3 ranks" in error[1]
+
+
+def test_a_distributed_sampler_is_refused():
+    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data.distributed import DistributedSampler
+
+    from fastdd.distributed import Group, shard_batches
+
+    x, y = worker.data()
+    data = TensorDataset(x, y)
+    loader = DataLoader(data, batch_size=8, sampler=DistributedSampler(data, num_replicas=2, rank=0))
+    with pytest.raises(ValueError, match="DistributedSampler"):
+        next(shard_batches(loader, None, 8, Group(rank=0, world_size=2)))
