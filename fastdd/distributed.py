@@ -234,9 +234,17 @@ def shard_bounds(total: int, rank: int, world_size: int) -> Tuple[int, int]:
     return total * rank // world_size, total * (rank + 1) // world_size
 
 
-def init_from_environment(backend: Optional[str] = None) -> bool:
+# the command line's group timeout: rank 0 alone writes checkpoints, statistics and merged banks of many
+# GB while the others wait in a barrier, which NCCL's 10-minute default can cut short
+DEFAULT_TIMEOUT_S = float(os.environ.get("FASTDD_DIST_TIMEOUT", 3600))
+
+
+def init_from_environment(backend: Optional[str] = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
     """Initialise the default process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the
-    environment) and none exists: NCCL when CUDA is available, else gloo. Returns True if it did."""
+    environment) and none exists: NCCL when CUDA is available (on the rank's ``LOCAL_RANK`` GPU), else
+    gloo, with a ``timeout_s`` timeout (``FASTDD_DIST_TIMEOUT``, default an hour). Returns True if it did."""
+    import datetime
+
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
@@ -245,7 +253,7 @@ def init_from_environment(backend: Optional[str] = None) -> bool:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend)
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return True
 
 
@@ -344,11 +352,14 @@ def _batch_plan(source, labels, batch_size: int, group: Group):
         batches = group.broadcast_object([list(b) for b in source.batch_sampler] if group.is_main else None,
                                          what="listing the DataLoader's batches")
         first, last = shard_bounds(len(batches), group.rank, group.world_size)
-        loader = DataLoader(source.dataset, batch_sampler=batches[first:last], num_workers=source.num_workers,
+        workers = source.num_workers
+        loader = DataLoader(source.dataset, batch_sampler=batches[first:last], num_workers=workers,
                             collate_fn=source.collate_fn, pin_memory=source.pin_memory, timeout=source.timeout,
-                            worker_init_fn=source.worker_init_fn,
+                            worker_init_fn=source.worker_init_fn, generator=source.generator,
                             multiprocessing_context=source.multiprocessing_context,
-                            persistent_workers=source.persistent_workers and source.num_workers > 0)
+                            prefetch_factor=source.prefetch_factor if workers > 0 else None,
+                            persistent_workers=source.persistent_workers and workers > 0,
+                            pin_memory_device=source.pin_memory_device, in_order=getattr(source, "in_order", True))
         return [len(b) for b in batches], loader, None
     if isinstance(source, torch.Tensor):
         n = source.shape[0]

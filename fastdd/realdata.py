@@ -22,7 +22,7 @@ import torch
 from .data import iterate_batches
 from .distributed import SINGLE, Group, shard_batches, shard_bounds
 from .logs import Phase
-from .stats import RealStats, StatsAccumulator, source_length
+from .stats import RealStats, StatsAccumulator, check_bank_file_source, source_length
 
 __all__ = ["RealScan", "scan", "nearest_to_means", "RealBatch", "RealBatches", "indexable", "check_informative", "NEAR_ZERO",
            "CONSTANT_RTOL"]
@@ -106,6 +106,8 @@ def scan(source, labels, *, num_classes: Optional[int], batch_size: int, sample_
     statistics record ``fingerprint`` (``fastdd.encoders.fingerprint`` of ``encoder``). Under a ``group``
     each rank reads its own batches (``fastdd.distributed.shard_batches``) and every rank returns the
     scan of the whole data, the one a single process makes."""
+    if encoder is not None:
+        check_bank_file_source(group, bank_path, source)
     accumulator = None if encoder is None else StatsAccumulator(
         num_classes, bank=bank, bank_dtype=bank_dtype, bank_path=bank_path, group=group,
         rows=None if group.distributed else source_length(source))

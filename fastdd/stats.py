@@ -180,6 +180,7 @@ class RealStats:
         if bank_dtype not in _BANK_DTYPES:
             raise ValueError(f"bank_dtype must be one of {_BANK_DTYPES}, got {bank_dtype}")
         group = resolve_group(group)
+        check_bank_file_source(group, bank_path, source)
         encoder = resolve_encoder(encoder, device, encoder_kwargs)
         dev = encoder_device(encoder) if device is None else torch.device(device)
         rows = source_length(source)
@@ -410,12 +411,11 @@ class StatsAccumulator:
             positions = torch.cat(self.positions) if self.positions else torch.zeros(0, dtype=torch.long)
             order = g.all_gather_rows(positions, what="the bank's row positions")
             labels = self._label_rows.result(())
-            bank_labels = torch.empty(order.shape[0], dtype=torch.int64)
-            bank_labels[order] = g.all_gather_rows(labels, what="the bank's labels")
+            in_order = torch.equal(order, torch.arange(order.shape[0]))  # contiguous runs: no scatter needed
+            bank_labels = _placed(g.all_gather_rows(labels, what="the bank's labels"), order, in_order)
             if self.bank_path is None:
-                rows = self._bank_rows.result((dim,))
-                bank_features = torch.empty(order.shape[0], dim, dtype=self.bank_dtype)
-                bank_features[order] = g.all_gather_rows(rows, what="the bank's rows")
+                rows = g.all_gather_rows(self._bank_rows.result((dim,)), what="the bank's rows")
+                bank_features = _placed(rows, order, in_order)
             else:
                 bank_features = self._merged_bank_file(order, dim)
         return RealStats(counts, sums, sq_sums, bank_features, bank_labels, encoder_name)
@@ -481,6 +481,24 @@ class _Rows:
             start += used
             del part
         return out
+
+
+def check_bank_file_source(group: Group, bank_path, source) -> None:
+    """Under a group a bank file is written by each rank as one contiguous run of rows (then merged), which
+    needs a sized source: refuse an unsized stream before the pass, not after it."""
+    if group.distributed and bank_path is not None and source_length(source) is None:
+        raise ValueError("bank_path under a process group needs a sized source (a tensor, a map-style Dataset or "
+                         "a DataLoader over one): an unsized stream is read in interleaved batches; keep the bank "
+                         "in memory instead")
+
+
+def _placed(rows: torch.Tensor, order: torch.Tensor, in_order: bool) -> torch.Tensor:
+    """``rows`` (gathered in rank order) put at their global positions ``order``."""
+    if in_order:
+        return rows
+    out = torch.empty_like(rows)
+    out[order] = rows
+    return out
 
 
 def source_length(source) -> Optional[int]:

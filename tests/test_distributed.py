@@ -231,3 +231,22 @@ def test_a_distributed_sampler_is_refused():
     loader = DataLoader(data, batch_size=8, sampler=DistributedSampler(data, num_replicas=2, rank=0))
     with pytest.raises(ValueError, match="DistributedSampler"):
         next(shard_batches(loader, None, 8, Group(rank=0, world_size=2)))
+
+
+def test_a_bank_file_of_an_unsized_stream_is_refused_before_the_pass(tmp_path):
+    import fastdd
+    from fastdd.distributed import Group
+
+    x, y = worker.data()
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(zip(x, y.tolist()))
+
+    seen = []
+    encoder = worker.encoder()
+    encoder.register_forward_hook(lambda *args: seen.append(1))
+    with pytest.raises(ValueError, match="bank_path under a process group needs a sized source"):
+        fastdd.RealStats.from_data(torch.utils.data.DataLoader(Stream(), batch_size=8), encoder,
+                                   bank_path=tmp_path / "bank.raw", group=Group(rank=0, world_size=2), progress=False)
+    assert not seen and not list(tmp_path.iterdir())
