@@ -574,7 +574,8 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
         batch_size: real images per encoder call in the pass over the real data.
         chunk_size: decode, augment, encode and back-propagate at most this many synthetic rows at a time
             (memory-flat: memory beyond the image parameters and Adam's state stops growing with the
-            number of synthetic images; None: all at once). Same gradient either way.
+            number of synthetic images, except the augmentation noise of every row with ``noise_prob > 0``,
+            drawn at once; None: all at once). Same gradient either way.
         autocast_dtype: run the encoder under ``torch.autocast`` with this dtype (e.g. torch.float16 on
             GPUs, as LGM does); losses always run in fp32.
         seed: seeds every random draw (reproducible on one device and software stack).
