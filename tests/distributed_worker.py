@@ -91,6 +91,9 @@ def distill_cases(x, y):
         out[(method, None, 20)] = (twenty.images, twenty.history)
     noise = fastdd.distill(x, enc, labels=y, **run_kwargs("sfm", 3, init="noise", extend_every=1))
     out[("sfm-noise", None, 3)] = (noise.images, noise.history)
+    for method in ("sfm", "clp"):  # the centroid initialisation: by an encoder pass (SFM), from the bank (CLP)
+        centroid = fastdd.distill(x, enc, labels=y, **run_kwargs(method, 2, init="centroid"))
+        out[(f"{method}-centroid", None, 2)] = (centroid.images, centroid.history)
     return out
 
 
