@@ -321,7 +321,8 @@ def _check_group(g: Group, num_images: int, stats: Optional[RealStats], dev) -> 
     if stats is not None:
         g.agree((stats.num_samples, None if not stats.has_bank else int(stats.bank_features.shape[0])),
                 "stats (their sample count and bank rows)")
-    if g.backend == "nccl" and (dev.type != "cuda" or (dev.index is not None and dev.index != torch.cuda.current_device())):
+    on_another_gpu = dev.type != "cuda" or (dev.index is not None and dev.index != torch.cuda.current_device())
+    if g.backend == "nccl" and on_another_gpu:
         raise ValueError(f"device={str(dev)!r}: under an NCCL group each rank runs on its own GPU, the current one "
                          f"(cuda:{torch.cuda.current_device()}): call torch.cuda.set_device(LOCAL_RANK) first and "
                          "pass device='cuda'")
@@ -410,21 +411,31 @@ class _Loop:
         self.dev_gen.set_state(saved["device_rng"].to(self.dev_gen.get_state().device))
 
     def real_features(self):
-        """This step's real features and labels ``(zr, yr)`` (None, None when the method needs none): each
-        rank encodes its share of a ``RealBatch`` and the features are gathered."""
+        """This step's real features and labels ``(zr, yr, real_reduce)`` (Nones when the method needs
+        none): each rank encodes its share of a ``RealBatch``; the features are gathered, or, for an
+        objective whose real side is a sum over rows (``sums_real_rows``), kept as the share with the
+        ``real_reduce`` that all-reduces those sums."""
         real = self.objective.real_batch()
         if real is None:
-            return None, None
+            return None, None, None
         a, g = self.a, self.group
         xr, yr = real[0].to(self.dev), real[1].to(self.dev)
         total, first = (real.total, real.first) if isinstance(real, RealBatch) else (xr.shape[0], 0)
         params = a.augment.sample(total, xr.shape[-2:], self.dev_gen, self.dev)[first:first + xr.shape[0]]
         zr = encode_without_graph(self.encoder, a.augment, xr, params, a.chunk_size, a.autocast_dtype)
-        if total != xr.shape[0]:  # this rank's share: gather every rank's
-            counts = [hi - lo for lo, hi in (shard_bounds(total, r, g.world_size) for r in range(g.world_size))]
-            zr = g.all_gather_rows(zr, counts, what="gathering the real features")
-            yr = g.all_gather_rows(yr, counts, what="gathering the real labels")
-        return zr, yr
+        if total == xr.shape[0]:
+            return zr, yr, None
+        if self.objective.sums_real_rows:  # this rank's share, and the all-reduce of its sums
+
+            def real_reduce(*means, rows: int):
+                packed = torch.cat([m.reshape(-1) for m in means]) * rows
+                packed = g.all_reduce_sum(packed, "summing the real side") / total
+                return tuple(part.view_as(m) for part, m in zip(packed.split([m.numel() for m in means]), means))
+            return zr, yr, real_reduce
+        counts = [hi - lo for lo, hi in (shard_bounds(total, r, g.world_size) for r in range(g.world_size))]
+        zr = g.all_gather_rows(zr, counts, what="gathering the real features")
+        yr = g.all_gather_rows(yr, counts, what="gathering the real labels")
+        return zr, yr, None
 
     def step(self, step: int) -> torch.Tensor:
         """One step; no host synchronisation unless ``FASTDD_CHECKS=1`` (``validate.distill_step``)."""
@@ -439,11 +450,11 @@ class _Loop:
         params = a.augment.sample(len(self.row_labels), self.image_size, self.dev_gen, self.dev)
         if self.exchange is not None:
             params = params[self.exchange.local_rows]
-        zr, yr = self.real_features()
+        zr, yr, real_reduce = self.real_features()
 
         def loss_fn(zs):
             try:
-                return self.objective.loss(zs, self.row_labels, zr, yr)
+                return self.objective.loss(zs, self.row_labels, zr, yr, real_reduce)
             except ValueError as e:  # the loss's own NaN/Inf check: blame the encoder, at this step
                 _raise_if_not_finite(e, step, zs, zr)
                 raise

@@ -155,7 +155,15 @@ class Objective:
     the synthetic features ``zs``; ``real_batch()`` gives the real images whose (augmented, encoded)
     features the loop passes as ``zr, yr`` this step: a ``fastdd.realdata.RealBatch`` (each rank encodes
     its share, the features are gathered) or a plain ``(images, labels)`` pair (every rank encodes all of
-    them), or None (the default: the method needs no real image while distilling)."""
+    them), or None (the default: the method needs no real image while distilling).
+
+    ``sums_real_rows``: the real side enters the loss only through sums over its rows (LGM's head
+    gradient). Then under a process group each rank passes its own share as ``zr, yr`` with
+    ``real_reduce(*sums, rows) -> sums`` (those sums of its ``rows`` rows in, the means over every rank's
+    rows out: an all-reduce of a few numbers instead of gathering the real features); False (the
+    default): every rank receives every real row's features."""
+
+    sums_real_rows = False
 
     def __init__(self, loss: Callable[..., torch.Tensor]):
         self._loss = loss
@@ -164,8 +172,12 @@ class Objective:
         return None
 
     def loss(self, zs: torch.Tensor, ys: torch.Tensor, zr: Optional[torch.Tensor] = None,
-             yr: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self._loss(zs, ys) if zr is None else self._loss(zs, ys, zr, yr)
+             yr: Optional[torch.Tensor] = None, real_reduce: Optional[Callable] = None) -> torch.Tensor:
+        if zr is None:
+            return self._loss(zs, ys)
+        if real_reduce is None:
+            return self._loss(zs, ys, zr, yr)
+        return self._loss(zs, ys, zr, yr, real_reduce=real_reduce)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,9 @@ class LinearGradientMatchingLoss(nn.Module):
             reproducibility; None uses the global RNG. ``torch.compile(fullgraph=True)`` needs None (it
             cannot trace a generator) and ``num_classes`` (or a head).
 
-    ``head=(W [C, D], b [C])`` uses that head instead of a fresh one.
+    ``head=(W [C, D], b [C])`` uses that head instead of a fresh one. ``real_reduce(gw, gb, rows=n)``:
+    ``zr, yr`` are one share of the real rows; it turns the share's head gradients (means over its ``n``
+    rows) into those of all the rows (``fastdd.distill`` under a process group: an all-reduce).
     """
 
     def __init__(self, num_classes: Optional[int] = None, head_std: float = 0.01,
@@ -54,7 +56,7 @@ class LinearGradientMatchingLoss(nn.Module):
         return w.to(device=device, dtype=dtype), torch.zeros(num_classes, device=device, dtype=dtype)
 
     def forward(self, zs: torch.Tensor, ys: torch.Tensor, zr: torch.Tensor, yr: torch.Tensor,
-                head: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+                head: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, real_reduce=None) -> torch.Tensor:
         check_features(zs, ys)
         check_features(zr, yr, "zr", "yr")
         if zr.shape[1] != zs.shape[1]:
@@ -87,6 +89,8 @@ class LinearGradientMatchingLoss(nn.Module):
         gw_s, gb_s = ops.linear_head_gradient(zs32, ys, w, b)
         with torch.no_grad():
             gw_r, gb_r = ops.linear_head_gradient(zr.detach().float(), yr, w, b)
+            if real_reduce is not None:  # this rank's share of the real rows: the means over every rank's
+                gw_r, gb_r = real_reduce(gw_r, gb_r, rows=zr.shape[0])
         g_syn = torch.cat([gw_s.reshape(-1), gb_s.reshape(-1)])
         g_real = torch.cat([gw_r.reshape(-1), gb_r.reshape(-1)])
         return 1.0 - F.cosine_similarity(g_real, g_syn, dim=0, eps=1e-12)
@@ -106,7 +110,10 @@ def _inferred_num_classes(ys: torch.Tensor, yr: torch.Tensor) -> Tuple[int, bool
 
 
 class _GradientMatching(Objective):
-    """LGM's objective: a fresh class-balanced real batch of ``ipc * K`` images per class every step."""
+    """LGM's objective: a fresh class-balanced real batch of ``ipc * K`` images per class every step,
+    entering the loss only through its head gradient (a mean over the rows: ``sums_real_rows``)."""
+
+    sums_real_rows = True
 
     def __init__(self, context: Context, head_std: float):
         super().__init__(LinearGradientMatchingLoss(context.num_classes, head_std, context.device_generator))
