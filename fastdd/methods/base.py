@@ -159,9 +159,9 @@ class Objective:
 
     ``sums_real_rows``: the real side enters the loss only through sums over its rows (LGM's head
     gradient). Then under a process group each rank passes its own share as ``zr, yr`` with
-    ``real_reduce(*sums, rows) -> sums`` (those sums of its ``rows`` rows in, the means over every rank's
-    rows out: an all-reduce of a few numbers instead of gathering the real features); False (the
-    default): every rank receives every real row's features."""
+    ``real_reduce(*means, rows=n) -> means`` (the share's means over its ``n`` rows in, the means over
+    every rank's rows out: an all-reduce of a few numbers instead of gathering the real features);
+    False (the default): every rank receives every real row's features."""
 
     sums_real_rows = False
 
