@@ -42,17 +42,6 @@ def data():
     return x.clamp(0.05, 0.95), y
 
 
-class MapDataset(torch.utils.data.Dataset):
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return self.x[i], int(self.y[i])
-
-
 def stats_cases(x, y, tmp):
     """The statistics of each kind of source (the bank in fp32 and in fp16 on disk)."""
     import fastdd
@@ -61,8 +50,9 @@ def stats_cases(x, y, tmp):
     out = {}
     out["tensor"] = fastdd.RealStats.from_data(x, enc, labels=y, bank=True, bank_dtype=torch.float32,
                                                batch_size=BATCH, progress=False, second_moment=True)
-    out["dataset"] = fastdd.RealStats.from_data(MapDataset(x, y), enc, bank=True, batch_size=BATCH, progress=False)
-    loader = torch.utils.data.DataLoader(MapDataset(x, y), batch_size=BATCH)
+    dataset = torch.utils.data.TensorDataset(x, y)  # a map-style Dataset of (image, 0-d label tensor)
+    out["dataset"] = fastdd.RealStats.from_data(dataset, enc, bank=True, batch_size=BATCH, progress=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH)
     out["loader"] = fastdd.RealStats.from_data(loader, enc, bank=True, batch_size=BATCH, progress=False)
     out["file"] = fastdd.RealStats.from_data(x, enc, labels=y, bank_path=os.path.join(tmp, "bank.raw"),
                                              batch_size=BATCH, progress=False)
