@@ -284,6 +284,16 @@ def _check_encoder_output(real: _Real, labels, encoder, dev) -> None:
     check_informative(features, "the features of the real images", encoder.name)
 
 
+def _statistics_plan(a: _Arguments, given: Optional[RealStats], g: Group):
+    """``(the statistics file beside the checkpoint or None, whether to reuse it, whether the pass over
+    the real data computes them)``; rank 0's view of the file decides for every rank."""
+    stats_file = None if a.checkpoint is None else a.checkpoint.with_name(a.checkpoint.name + ".stats")
+    needed = given is None and (a.method.needs.stats or a.init == "centroid")
+    reuse = g.broadcast_object(needed and stats_file is not None and a.checkpoint.exists() and stats_file.exists(),
+                               "looking for the checkpoint's statistics")
+    return stats_file, reuse, needed and not reuse
+
+
 def _settle_stats(a: _Arguments, real: _Real, given: Optional[RealStats], stats_file: Optional[Path],
                   reuse: bool, encoder, fingerprint: str, group: Group) -> None:
     """``real.stats`` once the pass is done: those kept beside the checkpoint (``reuse``), or the ones the
@@ -297,6 +307,28 @@ def _settle_stats(a: _Arguments, real: _Real, given: Optional[RealStats], stats_
         real.stats = given
     if real.stats is not None:
         _check_stats(real.stats, name, a.method, real.scan.counts, real.feature_dim, encoder, fingerprint)
+
+
+def _resumed_state(path: Optional[Path], settings: Dict[str, Any], g: Group) -> Optional[dict]:
+    """The state to resume from (None without a checkpoint), checked against this run on rank 0, whose
+    verdict (and ``settings["resumed"]``) every rank receives; under a group every rank then maps the
+    file and keeps its own block (``_Loop.restore``)."""
+    checked = on_main(g, lambda: _check_checkpoint(path, settings, g.distributed), "checking the checkpoint")
+    if checked is None:
+        return None
+    resumed, settings["resumed"] = checked
+    return checkpoints.read(path) if resumed is None else resumed
+
+
+def _synthetic_set(a: _Arguments, real: _Real, labels, encoder, dev, dev_gen, g: Group, progress: bool):
+    """The image parameterisation of this rank's synthetic images (all of them for one process)."""
+    n = real.scan.counts.shape[0] * a.ipc
+    synth = make_images(a.parameterization, n, real.scan.image_size,
+                        init_images=_initial_images(a, real, labels, encoder, dev, progress), generator=dev_gen,
+                        device=dev, extend_every=a.extend_every,
+                        share=shard_bounds(n, g.rank, g.world_size) if g.distributed else None).to(dev)
+    real.scan.samples = None  # the parameters hold them now
+    return synth
 
 
 def _check_checkpoint(path: Optional[Path], settings: Dict[str, Any], distributed: bool):
@@ -549,98 +581,67 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
     """Distil a labelled image set into ``ipc`` synthetic images per class for linear probing.
 
     Args:
-        images: the real set: a tensor ``[N,3,H,W]`` in [0,1] (with ``labels``), a ``fastdd.data.Split``, a
-            map-style Dataset yielding ``(image, label)`` or a DataLoader yielding ``(images, labels)``;
-            streamed, never loaded whole (LGM draws batches by index: a tensor or a map-style dataset).
-            Class names it carries (``classes``) are kept in the result.
-        encoder: a frozen encoder: an ``nn.Module`` ``[B,3,h,w] -> [B,D]`` (wrapped by
-            ``fastdd.encoders.wrap``, which adds ImageNet normalisation), a ``FrozenEncoder``, or a name
-            for ``fastdd.encoders.load`` (e.g. ``"torchvision:mobilenet_v2"``), with ``encoder_kwargs``
-            (``load``'s ``weights``, ``input_size``; an error with a module).
+        images: the real set, streamed: a tensor ``[N,3,H,W]`` in [0,1] (with ``labels``), a
+            ``fastdd.data.Split``, a map-style Dataset or a DataLoader (LGM draws batches by index: not an
+            iterable-only one). Class names it carries (``classes``) are kept in the result.
+        encoder: an ``nn.Module`` ``[B,3,h,w] -> [B,D]`` (``fastdd.encoders.wrap`` adds the normalisation),
+            a ``FrozenEncoder``, or a name for ``fastdd.encoders.load`` with ``encoder_kwargs``.
         method: a registered method, ``fastdd.methods.names()``: ``"lgm"``, ``"sfm"``, ``"clp"``, ``"dm"``.
         labels: int64 ``[N]`` in ``0..C-1`` when ``images`` is a tensor.
         ipc: synthetic images per class. steps: optimisation steps (default 1000).
         options: the method's own options (``fastdd.methods.get(method).options``), e.g. CLP's
-            ``{"lam": 1.0, "tau": 0.1, "real_batch": 4096, "feature_norm": "none", ...}``, SFM's
-            ``{"nontarget_denominator": "classes"}``, LGM's ``{"head_std": 0.01}``; unset ones keep their
-            defaults. The same names as top-level keywords (``lam=``, ``tau=``, ``probe_bias=`` for CLP's
-            ``bias``, ...) still work but are deprecated (a FutureWarning).
-        num_classes: C (default: max label + 1); every class needs at least ``ipc`` real images.
-        lr: Adam's learning rate (default 1e-2 for every method; LGM's published recipe uses 2e-3).
-        init: ``"noise"`` (published), ``"real"`` (random real images per class), ``"centroid"`` (the
-            ``ipc`` real images nearest each class mean in feature space), or a tensor of initial images
-            ``[C*ipc, 3, H, W]`` in [0, 1], class-major (recorded as ``"given"`` in the settings).
-        parameterization: ``"pyramid"`` (LGM's, default) or ``"pixels"``; ``extend_every``: the pyramid's
-            extension period in steps (from noise only; see ``fastdd.images``; default 200 as LGM).
+            ``{"lam": 1.0, "tau": 0.1, "real_batch": 4096}``; unset ones keep their defaults. The same
+            names as top-level keywords (``lam=``, ``probe_bias=`` for ``bias``) are deprecated.
+        num_classes: C (default: max label + 1). lr: Adam's learning rate.
+        init: ``"noise"`` (published), ``"real"`` (random real images per class), ``"centroid"`` (those
+            nearest each class mean) or a class-major tensor ``[C*ipc, 3, H, W]`` in [0, 1] (``"given"``).
+        parameterization: ``"pyramid"`` (LGM's) or ``"pixels"``; ``extend_every``: the pyramid's extension
+            period from noise (``fastdd.images``).
         copies: K, the augmented copies of the synthetic set per step (default: LGM 10, the others 1).
-        augment: apply the augmentation chain (False: none). ``crop_size`` (default: the image size),
-            ``flip_prob``, ``crop_scale`` (default (0.5, 1); LGM's published chain: (0.08, 1)),
-            ``crop_log_ratio``, ``noise_prob`` (default 0; LGM's published chain: 0.5), ``noise_mean``,
-            ``noise_std``: see ``fastdd.augment``. Every ``None`` default is the method's
-            (``METHOD_DEFAULTS``, the measured calibration in the README).
-        stats: precomputed ``RealStats`` (class means; with a bank for methods that need one), skipping
-            the statistics; other class counts than the real data's give a ``StatsMismatchWarning``, and
-            statistics of another encoder (their ``encoder_fingerprint``) a ValueError.
-        bank_dtype, bank_path: the feature bank's dtype, and a file to memory-map it from.
-        batch_size: real images per encoder call in the pass over the real data.
-        chunk_size: decode, augment, encode and back-propagate at most this many synthetic rows at a time
-            (memory-flat: memory beyond the image parameters and Adam's state stops growing with the
-            number of synthetic images, except the augmentation noise of every row with ``noise_prob > 0``,
-            drawn at once; None: all at once). Same gradient either way.
-        autocast_dtype: run the encoder under ``torch.autocast`` with this dtype (e.g. torch.float16 on
-            GPUs, as LGM does); losses always run in fp32.
+        augment: apply the augmentation chain (``fastdd.augment``: ``crop_size``, ``flip_prob``,
+            ``crop_scale``, ``crop_log_ratio``, ``noise_prob``, ``noise_mean``, ``noise_std``). Every
+            ``None`` default is the method's (``METHOD_DEFAULTS``, the README's measured calibration).
+        stats: precomputed ``RealStats`` (with a bank for methods that need one): other class counts than
+            the data's give a ``StatsMismatchWarning``, another encoder's a ValueError.
+        bank_dtype, bank_path: the feature bank's dtype and file. batch_size: real images per encoder call.
+        chunk_size: decode, augment, encode and back-propagate at most this many synthetic rows at a time:
+            memory-flat in the number of images (except the augmentation noise of every row with
+            ``noise_prob > 0``, drawn at once); the same gradient as None (all at once).
+        autocast_dtype: the encoder's ``torch.autocast`` dtype (losses run in fp32).
         seed: seeds every random draw (reproducible on one device and software stack).
-        recipe: a published recipe of the method (``fastdd.methods.get(method).recipes``, e.g. ``"paper"``),
-            filling in every argument above left None (explicit ones win); see the README's presets.
-        device: where the loop runs, ``"cpu"`` or an available CUDA device (default: the encoder module's
-            device; for names CUDA if available).
+        recipe: a published recipe (``fastdd.methods.get(method).recipes``, e.g. ``"paper"``) filling in
+            the arguments left None.
+        device: ``"cpu"`` or a CUDA device (default: the encoder module's; for names CUDA if available).
         progress: tqdm progress bars.
         checkpoint: a file to save the state to every ``checkpoint_every`` steps (atomic) and at the end;
-            if it exists and ``resume`` the run continues from it: only ``steps``, ``lr``, ``chunk_size``,
-            ``batch_size`` and the device's index may change (recorded in ``settings["resumed"]``); other
-            settings, another encoder (its name or weights' ``encoders.fingerprint``) or data with other
-            class counts are a ValueError naming each difference. The path is checked before any work; a
-            corrupt checkpoint raises ``CorruptFileError`` and is left untouched; with ``resume=False`` an
-            existing file is an error. Statistics that distill computes are saved beside it
-            (``<checkpoint>.stats``) and reused on resume.
+            if it exists and ``resume`` the run continues from it, if only settings that may change did
+            (``fastdd.checkpoints``: else a ValueError naming each difference; a corrupt file raises
+            ``CorruptFileError`` and is left untouched; with ``resume=False`` an existing file is an
+            error). Statistics that distill computes are saved beside it (``<checkpoint>.stats``).
         callback: called as ``callback(step, loss)`` after each step (``loss`` a 0-d tensor).
-        group: the ``torch.distributed`` process group to run on (default: the default group when one is
-            initialised, e.g. under ``torchrun``; a ``fastdd.distributed.Group`` also works). Each rank reads
-            its share of the real data and owns a block of the synthetic images (their parameters and
-            Adam's state); every random draw is the single-process run's, so the result equals it up to
-            float rounding; every rank returns the same ``DistilledSet``, rank 0 alone writes files and
-            shows progress. Call it on every rank with the same arguments (``fastdd.distributed``).
+        group: the ``torch.distributed`` process group (default: the default group when one is initialised,
+            e.g. under ``torchrun``). Call it on every rank with the same arguments: each rank reads its share
+            of the real data and owns a block of the synthetic images; the result equals the single-process
+            one up to float rounding, on every rank (``fastdd.distributed``).
 
     Returns:
         ``DistilledSet`` with images in [0, 1] ``[C*ipc,3,H,W]`` (class-major), labels, settings, history.
     """
-    t_start = time.perf_counter()
-    g = resolve_group(group)
+    t_start, g = time.perf_counter(), resolve_group(group)
     progress = progress and g.is_main
     images, labels, names_from = _real_source(images, labels)
     a = _check_arguments(method, methods.get(method).apply_recipe(recipe, dict(locals())), deprecated)
     dev = resolve_device(device, encoder)
     encoder = resolve_encoder(encoder, dev, encoder_kwargs)
     fingerprint = encoders.fingerprint(encoder)  # compared on resume and with the statistics
-    cpu_gen = torch.Generator().manual_seed(a.seed)
-    dev_gen = torch.Generator(device=dev).manual_seed(a.seed + 1)
+    cpu_gen, dev_gen = torch.Generator().manual_seed(a.seed), torch.Generator(device=dev).manual_seed(a.seed + 1)
 
     # ---- the real side: one pass (and the statistics in it unless given or kept beside the checkpoint)
-    stats_file = None if a.checkpoint is None else a.checkpoint.with_name(a.checkpoint.name + ".stats")
-    needs_stats = stats is None and (a.method.needs.stats or a.init == "centroid")
-    reuse_stats = g.broadcast_object(needs_stats and stats_file is not None and a.checkpoint.exists()
-                                     and stats_file.exists(), "looking for the checkpoint's statistics")
-    real = _scan_real(a, images, labels, encoder, dev, cpu_gen, needs_stats and not reuse_stats, bank_dtype,
-                      bank_path, progress, fingerprint, g)
+    stats_file, reuse_stats, compute_stats = _statistics_plan(a, stats, g)
+    real = _scan_real(a, images, labels, encoder, dev, cpu_gen, compute_stats, bank_dtype, bank_path, progress,
+                      fingerprint, g)
     settings = _settings(a, real, encoder, fingerprint, dev, bank_dtype, g)
-    # a checkpoint is checked against this run before anything saved beside it is reused (on rank 0,
-    # whose state and verdict every rank receives)
-    checked = on_main(g, lambda: _check_checkpoint(a.checkpoint, settings, g.distributed), "checking the checkpoint")
-    resumed = None
-    if checked is not None:
-        resumed, settings["resumed"] = checked
-        if resumed is None:  # under a group every rank maps the file and keeps its own block (_Loop.restore)
-            resumed = checkpoints.read(a.checkpoint)
+    resumed = _resumed_state(a.checkpoint, settings, g)  # before anything saved beside it is reused
     _settle_stats(a, real, stats, stats_file, reuse_stats, encoder, fingerprint, g)
     t_init = time.perf_counter()
     _check_encoder_output(real, labels, encoder, dev)
@@ -648,12 +649,7 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
     # ---- the synthetic set, the method's objective, the loop
     num_classes = real.scan.counts.shape[0]
     _check_group(g, num_classes * a.ipc, real.stats, dev)
-    synth = make_images(a.parameterization, num_classes * a.ipc, real.scan.image_size,
-                        init_images=_initial_images(a, real, labels, encoder, dev, progress), generator=dev_gen,
-                        device=dev, extend_every=a.extend_every,
-                        share=shard_bounds(num_classes * a.ipc, g.rank, g.world_size) if g.distributed else None
-                        ).to(dev)
-    real.scan.samples = None  # the parameters hold them now
+    synth = _synthetic_set(a, real, labels, encoder, dev, dev_gen, g, progress)
     context = methods.Context(
         num_classes=num_classes, ipc=a.ipc, copies=a.copies, device=dev, cpu_generator=cpu_gen,
         device_generator=dev_gen, stats=real.stats, real_batches=_real_batches(a, real, labels, g))
@@ -664,8 +660,7 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
     initialisation = time.perf_counter() - t_init
     steps_seconds = loop.run(progress)
     final = loop.final_images()
-    settings["seconds"] = time.perf_counter() - t_start
-    settings["phase_seconds"] = {"real_data": real.scan.seconds, "initialisation": initialisation,
-                                 "steps": steps_seconds}
+    settings.update(seconds=time.perf_counter() - t_start, phase_seconds={
+        "real_data": real.scan.seconds, "initialisation": initialisation, "steps": steps_seconds})
     return DistilledSet(final, loop.syn_labels.cpu(), a.method.name, settings, loop.history,
                         classes=_class_names(names_from, num_classes))

@@ -25,9 +25,10 @@ What is split, and how (docs/multi-gpu in the README gives the communication vol
 are gathered into the global row order, every rank computes the same loss and its gradient w.r.t. all
 features, and takes back its own rows' slice (``fastdd.step``).
 
-A rank that stops makes the others' next collective fail; ``Group`` turns that failure (or the group's
-timeout, ``init_process_group(timeout=...)``) into a ``DistributedError`` naming the rank and the
-collective, instead of a hang or a bare backend trace.
+With gloo, a rank that stops makes the others' next collective fail; ``Group`` turns that failure (or
+the group's timeout, ``init_process_group(timeout=...)``) into a ``DistributedError`` naming the rank and
+the collective, instead of a hang or a bare backend trace. NCCL's collectives are asynchronous: there the
+group's watchdog ends the waiting ranks after its timeout.
 """
 
 from __future__ import annotations
