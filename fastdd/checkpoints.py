@@ -19,7 +19,7 @@ from typing import Any, Dict, List
 
 import torch
 
-from .distributed import SINGLE, Group
+from .distributed import SINGLE, Group, on_main
 from .files import load_checked, save_checked
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "RESUME_MAY_CHANGE", "save", "load", "read", "differences",
@@ -36,14 +36,14 @@ def save(path, step: int, images, optimizer: torch.optim.Optimizer, history: Lis
          cpu_generator: torch.Generator, device_generator: torch.Generator, settings: Dict[str, Any],
          group: Group = SINGLE) -> None:
     """Write the loop's state after ``step`` steps to ``path`` (atomic). Under a group every rank takes
-    part (its block of images and Adam's state are gathered, ``whole_state``) and rank 0 writes."""
+    part (its block of images and Adam's state are gathered, ``whole_state``) and rank 0 writes; a
+    failed write (a full disk) is raised on every rank (``distributed.on_main``)."""
     images_state, optimizer_state = whole_state(images, optimizer, group)
-    if group.is_main:
-        save_checked({"step": step, "images": images_state, "optimizer": optimizer_state,
-                      "history": [float(v) for v in history], "cpu_rng": cpu_generator.get_state(),
-                      "device_rng": device_generator.get_state().cpu(), "settings": settings},
-                     path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
-    group.barrier("writing the checkpoint")
+    on_main(group, lambda: save_checked(
+        {"step": step, "images": images_state, "optimizer": optimizer_state,
+         "history": [float(v) for v in history], "cpu_rng": cpu_generator.get_state(),
+         "device_rng": device_generator.get_state().cpu(), "settings": settings},
+        path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION), "writing the checkpoint")
 
 
 def _map_tensors(state, fn):
