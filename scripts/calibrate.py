@@ -77,13 +77,14 @@ LGM_CHAIN = dict(crop_scale=(0.08, 1.0), noise_prob=0.5)
 class Setup:
     """Data, encoder, real statistics with the training set's feature bank, and the test features."""
 
-    def __init__(self, size: int, progress: bool):
+    def __init__(self, size: int, progress: bool, dataset: str = DATASET):
         t0 = time.perf_counter()
-        self.train, self.test = data.load(DATASET, size=size)
+        self.dataset, self.size = dataset, size
+        self.train, self.test = data.load(dataset, size=size)
         self.encoder = encoders.load(ENCODER)
         CACHE.mkdir(parents=True, exist_ok=True)
-        stats_file = CACHE / f"fmnist{size}_stats.pt"
-        test_file = CACHE / f"fmnist{size}_test_features.pt"
+        stats_file = CACHE / f"{dataset}-{size}px-stats.pt"
+        test_file = CACHE / f"{dataset}-{size}px-test-features.pt"
         t1 = time.perf_counter()
         if stats_file.exists():
             self.stats = RealStats.load(stats_file)
@@ -108,7 +109,7 @@ class Setup:
 
 # spec keys that describe the run rather than being arguments of fastdd.distill
 NOT_DISTILL_ARGUMENTS = ("group", "kind", "method", "ipc", "seed", "steps", "aug_name", "probe_views",
-                         "nearest_real", "inheritance")
+                         "nearest_real", "inheritance", "dataset", "size")
 
 
 def run_key(spec: dict) -> str:
@@ -332,6 +333,202 @@ def views_runs(args) -> list:
     return runs
 
 
+# Lever variants the grid can add at ipc 1 (``--levers``): name -> (methods, what changes from their defaults).
+# "swept" stands for every method without a real batch per step (``swept_methods``: the cheap ones).
+LEVERS = {
+    "init-centroid": ("swept", dict(init="centroid")),
+    "init-real": ("swept", dict(init="real")),
+    "fit-tau": (("clp",), dict(fit_tau=True)),
+    "fixed-tau": (("clp",), dict(fit_tau=False)),
+    "fit-tau-centroid": (("clp",), dict(fit_tau=True, init="centroid")),
+    "l2": (("clp",), dict(feature_norm="l2")),
+    "copies-2": ("swept", dict(copies=2)),
+    "lr-3e-2": ("swept", dict(lr=3e-2)),
+    "lr-3e-3": ("swept", dict(lr=3e-3)),
+}
+
+
+def grid_spec(group: str, method: str, ipc: int, seed: int, steps: int, **changes) -> dict:
+    """A distilled run of the grid: every default of ``method`` (``fastdd.methods.defaults``, steps aside)
+    written into the spec with ``changes`` over them, so that a run is only reused while the library's
+    defaults still describe it, and a lever that the defaults later adopt is the same run as the new
+    default row."""
+    settings = {k: v for k, v in registry.defaults(method).items() if k != "steps"}
+    settings.update(changes)
+    return distilled_spec(group, method, ipc, seed, steps, **settings)
+
+
+def grid_runs(args, dataset: str, size: int) -> list:
+    """One setting (data set x image size) of the grid: the real baselines and every registered method with
+    the library's defaults at each of ``--ipcs`` (the reference method, the costly one, with one seed and
+    ``--reference-copies-ipc10`` copies at ipcs other than 1; ``--seeds-ipc10`` seeds for the others
+    there), the ``--levers`` variants at ipc 1, and the full-data probe; each spec marked with its data set
+    and size."""
+    runs = []
+    for ipc in args.ipcs:
+        for s in range(args.baseline_draws):
+            runs.append(baseline_spec(f"ipc{ipc}", "random_real", ipc, s))
+        runs.append(baseline_spec(f"ipc{ipc}", "class_centroids", ipc))
+        for method in registry.names():
+            reference = registry.get(method).reference
+            steps = args.steps if ipc == 1 else args.steps_ipc10
+            seeds = args.distill_seeds if ipc == 1 else args.distill_seeds[:args.seeds_ipc10]
+            if reference:
+                seeds = seeds[:1] if ipc != 1 else seeds[:args.reference_seeds]
+            extra = dict(copies=args.reference_copies_ipc10) if reference and ipc != 1 else {}
+            runs += [grid_spec(f"ipc{ipc}", method, ipc, seed, steps, **extra) for seed in seeds]
+    for lever in args.levers:
+        methods, changes = LEVERS[lever]
+        for method in swept_methods() if methods == "swept" else methods:
+            if {k: v for k, v in registry.defaults(method).items() if k in changes} != changes:  # not the default
+                runs += [grid_spec("ipc1", method, 1, seed, args.steps, **changes) for seed in args.distill_seeds]
+    runs.append(baseline_spec("ceiling", "full_data", 0))
+    return [dict(r, dataset=dataset, size=size) for r in runs]
+
+
+def grid_settings(args) -> list:
+    """``(dataset, size)`` of every setting of the grid, data set by data set."""
+    return [(dataset, size) for dataset in args.datasets for size in args.sizes]
+
+
+def grid_stem(args, dataset: str, size: int) -> Path:
+    return args.out / f"calibration_grid{args.tag}-{dataset}-{size}px"
+
+
+GRID_BASELINES = (("random_real", "random real"), ("class_centroids", "centroids"))
+CENTROID_MARGIN = 5.0  # points over the class centroids every method must reach at ipc 1
+
+
+def grid_labels(args, dataset: str, size: int) -> dict:
+    """Spec key -> ``(ipc, label)`` of the runs the grid's tables show for one setting: the default rows
+    (label: the method or baseline kind) and every lever of ``LEVERS`` at ipc 1 (label ``"<method> <lever>"``),
+    under the current defaults and this invocation's seeds and steps."""
+    labels = {}
+    for r in grid_runs(argparse.Namespace(**{**vars(args), "levers": []}), dataset, size):
+        labels[run_key(r)] = (r["ipc"], r["method"] if r["kind"] == "distilled" else r["kind"])
+    for lever, (methods, changes) in LEVERS.items():
+        for method in swept_methods() if methods == "swept" else methods:
+            for seed in args.distill_seeds:
+                key = run_key(dict(grid_spec("ipc1", method, 1, seed, args.steps, **changes), dataset=dataset, size=size))
+                labels.setdefault(key, (1, f"{method} {lever}"))  # a lever the defaults hold is their row
+    return labels
+
+
+def grid_cells(runs: list, labels: dict) -> dict:
+    """``(ipc, label) -> (mean, std, runs)`` over the runs of one setting that ``labels`` names (all seeds
+    pooled); runs of superseded defaults are left out."""
+    pooled = {}
+    for r in runs:
+        key = labels.get(run_key(r["spec"]))
+        if key is not None:
+            pooled.setdefault(key, []).append(r)
+    cells = {}
+    for key, members in pooled.items():
+        accs = [a for r in members for a in r["accuracies"]]
+        cells[key] = (statistics.fmean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0, len(members))
+    return cells
+
+
+def grid_verdict(cells: dict, ipc: int, methods: list) -> str:
+    """The issue's bar for one row: at ipc 1 every method >= the centroids + 5 points; at other ipcs every
+    method above both real baselines. Names the methods that miss it (or a missing run)."""
+    baselines = [cells.get((ipc, kind)) for kind, _ in GRID_BASELINES]
+    if any(b is None for b in baselines) or any((ipc, m) not in cells for m in methods):
+        return "incomplete"
+    bar = cells[(ipc, "class_centroids")][0] + CENTROID_MARGIN if ipc == 1 else max(b[0] for b in baselines)
+    missed = [m for m in methods if not (cells[(ipc, m)][0] >= bar if ipc == 1 else cells[(ipc, m)][0] > bar)]
+    return "yes" if not missed else "no: " + ", ".join(missed)
+
+
+def write_grid_summary(args) -> None:
+    """``calibration_grid{tag}.{csv,md}``: one row per (data set, size, ipc) from every setting file of the
+    grid present under ``--out`` (each setting runs and resumes on its own, possibly in its own process)."""
+    methods = list(registry.names())
+    rows, docs, cells_by_setting = [], [], []
+    for path in sorted(args.out.glob(f"calibration_grid{args.tag}-*.json")):
+        doc = json.loads(path.read_text())
+        docs.append((path, doc))
+        cells = grid_cells(doc["runs"], grid_labels(args, doc["dataset"], doc["image_size"]))
+        cells_by_setting.append(((doc["dataset"], doc["image_size"]), cells))
+        full = cells.get((0, "full_data"))
+        for ipc in sorted({ipc for ipc, _ in cells if ipc}):
+            row = {"dataset": doc["dataset"], "size": doc["image_size"], "ipc": ipc,
+                   "full_data": None if full is None else round(full[0], 2)}
+            for kind, _ in GRID_BASELINES:
+                row[kind] = cells.get((ipc, kind))
+            for m in methods:
+                row[m] = cells.get((ipc, m))
+            best = max((cells[(ipc, m)][0] for m in methods if (ipc, m) in cells), default=None)
+            row["best_over_full"] = None if best is None or full is None else round(100 * best / full[0], 1)
+            row["meets_bar"] = grid_verdict(cells, ipc, methods)
+            rows.append(row)
+    if not rows:
+        raise SystemExit(f"no calibration_grid{args.tag}-*.json under {args.out}")
+    rows.sort(key=lambda r: (args.datasets.index(r["dataset"]) if r["dataset"] in args.datasets else 99,
+                             r["size"], r["ipc"]))
+    columns = [k for k, _ in GRID_BASELINES] + methods
+
+    def cell(value, digits=1):
+        return "" if value is None else f"{value[0]:.{digits}f} +- {value[1]:.{digits}f}"
+
+    harness.write_csv(args.out / f"calibration_grid{args.tag}.csv",
+                      ["dataset", "size", "ipc"] + [f"{c}_{x}" for c in columns for x in ("mean", "std")]
+                      + ["full_data", "best_over_full", "meets_bar"],
+                      [{**{k: r[k] for k in ("dataset", "size", "ipc", "full_data", "best_over_full", "meets_bar")},
+                        **{f"{c}_{x}": None if r[c] is None else round(r[c][i], 2)
+                           for c in columns for i, x in enumerate(("mean", "std"))}} for r in rows])
+    first = docs[0][1]
+    m, p = first["machine"], first["probe"]
+    lines = [f"# fastdd calibration: the grid{args.tag}", "",
+             "Every method with the library's defaults (`fastdd.methods.defaults`) on every setting (data set x "
+             "image size) of the grid, beside the real baselines and the full-data probe. Top-1 % on each data "
+             "set's test split, mean +- sample std over (distillation seed or draw) x (probe seed); best / full: "
+             f"the best method over the full-data probe, %. The bar: at ipc 1 every method at least "
+             f"{CENTROID_MARGIN:g} points over the class centroids; at ipc 10 every method above both real "
+             "baselines.", "",
+             f"Device: {m['device']} ({m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}); torch "
+             f"{m['torch']}. Encoder {ENCODER} (ImageNet weights, frozen). Probe: {p['epochs']} epochs, probe seeds "
+             f"{p['seeds']}, views {p['views']}; full-data probe {p['full_epochs']} epochs.", "",
+             "Settings and their commands:", ""]
+    for path, doc in docs:
+        steps = sorted({(r["ipc"], r["steps"]) for r in doc["runs"] if r["kind"] == "distilled"})
+        lines.append(f"- [{path.stem}]({path.with_suffix('.md').name}): {doc['dataset']} at {doc['image_size']} px, "
+                     f"steps per ipc {', '.join(f'{i}: {n}' for i, n in steps)}; " + "; ".join(
+                         f"`{i['command']}` (git {i['git']}, {i['started']})" for i in doc["invocations"]))
+    lines += ["", "| data set | px | ipc | " + " | ".join(n for _, n in GRID_BASELINES) + " | "
+              + " | ".join(m.upper() for m in methods) + " | full data | best / full | meets the bar |",
+              "|---|---:|---:|" + "---:|" * (len(columns) + 2) + "---|"]
+    for r in rows:
+        full = "" if r["full_data"] is None else f"{r['full_data']:.1f}"
+        best = "" if r["best_over_full"] is None else f"{r['best_over_full']:.1f}"
+        lines.append(f"| {r['dataset']} | {r['size']} | {r['ipc']} | " + " | ".join(cell(r[c]) for c in columns)
+                     + f" | {full} | {best} | {r['meets_bar']} |")
+    lines += lever_table(cells_by_setting, methods)
+    harness.write_text(args.out / f"calibration_grid{args.tag}.md", "\n".join(lines) + "\n")
+
+
+def lever_table(cells_by_setting: list, methods: list) -> list:
+    """Markdown lines: each lever run at ipc 1 against its method's default row, per setting (mean and the
+    difference to the default, points)."""
+    levers = sorted({label for _, cells in cells_by_setting for (ipc, label) in cells if " " in label},
+                    key=lambda label: (methods.index(label.split()[0]), list(LEVERS).index(label.split()[1])))
+    if not levers:
+        return []
+    settings = [setting for setting, _ in cells_by_setting]
+    lines = ["", "Levers at ipc 1 (`--levers`): each variant changes one thing from its method's defaults; a cell is "
+             "its mean and, in brackets, its difference to the default row of the same setting (points).", "",
+             "| method | lever | " + " | ".join(f"{d} {px} px" for d, px in settings) + " |",
+             "|---|---|" + "---:|" * len(settings)]
+    for label in levers:
+        method, lever = label.split()
+        row = []
+        for _, cells in cells_by_setting:
+            got, base = cells.get((1, label)), cells.get((1, method))
+            row.append("" if got is None else f"{got[0]:.1f}" + ("" if base is None else f" ({got[0] - base[0]:+.1f})"))
+        lines.append(f"| {method.upper()} | {lever} | " + " | ".join(row) + " |")
+    return lines
+
+
 # --------------------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------------------
@@ -420,8 +617,8 @@ def write_tables(stem: Path, doc: dict, current=None) -> None:
                  f"`{i['command']}` (git {i['git']}, {i['started']})" for i in invocations) + ".", "",
              f"Device: {m['device']} ({m['cpu']}, {m['cores']} cores shared with other jobs, torch threads "
              f"{m['torch_threads']}, load average at start {m['load_average_at_start']}); torch {m['torch']}.", "",
-             f"Data: {DATASET} (60,000 train / 10,000 test) at {doc['image_size']} px; encoder {ENCODER} "
-             f"(ImageNet weights, frozen).", "",
+             f"Data: {doc.get('dataset', DATASET)} ({doc.get('split', '60,000 train / 10,000 test')}) at "
+             f"{doc['image_size']} px; encoder {ENCODER} (ImageNet weights, frozen).", "",
              f"Probe (fastdd.probe.evaluate): {p['epochs']} epochs, probe seeds {p['seeds']}, views "
              f"{p['views']}; full-data probe {p['full_epochs']} epochs on un-augmented features. "
              "Accuracy: top-1 % on the 10k test set, mean +- sample std over all (distillation or draw seed) x "
@@ -470,13 +667,28 @@ def method_list(text: str) -> list:
     return values
 
 
+def dataset_list(text: str) -> list:
+    """Comma-separated built-in data set names (``fastdd.tuple(data.DATASETS)``)."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in values if v not in tuple(data.DATASETS)]
+    if unknown or not values:
+        raise argparse.ArgumentTypeError(f"unknown data sets {','.join(unknown)} in {text!r}; built in: "
+                                         f"{','.join(tuple(data.DATASETS))}")
+    return values
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=("sweep", "table", "views", "summary"), default="sweep")
+    p.add_argument("--mode", choices=("sweep", "table", "views", "grid", "summary"), default="sweep")
     p.add_argument("--groups", type=lambda s: [g for g in s.split(",") if g], default=None,
                    help="sweep groups to run (comma-separated; default: all)")
-    p.add_argument("--size", type=int, default=32, help="image side in pixels")
+    p.add_argument("--size", type=int, default=32, help="image side in pixels (sweep, table, views)")
+    p.add_argument("--dataset", choices=tuple(data.DATASETS), default=DATASET, help="the real data set (sweep, table, views)")
+    p.add_argument("--datasets", type=dataset_list, default=["fashion-mnist", "mnist-5k"],
+                   help="grid mode: the data sets (comma-separated)")
+    p.add_argument("--sizes", type=lambda s: [positive_int(x) for x in s.split(",")], default=[32, 64, 96],
+                   help="grid mode: the image sizes in pixels (comma-separated)")
     p.add_argument("--steps", type=int, default=200, help="distillation steps at ipc 1")
     p.add_argument("--steps-ipc10", type=int, default=100, help="distillation steps at ipc 10")
     p.add_argument("--ipcs", type=lambda s: [int(x) for x in s.split(",")], default=[1, 10],
@@ -489,6 +701,13 @@ def parse_args(argv=None):
                         "default: sfm, whose paper's protocol it is)")
     p.add_argument("--distill-seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0],
                    help="distillation seeds of each sweep row")
+    p.add_argument("--seeds-ipc10", type=positive_int, default=1,
+                   help="grid mode: how many of --distill-seeds run at ipcs other than 1 (CPU budget)")
+    p.add_argument("--reference-seeds", type=positive_int, default=1,
+                   help=f"grid mode: how many of --distill-seeds the reference method ({registry.reference().name}) "
+                        "runs at ipc 1 (CPU budget)")
+    p.add_argument("--levers", type=lambda s: [v for v in s.split(",") if v], default=[],
+                   help=f"grid mode: lever variants at ipc 1 (comma-separated: {','.join(LEVERS)})")
     p.add_argument("--baseline-draws", type=int, default=3, help="random-real draws per ipc")
     p.add_argument("--base-init", default="real", help="initialisation of the sweep groups after 'init'")
     p.add_argument("--probe-epochs", type=int, default=probe.DEFAULT_EPOCHS)
@@ -531,14 +750,29 @@ def main(argv=None) -> None:
         summarize(args)
         return
     torch.set_num_threads(args.threads)
-    runs = {"sweep": sweep_runs, "table": table_runs, "views": views_runs}[args.mode](args)
+    if args.mode == "grid":
+        jobs = [(grid_stem(args, dataset, size), grid_runs(args, dataset, size), dataset, size)
+                for dataset, size in grid_settings(args)]
+    else:
+        runs = {"sweep": sweep_runs, "table": table_runs, "views": views_runs}[args.mode](args)
+        jobs = [(args.out / f"calibration_{args.mode}{args.tag}", runs, args.dataset, args.size)]
     if args.dry_run:
-        for r in runs:
-            print(run_key(r))
-        print(f"{len(runs)} runs")
+        for _, runs, _, _ in jobs:
+            for r in runs:
+                print(run_key(r))
+        print(f"{sum(len(runs) for _, runs, _, _ in jobs)} runs")
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"calibration_{args.mode}{args.tag}"
+    for stem, runs, dataset, size in jobs:
+        run_file(stem, runs, dataset, size, args)
+        if args.mode == "grid":
+            write_grid_summary(args)
+            print(f"wrote {args.out / f'calibration_grid{args.tag}'}.{{csv,md}}")
+
+
+def run_file(stem: Path, runs: list, dataset: str, size: int, args) -> None:
+    """Run the specs of ``runs`` missing from ``stem``.json (one data set at one size), appending each
+    record as it finishes, and render its tables."""
     json_path = stem.with_suffix(".json")
     doc = None
     if json_path.exists() and not args.fresh:
@@ -553,19 +787,24 @@ def main(argv=None) -> None:
         print(f"wrote {stem}.{{csv,md}}")
         return
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT)] + sys.argv[1:])
-    doc.update(command=command, git=harness.git_label(harness.git_info()), machine=machine(), image_size=args.size,
-               dataset=DATASET, encoder=ENCODER, probe={"epochs": args.probe_epochs, "views": args.probe_views,
+    doc.update(command=command, git=harness.git_label(harness.git_info()), machine=machine(), image_size=size,
+               dataset=dataset, encoder=ENCODER, probe={"epochs": args.probe_epochs, "views": args.probe_views,
                                                         "seeds": args.probe_seeds, "full_epochs": args.full_epochs},
                method_defaults=harness.jsonable({name: registry.defaults(name) for name in registry.names()}))
+    done = {run_key(r["spec"]) for r in doc["runs"]}
+    todo = [r for r in runs if run_key(r) not in done]
+    print(f"{stem.name}: {len(runs)} runs, {len(runs) - len(todo)} already done", flush=True)
+    if not todo:
+        write_tables(stem, doc, current)
+        return
     # a resumed file lists every invocation that added runs to it
     doc.setdefault("invocations", []).append(
         {"command": command, "git": doc["git"], "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
          "load_average": doc["machine"]["load_average_at_start"]})
-    done = {run_key(r["spec"]) for r in doc["runs"]}
-    todo = [r for r in runs if run_key(r) not in done]
-    print(f"{len(runs)} runs, {len(runs) - len(todo)} already done", flush=True)
-    setup = Setup(args.size, args.progress)
+    setup = Setup(size, args.progress, dataset)
     doc["setup_times"] = setup.times
+    doc["split"] = f"{len(setup.train.labels):,} train / {len(setup.test.labels):,} test"
+    _HEADS.clear()  # the inheritance head belongs to one data set and size
     for i, spec in enumerate(todo):
         record = json.loads(json.dumps(execute(spec, setup, args), default=str))
         record["spec"] = json.loads(json.dumps(spec))

@@ -317,8 +317,6 @@ def test_ops_benchmark_refuses_unknown_ops_and_backends(ops_bench):
 # (benchmarks/ops_bench.py's cases; the torch eager backend, a few repetitions each)
 
 def _quick_cases():
-    import sys
-
     sys.path.insert(0, str(REPO / "benchmarks"))
     import ops_bench
 
@@ -430,6 +428,53 @@ def test_calibration_passes_method_options_and_tables_every_method(calibrate):
     assert (clp["lam"], clp["tau"]) == (registry.defaults("clp")["lam"], registry.defaults("clp")["tau"])
     with pytest.raises(SystemExit):
         calibrate.parse_args(["--inheritance", "sfm,nope"])
+
+
+def test_calibration_grid_runs_levers_and_verdicts(calibrate, tmp_path):
+    """The grid: every setting runs the baselines, every method with its full defaults in the spec, the
+    levers at ipc 1 (a lever the defaults already hold adds no run), the full-data probe; the summary pools
+    a setting's default rows apart from its levers and applies the issue's bar."""
+    args = calibrate.parse_args(["--mode", "grid", "--datasets", "digits", "--sizes", "16,24", "--ipcs", "1,10",
+                                 "--distill-seeds", "0,1", "--levers", "init-centroid,init-real,fit-tau",
+                                 "--out", str(tmp_path)])
+    assert calibrate.grid_settings(args) == [("digits", 16), ("digits", 24)]
+    runs = calibrate.grid_runs(args, "digits", 16)
+    assert all(r["dataset"] == "digits" and r["size"] == 16 for r in runs)
+    distilled = [r for r in runs if r["kind"] == "distilled"]
+    for r in distilled:  # the method's every default (steps aside) is in its spec
+        kw, options = calibrate.distill_arguments(r)
+        assert {**kw, **options}.keys() >= set(registry.defaults(r["method"])) - {"steps"}
+    ipc10 = [r for r in distilled if r["ipc"] == 10]
+    assert {r["method"] for r in ipc10} == set(registry.names()) and len(ipc10) == len(registry.names())
+    levers = [r for r in distilled if r["init"] == "centroid" or r.get("fit_tau")]
+    swept = calibrate.swept_methods()
+    assert len(levers) == 2 * (len(swept) + 1)  # init-centroid for each cheap method, fit-tau for CLP
+    assert not [r for r in distilled if r["ipc"] == 1 and r["init"] == "real" and r["method"] in swept
+                and not r.get("fit_tau")][2 * len(swept):]  # init-real is the default: no run of its own
+    labels = calibrate.grid_labels(args, "digits", 16)
+    assert labels[calibrate.run_key(levers[0])] == (1, f"{levers[0]['method']} init-centroid")
+
+    def record(spec, accuracy):
+        return {**spec, "spec": spec, "accuracies": [accuracy, accuracy + 1.0]}
+
+    centroid = next(r for r in runs if r["kind"] == "class_centroids" and r["ipc"] == 1)
+    ipc1 = [r for r in distilled if r["ipc"] == 1 and calibrate.grid_labels(args, "digits", 16)[
+        calibrate.run_key(r)][1] == r["method"]]
+    fake = [record(centroid, 40.0)] + [record(r, 46.0 if r["method"] != "dm" else 44.0) for r in ipc1]
+    cells = calibrate.grid_cells(fake, labels)
+    assert cells[(1, "class_centroids")][0] == pytest.approx(40.5)
+    assert calibrate.grid_verdict(cells, 1, list(registry.names())) == "incomplete"  # no random-real draw
+    fake.append(record(next(r for r in runs if r["kind"] == "random_real" and r["ipc"] == 1), 30.0))
+    cells = calibrate.grid_cells(fake, labels)
+    assert calibrate.grid_verdict(cells, 1, list(registry.names())) == "no: dm"  # 44.5 < 40.5 + 5
+    doc = {"dataset": "digits", "image_size": 16, "runs": fake, "machine": {
+        "device": "cpu", "cpu": "x", "cores": 2, "torch_threads": 1, "torch": "2"}, "probe": {
+        "epochs": 1, "seeds": [0], "views": 1, "full_epochs": 1}, "invocations": [
+        {"command": "python scripts/calibrate.py --mode grid", "git": "abc", "started": "now"}]}
+    (tmp_path / "calibration_grid-digits-16px.json").write_text(json.dumps(doc))
+    calibrate.write_grid_summary(args)
+    table = (tmp_path / "calibration_grid.md").read_text()
+    assert "| digits | 16 | 1 | 30.5 +- 0.7 | 40.5 +- 0.7 |" in table and "no: dm" in table
 
 
 def test_every_distilled_method_reports_its_floor(bench, tmp_path):

@@ -137,7 +137,7 @@ def test_closed_form_probe_loss_matches_explicit_solve(relative, centred, n_per_
     stats = RealStats.from_features(zr, yr)
     lam = 0.3 if relative else 2.0
     loss_fn = fnn.ClosedFormProbeLoss(stats, lam=lam, tau=0.5, relative_lam=relative, centered_targets=centred,
-                                      solve_dtype=torch.float64)
+                                      solve_dtype=torch.float64, fit_tau=False)
     zs32 = zs.clone().requires_grad_(True)
     loss = loss_fn(zs32, ys)
     zs64 = zs.double().requires_grad_(True)
@@ -164,9 +164,42 @@ def test_closed_form_probe_gradient_formula_of_methods_md():
     e = kernel_inv @ zs.detach() @ g
     formula = a @ g.T - (e @ a.T + a @ e.T) @ zs.detach()
     loss_fn = fnn.ClosedFormProbeLoss(RealStats.from_features(zr, yr), lam=lam, tau=tau, relative_lam=False,
-                                      solve_dtype=torch.float64)
+                                      solve_dtype=torch.float64, fit_tau=False)
     got = torch.autograd.grad(loss_fn(zs, ys), zs)[0]
     torch.testing.assert_close(got, formula, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("start_tau", [0.01, 0.1, 3.0])
+def test_closed_form_probe_fit_tau_is_the_loss_minimising_temperature(start_tau):
+    """fit_tau: the loss is min over tau of the fixed-tau loss (an fp64 grid search as the oracle), and its
+    gradient is the fixed-tau gradient at tau* (the envelope theorem) -- and so equals finite differences
+    of min_tau L, which a gradient that ignored how tau* moves with Z_s could not if tau* were not optimal."""
+    c, d = 4, 7
+    zr, yr = _balanced(c, 30, d, seed=21)
+    zs, ys = _balanced(c, 2, d, seed=22, dtype=torch.float64)
+    stats = RealStats.from_features(zr, yr)
+    fitted = fnn.ClosedFormProbeLoss(stats, lam=3.0, tau=start_tau, relative_lam=False, fit_tau=True,
+                                     solve_dtype=torch.float64)
+    zs = zs.requires_grad_(True)
+    loss = fitted(zs, ys)
+    betas = torch.logspace(-2, 3, 50001, dtype=torch.float64)
+    ref = torch.stack([_clp64(zs.detach(), ys, zr, yr, c, 3.0, 1.0 / b, relative=False) for b in betas[::50]])
+    fine = betas[max(int(ref.argmin()) * 50 - 50, 0):int(ref.argmin()) * 50 + 50]
+    best = min(float(_clp64(zs.detach(), ys, zr, yr, c, 3.0, 1.0 / b, relative=False)) for b in fine)
+    assert float(loss.detach()) == pytest.approx(best, rel=1e-6)
+    assert float(loss.detach()) <= float(_clp64(zs.detach(), ys, zr, yr, c, 3.0, start_tau, relative=False)) + 1e-12
+    grad = torch.autograd.grad(loss, zs)[0]
+    w = fitted.probe(zs.detach(), ys)
+    tau_star = 1.0 / float(fitted.fitted_inverse_temperature(zr, yr, w))
+    at_tau_star = fnn.ClosedFormProbeLoss(stats, lam=3.0, tau=tau_star, relative_lam=False, fit_tau=False,
+                                          solve_dtype=torch.float64)
+    torch.testing.assert_close(grad, torch.autograd.grad(at_tau_star(zs, ys), zs)[0], rtol=1e-5, atol=1e-8)
+    direction = torch.randn(zs.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    eps = 1e-4
+    with torch.no_grad():
+        numeric = (fitted(zs + eps * direction, ys) - fitted(zs - eps * direction, ys)) / (2 * eps)
+    assert float((grad * direction).sum()) == pytest.approx(float(numeric), rel=1e-3, abs=1e-6)
+    assert fitted.settings()["fit_tau"] is True
 
 
 @pytest.mark.parametrize("feature_norm", ["center", "standardize", "l2"])
@@ -186,13 +219,13 @@ def test_closed_form_probe_feature_norms_and_bias(feature_norm):
         return torch.cat([z, torch.ones(z.shape[0], 1, dtype=z.dtype)], 1)
 
     loss_fn = fnn.ClosedFormProbeLoss(RealStats.from_features(zr, yr), lam=0.2, tau=0.3, feature_norm=feature_norm,
-                                      bias=True, solve_dtype=torch.float64)
+                                      bias=True, solve_dtype=torch.float64, fit_tau=False)
     got = loss_fn(zs, ys)
     ref = _clp64(norm(zs.double()), ys, norm(zr.double()), yr, c, 0.2, 0.3)
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss_fn(zs, ys), got)  # cached normalised bank on the second call
     uncached = fnn.ClosedFormProbeLoss(RealStats.from_features(zr, yr), lam=0.2, tau=0.3, feature_norm=feature_norm,
-                                       bias=True, solve_dtype=torch.float64, cache_bank=False)
+                                       bias=True, solve_dtype=torch.float64, cache_bank=False, fit_tau=False)
     torch.testing.assert_close(uncached(zs, ys), got)
 
 
@@ -201,7 +234,7 @@ def test_closed_form_probe_real_batch_draws_from_the_bank():
     zr, yr = _balanced(c, 20, d, seed=13)
     zs, ys = _balanced(c, 1, d, seed=14)
     loss_fn = fnn.ClosedFormProbeLoss(RealStats.from_features(zr, yr), lam=0.1, tau=0.1, real_batch=7,
-                                      generator=torch.Generator().manual_seed(5), solve_dtype=torch.float64)
+                                      generator=torch.Generator().manual_seed(5), solve_dtype=torch.float64, fit_tau=False)
     got = loss_fn(zs, ys)
     idx = torch.randint(zr.shape[0], (7,), generator=torch.Generator().manual_seed(5))
     ref = _clp64(zs.double(), ys, zr[idx].double(), yr[idx], c, 0.1, 0.1)
@@ -215,7 +248,7 @@ def test_closed_form_probe_bank_buffers():
     zr, yr = _balanced(3, 5, 4, seed=15)
     zs, ys = _balanced(3, 1, 4, seed=16)
     stats = RealStats.from_features(zr, yr)
-    loss_fn = fnn.ClosedFormProbeLoss(stats, feature_norm="center")
+    loss_fn = fnn.ClosedFormProbeLoss(stats, feature_norm="center", fit_tau=False)
     buffers = dict(loss_fn.named_buffers())
     assert buffers["bank_features"] is stats.bank_features and buffers["bank_labels"] is stats.bank_labels
     assert set(loss_fn.state_dict()) == {"feature_shift"}
@@ -223,7 +256,7 @@ def test_closed_form_probe_bank_buffers():
     torch.testing.assert_close(loss_fn.bank_features, stats.bank_features.float() - zr.mean(0), rtol=1e-6, atol=1e-6)
     moved = loss_fn.to("meta")
     assert moved.bank_features.device.type == "meta" and moved.bank_labels.device.type == "meta"
-    uncached = fnn.ClosedFormProbeLoss(stats, cache_bank=False)
+    uncached = fnn.ClosedFormProbeLoss(stats, cache_bank=False, fit_tau=False)
     assert "bank_features" not in dict(uncached.named_buffers())
     assert uncached.to("meta").bank_features.device.type == "cpu"  # gathered where the stats keep it
 
@@ -231,14 +264,14 @@ def test_closed_form_probe_bank_buffers():
 def test_closed_form_probe_argument_errors():
     z, y = _balanced(3, 4, 5)
     with pytest.raises(ValueError, match="bank"):
-        fnn.ClosedFormProbeLoss(RealStats.from_features(z, y, bank=False))
+        fnn.ClosedFormProbeLoss(RealStats.from_features(z, y, bank=False), fit_tau=False)
     stats = RealStats.from_features(z, y)
     for kwargs, name in [({"lam": 0}, "lam"), ({"tau": -1.0}, "tau"), ({"real_batch": 0}, "real_batch"),
                          ({"feature_norm": "zca"}, "feature_norm")]:
         with pytest.raises(ValueError, match=name):
-            fnn.ClosedFormProbeLoss(stats, **kwargs)
+            fnn.ClosedFormProbeLoss(stats, **kwargs, fit_tau=False)
     with pytest.raises(ValueError, match="dimension"):
-        fnn.ClosedFormProbeLoss(stats)(torch.randn(3, 4), torch.arange(3))
+        fnn.ClosedFormProbeLoss(stats, fit_tau=False)(torch.randn(3, 4), torch.arange(3))
 
 
 # ---- LGM ------------------------------------------------------------------------------------------
@@ -312,7 +345,7 @@ def test_losses_reject_constant_losses_and_non_finite_options():
     for kwargs, name in [({"lam": float("inf")}, "lam"), ({"lam": float("nan")}, "lam"),
                          ({"tau": float("inf")}, "tau")]:
         with pytest.raises(ValueError, match=name):
-            fnn.ClosedFormProbeLoss(stats, **kwargs)
+            fnn.ClosedFormProbeLoss(stats, **kwargs, fit_tau=False)
     for head_std in ("a", float("inf")):
         with pytest.raises(ValueError, match="head_std"):
             fnn.LinearGradientMatchingLoss(head_std=head_std)
@@ -325,7 +358,7 @@ def test_label_and_nan_errors_name_the_loss_arguments():
     nan = z.clone()
     nan[0, 0] = float("nan")
     lgm = fnn.LinearGradientMatchingLoss(num_classes=3)
-    for loss in (fnn.FlowMatchingLoss(stats), fnn.ClosedFormProbeLoss(stats)):
+    for loss in (fnn.FlowMatchingLoss(stats), fnn.ClosedFormProbeLoss(stats, fit_tau=False)):
         with pytest.raises(ValueError, match="ys must lie"):
             loss(z, bad)
         with pytest.raises(ValueError, match="zs contains NaN"):  # CLP: not "lam must be positive"
@@ -356,10 +389,10 @@ def test_closed_form_probe_fp16_features_and_fp64_solve(monkeypatch):
     z, y = _balanced(3, 4, 8)
     stats = RealStats.from_features(z * 300, y)
     zs = (_balanced(3, 1, 8, seed=1)[0] * 300).half()  # squared norms overflow fp16
-    loss = fnn.ClosedFormProbeLoss(stats)(zs, torch.arange(3))
+    loss = fnn.ClosedFormProbeLoss(stats, fit_tau=False)(zs, torch.arange(3))
     assert torch.isfinite(loss)
     seen = []
     real_op = ops.linear_cross_entropy
     monkeypatch.setattr(ops, "linear_cross_entropy", lambda zr, *a, **k: seen.append(zr.dtype) or real_op(zr, *a, **k))
-    fnn.ClosedFormProbeLoss(stats, solve_dtype=torch.float64)(zs.float(), torch.arange(3))
+    fnn.ClosedFormProbeLoss(stats, solve_dtype=torch.float64, fit_tau=False)(zs.float(), torch.arange(3))
     assert seen == [torch.float32]  # the bank is not copied to fp64

@@ -18,16 +18,26 @@ Options (a first calibration found CLP sensitive to each; ``fastdd.distill`` pas
 - ``bias`` (default False): append a constant-1 column to both sides (a ridge-penalised bias).
 - ``real_batch``: None uses the whole bank every call; an int draws that many rows of the bank (uniformly,
   with replacement, from ``generator``) per call, or uses the whole bank when it has no more rows.
+- ``fit_tau`` (default True): the outer temperature is fitted every call instead of fixed, as RFAD learns
+  its temperature: ``1/tau* = argmin_b CE(b Z_r W, y_r)`` over ``b`` in ``[_FIT_TAU_MIN, _FIT_TAU_MAX]``
+  (a convex problem in one variable, solved by bisection on the detached logits; ``tau`` is then unused;
+  False: the fixed ``tau``). Since ``tau*`` minimises the loss, the loss's
+  gradient through ``tau*`` is zero (the envelope theorem): treating it as a constant gives the exact
+  gradient of ``min_tau L``. It makes the loss insensitive to the overall scale of the probe's logits,
+  which the feature scale and the image size move. It materialises the ``[M, C]`` logits once per call.
 - ``solve_dtype``: dtype of the inner Cholesky solve (float32 or float64; None: the op's default, fp32
   unless the features are fp64).
 
-Defaults (lam 1.0 relative, tau 0.1, centred targets, raw features) are the best of a measured lam x tau
-sweep (lam 0.01..10, tau 0.01..0.3) and of the feature maps on Fashion-MNIST / MobileNetV2
-(benchmarks/results/calibration_sweep_clp_*.md); the paper's values are not public.
+Defaults: lam 1.0 relative, centred targets, raw features: the best of a measured lam x tau sweep (lam
+0.01..10, tau 0.01..0.3) and of the feature maps on Fashion-MNIST / MobileNetV2
+(benchmarks/results/calibration_sweep_clp_*.md); the fitted temperature (``fit_tau``; ``tau`` 0.1 is
+the temperature of ``fit_tau=False``) from the grid of data sets and image sizes
+(benchmarks/results/calibration_grid*.md). The paper's values are not public.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -43,6 +53,9 @@ __all__ = ["ClosedFormProbeLoss", "FEATURE_NORMS", "METHOD"]
 
 FEATURE_NORMS = ("none", "center", "standardize", "l2")
 _STAT_CHUNK = 65536
+_FIT_TAU_BISECTIONS = 24  # halvings of the fitted log(1/tau)'s range: 16.1 / 2^24, a relative 1e-6 in 1/tau
+_FIT_TAU_MIN, _FIT_TAU_MAX = 1e-3, 1e4  # bounds of the fitted 1/tau (the logits of a ridge probe on centred
+# targets are O(1): its fitted 1/tau lies far inside them)
 
 
 class ClosedFormProbeLoss(nn.Module):
@@ -53,7 +66,7 @@ class ClosedFormProbeLoss(nn.Module):
         lam: ridge strength (relative to the kernel's mean diagonal when ``relative_lam``).
         tau: softmax temperature of the outer cross-entropy.
         real_batch: None (whole bank per call) or the number of bank rows drawn per call.
-        relative_lam, centered_targets, feature_norm, bias, solve_dtype: see the module docstring.
+        relative_lam, centered_targets, feature_norm, bias, fit_tau, solve_dtype: see the module docstring.
         generator: ``torch.Generator`` (CPU) drawing the real batches (``torch.compile(fullgraph=True)``
             cannot trace one: None draws from the global RNG).
         cache_bank: keep the bank on the features' device after the first call (the whole bank used:
@@ -70,7 +83,7 @@ class ClosedFormProbeLoss(nn.Module):
 
     def __init__(self, stats, lam: float = 1.0, tau: float = 0.1, real_batch: Optional[int] = None, *,
                  relative_lam: bool = True, centered_targets: bool = True, feature_norm: str = "none",
-                 bias: bool = False, solve_dtype: Optional[torch.dtype] = None,
+                 bias: bool = False, fit_tau: bool = True, solve_dtype: Optional[torch.dtype] = None,
                  generator: Optional[torch.Generator] = None, cache_bank: bool = True):
         super().__init__()
         if not getattr(stats, "has_bank", False):
@@ -100,6 +113,7 @@ class ClosedFormProbeLoss(nn.Module):
         self.centered_targets = bool(centered_targets)
         self.feature_norm = feature_norm
         self.bias = bool(bias)
+        self.fit_tau = bool(fit_tau)
         self.solve_dtype = solve_dtype
         self.generator = generator
         self.cache_bank = bool(cache_bank)
@@ -187,12 +201,31 @@ class ClosedFormProbeLoss(nn.Module):
         zr, yr = self.real_features(zs.device)
         # zr stays float32 (the op converts W of any dtype): casting the bank to an fp64 W would copy it
         # whole and push the op onto its reference path, which materialises the logits
+        if self.fit_tau:  # 1/tau* folded into W, a constant of the graph (exact: see the module docstring)
+            return ops.linear_cross_entropy(zr, yr, w * self.fitted_inverse_temperature(zr, yr, w), tau=1.0)
         return ops.linear_cross_entropy(zr, yr, w, tau=self.tau)
+
+    def fitted_inverse_temperature(self, zr: torch.Tensor, yr: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``1/tau*``, the inverse temperature minimising ``CE(b zr w, yr)`` over ``b`` in
+        ``[_FIT_TAU_MIN, _FIT_TAU_MAX]`` (a detached 0-d float32 tensor, no host sync): the loss is convex in
+        ``b``, so its derivative ``mean(E_softmax(b s)[s] - s_y)`` rises with ``b`` and bisection on its sign,
+        in log space, finds the minimum (a bound when the derivative keeps one sign: real rows the probe
+        separates perfectly give the upper one)."""
+        with torch.no_grad():
+            s = zr.float() @ w.detach().float()  # [M, C] logits at temperature 1
+            s_true = s.gather(1, yr.long().view(-1, 1)).squeeze(1)
+            lo = torch.full((), math.log(_FIT_TAU_MIN), dtype=s.dtype, device=s.device)
+            hi = torch.full((), math.log(_FIT_TAU_MAX), dtype=s.dtype, device=s.device)
+            for _ in range(_FIT_TAU_BISECTIONS):
+                mid = 0.5 * (lo + hi)
+                rising = ((torch.softmax(mid.exp() * s, dim=1) * s).sum(1) - s_true).mean() > 0
+                lo, hi = torch.where(rising, lo, mid), torch.where(rising, mid, hi)
+            return (0.5 * (lo + hi)).exp()
 
     def settings(self) -> dict:
         return {"lam": self.lam, "tau": self.tau, "real_batch": self.real_batch,
                 "relative_lam": self.relative_lam, "centered_targets": self.centered_targets,
-                "feature_norm": self.feature_norm, "bias": self.bias,
+                "feature_norm": self.feature_norm, "bias": self.bias, "fit_tau": self.fit_tau,
                 "solve_dtype": None if self.solve_dtype is None else str(self.solve_dtype)}
 
     def extra_repr(self) -> str:
@@ -238,6 +271,8 @@ METHOD = Method(
         "centered_targets": Option(True, "targets onehot - 1/C (False: one-hot)", _flag, parse=parse_bool),
         "feature_norm": Option("none", "feature map of both sides", choices=FEATURE_NORMS),
         "bias": Option(False, "append a constant-1 column (a ridge-penalised bias)", _flag, parse=parse_bool),
+        "fit_tau": Option(True, "fit the temperature every step (1/tau* minimising the loss; tau unused)",
+                          _flag, parse=parse_bool),
     },
     recipes={"paper": Recipe(
         source="arXiv 2605.07194 (its abstract): the exact ridge probe with the temperature-scaled "
