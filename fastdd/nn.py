@@ -5,7 +5,7 @@ back-propagates into ``zs``::
 
     stats = fastdd.RealStats.from_data(loader, encoder, bank=True)
     loss = fastdd.nn.FlowMatchingLoss(stats)(zs, ys)
-    loss = fastdd.nn.ClosedFormProbeLoss(stats, lam=1.0, tau=0.1)(zs, ys)
+    loss = fastdd.nn.ClosedFormProbeLoss(stats, lam=1.0)(zs, ys)
     loss = fastdd.nn.LinearGradientMatchingLoss()(zs, ys, zr, yr)
     loss = fastdd.nn.DistributionMatchingLoss(stats)(zs, ys)
 """

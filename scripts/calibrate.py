@@ -343,6 +343,7 @@ LEVERS = {
     "fit-tau-centroid": (("clp",), dict(fit_tau=True, init="centroid")),
     "l2": (("clp",), dict(feature_norm="l2")),
     "copies-2": ("swept", dict(copies=2)),
+    "copies-2-fixed-tau": (("clp",), dict(copies=2, fit_tau=False)),
     "lr-3e-2": ("swept", dict(lr=3e-2)),
     "lr-3e-3": ("swept", dict(lr=3e-3)),
 }
@@ -383,7 +384,8 @@ def grid_runs(args, dataset: str, size: int) -> list:
             if {k: v for k, v in registry.defaults(method).items() if k in changes} != changes:  # not the default
                 runs += [grid_spec("ipc1", method, 1, seed, args.steps, **changes) for seed in args.distill_seeds]
     runs.append(baseline_spec("ceiling", "full_data", 0))
-    return [dict(r, dataset=dataset, size=size) for r in runs]
+    unique = {run_key(dict(r, dataset=dataset, size=size)): dict(r, dataset=dataset, size=size) for r in runs}
+    return list(unique.values())  # two levers can name one run (e.g. init-centroid and fit-tau-centroid)
 
 
 def grid_settings(args) -> list:

@@ -435,7 +435,7 @@ def test_calibration_grid_runs_levers_and_verdicts(calibrate, tmp_path):
     levers at ipc 1 (a lever the defaults already hold adds no run), the full-data probe; the summary pools
     a setting's default rows apart from its levers and applies the issue's bar."""
     args = calibrate.parse_args(["--mode", "grid", "--datasets", "digits", "--sizes", "16,24", "--ipcs", "1,10",
-                                 "--distill-seeds", "0,1", "--levers", "init-centroid,init-real,fit-tau",
+                                 "--distill-seeds", "0,1", "--levers", "init-centroid,init-real,fixed-tau,fit-tau",
                                  "--out", str(tmp_path)])
     assert calibrate.grid_settings(args) == [("digits", 16), ("digits", 24)]
     runs = calibrate.grid_runs(args, "digits", 16)
@@ -446,11 +446,11 @@ def test_calibration_grid_runs_levers_and_verdicts(calibrate, tmp_path):
         assert {**kw, **options}.keys() >= set(registry.defaults(r["method"])) - {"steps"}
     ipc10 = [r for r in distilled if r["ipc"] == 10]
     assert {r["method"] for r in ipc10} == set(registry.names()) and len(ipc10) == len(registry.names())
-    levers = [r for r in distilled if r["init"] == "centroid" or r.get("fit_tau")]
+    levers = [r for r in distilled if r["init"] == "centroid" or r.get("fit_tau") is False]
     swept = calibrate.swept_methods()
-    assert len(levers) == 2 * (len(swept) + 1)  # init-centroid for each cheap method, fit-tau for CLP
-    assert not [r for r in distilled if r["ipc"] == 1 and r["init"] == "real" and r["method"] in swept
-                and not r.get("fit_tau")][2 * len(swept):]  # init-real is the default: no run of its own
+    assert len(levers) == 2 * (len(swept) + 1)  # init-centroid for each cheap method, fixed-tau for CLP
+    # init-real and fit-tau are defaults: no runs of their own beside the default rows
+    assert len([r for r in distilled if r["ipc"] == 1 and r not in levers and r["method"] in swept]) == 2 * len(swept)
     labels = calibrate.grid_labels(args, "digits", 16)
     assert labels[calibrate.run_key(levers[0])] == (1, f"{levers[0]['method']} init-centroid")
 
