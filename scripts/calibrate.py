@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Calibration: what moves the linear-probe accuracy of distilled sets, and the README's accuracy table.
+"""Calibration: what moves the linear-probe accuracy of distilled sets, and the README's accuracy tables.
 
-Fashion-MNIST (60k/10k) with the ImageNet MobileNetV2 (``torchvision:mobilenet_v2``), on the CPU, at a
-small image size (default 32 px, grey images expanded to 3 channels). Every set -- distilled or a real
+A built-in data set (``--dataset``, default Fashion-MNIST 60k/10k; the grid runs several) with the
+ImageNet MobileNetV2 (``torchvision:mobilenet_v2``), on the CPU, at a small image size (default 32 px,
+grey images expanded to 3 channels). Every set -- distilled or a real
 baseline -- is scored by ``fastdd.probe.evaluate`` (the linear-probe protocol of docs/methods.md: Adam,
 lr = 1e-3 * bs / 256, cosine schedule, flip + random resized crop, top-1 on the 10k test set), mean and
 sample std over the probe seeds and the distillation seeds (or baseline draws) of a row.
@@ -20,6 +21,13 @@ Modes (``--mode``):
   classifier inheritance for ``--inheritance`` (SFM's protocol), and the full-data probe (on
   precomputed, un-augmented features: see ``fastdd.probe.full_data_probe``).
 - ``views``: the probe's pool of pre-encoded augmented views against re-encoding every epoch.
+- ``grid``: the defaults on every setting of ``--datasets`` x ``--sizes`` at ``--ipcs``: the real
+  baselines, every method with its defaults (each spec holds all of them, so a run is reused only while
+  the defaults still describe it), the ``--levers`` variants at ipc 1 (``LEVERS``) and the full-data
+  probe. One resumable file per setting (``calibration_grid<tag>-<dataset>-<size>px``) and one summary,
+  ``calibration_grid<tag>.{csv,md}``, with the issue's bar per row (every method at least 5 points over
+  the class centroids at ipc 1, above both real baselines at ipc 10) and the levers against the
+  defaults. Run one process per data set to use two cores.
 - ``summary``: merge the sweep files (``calibration_sweep*.json``, one per process) into
   ``calibration_summary.{json,csv,md}``.
 
@@ -29,12 +37,14 @@ revision and atomic writes, shared with the benchmark). A method's own options (
 are flat keys of a run's spec and go to ``fastdd.distill`` as ``options={...}``. Runs are appended as they finish and a restarted
 command skips the runs already in the JSON (``--fresh`` starts over), so long sweeps can run under
 ``nohup timeout ...`` and be resumed. The real statistics (feature bank of the training set) and the test
-features are computed once and cached under ``runs/calibration_cache/`` (not committed).
+features are computed once per data set and size and cached under ``runs/calibration_cache/`` (not
+committed).
 
 Examples::
 
     python scripts/calibrate.py --mode sweep --groups init,lr          # ~minutes per group on 2 cores
     python scripts/calibrate.py --mode table
+    python scripts/calibrate.py --mode grid --datasets fashion-mnist --sizes 32,64,96 --distill-seeds 0,1
 """
 
 from __future__ import annotations
@@ -370,7 +380,7 @@ def grid_runs(args, dataset: str, size: int) -> list:
         for s in range(args.baseline_draws):
             runs.append(baseline_spec(f"ipc{ipc}", "random_real", ipc, s))
         runs.append(baseline_spec(f"ipc{ipc}", "class_centroids", ipc))
-        for method in registry.names():
+        for method in args.methods or registry.names():
             reference = registry.get(method).reference
             steps = args.steps if ipc == 1 else args.steps_ipc10
             seeds = args.distill_seeds if ipc == 1 else args.distill_seeds[:args.seeds_ipc10]
@@ -406,7 +416,7 @@ def grid_labels(args, dataset: str, size: int) -> dict:
     (label: the method or baseline kind) and every lever of ``LEVERS`` at ipc 1 (label ``"<method> <lever>"``),
     under the current defaults and this invocation's seeds and steps."""
     labels = {}
-    for r in grid_runs(argparse.Namespace(**{**vars(args), "levers": []}), dataset, size):
+    for r in grid_runs(argparse.Namespace(**{**vars(args), "levers": [], "methods": None}), dataset, size):
         labels[run_key(r)] = (r["ipc"], r["method"] if r["kind"] == "distilled" else r["kind"])
     for lever, (methods, changes) in LEVERS.items():
         for method in swept_methods() if methods == "swept" else methods:
@@ -708,6 +718,9 @@ def parse_args(argv=None):
     p.add_argument("--reference-seeds", type=positive_int, default=1,
                    help=f"grid mode: how many of --distill-seeds the reference method ({registry.reference().name}) "
                         "runs at ipc 1 (CPU budget)")
+    p.add_argument("--methods", type=method_list, default=None,
+                   help="grid mode: run only these methods' default rows (comma-separated; default: every one; "
+                        "the summary still shows every method, a missing one as incomplete)")
     p.add_argument("--levers", type=lambda s: [v for v in s.split(",") if v], default=[],
                    help=f"grid mode: lever variants at ipc 1 (comma-separated: {','.join(LEVERS)})")
     p.add_argument("--baseline-draws", type=int, default=3, help="random-real draws per ipc")

@@ -453,6 +453,10 @@ def test_calibration_grid_runs_levers_and_verdicts(calibrate, tmp_path):
     assert len([r for r in distilled if r["ipc"] == 1 and r not in levers and r["method"] in swept]) == 2 * len(swept)
     labels = calibrate.grid_labels(args, "digits", 16)
     assert labels[calibrate.run_key(levers[0])] == (1, f"{levers[0]['method']} init-centroid")
+    only_sfm = calibrate.parse_args(["--mode", "grid", "--datasets", "digits", "--methods", "sfm"])
+    assert {r["method"] for r in calibrate.grid_runs(only_sfm, "digits", 16) if r["kind"] == "distilled"} == {"sfm"}
+    # the summary still labels every method's default rows (a method left out shows as incomplete)
+    assert {lab for _, lab in calibrate.grid_labels(only_sfm, "digits", 16).values()} >= set(registry.names())
 
     def record(spec, accuracy):
         return {**spec, "spec": spec, "accuracies": [accuracy, accuracy + 1.0]}
