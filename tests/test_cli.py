@@ -201,8 +201,10 @@ def test_stats_folder_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
 
 
 _INTERRUPTED = r"""
-import sys, time
+import signal, sys, time
 from fastdd import cli
+# Python keeps SIGINT ignored when it starts ignored (a shell's background job): install its handler
+signal.signal(signal.SIGINT, signal.default_int_handler)
 def slow(*args, **kwargs):
     print("working", flush=True)
     time.sleep(120)
