@@ -221,7 +221,7 @@ class ClosedFormProbeLoss(nn.Module):
             for _ in range(_FIT_TAU_BISECTIONS):
                 mid = 0.5 * (lo + hi)
                 logits = mid.exp() * s
-                # the softmax by hand: torch.softmax over rows of C = 10 was 3.5x slower on a CPU (measured); the
+                # the softmax by hand: torch.softmax over rows of C = 10 is several times slower on a CPU; the
                 # exponents floored at -80 (exp(-100) and below are float32 denormals, slow on a CPU, and
                 # weigh under e^-80)
                 e = (logits - logits.amax(1, keepdim=True)).clamp(min=-_LOGIT_FLOOR).exp()
