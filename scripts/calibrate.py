@@ -390,12 +390,11 @@ def grid_runs(args, dataset: str, size: int) -> list:
             runs += [grid_spec(f"ipc{ipc}", method, ipc, seed, steps, **extra) for seed in seeds]
     for lever in args.levers:
         methods, changes = LEVERS[lever]
-        for method in swept_methods() if methods == "swept" else methods:
-            if {k: v for k, v in registry.defaults(method).items() if k in changes} != changes:  # not the default
-                runs += [grid_spec("ipc1", method, 1, seed, args.steps, **changes) for seed in args.distill_seeds]
+        for method in swept_methods() if methods == "swept" else methods:  # a default lever: deduped below
+            runs += [grid_spec("ipc1", method, 1, seed, args.steps, **changes) for seed in args.distill_seeds]
     runs.append(baseline_spec("ceiling", "full_data", 0))
     unique = {run_key(dict(r, dataset=dataset, size=size)): dict(r, dataset=dataset, size=size) for r in runs}
-    return list(unique.values())  # two levers can name one run (e.g. init-centroid and fit-tau-centroid)
+    return list(unique.values())  # a lever the defaults hold is their row; two levers can name one run
 
 
 def grid_settings(args) -> list:
@@ -437,7 +436,7 @@ def grid_cells(runs: list, labels: dict) -> dict:
     cells = {}
     for key, members in pooled.items():
         accs = [a for r in members for a in r["accuracies"]]
-        cells[key] = (statistics.fmean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0, len(members))
+        cells[key] = (*mean_std(accs), len(members))
     return cells
 
 
@@ -586,6 +585,11 @@ def option_settings(run: dict, settings: dict) -> list:
             for name, option in method.options.items() if shown(name, option)]
 
 
+def mean_std(values: list) -> tuple:
+    """Mean and sample std (0 for a single value) of pooled accuracies."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def rows_of(runs: list) -> list:
     """Group runs that differ only in their seed: one row with mean/std over all their accuracies."""
     groups = {}
@@ -599,8 +603,7 @@ def rows_of(runs: list) -> list:
         row = {"group": first["group"], "method": first["method"], "ipc": first["ipc"],
                "setting": effective_setting(first),
                "runs": len(members), "seeds": [r["seed"] for r in members],
-               "mean": round(statistics.fmean(accs), 2),
-               "std": round(statistics.stdev(accs), 2) if len(accs) > 1 else 0.0,
+               "mean": round(mean_std(accs)[0], 2), "std": round(mean_std(accs)[1], 2),
                "per_run_means": [r["mean"] for r in members],
                "step_s": round(statistics.fmean(r["step_s"] for r in members), 4) if first.get("step_s") else None}
         for extra in ("nearest_real", "inheritance"):
