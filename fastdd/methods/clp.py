@@ -60,6 +60,34 @@ _FIT_TAU_MIN, _FIT_TAU_MAX = 1e-3, 1e4  # bounds of the fitted 1/tau (the logits
 # targets are O(1): its fitted 1/tau lies far inside them)
 
 
+def _logits(zr: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``zr @ w`` in the dtype the linear cross-entropy op would use (fp64 when the probe is)."""
+    dtype = torch.promote_types(zr.dtype, w.dtype)
+    return zr.to(dtype) @ w.to(dtype)
+
+
+def _fitted_inverse_temperature(shifted: torch.Tensor, shifted_true: torch.Tensor) -> torch.Tensor:
+    """The ``b`` in ``[_FIT_TAU_MIN, _FIT_TAU_MAX]`` minimising ``mean CE(b s, y)``, from the logits shifted by
+    their rows' max (``shifted = s - max_c s`` ``[M, C]``, ``shifted_true`` its entries at the labels ``[M]``):
+    a 0-d tensor, no host sync. The loss is convex in ``b``, so its derivative
+    ``mean(E_softmax(b s)[s] - s_y)`` rises with ``b`` and bisection on its sign, in log space, finds the
+    minimum (a bound when the derivative keeps one sign: real rows the probe separates perfectly give the
+    upper one). The rows' sums are matrix-vector products (a reduction over rows of 10 is several times
+    slower on a CPU) and the exponents are floored at -80 (float32 denormals are slow on a CPU and weigh
+    under e^-80)."""
+    with torch.no_grad():
+        ones = shifted.new_ones(shifted.shape[1])
+        true_total = shifted_true.sum()
+        lo = torch.full((), math.log(_FIT_TAU_MIN), dtype=shifted.dtype, device=shifted.device)
+        hi = torch.full((), math.log(_FIT_TAU_MAX), dtype=shifted.dtype, device=shifted.device)
+        for _ in range(_FIT_TAU_BISECTIONS):
+            mid = 0.5 * (lo + hi)
+            e = (shifted * mid.exp()).clamp_(min=-_LOGIT_FLOOR).exp_()
+            rising = ((e * shifted).matmul(ones) / e.matmul(ones)).sum() > true_total
+            lo, hi = torch.where(rising, lo, mid), torch.where(rising, mid, hi)
+        return (0.5 * (lo + hi)).exp()
+
+
 class ClosedFormProbeLoss(nn.Module):
     """``ClosedFormProbeLoss(stats, lam, tau, real_batch=None)(zs, ys) -> CE(Z_r W(zs) / tau, y_r)``.
 
@@ -201,33 +229,35 @@ class ClosedFormProbeLoss(nn.Module):
                                  f"{'...' if len(missing) > 10 else ''}")
         w = self.probe(self.normalize(zs), ys)
         zr, yr = self.real_features(zs.device)
-        # zr stays float32 (the op converts W of any dtype): casting the bank to an fp64 W would copy it
+        # zr stays float32 (the op promotes W's dtype itself): casting the bank to an fp64 W would copy it
         # whole and push the op onto its reference path, which materialises the logits
-        if self.fit_tau:  # 1/tau* folded into W, a constant of the graph (exact: see the module docstring)
-            return ops.linear_cross_entropy(zr, yr, w * self.fitted_inverse_temperature(zr, yr, w), tau=1.0)
+        if self.fit_tau:
+            return self.fitted_cross_entropy(_logits(zr, w), yr)
         return ops.linear_cross_entropy(zr, yr, w, tau=self.tau)
 
+    def fitted_cross_entropy(self, logits: torch.Tensor, yr: torch.Tensor) -> torch.Tensor:
+        """``min_b CE(b * logits, yr)``: the cross-entropy of the temperature-1 ``logits [M, C]`` at their
+        fitted inverse temperature ``b = 1/tau*``, a constant of the graph (exact: see the module docstring).
+        The logits are computed once, for the fit and the loss (the fused op would compute them again), and
+        the softmax is written out: torch's log-softmax over rows of C = 10 is several times slower on a
+        CPU. Exponents are floored at -80 as in the linear cross-entropy's reference (no float32 denormals;
+        the target logit is left as it is)."""
+        detached = logits.detach()
+        top = detached.amax(1, keepdim=True)  # the rows' max of b * logits is b * top: b > 0
+        y = yr.long().view(-1, 1)
+        b = _fitted_inverse_temperature(detached - top, (detached.gather(1, y) - top).squeeze(1))
+        shifted = (logits - top) * b
+        lse = shifted.clamp(min=-_LOGIT_FLOOR).exp().matmul(shifted.new_ones(shifted.shape[1])).log()
+        return (lse - shifted.gather(1, y).squeeze(1)).mean()
+
     def fitted_inverse_temperature(self, zr: torch.Tensor, yr: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """``1/tau*``, the inverse temperature minimising ``CE(b zr w, yr)`` over ``b`` in
-        ``[_FIT_TAU_MIN, _FIT_TAU_MAX]`` (a detached 0-d float32 tensor, no host sync): the loss is convex in
-        ``b``, so its derivative ``mean(E_softmax(b s)[s] - s_y)`` rises with ``b`` and bisection on its sign,
-        in log space, finds the minimum (a bound when the derivative keeps one sign: real rows the probe
-        separates perfectly give the upper one)."""
+        """``1/tau*`` for the real rows ``zr`` and the probe ``w``: the inverse temperature minimising
+        ``CE(b zr w, yr)`` over ``b`` in ``[_FIT_TAU_MIN, _FIT_TAU_MAX]`` (a detached 0-d tensor), as the
+        loss fits it."""
         with torch.no_grad():
-            s = zr.float() @ w.detach().float()  # [M, C] logits at temperature 1
-            s_true = s.gather(1, yr.long().view(-1, 1)).squeeze(1)
-            lo = torch.full((), math.log(_FIT_TAU_MIN), dtype=s.dtype, device=s.device)
-            hi = torch.full((), math.log(_FIT_TAU_MAX), dtype=s.dtype, device=s.device)
-            for _ in range(_FIT_TAU_BISECTIONS):
-                mid = 0.5 * (lo + hi)
-                logits = mid.exp() * s
-                # the softmax by hand: torch.softmax over rows of C = 10 is several times slower on a CPU; the
-                # exponents floored at -80 (exp(-100) and below are float32 denormals, slow on a CPU, and
-                # weigh under e^-80)
-                e = (logits - logits.amax(1, keepdim=True)).clamp(min=-_LOGIT_FLOOR).exp()
-                rising = ((e * s).sum(1) / e.sum(1) - s_true).mean() > 0
-                lo, hi = torch.where(rising, lo, mid), torch.where(rising, mid, hi)
-            return (0.5 * (lo + hi)).exp()
+            s = _logits(zr, w)
+            top = s.amax(1, keepdim=True)
+            return _fitted_inverse_temperature(s - top, (s.gather(1, yr.long().view(-1, 1)) - top).squeeze(1))
 
     def settings(self) -> dict:
         return {"lam": self.lam, "tau": self.tau, "real_batch": self.real_batch,
