@@ -352,10 +352,13 @@ LEVERS = {
     "fixed-tau": (("clp",), dict(fit_tau=False)),
     "fit-tau-centroid": (("clp",), dict(fit_tau=True, init="centroid")),
     "l2": (("clp",), dict(feature_norm="l2")),
+    "copies-1": ("swept", dict(copies=1)),
     "copies-2": ("swept", dict(copies=2)),
     "copies-2-fixed-tau": (("clp",), dict(copies=2, fit_tau=False)),
     "lr-3e-2": ("swept", dict(lr=3e-2)),
     "lr-3e-3": ("swept", dict(lr=3e-3)),
+    "lr-1e-1": ("swept", dict(lr=1e-1)),
+    "crop-0.25": ("swept", dict(crop_scale=(0.25, 1.0))),
 }
 
 
@@ -373,8 +376,8 @@ def grid_runs(args, dataset: str, size: int) -> list:
     """One setting (data set x image size) of the grid: the real baselines and every registered method with
     the library's defaults at each of ``--ipcs`` (the reference method, the costly one, with one seed and
     ``--reference-copies-ipc10`` copies at ipcs other than 1; ``--seeds-ipc10`` seeds for the others
-    there), the ``--levers`` variants at ipc 1, and the full-data probe; each spec marked with its data set
-    and size."""
+    there), the ``--levers`` variants at ipc 1 (of ``--methods`` only, when given), and the full-data
+    probe; each spec marked with its data set and size."""
     runs = []
     for ipc in args.ipcs:
         for s in range(args.baseline_draws):
@@ -391,6 +394,8 @@ def grid_runs(args, dataset: str, size: int) -> list:
     for lever in args.levers:
         methods, changes = LEVERS[lever]
         for method in swept_methods() if methods == "swept" else methods:  # a default lever: deduped below
+            if args.methods and method not in args.methods:
+                continue
             runs += [grid_spec("ipc1", method, 1, seed, args.steps, **changes) for seed in args.distill_seeds]
     runs.append(baseline_spec("ceiling", "full_data", 0))
     unique = {run_key(dict(r, dataset=dataset, size=size)): dict(r, dataset=dataset, size=size) for r in runs}
@@ -722,8 +727,8 @@ def parse_args(argv=None):
                    help=f"grid mode: how many of --distill-seeds the reference method ({registry.reference().name}) "
                         "runs at ipc 1 (CPU budget)")
     p.add_argument("--methods", type=method_list, default=None,
-                   help="grid mode: run only these methods' default rows (comma-separated; default: every one; "
-                        "the summary still shows every method, a missing one as incomplete)")
+                   help="grid mode: run only these methods' default rows and levers (comma-separated; default: "
+                        "every one; the summary still shows every method, a missing one as incomplete)")
     p.add_argument("--levers", type=lambda s: [v for v in s.split(",") if v], default=[],
                    help=f"grid mode: lever variants at ipc 1 (comma-separated: {','.join(LEVERS)})")
     p.add_argument("--baseline-draws", type=int, default=3, help="random-real draws per ipc")

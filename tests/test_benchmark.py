@@ -455,6 +455,10 @@ def test_calibration_grid_runs_levers_and_verdicts(calibrate, tmp_path):
     assert labels[calibrate.run_key(levers[0])] == (1, f"{levers[0]['method']} init-centroid")
     only_sfm = calibrate.parse_args(["--mode", "grid", "--datasets", "digits", "--methods", "sfm"])
     assert {r["method"] for r in calibrate.grid_runs(only_sfm, "digits", 16) if r["kind"] == "distilled"} == {"sfm"}
+    sfm_levers = calibrate.parse_args(["--mode", "grid", "--datasets", "digits", "--methods", "sfm", "--levers",
+                                       "init-centroid,fixed-tau"])  # --methods narrows the levers too
+    assert {(r["method"], r["init"]) for r in calibrate.grid_runs(sfm_levers, "digits", 16)
+            if r["kind"] == "distilled"} == {("sfm", "real"), ("sfm", "centroid")}
     # the summary still labels every method's default rows (a method left out shows as incomplete)
     assert {lab for _, lab in calibrate.grid_labels(only_sfm, "digits", 16).values()} >= set(registry.names())
 
