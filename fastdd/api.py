@@ -597,7 +597,7 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
             nearest each class mean) or a class-major tensor ``[C*ipc, 3, H, W]`` in [0, 1] (``"given"``).
         parameterization: ``"pyramid"`` (LGM's) or ``"pixels"``; ``extend_every``: the pyramid's extension
             period from noise (``fastdd.images``).
-        copies: K, the augmented copies of the synthetic set per step (default: LGM 10, the others 1).
+        copies: K, the augmented copies of the synthetic set per step (default: LGM 10, the others 2).
         augment: apply the augmentation chain (``fastdd.augment``: ``crop_size``, ``flip_prob``,
             ``crop_scale``, ``crop_log_ratio``, ``noise_prob``, ``noise_mean``, ``noise_std``). Every
             ``None`` default is the method's (``METHOD_DEFAULTS``, the README's measured calibration).
