@@ -446,10 +446,10 @@ def test_calibration_grid_runs_levers_and_verdicts(calibrate, tmp_path):
         assert {**kw, **options}.keys() >= set(registry.defaults(r["method"])) - {"steps"}
     ipc10 = [r for r in distilled if r["ipc"] == 10]
     assert {r["method"] for r in ipc10} == set(registry.names()) and len(ipc10) == len(registry.names())
-    levers = [r for r in distilled if r["init"] == "centroid" or r.get("fit_tau") is False]
+    levers = [r for r in distilled if r["init"] == "centroid" or r.get("fit_tau") is True]
     swept = calibrate.swept_methods()
-    assert len(levers) == 2 * (len(swept) + 1)  # init-centroid for each cheap method, fixed-tau for CLP
-    # init-real and fit-tau are defaults: no runs of their own beside the default rows
+    assert len(levers) == 2 * (len(swept) + 1)  # init-centroid for each cheap method, fit-tau for CLP
+    # init-real and fixed-tau are defaults: no runs of their own beside the default rows
     assert len([r for r in distilled if r["ipc"] == 1 and r not in levers and r["method"] in swept]) == 2 * len(swept)
     labels = calibrate.grid_labels(args, "digits", 16)
     assert labels[calibrate.run_key(levers[0])] == (1, f"{levers[0]['method']} init-centroid")
