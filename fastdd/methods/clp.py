@@ -68,18 +68,20 @@ def _logits(zr: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return zr.to(dtype) @ w.to(dtype)
 
 
-def _fitted_inverse_temperature(shifted: torch.Tensor, shifted_true: torch.Tensor) -> torch.Tensor:
-    """The ``b`` in ``[_FIT_TAU_MIN, _FIT_TAU_MAX]`` minimising ``mean CE(b s, y)``, from the logits shifted by
-    their rows' max (``shifted = s - max_c s`` ``[M, C]``, ``shifted_true`` its entries at the labels ``[M]``):
-    a 0-d tensor, no host sync. The loss is convex in ``b``, so its derivative
-    ``mean(E_softmax(b s)[s] - s_y)`` rises with ``b`` and bisection on its sign, in log space, finds the
-    minimum (a bound when the derivative keeps one sign: real rows the probe separates perfectly give the
-    upper one). The rows' sums are matrix-vector products (a reduction over rows of 10 is several times
-    slower on a CPU) and the exponents are floored at -80 (float32 denormals are slow on a CPU and weigh
-    under e^-80)."""
+def _fitted_inverse_temperature(logits: torch.Tensor, y: torch.Tensor) -> tuple:
+    """``(b, top)``: the ``b`` in ``[_FIT_TAU_MIN, _FIT_TAU_MAX]`` minimising ``mean CE(b s, y)`` for the
+    detached temperature-1 logits ``s [M, C]`` and labels ``y [M, 1]`` (a 0-d tensor, no host sync), and
+    the rows' max ``top [M, 1]`` (the max of ``b s`` is ``b top``: ``b > 0``). The loss is convex in ``b``,
+    so its derivative ``mean(E_softmax(b s)[s] - s_y)`` rises with ``b`` and bisection on its sign, in log
+    space, finds the minimum (a bound when the derivative keeps one sign: real rows the probe separates
+    perfectly give the upper one). The rows' sums are matrix-vector products (a reduction over rows of 10
+    is several times slower on a CPU) and the exponents are floored at -80 (float32 denormals are slow on
+    a CPU and weigh under e^-80)."""
     with torch.no_grad():
+        top = logits.amax(1, keepdim=True)
+        shifted = logits - top
         ones = shifted.new_ones(shifted.shape[1])
-        true_total = shifted_true.sum()
+        true_total = shifted.gather(1, y).sum()
         lo = torch.full((), math.log(_FIT_TAU_MIN), dtype=shifted.dtype, device=shifted.device)
         hi = torch.full((), math.log(_FIT_TAU_MAX), dtype=shifted.dtype, device=shifted.device)
         for _ in range(_FIT_TAU_BISECTIONS):
@@ -87,8 +89,7 @@ def _fitted_inverse_temperature(shifted: torch.Tensor, shifted_true: torch.Tenso
             e = (shifted * mid.exp()).clamp_(min=-_LOGIT_FLOOR).exp_()
             rising = ((e * shifted).matmul(ones) / e.matmul(ones)).sum() > true_total
             lo, hi = torch.where(rising, lo, mid), torch.where(rising, mid, hi)
-        return (0.5 * (lo + hi)).exp()
-
+        return (0.5 * (lo + hi)).exp(), top
 
 class ClosedFormProbeLoss(nn.Module):
     """``ClosedFormProbeLoss(stats, lam, tau, real_batch=None)(zs, ys) -> CE(Z_r W(zs) / tau, y_r)``.
@@ -244,10 +245,8 @@ class ClosedFormProbeLoss(nn.Module):
         the softmax is written out: torch's log-softmax over rows of C = 10 is several times slower on a
         CPU. Exponents are floored at -80 as in the linear cross-entropy's reference (no float32 denormals;
         the target logit is left as it is)."""
-        detached = logits.detach()
-        top = detached.amax(1, keepdim=True)  # the rows' max of b * logits is b * top: b > 0
         y = yr.long().view(-1, 1)
-        b = _fitted_inverse_temperature(detached - top, (detached.gather(1, y) - top).squeeze(1))
+        b, top = _fitted_inverse_temperature(logits.detach(), y)
         shifted = (logits - top) * b
         lse = shifted.clamp(min=-_LOGIT_FLOOR).exp().matmul(shifted.new_ones(shifted.shape[1])).log()
         return (lse - shifted.gather(1, y).squeeze(1)).mean()
@@ -257,9 +256,7 @@ class ClosedFormProbeLoss(nn.Module):
         ``CE(b zr w, yr)`` over ``b`` in ``[_FIT_TAU_MIN, _FIT_TAU_MAX]`` (a detached 0-d tensor), as the
         loss fits it."""
         with torch.no_grad():
-            s = _logits(zr, w)
-            top = s.amax(1, keepdim=True)
-            return _fitted_inverse_temperature(s - top, (s.gather(1, yr.long().view(-1, 1)) - top).squeeze(1))
+            return _fitted_inverse_temperature(_logits(zr, w), yr.long().view(-1, 1))[0]
 
     def settings(self) -> dict:
         return {"lam": self.lam, "tau": self.tau, "real_batch": self.real_batch,
