@@ -545,3 +545,24 @@ def test_repeats_take_the_median_of_the_processes(bench, tmp_path):
     calls = []
     assert bench.median_of_repeats(lambda: calls.append(1) or {"status": "capped", "step_time_s": 1.0}, 3)["repeats"] == 0
     assert len(calls) == 1  # a run that did not end ok is not repeated
+
+
+@pytest.mark.slow
+def test_plain_check_times_the_benchmarks_settings_in_plain_processes(bench, tmp_path, monkeypatch):
+    bench.main(["--tiny", "--in-process", "--quiet", "--no-evaluate", "--no-plots", "--methods", "sfm",
+                "--out", str(tmp_path)])
+    results = next(tmp_path.glob("*-tiny.json"))
+    plain = _load("fastdd_plain_check", REPO / "benchmarks" / "plain_check.py")
+    assert plain.main([str(results), "--repeats", "1", "--tolerance", "1e9"]) == 0  # one real plain process
+    check = json.loads(results.with_name(results.stem + "-plain.json").read_text())
+    row = check["rows"][0]
+    assert check["repeats"] == 1 and row["run"] == "sfm" and len(row["plain_per_process_ms"]) == 1
+    assert row["plain_ms"] > 0 and row["ratio"] == pytest.approx(row["benchmark_ms"] / row["plain_ms"])
+    assert "| sfm |" in results.with_name(results.stem + "-plain.md").read_text()
+
+    bench_s = json.loads(results.read_text())["methods"]["sfm"]["step_time_s"]
+    monkeypatch.setattr(plain, "plain_processes", lambda path, repeats: [{"sfm": bench_s * f} for f in (0.5, 1.05, 2)])
+    assert plain.main([str(results), "--repeats", "3"]) == 0  # the median of the processes, within 10 %
+    row = json.loads(results.with_name(results.stem + "-plain.json").read_text())["rows"][0]
+    assert row["plain_ms"] == pytest.approx(bench_s * 1.05e3) and row["agree"]
+    assert plain.main([str(results), "--repeats", "3", "--tolerance", "0.01"]) == 1
