@@ -596,10 +596,13 @@ def mean_std(values: list) -> tuple:
 
 
 def rows_of(runs: list) -> list:
-    """Group runs that differ only in their seed: one row with mean/std over all their accuracies."""
+    """Group runs that differ only in their seed: one row with mean/std over all their accuracies. Runs
+    group by their spec's varied keys and by the settings they actually used (``effective_setting``: every
+    method option off its default, e.g. CLP's ``fit_tau``), so that a row never pools two settings."""
     groups = {}
     for r in runs:
-        key = run_key({k: v for k, v in r.items() if k in ("group", "kind", "method", "ipc") + VARIED})
+        key = run_key({**{k: v for k, v in r.items() if k in ("group", "kind", "method", "ipc") + VARIED},
+                       "effective_setting": effective_setting(r)})
         groups.setdefault(key, []).append(r)
     rows = []
     for members in groups.values():

@@ -566,3 +566,17 @@ def test_plain_check_times_the_benchmarks_settings_in_plain_processes(bench, tmp
     row = json.loads(results.with_name(results.stem + "-plain.json").read_text())["rows"][0]
     assert row["plain_ms"] == pytest.approx(bench_s * 1.05e3) and row["agree"]
     assert plain.main([str(results), "--repeats", "3", "--tolerance", "0.01"]) == 1
+
+
+def test_calibration_rows_never_pool_two_settings(calibrate):
+    """Runs that differ in a method option outside the swept keys (CLP's fit_tau) are two rows, not one."""
+    settings = dict(registry.defaults("clp"), steps=200, augment=True)
+
+    def run(seed, fit_tau):
+        return {"group": "ipc1", "kind": "distilled", "method": "clp", "ipc": 1, "seed": seed, "steps": 200,
+                "accuracies": [60.0 + seed + 5 * fit_tau], "mean": 60.0 + seed + 5 * fit_tau, "step_s": 0.1,
+                "distill_settings": dict(settings, fit_tau=fit_tau)}
+
+    rows = calibrate.rows_of([run(0, False), run(1, False), run(0, True), run(1, True)])
+    assert [(r["runs"], r["per_run_means"]) for r in rows] == [(2, [60.0, 61.0]), (2, [65.0, 66.0])]
+    assert "fit_tau=True" in rows[1]["setting"] and "fit_tau" not in rows[0]["setting"]
