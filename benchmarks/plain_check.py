@@ -35,8 +35,9 @@ def plain_step_time(images, labels, encoder, stats, warmup: int, **kwargs) -> fl
     import fastdd
 
     stamps = []
-    fastdd.distill(images, encoder, labels=labels, stats=stats if fastdd.methods.get(kwargs["method"]).needs.stats else None,
-                   progress=False, callback=lambda step, loss: stamps.append(time.perf_counter()), **kwargs)
+    needs_stats = fastdd.methods.get(kwargs["method"]).needs.stats
+    fastdd.distill(images, encoder, labels=labels, stats=stats if needs_stats else None, progress=False,
+                   callback=lambda step, loss: stamps.append(time.perf_counter()), **kwargs)
     intervals = [b - a for a, b in zip(stamps, stamps[1:])]
     return statistics.median(intervals[max(0, warmup - 1):] or intervals)
 
@@ -103,6 +104,9 @@ def main(argv=None) -> int:
     from fastdd.files import write_json
 
     run = json.loads(args.results.read_text())
+    if run.get("device", {}).get("type") != "cpu":
+        p.error(f"{args.results}: a {run.get('device', {}).get('type')} run; the plain check times CPU runs "
+                "(its steps are timed without a device synchronisation)")
     if not measured_methods(run):
         p.error(f"{args.results}: no distilled method with a step time to check")
     timings = plain_processes(args.results, args.repeats)
