@@ -354,6 +354,7 @@ LEVERS = {
     "l2": (("clp",), dict(feature_norm="l2")),
     "copies-1": ("swept", dict(copies=1)),
     "copies-2": ("swept", dict(copies=2)),
+    "copies-4": ("swept", dict(copies=4)),
     "copies-2-fixed-tau": (("clp",), dict(copies=2, fit_tau=False)),
     "lr-3e-2": ("swept", dict(lr=3e-2)),
     "lr-3e-3": ("swept", dict(lr=3e-3)),
