@@ -355,6 +355,8 @@ LEVERS = {
     "copies-1": ("swept", dict(copies=1)),
     "copies-2": ("swept", dict(copies=2)),
     "copies-4": ("swept", dict(copies=4)),
+    "lam-0.3": (("clp",), dict(lam=0.3)),
+    "lam-3": (("clp",), dict(lam=3.0)),
     "copies-2-fixed-tau": (("clp",), dict(copies=2, fit_tau=False)),
     "lr-3e-2": ("swept", dict(lr=3e-2)),
     "lr-3e-3": ("swept", dict(lr=3e-3)),
