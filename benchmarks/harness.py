@@ -175,6 +175,13 @@ class Timing:
                    samples=tuple(float(s) for s in samples), timer=timer)
 
 
+def steady_step_times(stamps: Sequence[float], warmup: int) -> list:
+    """Per-step seconds from the step callbacks' clock readings ``stamps``, the ``warmup`` steps left out
+    (interval ``i`` is step ``i + 1``; all the intervals where the run had no more steps than that)."""
+    intervals = [b - a for a, b in zip(stamps, stamps[1:])]
+    return intervals[max(0, warmup - 1):] or intervals
+
+
 def timer_description(device) -> str:
     """What ``time_call`` measures with on ``device``."""
     if getattr(device, "type", str(device)) == "cuda" and _triton_testing() is not None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -33,20 +32,20 @@ def plain_step_time(images, labels, encoder, stats, warmup: int, **kwargs) -> fl
     """The median per-step time (s) of a plain ``fastdd.distill(images, encoder, labels=labels, **kwargs)``
     after ``warmup`` steps (intervals between the step callbacks, as the benchmark takes them)."""
     import fastdd
+    from harness import steady_step_times
 
     stamps = []
     needs_stats = fastdd.methods.get(kwargs["method"]).needs.stats
     fastdd.distill(images, encoder, labels=labels, stats=stats if needs_stats else None, progress=False,
                    callback=lambda step, loss: stamps.append(time.perf_counter()), **kwargs)
-    intervals = [b - a for a, b in zip(stamps, stamps[1:])]
-    return statistics.median(intervals[max(0, warmup - 1):] or intervals)
+    return statistics.median(steady_step_times(stamps, warmup))
 
 
-def measured_methods(run: dict) -> dict:
-    """The run's distilled methods at its first ipc that have a step time: name -> method."""
+def measured_methods(run: dict) -> list:
+    """The names of the run's distilled methods at its first ipc that have a step time."""
     ipc = run["settings"]["ipc"][0]
-    return {name: entry["method"] for name, entry in run["methods"].items()
-            if entry.get("kind") == "distilled" and entry.get("step_time_s") and entry.get("ipc", 1) == ipc}
+    return [name for name, entry in run["methods"].items()
+            if entry.get("kind") == "distilled" and entry.get("step_time_s") and entry.get("ipc", 1) == ipc]
 
 
 def worker(results: Path, rotation: int) -> None:
@@ -63,7 +62,7 @@ def worker(results: Path, rotation: int) -> None:
     data = load_real(s, device)
     encoder = build_encoder(s, device)
     stats = compute_stats(s, data, encoder, device, progress=False)[0]
-    names = list(measured_methods(run))
+    names = measured_methods(run)
     names = names[rotation % len(names):] + names[:rotation % len(names)]
     times = {}
     for name in names:
@@ -80,7 +79,7 @@ def plain_processes(results: Path, repeats: int) -> list:
     out = []
     for r in range(repeats):
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(results), "--worker", str(r)],
-                              cwd=REPO, env=dict(os.environ), capture_output=True, text=True)
+                              cwd=REPO, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"plain_check: worker process {r} failed:\n{proc.stderr[-4000:]}")
         out.append(json.loads(proc.stdout.strip().splitlines()[-1]))

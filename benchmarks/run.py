@@ -566,8 +566,8 @@ def run_distillation(s: Dict[str, Any], data: Dict[str, Any], encoder, stats, me
         if device.type == "cuda":
             gc.collect()
             torch.cuda.empty_cache()
-    intervals = [b - a for a, b in zip(stamps, stamps[1:])]  # interval i is step i + 1
-    timed = intervals[max(0, s["warmup"] - 1):] or intervals
+    intervals = [b - a for a, b in zip(stamps, stamps[1:])]
+    timed = harness.steady_step_times(stamps, s["warmup"])
     timing = harness.Timing.from_samples(timed) if timed else None
     result = {
         "status": status, "error": error, "steps_done": len(stamps),

@@ -91,6 +91,7 @@ def _fitted_inverse_temperature(logits: torch.Tensor, y: torch.Tensor) -> tuple:
             lo, hi = torch.where(rising, lo, mid), torch.where(rising, mid, hi)
         return (0.5 * (lo + hi)).exp(), top
 
+
 class ClosedFormProbeLoss(nn.Module):
     """``ClosedFormProbeLoss(stats, lam, tau, real_batch=None)(zs, ys) -> CE(Z_r W(zs) / tau, y_r)``.
 
