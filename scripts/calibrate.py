@@ -23,7 +23,7 @@ Modes (``--mode``):
 - ``views``: the probe's pool of pre-encoded augmented views against re-encoding every epoch.
 - ``grid``: the defaults on every setting of ``--datasets`` x ``--sizes`` at ``--ipcs``: the real
   baselines, every method with its defaults (each spec holds all of them, so a run is reused only while
-  the defaults still describe it), the ``--levers`` variants at ipc 1 (``LEVERS``) and the full-data
+  the defaults still describe it), the ``--levers`` variants at ``--lever-ipcs`` (``LEVERS``) and the full-data
   probe. One resumable file per setting (``calibration_grid<tag>-<dataset>-<size>px``) and one summary,
   ``calibration_grid<tag>.{csv,md}``, with the issue's bar per row (every method at least 5 points over
   the class centroids at ipc 1, above both real baselines at ipc 10) and the levers against the
@@ -343,10 +343,11 @@ def views_runs(args) -> list:
     return runs
 
 
-# Lever variants the grid can add at ipc 1 (``--levers``): name -> (methods, what changes from their defaults).
-# "swept" stands for every method without a real batch per step (``swept_methods``: the cheap ones).
+# Lever variants the grid can add at ``--lever-ipcs`` (``--levers``): name -> (methods, what changes from their
+# defaults). "swept" stands for every method without a real batch per step (``swept_methods``: the cheap ones),
+# "every" for every registered method (``lever_methods``).
 LEVERS = {
-    "init-centroid": ("swept", dict(init="centroid")),
+    "init-centroid": ("every", dict(init="centroid")),
     "init-real": ("swept", dict(init="real")),
     "fit-tau": (("clp",), dict(fit_tau=True)),
     "fixed-tau": (("clp",), dict(fit_tau=False)),
@@ -375,31 +376,47 @@ def grid_spec(group: str, method: str, ipc: int, seed: int, steps: int, **change
     return distilled_spec(group, method, ipc, seed, steps, **settings)
 
 
+def grid_method_specs(args, method: str, ipc: int, **changes) -> list:
+    """The grid's runs of ``method`` at ``ipc`` with ``changes`` over its defaults: ``--steps`` and
+    ``--distill-seeds`` at ipc 1, ``--steps-ipc10`` and ``--seeds-ipc10`` of them at other ipcs; the
+    reference method (the costly one) with ``--reference-seeds`` seeds at ipc 1 and one seed and
+    ``--reference-copies-ipc10`` copies elsewhere (a change of ``copies`` wins)."""
+    steps = args.steps if ipc == 1 else args.steps_ipc10
+    seeds = args.distill_seeds if ipc == 1 else args.distill_seeds[:args.seeds_ipc10]
+    if registry.get(method).reference:
+        seeds = seeds[:args.reference_seeds] if ipc == 1 else seeds[:1]
+        if ipc != 1:
+            changes = dict(dict(copies=args.reference_copies_ipc10), **changes)
+    return [grid_spec(f"ipc{ipc}", method, ipc, seed, steps, **changes) for seed in seeds]
+
+
+def lever_methods(methods) -> list:
+    """The methods a lever of ``LEVERS`` applies to: ``"swept"`` (every method without a real batch per
+    step), ``"every"`` (every registered method) or a tuple of names."""
+    if methods == "swept":
+        return swept_methods()
+    return list(registry.names()) if methods == "every" else list(methods)
+
+
 def grid_runs(args, dataset: str, size: int) -> list:
     """One setting (data set x image size) of the grid: the real baselines and every registered method with
-    the library's defaults at each of ``--ipcs`` (the reference method, the costly one, with one seed and
-    ``--reference-copies-ipc10`` copies at ipcs other than 1; ``--seeds-ipc10`` seeds for the others
-    there), the ``--levers`` variants at ipc 1 (of ``--methods`` only, when given), and the full-data
-    probe; each spec marked with its data set and size."""
+    the library's defaults at each of ``--ipcs`` (``grid_method_specs``), the ``--levers`` variants at
+    each of ``--lever-ipcs`` (of ``--methods`` only, when given), and the full-data probe; each spec marked
+    with its data set and size."""
     runs = []
     for ipc in args.ipcs:
         for s in range(args.baseline_draws):
             runs.append(baseline_spec(f"ipc{ipc}", "random_real", ipc, s))
         runs.append(baseline_spec(f"ipc{ipc}", "class_centroids", ipc))
         for method in args.methods or registry.names():
-            reference = registry.get(method).reference
-            steps = args.steps if ipc == 1 else args.steps_ipc10
-            seeds = args.distill_seeds if ipc == 1 else args.distill_seeds[:args.seeds_ipc10]
-            if reference:
-                seeds = seeds[:1] if ipc != 1 else seeds[:args.reference_seeds]
-            extra = dict(copies=args.reference_copies_ipc10) if reference and ipc != 1 else {}
-            runs += [grid_spec(f"ipc{ipc}", method, ipc, seed, steps, **extra) for seed in seeds]
+            runs += grid_method_specs(args, method, ipc)
     for lever in args.levers:
         methods, changes = LEVERS[lever]
-        for method in swept_methods() if methods == "swept" else methods:  # a default lever: deduped below
+        for method in lever_methods(methods):  # a default lever: deduped below
             if args.methods and method not in args.methods:
                 continue
-            runs += [grid_spec("ipc1", method, 1, seed, args.steps, **changes) for seed in args.distill_seeds]
+            for ipc in args.lever_ipcs:
+                runs += grid_method_specs(args, method, ipc, **changes)
     runs.append(baseline_spec("ceiling", "full_data", 0))
     unique = {run_key(dict(r, dataset=dataset, size=size)): dict(r, dataset=dataset, size=size) for r in runs}
     return list(unique.values())  # a lever the defaults hold is their row; two levers can name one run
@@ -426,10 +443,11 @@ def grid_labels(args, dataset: str, size: int) -> dict:
     for r in grid_runs(argparse.Namespace(**{**vars(args), "levers": [], "methods": None}), dataset, size):
         labels[run_key(r)] = (r["ipc"], r["method"] if r["kind"] == "distilled" else r["kind"])
     for lever, (methods, changes) in LEVERS.items():
-        for method in swept_methods() if methods == "swept" else methods:
-            for seed in args.distill_seeds:
-                key = run_key(dict(grid_spec("ipc1", method, 1, seed, args.steps, **changes), dataset=dataset, size=size))
-                labels.setdefault(key, (1, f"{method} {lever}"))  # a lever the defaults hold is their row
+        for method in lever_methods(methods):
+            for ipc in sorted(set(args.ipcs) | set(args.lever_ipcs)):
+                for spec in grid_method_specs(args, method, ipc, **changes):
+                    key = run_key(dict(spec, dataset=dataset, size=size))
+                    labels.setdefault(key, (ipc, f"{method} {lever}"))  # a lever the defaults hold is their row
     return labels
 
 
@@ -527,24 +545,27 @@ def write_grid_summary(args) -> None:
 
 
 def lever_table(cells_by_setting: list, methods: list) -> list:
-    """Markdown lines: each lever run at ipc 1 against its method's default row, per setting (mean and the
-    difference to the default, points)."""
-    levers = sorted({label for _, cells in cells_by_setting for (ipc, label) in cells if " " in label},
-                    key=lambda label: (methods.index(label.split()[0]), list(LEVERS).index(label.split()[1])))
-    if not levers:
-        return []
+    """Markdown lines: at each ipc a lever ran at, each lever run against its method's default row, per
+    setting (mean and the difference to the default, points)."""
+    found = {(ipc, label) for _, cells in cells_by_setting for (ipc, label) in cells if " " in label}
     settings = [setting for setting, _ in cells_by_setting]
-    lines = ["", "Levers at ipc 1 (`--levers`): each variant changes one thing from its method's defaults; a cell is "
-             "its mean and, in brackets, its difference to the default row of the same setting (points).", "",
-             "| method | lever | " + " | ".join(f"{d} {px} px" for d, px in settings) + " |",
-             "|---|---|" + "---:|" * len(settings)]
-    for label in levers:
-        method, lever = label.split()
-        row = []
-        for _, cells in cells_by_setting:
-            got, base = cells.get((1, label)), cells.get((1, method))
-            row.append("" if got is None else f"{got[0]:.1f}" + ("" if base is None else f" ({got[0] - base[0]:+.1f})"))
-        lines.append(f"| {method.upper()} | {lever} | " + " | ".join(row) + " |")
+    lines = []
+    for ipc in sorted({ipc for ipc, _ in found}):
+        levers = sorted({label for i, label in found if i == ipc},
+                        key=lambda label: (methods.index(label.split()[0]), list(LEVERS).index(label.split()[1])))
+        lines += ["", f"Levers at ipc {ipc} (`--levers`, `--lever-ipcs`): each variant changes one thing from its "
+                  "method's defaults; a cell is its mean and, in brackets, its difference to the default row of "
+                  "the same setting (points).", "",
+                  "| method | lever | " + " | ".join(f"{d} {px} px" for d, px in settings) + " |",
+                  "|---|---|" + "---:|" * len(settings)]
+        for label in levers:
+            method, lever = label.split()
+            row = []
+            for _, cells in cells_by_setting:
+                got, base = cells.get((ipc, label)), cells.get((ipc, method))
+                row.append("" if got is None else f"{got[0]:.1f}"
+                           + ("" if base is None else f" ({got[0] - base[0]:+.1f})"))
+            lines.append(f"| {method.upper()} | {lever} | " + " | ".join(row) + " |")
     return lines
 
 
@@ -736,7 +757,9 @@ def parse_args(argv=None):
                    help="grid mode: run only these methods' default rows and levers (comma-separated; default: "
                         "every one; the summary still shows every method, a missing one as incomplete)")
     p.add_argument("--levers", type=lambda s: [v for v in s.split(",") if v], default=[],
-                   help=f"grid mode: lever variants at ipc 1 (comma-separated: {','.join(LEVERS)})")
+                   help=f"grid mode: lever variants at --lever-ipcs (comma-separated: {','.join(LEVERS)})")
+    p.add_argument("--lever-ipcs", type=lambda s: [positive_int(x) for x in s.split(",")], default=[1],
+                   help="grid mode: the ipcs the --levers variants run at (comma-separated; default 1)")
     p.add_argument("--baseline-draws", type=int, default=3, help="random-real draws per ipc")
     p.add_argument("--base-init", default="real", help="initialisation of the sweep groups after 'init'")
     p.add_argument("--probe-epochs", type=int, default=probe.DEFAULT_EPOCHS)

@@ -448,7 +448,8 @@ def test_calibration_grid_runs_levers_and_verdicts(calibrate, tmp_path):
     assert {r["method"] for r in ipc10} == set(registry.names()) and len(ipc10) == len(registry.names())
     levers = [r for r in distilled if r["init"] == "centroid" or r.get("fit_tau") is True]
     swept = calibrate.swept_methods()
-    assert len(levers) == 2 * (len(swept) + 1)  # init-centroid for each cheap method, fit-tau for CLP
+    # init-centroid for every method (the reference with --reference-seeds), fit-tau for CLP
+    assert len(levers) == 2 * len(swept) + args.reference_seeds + 2
     # init-real and fixed-tau are defaults: no runs of their own beside the default rows
     assert len([r for r in distilled if r["ipc"] == 1 and r not in levers and r["method"] in swept]) == 2 * len(swept)
     labels = calibrate.grid_labels(args, "digits", 16)
@@ -483,6 +484,26 @@ def test_calibration_grid_runs_levers_and_verdicts(calibrate, tmp_path):
     calibrate.write_grid_summary(args)
     table = (tmp_path / "calibration_grid.md").read_text()
     assert "| digits | 16 | 1 | 30.5 +- 0.7 | 40.5 +- 0.7 |" in table and "no: dm" in table
+
+
+def test_calibration_grid_levers_at_other_ipcs(calibrate):
+    """``--lever-ipcs`` runs the levers at ipc 10 with that ipc's steps and seeds; an "every" lever (init-centroid) reaches
+    the reference method too, with its reduced copies there; the labels name each lever run at its ipc."""
+    args = calibrate.parse_args(["--mode", "grid", "--datasets", "digits", "--ipcs", "1,10", "--steps", "7",
+                                 "--steps-ipc10", "5", "--distill-seeds", "0,1", "--levers", "init-centroid",
+                                 "--lever-ipcs", "10"])
+    runs = [r for r in calibrate.grid_runs(args, "digits", 16) if r["kind"] == "distilled"]
+    levers = [r for r in runs if r["init"] == "centroid"]
+    assert {r["ipc"] for r in levers} == {10} and {r["steps"] for r in levers} == {5}
+    assert sorted(r["method"] for r in levers) == sorted(registry.names())  # one seed each at ipc 10
+    reference = next(r for r in levers if registry.get(r["method"]).reference)
+    assert reference["copies"] == args.reference_copies_ipc10
+    labels = calibrate.grid_labels(args, "digits", 16)
+    assert {labels[calibrate.run_key(r)] for r in levers} == {(10, f"{m} init-centroid") for m in registry.names()}
+    cells = {(10, "sfm"): (70.0, 0.0, 1), (10, "sfm init-centroid"): (72.5, 0.0, 1)}
+    table = "\n".join(calibrate.lever_table([(("digits", 16), cells)], list(registry.names())))
+    assert "Levers at ipc 10" in table and "| SFM | init-centroid | 72.5 (+2.5) |" in table
+    assert "Levers at ipc 1 " not in table
 
 
 def test_every_distilled_method_reports_its_floor(bench, tmp_path):
