@@ -6,9 +6,10 @@ For every distilled method of the run, ``fastdd.distill`` runs in plain Python p
 wait-policy setting, on the benchmark's data, encoder and statistics and with the arguments it gave
 ``distill`` (``run.distill_kwargs``: ipc, steps, seed, pyramid schedule; the library's defaults
 otherwise), and its per-step time is taken the benchmark's way (the median step after the warm-up steps,
-from the callback's clock). On a shared machine one process's times move by about +-20 % against
-another's, so, as the benchmark does, ``--repeats`` fresh processes (3) each time every method (in a
-rotated order) and the median of their medians is compared. Writes ``<run>-plain.md`` and ``.json``
+from the callback's clock). As in the benchmark, each process runs one method on statistics computed
+once (``run.compute_stats``) and loaded from a file, so only the process differs. On a shared machine
+one process's times move by about +-20 % against another's, so, as the benchmark does, ``--repeats``
+rounds (3) of one fresh process per method run and the median of their medians is compared. Writes ``<run>-plain.md`` and ``.json``
 beside the run: each method's benchmark and plain times, their ratio and whether they agree within
 ``--tolerance`` (10 %). Exit code 1 when one does not.
 """
@@ -20,6 +21,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,43 +50,56 @@ def measured_methods(run: dict) -> list:
             if entry.get("kind") == "distilled" and entry.get("step_time_s") and entry.get("ipc", 1) == ipc]
 
 
-def worker(results: Path, rotation: int) -> None:
-    """One plain process: time every measured method of the run (order rotated by ``rotation``) and print
-    ``{name: seconds}`` as JSON on the last line. Data, encoder and statistics are built by the benchmark's
-    own functions (``run.load_real``, ``run.build_encoder``, ``run.compute_stats``), so only the process
-    differs."""
+def worker(results: Path, name: str, stats_path: Path) -> None:
+    """One plain process: time the run's method ``name`` and print ``{name: seconds}`` as JSON on the last
+    line. Data and encoder are built by the benchmark's own functions (``run.load_real``,
+    ``run.build_encoder``) and the statistics loaded from ``stats_path`` as its worker loads them, so only
+    the process differs: one method per process, as in the benchmark."""
     import torch
 
-    from run import build_encoder, compute_stats, distill_kwargs, load_real
+    import fastdd
+    from run import build_encoder, distill_kwargs, load_real
 
     run = json.loads(results.read_text())
     s, device = run["settings"], torch.device("cpu")
     data = load_real(s, device)
     encoder = build_encoder(s, device)
-    stats = compute_stats(s, data, encoder, device, progress=False)[0]
-    names = measured_methods(run)
-    names = names[rotation % len(names):] + names[:rotation % len(names)]
-    times = {}
-    for name in names:
-        entry = run["methods"][name]
-        kwargs = distill_kwargs(s, entry["method"], s["ipc"][0], entry.get("copies"),
-                                int(data["train_images"].shape[-1]), device)
-        times[name] = plain_step_time(data["train_images"], data["train_labels"], encoder, stats, s["warmup"],
-                                      **kwargs)
-    print(json.dumps(times))
+    stats = fastdd.RealStats.load(stats_path)
+    entry = run["methods"][name]
+    kwargs = distill_kwargs(s, entry["method"], s["ipc"][0], entry.get("copies"), int(data["train_images"].shape[-1]),
+                            device)
+    print(json.dumps({name: plain_step_time(data["train_images"], data["train_labels"], encoder, stats, s["warmup"],
+                                            **kwargs)}))
 
 
 def plain_processes(results: Path, repeats: int) -> list:
-    """Run ``repeats`` fresh worker processes (the user's environment, unchanged) and return their timings."""
+    """The statistics computed once here (``run.compute_stats``, saved as the benchmark saves them for its
+    workers), then ``repeats`` rounds of one fresh plain process per method (the user's environment,
+    unchanged); returns each round's ``{name: seconds}``."""
+    import torch
+
+    from run import build_encoder, compute_stats, load_real
+
+    run = json.loads(results.read_text())
+    s, device = run["settings"], torch.device("cpu")
+    data = load_real(s, device)
+    stats = compute_stats(s, data, build_encoder(s, device), device, progress=False)[0]
     out = []
-    for r in range(repeats):
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(results), "--worker", str(r)],
-                              cwd=REPO, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"plain_check: worker process {r} failed:\n{proc.stderr[-4000:]}")
-        out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(f"process {r + 1}/{repeats}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in out[-1].items()),
-              flush=True)
+    with tempfile.TemporaryDirectory(prefix="fastdd-plain-") as tmp:
+        stats_path = Path(tmp) / "stats.pt"
+        stats.save(stats_path)
+        for r in range(repeats):
+            times = {}
+            for name in measured_methods(run):
+                proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(results), "--worker", name,
+                                       "--stats", str(stats_path)], cwd=REPO, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise SystemExit(f"plain_check: the worker process of {name} (round {r + 1}) failed:\n"
+                                     f"{proc.stderr[-4000:]}")
+                times.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+            out.append(times)
+            print(f"round {r + 1}/{repeats}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in times.items()),
+                  flush=True)
     return out
 
 
@@ -93,10 +108,11 @@ def main(argv=None) -> int:
     p.add_argument("results", type=Path, help="a benchmark run's JSON (benchmarks/results/*.json)")
     p.add_argument("--tolerance", type=float, default=0.10, help="allowed relative difference (default 0.10)")
     p.add_argument("--repeats", type=int, default=3, help="plain processes whose medians give the median (default 3)")
-    p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--stats", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker is not None:
-        worker(args.results, args.worker)
+        worker(args.results, args.worker, args.stats)
         return 0
     if args.repeats < 1:
         p.error(f"--repeats must be at least 1, got {args.repeats}")
@@ -124,7 +140,8 @@ def main(argv=None) -> int:
     write_json(f"{stem}-plain.json", {"results": str(args.results), "tolerance": args.tolerance,
                                      "repeats": args.repeats, "rows": rows, "command": command})
     lines = [f"Plain-process check of `{args.results.name}` (`{command}`): per-step median after the same "
-             f"warm-up in each of {args.repeats} plain processes (no thread or wait-policy setting), and the "
+             f"warm-up in each of {args.repeats} plain processes per method (one method a process, no thread or "
+             "wait-policy setting, the statistics computed once and loaded from a file), and the "
              "median of those.", "",
              "| run | benchmark (ms) | plain distill (ms) | plain per process (ms) | benchmark / plain | within "
              f"{args.tolerance:.0%} |", "|---|---:|---:|---|---:|---|"]

@@ -358,6 +358,12 @@ LEVERS = {
     "copies-4": ("swept", dict(copies=4)),
     "lam-0.3": (("clp",), dict(lam=0.3)),
     "lam-3": (("clp",), dict(lam=3.0)),
+    "lam-10": (("clp",), dict(lam=10.0)),
+    "tau-0.05": (("clp",), dict(tau=0.05)),
+    "tau-0.2": (("clp",), dict(tau=0.2)),
+    "real-batch-2048": (("clp",), dict(real_batch=2048)),
+    "steps-2000": ("swept", dict(steps=2000)),
+    "real-batch-16384": (("clp",), dict(real_batch=16384)),
     "copies-2-fixed-tau": (("clp",), dict(copies=2, fit_tau=False)),
     "lr-3e-2": ("swept", dict(lr=3e-2)),
     "lr-3e-3": ("swept", dict(lr=3e-3)),
@@ -380,8 +386,9 @@ def grid_method_specs(args, method: str, ipc: int, **changes) -> list:
     """The grid's runs of ``method`` at ``ipc`` with ``changes`` over its defaults: ``--steps`` and
     ``--distill-seeds`` at ipc 1, ``--steps-ipc10`` and ``--seeds-ipc10`` of them at other ipcs; the
     reference method (the costly one) with ``--reference-seeds`` seeds at ipc 1 and one seed and
-    ``--reference-copies-ipc10`` copies elsewhere (a change of ``copies`` wins)."""
-    steps = args.steps if ipc == 1 else args.steps_ipc10
+    ``--reference-copies-ipc10`` copies elsewhere (a change of ``copies`` or ``steps`` wins)."""
+    changes = dict(changes)
+    steps = changes.pop("steps", args.steps if ipc == 1 else args.steps_ipc10)
     seeds = args.distill_seeds if ipc == 1 else args.distill_seeds[:args.seeds_ipc10]
     if registry.get(method).reference:
         seeds = seeds[:args.reference_seeds] if ipc == 1 else seeds[:1]
