@@ -6,11 +6,13 @@ For every distilled method of the run, ``fastdd.distill`` runs in plain Python p
 wait-policy setting, on the benchmark's data, encoder and statistics and with the arguments it gave
 ``distill`` (``run.distill_kwargs``: ipc, steps, seed, pyramid schedule; the library's defaults
 otherwise), and its per-step time is taken the benchmark's way (the median step after the warm-up steps,
-from the callback's clock). As in the benchmark, each process runs one method on statistics computed
-once (``run.compute_stats``) and loaded from a file, so only the process differs. On a shared machine
-one process's times move by about +-20 % against another's, so, as the benchmark does, ``--repeats``
-rounds (3) of one fresh process per method run and the median of their medians is compared. Writes ``<run>-plain.md`` and ``.json``
-beside the run: each method's benchmark and plain times, their ratio and whether they agree within
+from the callback's clock). Beside each plain process the method runs in one of the benchmark's own
+worker processes (``run.run_in_child``), in turn, so that both see the machine of the same minutes: on a
+shared machine one hour's step times differ from the next's by more than the harness could (+-20 % and
+more), so a run recorded earlier is no yardstick (its times are shown beside). Each process runs one
+method on statistics computed once (``run.compute_stats``) and loaded from a file, as the benchmark's
+workers do; ``--repeats`` rounds (3) and the median over them. Writes ``<run>-plain.md`` and ``.json``
+beside the run: each method's benchmark-process and plain times, their ratio and whether they agree within
 ``--tolerance`` (10 %). Exit code 1 when one does not.
 """
 
@@ -72,10 +74,36 @@ def worker(results: Path, name: str, stats_path: Path) -> None:
                                             **kwargs)}))
 
 
-def plain_processes(results: Path, repeats: int) -> list:
-    """The statistics computed once here (``run.compute_stats``, saved as the benchmark saves them for its
-    workers), then ``repeats`` rounds of one fresh plain process per method (the user's environment,
-    unchanged); returns each round's ``{name: seconds}``."""
+def plain_process(results: Path, name: str, stats_path: Path) -> float:
+    """The per-step time (s) of method ``name`` in one fresh plain worker process (the user's environment,
+    unchanged)."""
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(results), "--worker", name,
+                           "--stats", str(stats_path)], cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"plain_check: the plain worker process of {name} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])[name]
+
+
+def benchmark_process(run: dict, name: str, stats_path: Path, workdir: Path) -> float:
+    """The per-step time (s) of method ``name`` in one of the benchmark's own worker processes
+    (``run.run_in_child``: what ``benchmarks/run.py`` reports)."""
+    import torch
+
+    from run import run_in_child
+
+    entry = run["methods"][name]
+    result = run_in_child(run["settings"], entry["method"], entry.get("ipc", run["settings"]["ipc"][0]),
+                          entry.get("copies"), torch.device("cpu"), stats_path, workdir, progress=False)
+    if result.get("status") != "ok" or not result.get("step_time_s"):
+        raise SystemExit(f"plain_check: the benchmark worker process of {name} failed: {result.get('error')}")
+    return result["step_time_s"]
+
+
+def paired_processes(results: Path, repeats: int) -> list:
+    """The statistics computed once here (``run.compute_stats``) and saved as the benchmark saves them for
+    its workers; then ``repeats`` rounds in which every method runs once in a benchmark worker process and
+    once in a plain one, in turn (which goes first alternates), so that both see the machine of the same
+    minutes. Returns each round's ``{name: (benchmark seconds, plain seconds)}``."""
     import torch
 
     from run import build_encoder, compute_stats, load_real
@@ -90,16 +118,17 @@ def plain_processes(results: Path, repeats: int) -> list:
         stats.save(stats_path)
         for r in range(repeats):
             times = {}
-            for name in measured_methods(run):
-                proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(results), "--worker", name,
-                                       "--stats", str(stats_path)], cwd=REPO, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise SystemExit(f"plain_check: the worker process of {name} (round {r + 1}) failed:\n"
-                                     f"{proc.stderr[-4000:]}")
-                times.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+            for i, name in enumerate(measured_methods(run)):
+                if (r + i) % 2 == 0:
+                    bench = benchmark_process(run, name, stats_path, Path(tmp))
+                    plain = plain_process(results, name, stats_path)
+                else:
+                    plain = plain_process(results, name, stats_path)
+                    bench = benchmark_process(run, name, stats_path, Path(tmp))
+                times[name] = (bench, plain)
             out.append(times)
-            print(f"round {r + 1}/{repeats}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in times.items()),
-                  flush=True)
+            print(f"round {r + 1}/{repeats}: " + ", ".join(f"{k} {b * 1e3:.1f} / {q * 1e3:.1f} ms"
+                                                           for k, (b, q) in times.items()), flush=True)
     return out
 
 
@@ -124,28 +153,34 @@ def main(argv=None) -> int:
                 "(its steps are timed without a device synchronisation)")
     if not measured_methods(run):
         p.error(f"{args.results}: no distilled method with a step time to check")
-    timings = plain_processes(args.results, args.repeats)
+    rounds = paired_processes(args.results, args.repeats)
     rows = []
     for name in measured_methods(run):
-        per_process = [t[name] for t in timings]
-        plain = statistics.median(per_process)
-        ratio = run["methods"][name]["step_time_s"] / plain
-        rows.append({"run": name, "benchmark_ms": run["methods"][name]["step_time_s"] * 1e3, "plain_ms": plain * 1e3,
-                     "plain_per_process_ms": [t * 1e3 for t in per_process], "ratio": ratio,
+        bench = [r[name][0] for r in rounds]
+        plain = [r[name][1] for r in rounds]
+        ratio = statistics.median(bench) / statistics.median(plain)
+        rows.append({"run": name, "recorded_ms": run["methods"][name]["step_time_s"] * 1e3,
+                     "benchmark_ms": statistics.median(bench) * 1e3, "plain_ms": statistics.median(plain) * 1e3,
+                     "benchmark_per_process_ms": [t * 1e3 for t in bench],
+                     "plain_per_process_ms": [t * 1e3 for t in plain], "ratio": ratio,
                      "agree": abs(ratio - 1) <= args.tolerance})
         print(f"{name}: benchmark {rows[-1]['benchmark_ms']:.1f} ms, plain {rows[-1]['plain_ms']:.1f} ms, "
-              f"ratio {ratio:.2f}")
+              f"ratio {ratio:.2f} (the run recorded {rows[-1]['recorded_ms']:.1f} ms)")
     stem = args.results.with_suffix("")
     command = " ".join(["python", "benchmarks/plain_check.py", *sys.argv[1:]])
     write_json(f"{stem}-plain.json", {"results": str(args.results), "tolerance": args.tolerance,
                                      "repeats": args.repeats, "rows": rows, "command": command})
-    lines = [f"Plain-process check of `{args.results.name}` (`{command}`): per-step median after the same "
-             f"warm-up in each of {args.repeats} plain processes per method (one method a process, no thread or "
-             "wait-policy setting, the statistics computed once and loaded from a file), and the "
-             "median of those.", "",
-             "| run | benchmark (ms) | plain distill (ms) | plain per process (ms) | benchmark / plain | within "
-             f"{args.tolerance:.0%} |", "|---|---:|---:|---|---:|---|"]
-    lines += [f"| {r['run']} | {r['benchmark_ms']:.1f} | {r['plain_ms']:.1f} | "
+    lines = [f"Plain-process check of `{args.results.name}` (`{command}`): {args.repeats} rounds, each running every "
+             "method once in the benchmark's own worker process (`run.run_in_child`) and once in a plain process "
+             "(`fastdd.distill` with no thread or wait-policy setting), in turn, on the statistics computed once "
+             "and loaded from a file; per-step medians after the same warm-up, and the median over the rounds. "
+             "Both sides run in the same minutes: on a shared machine the step times of one hour and the next "
+             "differ by more than the harness could (the run's own recorded times are beside them).", "",
+             "| run | recorded by the run (ms) | benchmark process (ms) | plain process (ms) | benchmark per round (ms) "
+             f"| plain per round (ms) | benchmark / plain | within {args.tolerance:.0%} |",
+             "|---|---:|---:|---:|---|---|---:|---|"]
+    lines += [f"| {r['run']} | {r['recorded_ms']:.1f} | {r['benchmark_ms']:.1f} | {r['plain_ms']:.1f} | "
+              f"{', '.join(f'{t:.1f}' for t in r['benchmark_per_process_ms'])} | "
               f"{', '.join(f'{t:.1f}' for t in r['plain_per_process_ms'])} | {r['ratio']:.2f} | "
               f"{'yes' if r['agree'] else 'NO'} |" for r in rows]
     Path(f"{stem}-plain.md").write_text("\n".join(lines) + "\n")

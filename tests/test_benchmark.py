@@ -570,22 +570,28 @@ def test_repeats_take_the_median_of_the_processes(bench, tmp_path):
 
 @pytest.mark.slow
 def test_plain_check_times_the_benchmarks_settings_in_plain_processes(bench, tmp_path, monkeypatch):
+    """A round runs the method in the benchmark's worker process and in a plain one; the verdict compares
+    the medians over the rounds of the two kinds of process (the run's recorded time only shown)."""
     bench.main(["--tiny", "--in-process", "--quiet", "--no-evaluate", "--no-plots", "--methods", "sfm",
                 "--out", str(tmp_path)])
     results = next(tmp_path.glob("*-tiny.json"))
     plain = _load("fastdd_plain_check", REPO / "benchmarks" / "plain_check.py")
-    assert plain.main([str(results), "--repeats", "1", "--tolerance", "1e9"]) == 0  # one real plain process
+    assert plain.main([str(results), "--repeats", "1", "--tolerance", "1e9"]) == 0  # one real round
     check = json.loads(results.with_name(results.stem + "-plain.json").read_text())
     row = check["rows"][0]
     assert check["repeats"] == 1 and row["run"] == "sfm" and len(row["plain_per_process_ms"]) == 1
-    assert row["plain_ms"] > 0 and row["ratio"] == pytest.approx(row["benchmark_ms"] / row["plain_ms"])
+    assert row["plain_ms"] > 0 and row["benchmark_ms"] > 0 and len(row["benchmark_per_process_ms"]) == 1
+    assert row["ratio"] == pytest.approx(row["benchmark_ms"] / row["plain_ms"])
+    recorded = json.loads(results.read_text())["methods"]["sfm"]["step_time_s"]
+    assert row["recorded_ms"] == pytest.approx(recorded * 1e3)
     assert "| sfm |" in results.with_name(results.stem + "-plain.md").read_text()
 
-    bench_s = json.loads(results.read_text())["methods"]["sfm"]["step_time_s"]
-    monkeypatch.setattr(plain, "plain_processes", lambda path, repeats: [{"sfm": bench_s * f} for f in (0.5, 1.05, 2)])
-    assert plain.main([str(results), "--repeats", "3"]) == 0  # the median of the processes, within 10 %
+    rounds = [{"sfm": (0.10, q)} for q in (0.05, 0.105, 0.2)]  # benchmark 100 ms; plain 50, 105, 200 ms
+    monkeypatch.setattr(plain, "paired_processes", lambda path, repeats: rounds)
+    assert plain.main([str(results), "--repeats", "3"]) == 0  # the medians over the rounds, within 10 %
     row = json.loads(results.with_name(results.stem + "-plain.json").read_text())["rows"][0]
-    assert row["plain_ms"] == pytest.approx(bench_s * 1.05e3) and row["agree"]
+    assert row["plain_ms"] == pytest.approx(105.0) and row["benchmark_ms"] == pytest.approx(100.0) and row["agree"]
+    assert row["recorded_ms"] == pytest.approx(recorded * 1e3)  # shown, not compared
     assert plain.main([str(results), "--repeats", "3", "--tolerance", "0.01"]) == 1
 
 
