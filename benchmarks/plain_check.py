@@ -136,7 +136,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("results", type=Path, help="a benchmark run's JSON (benchmarks/results/*.json)")
     p.add_argument("--tolerance", type=float, default=0.10, help="allowed relative difference (default 0.10)")
-    p.add_argument("--repeats", type=int, default=3, help="plain processes whose medians give the median (default 3)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="rounds, each a benchmark and a plain process per method, whose medians are compared (3)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--stats", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
