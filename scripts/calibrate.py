@@ -355,15 +355,15 @@ LEVERS = {
     "l2": (("clp",), dict(feature_norm="l2")),
     "copies-1": ("swept", dict(copies=1)),
     "copies-2": ("swept", dict(copies=2)),
-    "copies-4": ("swept", dict(copies=4)),
+    "copies-4": ("every", dict(copies=4)),
     "lam-0.3": (("clp",), dict(lam=0.3)),
     "lam-3": (("clp",), dict(lam=3.0)),
     "lam-10": (("clp",), dict(lam=10.0)),
     "tau-0.05": (("clp",), dict(tau=0.05)),
     "tau-0.2": (("clp",), dict(tau=0.2)),
     "real-batch-2048": (("clp",), dict(real_batch=2048)),
-    "steps-2000": ("swept", dict(steps=2000)),
     "real-batch-16384": (("clp",), dict(real_batch=16384)),
+    "steps-2000": ("swept", dict(steps=2000)),
     "copies-2-fixed-tau": (("clp",), dict(copies=2, fit_tau=False)),
     "lr-3e-2": ("swept", dict(lr=3e-2)),
     "lr-3e-3": ("swept", dict(lr=3e-3)),
@@ -780,7 +780,14 @@ def parse_args(argv=None):
     p.add_argument("--progress", action="store_true", help="tqdm bars for each distillation")
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     p.add_argument("--render-only", action="store_true", help="rewrite the CSV/MD tables from the JSON")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = [lever for lever in args.levers if lever not in LEVERS]
+    if unknown:
+        p.error(f"--levers: unknown {', '.join(unknown)} (known: {', '.join(LEVERS)})")
+    if args.levers and not set(args.lever_ipcs) <= set(args.ipcs):
+        p.error(f"--lever-ipcs {','.join(map(str, args.lever_ipcs))}: every one must be in --ipcs "
+                f"{','.join(map(str, args.ipcs))} (a lever is compared with the default rows and baselines there)")
+    return args
 
 
 def summarize(args) -> None:

@@ -504,6 +504,9 @@ def test_calibration_grid_levers_at_other_ipcs(calibrate):
     table = "\n".join(calibrate.lever_table([(("digits", 16), cells)], list(registry.names())))
     assert "Levers at ipc 10" in table and "| SFM | init-centroid | 72.5 (+2.5) |" in table
     assert "Levers at ipc 1 " not in table
+    for bad in (["--levers", "nope"], ["--ipcs", "1", "--levers", "init-centroid", "--lever-ipcs", "10"]):
+        with pytest.raises(SystemExit):
+            calibrate.parse_args(["--mode", "grid", *bad])
 
 
 def test_every_distilled_method_reports_its_floor(bench, tmp_path):
