@@ -50,6 +50,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -836,6 +837,37 @@ def main(argv=None) -> None:
             print(f"wrote {args.out / f'calibration_grid{args.tag}'}.{{csv,md}}")
 
 
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive advisory lock on ``<path>.lock`` (where ``fcntl`` exists) for a read-merge-write."""
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks here: the merge alone
+        yield
+        return
+    with open(f"{path}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def save_merged(json_path: Path, doc: dict, merge: bool = True) -> None:
+    """Write ``doc`` to ``json_path`` with, when ``merge``, the runs and invocations that another process
+    added to the file meanwhile (two processes may resume one setting file: neither loses the other's
+    runs). ``doc`` gains them too."""
+    with _file_lock(json_path):
+        if merge and json_path.exists():
+            disk = json.loads(json_path.read_text())
+            mine = {run_key(r["spec"]) for r in doc["runs"]}
+            doc["runs"] += [r for r in disk.get("runs", []) if run_key(r["spec"]) not in mine]
+            invocations = doc.setdefault("invocations", [])
+            invocations += [i for i in disk.get("invocations", []) if i not in invocations]
+            invocations.sort(key=lambda i: i.get("started", ""))
+        harness.write_json(json_path, doc)
+
+
 def run_file(stem: Path, runs: list, dataset: str, size: int, args) -> None:
     """Run the specs of ``runs`` missing from ``stem``.json (one data set at one size), appending each
     record as it finishes, and render its tables."""
@@ -875,11 +907,11 @@ def run_file(stem: Path, runs: list, dataset: str, size: int, args) -> None:
         record = json.loads(json.dumps(execute(spec, setup, args), default=str))
         record["spec"] = json.loads(json.dumps(spec))
         doc["runs"].append(record)
-        harness.write_json(json_path, doc)
+        save_merged(json_path, doc, merge=not args.fresh)
         write_tables(stem, doc, current)
         print(f"[{i + 1}/{len(todo)}] {run_key(spec)}: {record['mean']:.1f} +- {record['std']:.1f} "
               f"({record['total_s']:.0f} s)", flush=True)
-    harness.write_json(json_path, doc)
+    save_merged(json_path, doc, merge=not args.fresh)
     write_tables(stem, doc, current)
     print(f"wrote {stem}.{{json,csv,md}}")
 

@@ -598,6 +598,26 @@ def test_plain_check_times_the_benchmarks_settings_in_plain_processes(bench, tmp
     assert plain.main([str(results), "--repeats", "3", "--tolerance", "0.01"]) == 1
 
 
+def test_calibration_file_keeps_the_runs_of_another_process(calibrate, tmp_path):
+    """Two processes resuming one setting file: each write merges the runs (and invocations) the other
+    added meanwhile, so neither loses a run; --fresh (merge=False) overwrites."""
+    path = tmp_path / "calibration_grid-digits-16px.json"
+
+    def run(seed):
+        spec = {"group": "ipc1", "kind": "random_real", "method": "random_real", "ipc": 1, "seed": seed}
+        return {**spec, "spec": spec, "accuracies": [50.0 + seed]}
+
+    first = {"runs": [run(0)], "invocations": [{"command": "a", "started": "2026-01-01T00:00:00"}]}
+    second = {"runs": [run(1)], "invocations": [{"command": "b", "started": "2026-01-01T00:00:01"}]}
+    calibrate.save_merged(path, first)
+    calibrate.save_merged(path, second)  # loaded before `first` was written: gains its run
+    on_disk = json.loads(path.read_text())
+    assert sorted(r["seed"] for r in on_disk["runs"]) == [0, 1]
+    assert [i["command"] for i in on_disk["invocations"]] == ["a", "b"]
+    calibrate.save_merged(path, {"runs": [run(2)]}, merge=False)
+    assert [r["seed"] for r in json.loads(path.read_text())["runs"]] == [2]
+
+
 def test_calibration_rows_never_pool_two_settings(calibrate):
     """Runs that differ in a method option outside the swept keys (CLP's fit_tau) are two rows, not one."""
     settings = dict(registry.defaults("clp"), steps=200, augment=True)
