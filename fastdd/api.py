@@ -590,7 +590,7 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
         labels: int64 ``[N]`` in ``0..C-1`` when ``images`` is a tensor.
         ipc: synthetic images per class. steps: optimisation steps (default 1000).
         options: the method's own options (``fastdd.methods.get(method).options``), e.g. CLP's
-            ``{"lam": 1.0, "tau": 0.1, "real_batch": 4096}``; unset ones keep their defaults. The same
+            ``{"lam": 1.0, "tau": 0.1, "real_batch": 2048}``; unset ones keep their defaults. The same
             names as top-level keywords (``lam=``, ``probe_bias=`` for ``bias``) are deprecated.
         num_classes: C (default: max label + 1). lr: Adam's learning rate.
         init: ``"noise"`` (published), ``"real"`` (random real images per class), ``"centroid"`` (those

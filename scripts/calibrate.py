@@ -363,6 +363,7 @@ LEVERS = {
     "tau-0.05": (("clp",), dict(tau=0.05)),
     "tau-0.2": (("clp",), dict(tau=0.2)),
     "real-batch-2048": (("clp",), dict(real_batch=2048)),
+    "real-batch-4096": (("clp",), dict(real_batch=4096)),
     "real-batch-16384": (("clp",), dict(real_batch=16384)),
     "steps-2000": ("swept", dict(steps=2000)),
     "copies-2-fixed-tau": (("clp",), dict(copies=2, fit_tau=False)),

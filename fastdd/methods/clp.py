@@ -33,7 +33,9 @@ Defaults: lam 1.0 relative, centred targets, raw features: the best of a measure
 (benchmarks/results/calibration_sweep_clp_*.md); the fixed tau 0.1 over the fitted one (``fit_tau``)
 from the grid of data sets and image sizes (benchmarks/results/calibration_grid*.md): with one augmented
 copy a step the fitted temperature was ahead on three of four settings, with the two copies the loop
-now draws by default the fixed one is ahead on every setting measured. The paper's values are not
+now draws by default the fixed one is ahead on every setting measured. 2,048 bank rows a step over
+4,096: within 0.5 points at ipc 1 on all six settings of the grid and at 1000 steps (66.3 against 66.2
+on Fashion-MNIST 32 px), within 0.9 at ipc 10, at half the loss's cost. The paper's values are not
 public.
 """
 
@@ -301,7 +303,7 @@ METHOD = Method(
         "lam": Option(1.0, "ridge strength (relative to the kernel's mean diagonal when relative_lam)",
                       positive_float),
         "tau": Option(0.1, "temperature of the outer cross-entropy", positive_float),
-        "real_batch": Option(4096, "bank rows drawn per step (None or 'all': the whole bank)",
+        "real_batch": Option(2048, "bank rows drawn per step (None or 'all': the whole bank)",
                              lambda n, v: positive_int(n, v, allow_none=True), parse=parse_optional_int),
         "relative_lam": Option(True, "lam relative to mean(diag(Z_s Z_s^T)) (False: absolute)", _flag,
                                parse=parse_bool),
