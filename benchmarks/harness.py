@@ -175,10 +175,13 @@ class Timing:
                    samples=tuple(float(s) for s in samples), timer=timer)
 
 
-def steady_step_times(stamps: Sequence[float], warmup: int) -> list:
+def steady_step_times(stamps: Sequence[float], warmup: int, starts: Optional[Sequence[float]] = None) -> list:
     """Per-step seconds from the step callbacks' clock readings ``stamps``, the ``warmup`` steps left out
-    (interval ``i`` is step ``i + 1``; all the intervals where the run had no more steps than that)."""
-    intervals = [b - a for a, b in zip(stamps, stamps[1:])]
+    (interval ``i`` is step ``i + 1``; all the intervals where the run had no more steps than that).
+    ``starts[i]``: when step ``i + 1`` began, where a callback did timed work of its own (default: the
+    callback's clock reading, ``stamps[i]``)."""
+    starts = stamps if starts is None else starts
+    intervals = [b - a for a, b in zip(starts, stamps[1:])]
     return intervals[max(0, warmup - 1):] or intervals
 
 

@@ -62,16 +62,20 @@ with ``benchmarks/ops_bench.py`` and ``scripts/calibrate.py``).
 - ratios against the reference method (``fastdd.methods.reference()``: LGM) of the same run and ipc
   (with its default 10 copies, or the most copies that finished): ``speedup_vs_lgm`` = LGM step time / method step time, ``memory_ratio_vs_lgm`` and
   ``extra_memory_ratio_vs_lgm`` = LGM memory / method memory (> 1: the method uses less);
-- the floor of a step (``floor_time_s``; ``measure_floor``): no distillation step can be faster than the
+- the floor of a step (``floor_time_s``; ``StepFloor``): no distillation step can be faster than the
   encoder's own work over the rows the step must push through it: forward and backward over the synthetic
   rows (the method's copies K, the run's where it sets them, else the registry's ``defaults["copies"]``,
   times classes x ipc rows, with a graph and gradients into the input images), plus, for a method that
   draws real batches (``needs.real_batches``: LGM), the forward without a graph over its real batch (ipc x
   K x classes rows). It is timed on exactly those row counts at the run's image size (random inputs in
   [0, 1], the synthetic ones requiring gradients, the backward of a random upstream gradient; the run's
-  chunk size and autocast; ``harness.time_call``: the median after warm-up), in the same process as the
-  method's steps and right after them, so on the same machine state. ``step_vs_floor`` = step time /
-  floor time (the table's "vs floor": 1.0x would be a step that costs nothing beyond the encoder), beside
+  chunk size and autocast; ``harness.time_call``) in the same process as the method's steps and between
+  them: after the warm-up, 3 timed calls after every 10 steps (``floor_after_steps``), so that floor and
+  steps see the same minutes of a machine whose speed moves in phases; the blocks' time is left out of
+  the steps' intervals, the total time and the time cap (their activations, at most a step's, are inside
+  the memory meter's stretch). A run too short for 5 such calls is topped up right after its steps.
+  ``floor_time_s`` is the median of the calls (``floor_calls``); ``step_vs_floor`` = step time / floor
+  time (the table's "vs floor": 1.0x would be a step that costs nothing beyond the encoder), beside
   ``floor_synthetic_rows``, ``floor_real_rows``, ``floor_status`` and ``floor_timer``. Not measured
   (``floor_time_s`` null) where the run did not distil, or under a per-run time cap that ten of its steps
   would outlast.
@@ -534,14 +538,24 @@ def run_distillation(s: Dict[str, Any], data: Dict[str, Any], encoder, stats, me
 
     image_size = int(data["train_images"].shape[-1])
     kwargs = distill_kwargs(s, method, ipc, copies, image_size, device)
-    stamps: List[float] = []
+    stamps: List[float] = []  # the clock at each step's callback
+    starts: List[float] = []  # when each next step began: the callback's end (after a floor block, if any)
     cap = s.get("max_run_seconds") if cap is None else cap
+    # the step's physical floor, timed between the steps in their process (built before the memory meter)
+    floor = (StepFloor(s, encoder, method, ipc, kwargs.get("copies"), _num_classes(data, stats), image_size, device)
+             if encoder is not None else None)
 
     def on_step(step, loss):
         harness.synchronize(device)
         stamps.append(time.perf_counter())
-        if cap is not None and stamps[-1] - t0 > cap and step + 1 < kwargs["steps"]:
+        spent = stamps[-1] - t0 - (floor.seconds if floor is not None else 0.0)
+        if cap is not None and spent > cap and step + 1 < kwargs["steps"]:
             raise _TimeCap()
+        if floor is not None and floor.due(step, s["warmup"]):
+            floor.block(step)
+            starts.append(time.perf_counter())
+        else:
+            starts.append(stamps[-1])
 
     meter = harness.MemoryMeter(device, whole_process, inputs="data, encoder and statistics").start()
     status, error, distilled = "ok", None, None
@@ -559,15 +573,15 @@ def run_distillation(s: Dict[str, Any], data: Dict[str, Any], encoder, stats, me
     except MemoryError as e:
         status, error = "oom", f"MemoryError: {e}"[:300]
     harness.synchronize(device)
-    total = time.perf_counter() - t0
+    total = time.perf_counter() - t0 - (floor.seconds if floor is not None else 0.0)
     memory = meter.stop()
     if status == "oom":
         memory.update(peak_memory_bytes=None, extra_memory_bytes=None)
         if device.type == "cuda":
             gc.collect()
             torch.cuda.empty_cache()
-    intervals = [b - a for a, b in zip(stamps, stamps[1:])]
-    timed = harness.steady_step_times(stamps, s["warmup"])
+    intervals = [b - a for a, b in zip(starts, stamps[1:])]
+    timed = harness.steady_step_times(stamps, s["warmup"], starts=starts)
     timing = harness.Timing.from_samples(timed) if timed else None
     result = {
         "status": status, "error": error, "steps_done": len(stamps),
@@ -589,9 +603,13 @@ def run_distillation(s: Dict[str, Any], data: Dict[str, Any], encoder, stats, me
             distilled.save(out_path)
     else:
         result["distill_settings"] = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in kwargs.items()}
-    # the step's physical floor, right after the steps, in their process (the same machine state)
-    result.update(floor_fields(s, encoder, method, ipc, kwargs.get("copies"), _num_classes(data, stats), image_size,
-                               device, result, cap))
+    if floor is None:
+        n_syn, n_real = floor_rows(method, ipc, kwargs.get("copies"), _num_classes(data, stats))
+        result.update(floor_time_s=None, floor_synthetic_rows=n_syn, floor_real_rows=n_real,
+                      floor_status=f"not measured (run {status}, no encoder)")
+    else:
+        result.update(floor.fields(result, cap))
+        floor.release()
     return result
 
 
@@ -605,10 +623,11 @@ def _num_classes(data: Dict[str, Any], stats) -> int:
 # The physical floor of a step
 # --------------------------------------------------------------------------------------------------
 
-# the floor: FLOOR_WARMUP untimed calls, then FLOOR_MIN_REPS..FLOOR_REPS timed ones, as many as fit in about
-# FLOOR_SECONDS (CPU; do_bench chooses its own on a GPU)
-FLOOR_WARMUP, FLOOR_MIN_REPS, FLOOR_REPS, FLOOR_SECONDS = 3, 5, 30, 3.0
-FLOOR_CALLS_PER_CAP = 10  # under a per-run time cap, the floor is measured only if 10 steps fit in the cap
+# the floor is timed between the method's steps: after the warm-up, a block of FLOOR_BLOCK timed calls after
+# every FLOOR_EVERY steps (one untimed call before the first block); a run that leaves fewer than
+# FLOOR_MIN_CALLS timed calls (short or time-capped) is topped up with blocks right after its steps
+FLOOR_EVERY, FLOOR_BLOCK, FLOOR_MIN_CALLS = 10, 3, 5
+FLOOR_CALLS_PER_CAP = 10  # under a per-run time cap, the top-up runs only if 10 steps fit in the cap
 
 
 def floor_rows(method: str, ipc: int, copies: Optional[int], num_classes: int) -> Tuple[int, int]:
@@ -622,74 +641,110 @@ def floor_rows(method: str, ipc: int, copies: Optional[int], num_classes: int) -
     return synthetic, (ipc * k * num_classes if spec.needs.real_batches else 0)
 
 
-def measure_floor(s: Dict[str, Any], encoder, method: str, ipc: int, copies: Optional[int], num_classes: int,
-                  image_size: int, device) -> Dict[str, Any]:
-    """The encoder alone on exactly the rows of a step of ``method`` (``floor_rows``) at the run's image size:
-    the real rows' forward without a graph, then the synthetic rows' forward and backward of a random
-    upstream gradient into inputs that require gradients (random images in [0, 1], made once, outside the
-    timed calls), ``chunk_size`` rows at a time where the run chunks (each chunk encoded once: the
-    chunked step's recomputation is the method's, not the floor's), under the run's autocast. Timed by
-    ``harness.time_call`` (the median after warm-up). No step can be faster than this."""
-    import torch
+class StepFloor:
+    """The encoder alone on exactly the rows of a step of ``method`` (``floor_rows``) at the run's image
+    size: the real rows' forward without a graph, then the synthetic rows' forward and backward of a random
+    upstream gradient into inputs that require gradients (random images in [0, 1], made once, before the
+    run), ``chunk_size`` rows at a time where the run chunks (each chunk encoded once: the chunked step's
+    recomputation is the method's, not the floor's), under the run's autocast. No step can be faster.
 
-    from fastdd.step import encode
+    ``block(step)`` times ``FLOOR_BLOCK`` calls (``harness.time_call``) from the step callback, so the
+    floor is measured in the same minutes as the steps around it: on a shared CPU the machine's speed
+    moves in phases of seconds, and a floor timed only after the steps compares two different machines.
+    The block's wall time (``seconds``) is left out of the steps' intervals and of the run's time cap. An
+    out-of-memory error in a block ends the floor's measurement, not the run."""
 
-    n_syn, n_real = floor_rows(method, ipc, copies, num_classes)
-    dtype = None
-    if s.get("autocast") and device.type == "cuda":
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[s["autocast"]]
-    step = s.get("chunk_size") or max(n_syn, n_real, 1)
-    g = torch.Generator(device="cpu").manual_seed(s.get("seed", 0) + 97)
+    def __init__(self, s: Dict[str, Any], encoder, method: str, ipc: int, copies: Optional[int],
+                 num_classes: int, image_size: int, device):
+        import torch
 
-    def rand(*shape):
-        return torch.rand(*shape, generator=g).to(device)
+        self.encoder, self.device = encoder, device
+        self.synthetic_rows, self.real_rows = floor_rows(method, ipc, copies, num_classes)
+        self.dtype = None
+        if s.get("autocast") and device.type == "cuda":
+            self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[s["autocast"]]
+        chunk = s.get("chunk_size") or max(self.synthetic_rows, self.real_rows, 1)
+        g = torch.Generator(device="cpu").manual_seed(s.get("seed", 0) + 97)
 
-    syn = [rand(min(step, n_syn - lo), 3, image_size, image_size).requires_grad_(True)
-           for lo in range(0, n_syn, step)]
-    upstream = [torch.randn(x.shape[0], encoder.feature_dim, generator=g).to(device) for x in syn]
-    real = [rand(min(step, n_real - lo), 3, image_size, image_size) for lo in range(0, n_real, step)]
+        def rand(*shape):
+            return torch.rand(*shape, generator=g).to(device)
 
-    def one_floor():
+        n_syn, n_real = self.synthetic_rows, self.real_rows
+        self.syn = [rand(min(chunk, n_syn - lo), 3, image_size, image_size).requires_grad_(True)
+                    for lo in range(0, n_syn, chunk)]
+        self.upstream = [torch.randn(x.shape[0], encoder.feature_dim, generator=g).to(device) for x in self.syn]
+        self.real = [rand(min(chunk, n_real - lo), 3, image_size, image_size) for lo in range(0, n_real, chunk)]
+        self.samples: List[float] = []  # the timed calls (on a GPU: each block's do_bench median)
+        self.after_steps: List[int] = []  # the step after which each block ran (-1: after the run)
+        self.seconds, self.warm, self.error, self.timer = 0.0, False, None, None
+
+    def call(self) -> None:
+        import torch
+
+        from fastdd.step import encode
+
         with torch.no_grad():
-            for x in real:
-                encode(encoder, x, dtype)
-        for x, up in zip(syn, upstream):
+            for x in self.real:
+                encode(self.encoder, x, self.dtype)
+        for x, up in zip(self.syn, self.upstream):
             x.grad = None
-            encode(encoder, x, dtype).backward(up)
+            encode(self.encoder, x, self.dtype).backward(up)
 
-    t0 = time.perf_counter()
-    one_floor()  # the first call: a warm-up that also sizes the repetitions to about FLOOR_SECONDS
-    reps = max(FLOOR_MIN_REPS, min(FLOOR_REPS, int(FLOOR_SECONDS / max(time.perf_counter() - t0, 1e-6))))
-    timing = harness.time_call(one_floor, device, reps=reps, warmup=FLOOR_WARMUP - 1)
-    del syn, upstream, real
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return {"floor_status": "ok", "floor_time_s": timing.median, "floor_time_p20_s": timing.p20,
-            "floor_time_p80_s": timing.p80, "floor_synthetic_rows": n_syn, "floor_real_rows": n_real,
-            "floor_timer": timing.timer}
+    def due(self, step: int, warmup: int) -> bool:
+        """Whether a block follows ``step`` (0-based): every ``FLOOR_EVERY`` steps after the warm-up."""
+        done = step + 1 - max(warmup, 1)
+        return self.error is None and done > 0 and done % FLOOR_EVERY == 0
 
+    def block(self, step: int) -> None:
+        import torch
 
-def floor_fields(s: Dict[str, Any], encoder, method: str, ipc: int, copies: Optional[int], num_classes: int,
-                 image_size: int, device, measured: Dict[str, Any], cap: Optional[float]) -> Dict[str, Any]:
-    """``measure_floor`` after a run, in its process; not measured (``floor_time_s`` None, with the reason in
-    ``floor_status``) where the run did not distil or where ``FLOOR_CALLS_PER_CAP`` of its steps would
-    outlast its time cap."""
-    import torch
+        start = time.perf_counter()
+        try:
+            if not self.warm:
+                self.call()
+                self.warm = True
+            timing = harness.time_call(self.call, self.device, reps=FLOOR_BLOCK, warmup=0)
+        except (torch.cuda.OutOfMemoryError, MemoryError) as e:
+            self.error = "oom: " + str(e).splitlines()[0][:200]
+            if self.device.type == "cuda":
+                gc.collect()
+                torch.cuda.empty_cache()
+        else:
+            self.samples.extend(timing.samples or (timing.median,))
+            self.after_steps.append(step)
+            self.timer = timing.timer
+        self.seconds += time.perf_counter() - start
 
-    n_syn, n_real = floor_rows(method, ipc, copies, num_classes)
-    fields: Dict[str, Any] = {"floor_time_s": None, "floor_synthetic_rows": n_syn, "floor_real_rows": n_real}
-    if measured["status"] not in ("ok", "time-capped") or encoder is None:
-        return {**fields, "floor_status": f"not measured (run {measured['status']})"}
-    per_step = measured.get("step_time_s") or measured.get("first_step_s") or 0.0
-    if cap is not None and per_step * FLOOR_CALLS_PER_CAP > cap:
-        return {**fields, "floor_status": f"skipped ({FLOOR_CALLS_PER_CAP} steps would outlast the {cap:g} s cap)"}
-    try:
-        return measure_floor(s, encoder, method, ipc, copies, num_classes, image_size, device)
-    except (torch.cuda.OutOfMemoryError, MemoryError) as e:
-        if device.type == "cuda":
-            gc.collect()
+    def fields(self, measured: Dict[str, Any], cap: Optional[float]) -> Dict[str, Any]:
+        """The run's floor: ``floor_time_s`` (the median of the timed calls), its 20th/80th percentiles,
+        ``floor_calls``, ``floor_after_steps``; topped up with blocks after the run where the steps left
+        fewer than ``FLOOR_MIN_CALLS`` calls. None (the reason in ``floor_status``) where the run did not
+        distil, where ``FLOOR_CALLS_PER_CAP`` of its steps would outlast its time cap, or after an
+        out-of-memory error."""
+        fields: Dict[str, Any] = {"floor_time_s": None, "floor_synthetic_rows": self.synthetic_rows,
+                                  "floor_real_rows": self.real_rows}
+        if measured["status"] not in ("ok", "time-capped"):
+            return {**fields, "floor_status": f"not measured (run {measured['status']})"}
+        if len(self.samples) < FLOOR_MIN_CALLS and self.error is None:
+            per_step = measured.get("step_time_s") or measured.get("first_step_s") or 0.0
+            if cap is not None and per_step * FLOOR_CALLS_PER_CAP > cap:
+                return {**fields, "floor_status": f"skipped ({FLOOR_CALLS_PER_CAP} steps would outlast the "
+                                                  f"{cap:g} s cap)"}
+            while len(self.samples) < FLOOR_MIN_CALLS and self.error is None:
+                self.block(-1)
+        if self.error is not None:
+            return {**fields, "floor_status": self.error}
+        timing = harness.Timing.from_samples(self.samples, timer=self.timer)
+        return {**fields, "floor_status": "ok", "floor_time_s": timing.median, "floor_time_p20_s": timing.p20,
+                "floor_time_p80_s": timing.p80, "floor_calls": len(self.samples),
+                "floor_after_steps": self.after_steps, "floor_timer": timing.timer}
+
+    def release(self) -> None:
+        import torch
+
+        self.syn = self.upstream = self.real = []
+        if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        return {**fields, "floor_status": "oom: " + str(e).splitlines()[0][:200]}
 
 
 def worker_main(spec_path: str) -> int:
@@ -872,8 +927,8 @@ def format_table(result: Dict[str, Any]) -> str:
             + (f" (1-min load average {dev['load_average'][0]:.1f} at the start on {dev.get('cores')} cores)"
                if dev.get("load_average") else "") + ".\n"
             "vs floor: the per-step time over the step's floor (the encoder alone, forward and backward over the "
-            "method's synthetic rows plus the forward over its real batch, timed in the run's process right "
-            "after its steps).\n")
+            "method's synthetic rows plus the forward over its real batch, timed in the run's process between "
+            f"its steps: {FLOOR_BLOCK} calls after every {FLOOR_EVERY} steps).\n")
     tp = setup.get("stats_throughput")
     if tp:
         head += (f"Statistics pass vs the encoder alone over the same {tp['images']} images (batches of "

@@ -544,6 +544,34 @@ def test_every_distilled_method_reports_its_floor(bench, tmp_path):
         assert [c.strip() for c in line.strip("|").split("|")][columns.index("vs floor")] == f"{e['step_vs_floor']:.2f}x"
 
 
+def test_the_floor_is_timed_between_the_steps_and_left_out_of_their_intervals(bench, monkeypatch):
+    """The floor's blocks run from the step callback (3 calls after every 10 steps past the warm-up), so
+    floor and steps share the machine's minutes; the blocks' time is in neither the steps' intervals nor
+    the total. A stand-in distill sleeps 10 ms a step and the floor 40 ms a call."""
+    import time
+
+    import fastdd
+
+    def fake_distill(images, encoder, labels, stats, progress, callback, steps, **kwargs):
+        for step in range(steps):
+            time.sleep(0.01)
+            callback(step, torch.zeros(()))
+
+    monkeypatch.setattr(fastdd, "distill", fake_distill)
+    monkeypatch.setattr(bench.StepFloor, "call", lambda self: time.sleep(0.04))
+    settings = dict(bench.PROFILES["default"], steps=25, warmup=2, seed=0)
+    data = {"train_images": torch.rand(4, 3, 8, 8), "train_labels": torch.tensor([0, 0, 1, 1])}
+    encoder = SimpleNamespace(feature_dim=3)
+    out = bench.run_distillation(settings, data, encoder, None, "sfm", 1, None, torch.device("cpu"), None,
+                                 progress=False, whole_process=False)
+    assert out["floor_status"] == "ok" and out["floor_after_steps"] == [11, 21]  # after 10 and 20 steps past 2
+    assert out["floor_calls"] == 2 * bench.FLOOR_BLOCK
+    assert 0.035 < out["floor_time_s"] < 0.08
+    assert len(out["step_times_s"]) == 24 and out["steps_timed"] == 23
+    assert max(out["step_times_s"]) < 0.035, out["step_times_s"]  # no interval holds a floor block
+    assert out["total_time_s"] < 25 * 0.01 + 0.2  # the blocks' 0.28 s (with the warm-up call) left out
+
+
 def test_memory_profile_reports_memory_at_two_ipc_with_the_chunked_engine(bench, tmp_path):
     result = bench.main(["--profile", "memory", "--tiny", "--in-process", "--quiet", "--no-plots",
                          "--out", str(tmp_path)])
@@ -573,8 +601,8 @@ def test_repeats_take_the_median_of_the_processes(bench, tmp_path):
 
 @pytest.mark.slow
 def test_plain_check_times_the_benchmarks_settings_in_plain_processes(bench, tmp_path, monkeypatch):
-    """A round runs the method in the benchmark's worker process and in a plain one; the verdict compares
-    the medians over the rounds of the two kinds of process (the run's recorded time only shown)."""
+    """A round runs the method in the benchmark's worker process and in a plain one, in the same minutes;
+    the verdict is the median of the rounds' ratios (the run's recorded time only shown)."""
     bench.main(["--tiny", "--in-process", "--quiet", "--no-evaluate", "--no-plots", "--methods", "sfm",
                 "--out", str(tmp_path)])
     results = next(tmp_path.glob("*-tiny.json"))
@@ -591,11 +619,14 @@ def test_plain_check_times_the_benchmarks_settings_in_plain_processes(bench, tmp
 
     rounds = [{"sfm": (0.10, q)} for q in (0.05, 0.105, 0.2)]  # benchmark 100 ms; plain 50, 105, 200 ms
     monkeypatch.setattr(plain, "paired_processes", lambda path, repeats: rounds)
-    assert plain.main([str(results), "--repeats", "3"]) == 0  # the medians over the rounds, within 10 %
+    assert plain.main([str(results), "--repeats", "3"]) == 0  # the rounds' ratios 2.0, 0.95, 0.5: median 0.95
     row = json.loads(results.with_name(results.stem + "-plain.json").read_text())["rows"][0]
     assert row["plain_ms"] == pytest.approx(105.0) and row["benchmark_ms"] == pytest.approx(100.0) and row["agree"]
+    assert row["ratio"] == pytest.approx(0.10 / 0.105) and len(row["ratio_per_round"]) == 3
     assert row["recorded_ms"] == pytest.approx(recorded * 1e3)  # shown, not compared
     assert plain.main([str(results), "--repeats", "3", "--tolerance", "0.01"]) == 1
+    rounds[:] = [{"sfm": (b, q)} for b, q in ((0.1, 0.2), (0.2, 0.3), (0.3, 0.1))]  # equal medians, unpaired
+    assert plain.main([str(results), "--repeats", "3"]) == 1  # the rounds' ratios 0.5, 0.67, 3: median 0.67
 
 
 def test_calibration_file_keeps_the_runs_of_another_process(calibrate, tmp_path):
