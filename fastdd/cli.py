@@ -549,7 +549,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     run = {"distill": _distill, "evaluate": _evaluate, "methods": _methods, "export": _export,
            "baseline": _baseline, "stats": _stats}[args.command]
-    started = False
+    started = broken = False
     try:
         started = _set_up(args)
         if getattr(args, "device", None) is not None:  # before an encoder is loaded onto it
@@ -565,6 +565,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         # one clear line, no traceback: a bad flag value (the message names the argument, written as its
         # flag) is a usage error, 2; anything else failed while running (a corrupt file, NaN features, a
         # full disk), 1
+        from .distributed import DistributedError
+
+        broken = isinstance(e, DistributedError)
         message, usage = _as_flags(str(e))
         usage = usage or isinstance(e, _LaunchError)
         print(f"fastdd {args.command}: error: {message}", file=sys.stderr)
@@ -573,8 +576,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"fastdd {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
     finally:
-        if started:
-            import torch.distributed as dist
+        if started and not broken:  # a group whose collective failed is left alone: destroying it can hang
+            import torch.distributed as dist  # or abort the process; its exit ends it
 
             dist.destroy_process_group()
 

@@ -44,7 +44,10 @@ __all__ = ["Group", "DistributedError", "resolve_group", "shard_bounds", "RowExc
 
 
 class DistributedError(RuntimeError):
-    """A collective failed: another rank stopped, or the process group timed out."""
+    """A collective failed: another rank stopped, or the process group timed out.
+
+    The process group is unusable afterwards: end the process (torchrun then ends the others) without
+    ``destroy_process_group``, which on a broken group can hang or abort the process."""
 
 
 @dataclass(frozen=True)

@@ -140,6 +140,12 @@ def main():
         result["images"], result["history"] = out.images, out.history
         result["settings"] = out.settings
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    if result.get("error") and result["error"][0] == "DistributedError":
+        # the group is broken (a rank died): destroying it, or the interpreter's exit, can abort
+        # ("terminate called without an active exception"); the result is saved, so leave at once
+        sys.stdout.flush()
+        os._exit(0)
+    dist.barrier()  # every rank is done with the group before any tears it down (rank 0 hosts its store)
     dist.destroy_process_group()
 
 

@@ -5,7 +5,8 @@ Each measurement is its own subprocess: a cheap encoder (a linear map of 4x4 ima
 builds a 40,000-row fp16 bank (82 MB) from a tensor (its length known up front: one preallocated bank)
 and from a DataLoader without a length (the batches are merged at the end, each freed once copied). A
 thread samples the resident set (``/proc/self/statm``) while ``RealStats.from_data`` runs, and the
-kernel's own high-water mark (``ru_maxrss``) replaces the sample when the pass set it. glibc is told to
+kernel's own high-water mark (``ru_maxrss``) replaces the sample when the pass set it; the figures are
+the median of three passes, each above the resident set just before it. glibc is told to
 return large blocks at once (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``), as in
 ``tests/test_memory.py``, so the resident set follows the live memory instead of the allocator's caches.
 """
@@ -58,31 +59,36 @@ def run():
     return RealStats.from_data(source, encoder, labels=labels, bank=True, progress=False, batch_size=256)
 
 
+def measure():  # one pass: its peak and what it leaves, above the resident set just before it
+    gc.collect()
+    base, max_before = resident(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak, done = [base], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], resident())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    stats = run()
+    done.set()
+    sampler.join()
+    gc.collect()
+    after = resident()
+    max_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if max_after > max_before:  # the pass set the kernel's exact high-water mark
+        peak[0] = max(peak[0], max_after)
+    assert stats.bank_features.shape == (rows, dim) and torch.equal(stats.bank_labels, y)
+    bank = stats.bank_features.numel() * stats.bank_features.element_size() + stats.bank_labels.numel() * 8
+    return peak[0] - base, after - base, bank
+
+
 run()  # warm-up: one-off costs (torch's, the allocator's) belong to the base, not to the measurement
-gc.collect()
-base, max_before = resident(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-peak, done = [base], threading.Event()
-
-
-def sample():
-    while not done.is_set():
-        peak[0] = max(peak[0], resident())
-        time.sleep(0.001)
-
-
-sampler = threading.Thread(target=sample)
-sampler.start()
-stats = run()
-done.set()
-sampler.join()
-gc.collect()
-after = resident()
-max_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-if max_after > max_before:  # the pass set the kernel's exact high-water mark
-    peak[0] = max(peak[0], max_after)
-assert stats.bank_features.shape == (rows, dim) and torch.equal(stats.bank_labels, y)
-bank = stats.bank_features.numel() * stats.bank_features.element_size() + stats.bank_labels.numel() * 8
-print(json.dumps({"peak": peak[0] - base, "after": after - base, "bank": bank}))
+# the median of three passes: the allocator's heap moves the base of one pass by a few MiB either way
+passes = [measure() for _ in range(3)]
+peak, after, bank = (sorted(values)[1] for values in zip(*passes))
+print(json.dumps({"peak": peak, "after": after, "bank": bank}))
 """
 
 
