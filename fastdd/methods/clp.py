@@ -66,9 +66,10 @@ _FIT_TAU_MIN, _FIT_TAU_MAX = 1e-3, 1e4  # bounds of the fitted 1/tau (the logits
 
 
 def _logits(zr: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``zr @ w`` in the dtype the linear cross-entropy op would use (fp64 when the probe is)."""
+    """``zr @ w`` in the dtype the linear cross-entropy op would use (fp64 when the probe is), in the
+    reference's layout (``F.linear`` with the probe's ``[C, D]`` copy: the fast one for C << D on a CPU)."""
     dtype = torch.promote_types(zr.dtype, w.dtype)
-    return zr.to(dtype) @ w.to(dtype)
+    return F.linear(zr.to(dtype), w.to(dtype).t().contiguous())
 
 
 def _fitted_inverse_temperature(logits: torch.Tensor, y: torch.Tensor) -> tuple:
