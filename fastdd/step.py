@@ -42,7 +42,7 @@ class SyntheticRows:
         the ``decoded`` images are given."""
         device = self.params.affine.device
         index = torch.arange(lo, hi, device=device) % self.num_images
-        images = self.images.decode(index) if decoded is None else decoded[index]
+        images = self.images.decode(index) if decoded is None else torch.index_select(decoded, 0, index)
         return self.augment.apply(images, self.params[lo:hi])
 
 
