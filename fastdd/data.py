@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .validate import class_labels, shown
+from .validate import class_labels, shown, tensor_range
 
 __all__ = [
     "Split",
@@ -430,8 +430,7 @@ def _check_batch(images: torch.Tensor, labels: torch.Tensor, where: str) -> Tupl
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
     labels = _batch_labels(labels, images.shape[0], where)
-    # one pass (aminmax) for both checks: NaN propagates into the min and max, Inf is one of them
-    lo, hi = (float(v) for v in torch.stack(torch.aminmax(images)).tolist()) if images.numel() else (0.0, 0.0)
+    lo, hi = tensor_range(images)  # NaN and Inf show in the range: one pass for both checks
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise DataError(f"{where}: images contain NaN or Inf")
     if lo < -1e-3 or hi > 1 + 1e-3:

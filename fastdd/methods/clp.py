@@ -50,6 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops.linear_cross_entropy import linear_logits
 from .base import Context, Method, Objective, Option, RealNeeds, Recipe, parse_bool, parse_optional_int
 from ..validate import checks_enabled, features as check_features, positive_float, positive_int
 from ..validate import shown
@@ -66,10 +67,8 @@ _FIT_TAU_MIN, _FIT_TAU_MAX = 1e-3, 1e4  # bounds of the fitted 1/tau (the logits
 
 
 def _logits(zr: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``zr @ w`` in the dtype the linear cross-entropy op would use (fp64 when the probe is), in the
-    reference's layout (``F.linear`` with the probe's ``[C, D]`` copy: the fast one for C << D on a CPU)."""
-    dtype = torch.promote_types(zr.dtype, w.dtype)
-    return F.linear(zr.to(dtype), w.to(dtype).t().contiguous())
+    """``zr @ w`` in the dtype the linear cross-entropy op would use (fp64 when the probe is)."""
+    return linear_logits(zr, w, torch.promote_types(zr.dtype, w.dtype))
 
 
 def _fitted_inverse_temperature(logits: torch.Tensor, y: torch.Tensor) -> tuple:
