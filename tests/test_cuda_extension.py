@@ -74,7 +74,7 @@ def test_class_centers_matches_reference(extension, dtype, deterministic, contig
 def test_linear_cross_entropy_matches_reference(extension, dtype, with_bias, reduction, contiguous, monkeypatch):
     lce = importlib.import_module("fastdd.ops.linear_cross_entropy")  # the package attribute is the function
 
-    monkeypatch.setattr(lce, "CUDA_CHUNK_ELEMENTS", 97 * 11)  # several chunks of 97 rows at C = 11
+    monkeypatch.setattr(lce, "CHUNK_ELEMENTS", 97 * 11)  # several chunks of 97 rows at C = 11
     g = torch.Generator().manual_seed(1)
     z = torch.randn(1009, 67, generator=g).to(dtype).cuda()
     z = z if contiguous else noncontiguous(z)

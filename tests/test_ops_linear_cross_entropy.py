@@ -1,5 +1,7 @@
-"""linear_cross_entropy: streamed Triton kernels against the fp64 reference (loss, dW, dz, dbias)."""
+"""linear_cross_entropy: the streamed Triton kernels and the chunked torch path (the CPU's) against the fp64
+reference (loss, dW, dz, dbias)."""
 import importlib
+import math
 
 import pytest
 import torch
@@ -30,13 +32,13 @@ def _grads(fn, z, y, W, bias, upstream, **kw):
     return (loss,) + torch.autograd.grad(loss, leaves, upstream)
 
 
-def _check(z, y, W, bias, tau, reduction, dtype):
+def _check(z, y, W, bias, tau, reduction, dtype, impl="triton"):
     upstream = torch.tensor(0.37, device=z.device)
-    got = _grads(linear_cross_entropy, z, y, W, bias, upstream, tau=tau, reduction=reduction, impl="triton")
+    got = _grads(linear_cross_entropy, z, y, W, bias, upstream, tau=tau, reduction=reduction, impl=impl)
     ref = _grads(lambda z_, y_, W_, bias=None, **kw: linear_cross_entropy_reference(z_, y_, W_, bias=bias, **kw),
                  z.double(), y, W.double(), None if bias is None else bias.double(), upstream.double(),
                  tau=tau, reduction=reduction)
-    rtol, atol = tolerance(dtype, products=True)
+    rtol, atol = tolerance(dtype, products=impl != "torch")  # the torch path multiplies in fp32
     assert got[0].dtype == torch.float32
     assert_close(got[0], ref[0], rtol, atol, "loss")
     gtol = max(GRAD_TOL[dtype], rtol)
@@ -137,7 +139,47 @@ def test_half_products_keep_tiny_row_weights(monkeypatch, device):
         assert_close(g, r, tolerance(torch.float16, products=True)[0] + 5e-3, 0.0, name)
 
 
-def test_reference_raises_far_logits_so_no_gradient_is_denormal():
+@pytest.mark.parametrize("rows_per_chunk", [None, 5])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_torch_path_matches_fp64_reference(monkeypatch, dtype, rows_per_chunk):
+    """The CPU's one-pass path (gradients formed in the forward, rows in chunks: 5 rows a chunk leaves a
+    short last one) with and without bias, mean and sum, a strided z and a column-major head."""
+    lce = importlib.import_module("fastdd.ops.linear_cross_entropy")
+    if rows_per_chunk is not None:
+        monkeypatch.setattr(lce, "CHUNK_ELEMENTS", rows_per_chunk * 23)  # rows = CHUNK_ELEMENTS / max(C, D)
+    z, y, W, bias = _data(37, 23, 13, dtype, "cpu")
+    _check(z, y, W, bias, 0.7, "mean", dtype, impl="torch")
+    _check(noncontiguous(z), y, W.t().contiguous().t(), None, 0.1, "sum", dtype, impl="torch")
+    z, y, W, bias = _data(5, 7, 1, dtype, "cpu")
+    assert_close(linear_cross_entropy(z, y, W, bias=bias, impl="torch"), torch.zeros(()), 0, 1e-6, "one class")
+    _check(z, y, W, bias, 1.0, "mean", dtype, impl="torch")
+
+
+def test_torch_path_forms_only_the_gradients_asked_for(monkeypatch):
+    """Under ``torch.no_grad()`` and for inputs that do not require grad, the pass forms no gradient piece
+    (it would cost a second product over the rows); double backward runs the reference."""
+    lce = importlib.import_module("fastdd.ops.linear_cross_entropy")
+    asked = []
+    real_pass = lce._lce_torch_pass
+    monkeypatch.setattr(lce, "_lce_torch_pass", lambda *a: asked.append(a[-3:]) or real_pass(*a))
+    z, y, W, bias = _data(9, 5, 3, torch.float32, "cpu", seed=2)
+    Wl = W.clone().requires_grad_(True)
+    with torch.no_grad():
+        linear_cross_entropy(z, y, Wl, bias=bias, impl="torch")
+    linear_cross_entropy(z, y, Wl, impl="torch")
+    linear_cross_entropy(z.requires_grad_(True), y, W, bias=bias.requires_grad_(True), impl="torch")
+    assert asked == [(False, False, False), (False, True, False), (True, False, True)]
+    (gw,) = torch.autograd.grad(linear_cross_entropy(z.detach(), y, Wl, tau=0.5, impl="torch"), Wl, create_graph=True)
+    (hw,) = torch.autograd.grad((gw ** 2).sum(), Wl)
+    Wd = W.double().requires_grad_(True)
+    (gwd,) = torch.autograd.grad(linear_cross_entropy_reference(z.detach().double(), y, Wd, 0.5), Wd, create_graph=True)
+    (hwd,) = torch.autograd.grad((gwd ** 2).sum(), Wd)
+    assert_close(gw, gwd, 1e-5, 1e-7, "dW")
+    assert_close(hw, hwd, 1e-4, 1e-7, "second derivative")
+
+
+@pytest.mark.parametrize("path", ["reference", "torch"])
+def test_far_logits_are_floored_so_no_gradient_is_denormal(path):
     """Non-target logits 80 or more under their row's largest (probabilities under e^-80) are raised to
     that floor below fp64: the loss (also where the target logit itself is far under the largest) equals
     the fp64 one to fp32 precision and the head gradient holds no denormal (which would slow the CPU's
@@ -146,7 +188,10 @@ def test_reference_raises_far_logits_so_no_gradient_is_denormal():
     z = torch.randn(512, 64, generator=g) * 6
     y = torch.randint(0, 10, (512,), generator=g)
     w = (torch.randn(64, 10, generator=g) * 3).requires_grad_(True)
-    loss = linear_cross_entropy_reference(z, y, w, tau=0.1)
+    if path == "reference":
+        loss = linear_cross_entropy_reference(z, y, w, tau=0.1)
+    else:  # the CPU's path: the probabilities under e^-80 are left out of its gradient
+        loss = linear_cross_entropy(z, y, w, tau=0.1, impl="torch")
     loss.backward()
     exact = linear_cross_entropy_reference(z.double(), y, w.detach().double(), tau=0.1)
     assert ((z.double() @ w.detach().double()) / 0.1).amax(1).sub((z @ w.detach() / 0.1).amin(1)).min() > 200
@@ -159,3 +204,7 @@ def test_reference_raises_far_logits_so_no_gradient_is_denormal():
     w64 = w.detach().double().requires_grad_(True)
     linear_cross_entropy_reference(z.double(), y, w64, tau=0.1).backward()
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-4 * float(w64.grad.abs().max()))
+    if path == "torch":  # the pass's softmax gradient: zero or at least e^-80 (products with features stay normal)
+        lce = importlib.import_module("fastdd.ops.linear_cross_entropy")
+        delta = lce._lce_torch_pass(z, y, w.detach(), None, 10.0, True, False, False)[3]
+        assert (delta == 0).any() and not ((delta != 0) & (delta.abs() < math.exp(-80))).any()
