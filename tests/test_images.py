@@ -75,6 +75,26 @@ def test_pyramid_decode_is_sum_of_bilinear_upsampled_levels():
     torch.testing.assert_close(pyr(), torch.sigmoid(2 * fimages.decorrelate(x)))
 
 
+@pytest.mark.parametrize("shape, size", [((3, 5), (8, 12)), ((2, 2), (3, 7)), ((64, 64), (96, 96)),
+                                         ((16, 8), (32, 32)), ((5, 5), (4, 4))])
+def test_upsampling_products_equal_bilinear_interpolation_in_fp64(shape, size):
+    """The pyramid's upsampling as two matrix products (``A_h level A_w^T``) is F.interpolate's bilinear
+    (align_corners=False) to fp64 rounding, values and gradients, for non-square levels, sizes that are
+    no multiple of the level's and a downsampling; the 1x1 and full-size levels are exact."""
+    g = torch.Generator().manual_seed(0)
+    level = torch.randn(2, 3, *shape, generator=g, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, 3, *size, generator=g, dtype=torch.float64)
+    got = fimages._upsampled(level, size)
+    want = F.interpolate(level, size=size, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+    (g_got,) = torch.autograd.grad(got, level, upstream)
+    (g_want,) = torch.autograd.grad(want, level, upstream)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-12, atol=1e-12)
+    one = torch.randn(2, 3, 1, 1, dtype=torch.float64)
+    assert torch.equal(fimages._upsampled(one, size), one.expand(2, 3, *size))
+    assert fimages._upsampled(level, shape) is level
+
+
 @pytest.mark.parametrize("kind", ["pixels", "pyramid"])
 def test_init_from_images_reproduces_them_and_state_round_trips(kind):
     imgs = torch.rand(4, 3, 12, 12) * 0.9 + 0.05
