@@ -30,7 +30,7 @@ Backends:
   autograd will need them, the gradient pieces (:math:`\Delta^\top z` for dW, :math:`1^\top\Delta` for db,
   :math:`\Delta` for dz) at once, while the chunk's rows are hot; the backward only scales them by the
   upstream gradient. Autograd over the reference runs a dozen more ops over the logits (CLP's 2,048 x
-  1,280 x 10 loss and dW, checks off: 2.5 -> 1.9 ms on a 2-core EPYC). Its numbers are the reference's
+  1,280 x 10 loss and dW, checks off: 2.5 -> 1.9 ms on a 2-core Xeon). Its numbers are the reference's
   to fp32 rounding (the same logit floor; probabilities under e^-80 get no gradient, as the reference's
   floored logits get none: their products with small features would be denormal, which slowed CLP's
   whole step by 4 %). fp64 inputs and double backward run the reference.
