@@ -357,6 +357,7 @@ LEVERS = {
     "copies-1": ("swept", dict(copies=1)),
     "copies-2": ("swept", dict(copies=2)),
     "copies-4": ("every", dict(copies=4)),
+    "copies-8": ("swept", dict(copies=8)),
     "lam-0.1": (("clp",), dict(lam=0.1)),
     "lam-0.3": (("clp",), dict(lam=0.3)),
     "lam-3": (("clp",), dict(lam=3.0)),

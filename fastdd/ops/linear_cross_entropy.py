@@ -441,6 +441,14 @@ def _lce_torch_pass(z, y, W, bias, scale: float, want_dz: bool, want_dw: bool, w
     return total, dWt, db, delta
 
 
+def _reference_backward(z, y, W, bias, tau: float, reduction: str, needs, grad_loss) -> tuple:
+    """Both paths' double backward (``create_graph=True``): the reference on the saved inputs, differentiated
+    with a graph; the gradients in the forward's seven input slots (z, y, W, bias and three options)."""
+    dz, dw, db = grad_via_reference(lambda z_, w_, b_: linear_cross_entropy_reference(z_, y, w_, tau, b_, reduction),
+                                    [z, W, bias], list(needs), grad_loss)
+    return dz, None, dw, db, None, None, None
+
+
 class _TorchLinearCrossEntropy(torch.autograd.Function):
     """The torch path: :func:`_lce_torch_pass` in the forward, the backward scales its pieces by the
     upstream gradient (double backward: the reference, differentiated with a graph). ``grad_mode``: the
@@ -462,10 +470,7 @@ class _TorchLinearCrossEntropy(torch.autograd.Function):
         tau, reduction, scale = ctx.options
         needs_z, _, needs_w, needs_b = ctx.needs_input_grad[:4]
         if torch.is_grad_enabled():  # create_graph=True: differentiate the reference instead
-            dz, dw, dbias = grad_via_reference(
-                lambda z_, w_, b_: linear_cross_entropy_reference(z_, y, w_, tau, b_, reduction),
-                [z, W, bias], [needs_z, needs_w, needs_b], grad_loss)
-            return dz, None, dw, dbias, None, None, None
+            return _reference_backward(z, y, W, bias, tau, reduction, (needs_z, needs_w, needs_b), grad_loss)
         g = grad_loss.to(torch.float32)
         if reduction == "mean":
             g = g / z.shape[0]
@@ -562,10 +567,7 @@ def _lce_backward(ctx, grad_loss, _grad_lse):
     tau, reduction, backend = ctx.options
     needs_z, _, needs_w, needs_b = ctx.needs_input_grad[:4]
     if torch.is_grad_enabled():  # create_graph=True: differentiate the reference instead
-        dz, dw, db = grad_via_reference(
-            lambda z_, w_, b_: linear_cross_entropy_reference(z_, y, w_, tau, b_, reduction),
-            [z, W, bias], [needs_z, needs_w, needs_b], grad_loss)
-        return dz, None, dw, db, None, None, None
+        return _reference_backward(z, y, W, bias, tau, reduction, (needs_z, needs_w, needs_b), grad_loss)
     dz, dw, db = _lce_backward_op(grad_loss, z, y, W, bias, lse, tau, reduction, backend, needs_z, needs_w, needs_b)
     return (dz if needs_z else None, None, dw if needs_w else None, db if needs_b else None, None, None, None)
 
