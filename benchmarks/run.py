@@ -64,7 +64,7 @@ with ``benchmarks/ops_bench.py`` and ``scripts/calibrate.py``).
   ``extra_memory_ratio_vs_lgm`` = LGM memory / method memory (> 1: the method uses less);
 - the floor of a step (``floor_time_s``; ``StepFloor``): no distillation step can be faster than the
   encoder's own work over the rows the step must push through it: forward and backward over the synthetic
-  rows (the method's copies K, the run's where it sets them, else the registry's ``defaults["copies"]``,
+  rows (the method's copies K, the run's where it sets them, else the registry's ``defaults_at(ipc)["copies"]``,
   times classes x ipc rows, with a graph and gradients into the input images), plus, for a method that
   draws real batches (``needs.real_batches``: LGM), the forward without a graph over its real batch (ipc x
   K x classes rows). It is timed on exactly those row counts at the run's image size (random inputs in
@@ -641,11 +641,11 @@ FLOOR_CALLS_PER_CAP = 10  # under a per-run time cap, the top-up runs only if 10
 
 def floor_rows(method: str, ipc: int, copies: Optional[int], num_classes: int) -> Tuple[int, int]:
     """``(synthetic rows, real rows)`` a step of ``method`` must push through the encoder: its copies K
-    (the run's where it sets them, else the registry's default) times ``num_classes * ipc`` synthetic rows
+    (the run's where it sets them, else the registry's default at ``ipc``) times ``num_classes * ipc`` synthetic rows
     (forward and backward), plus, for a method that draws real batches (``needs.real_batches``), its real
     batch of ``ipc * K`` images per class (forward without a graph)."""
     spec = registry.get(method)
-    k = int(copies if copies is not None else spec.defaults["copies"])
+    k = int(copies if copies is not None else spec.defaults_at(ipc)["copies"])
     synthetic = k * num_classes * ipc
     return synthetic, (ipc * k * num_classes if spec.needs.real_batches else 0)
 

@@ -41,7 +41,8 @@ __all__ = ["distill", "DistilledSet", "METHODS", "INITS", "METHOD_DEFAULTS", "Co
 
 METHODS = methods.names()
 INITS = ("noise", "real", "centroid")
-# Every default of every method: the loop's (steps, lr, init, ...) and its own options' (the registry's)
+# Every default of every method: the loop's (steps, lr, init, ...) and its own options' (the registry's);
+# an ipc-dependent one is its ``fastdd.methods.ByIpc`` rule (``fastdd.methods.defaults(name, ipc)`` resolves it)
 METHOD_DEFAULTS: Dict[str, Dict[str, Any]] = {name: methods.defaults(name) for name in METHODS}
 CHECKPOINT_FORMAT, CHECKPOINT_VERSION = checkpoints.CHECKPOINT_FORMAT, checkpoints.CHECKPOINT_VERSION
 # distill's keywords of fastdd 0.1 that are now a method's options: keyword -> option name
@@ -176,8 +177,10 @@ def _check_real_images(images, labels) -> None:
 def _check_arguments(method: str, a: Dict[str, Any], deprecated: Dict[str, Any]) -> _Arguments:
     """Every argument of ``distill`` checked (naming it) before any work, defaults from the registry."""
     spec = methods.get(method)
-    d = {k: (spec.defaults[k] if a.get(k) is None else a[k]) for k in spec.defaults}
-    init, given_init = _init_argument(a["init"], spec.defaults["init"])
+    ipc = validate.positive_int("ipc", a["ipc"])
+    defaults = spec.defaults_at(ipc)
+    d = {k: (defaults[k] if a.get(k) is None else a[k]) for k in defaults}
+    init, given_init = _init_argument(a["init"], defaults["init"])
     validate.one_of("parameterization", d["parameterization"], PARAMETERIZATIONS)
     aug = dict(crop_size=_crop_size_argument(a["crop_size"]), flip_prob=validate.probability("flip_prob", a["flip_prob"]),
                crop_scale=validate.value_range("crop_scale", d["crop_scale"], positive=True),
@@ -198,7 +201,7 @@ def _check_arguments(method: str, a: Dict[str, Any], deprecated: Dict[str, Any])
         if checkpoint.exists() and not a["resume"]:
             raise FileExistsError(f"checkpoint {checkpoint} exists and resume=False: delete it or resume")
     return _Arguments(
-        method=spec, options=options, ipc=validate.positive_int("ipc", a["ipc"]),
+        method=spec, options=options, ipc=ipc,
         steps=validate.positive_int("steps", d["steps"], minimum=0),
         num_classes=validate.positive_int("num_classes", a["num_classes"], allow_none=True, minimum=2),
         lr=validate.positive_float("lr", d["lr"]), init=init, given_init=given_init,
@@ -603,7 +606,8 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
             nearest each class mean) or a class-major tensor ``[C*ipc, 3, H, W]`` in [0, 1] (``"given"``).
         parameterization: ``"pyramid"`` (LGM's) or ``"pixels"``; ``extend_every``: the pyramid's extension
             period from noise (``fastdd.images``).
-        copies: K, the augmented copies of the synthetic set per step (default: LGM 10, the others 2).
+        copies: K, the augmented copies of the synthetic set per step (default: LGM 10, CLP 2 below ipc
+            10 and 4 from ipc 10, SFM and DM 2).
         augment: apply the augmentation chain (``fastdd.augment``: ``crop_size``, ``flip_prob``,
             ``crop_scale``, ``crop_log_ratio``, ``noise_prob``, ``noise_mean``, ``noise_std``). Every
             ``None`` default is the method's (``METHOD_DEFAULTS``, the README's measured calibration).

@@ -300,10 +300,10 @@ def sweep_runs(args) -> list:
 TABLE_SETTINGS = ("init", "lr", "crop_scale", "noise_prob", "lam", "tau")
 
 
-def table_settings(method: str) -> dict:
-    """The registry's defaults of ``method`` for the ``TABLE_SETTINGS`` it has, and its copies where it
-    uses more than one (the reference LGM's 10)."""
-    defaults = registry.defaults(method)
+def table_settings(method: str, ipc: int) -> dict:
+    """The registry's defaults of ``method`` at ``ipc`` for the ``TABLE_SETTINGS`` it has, and its copies
+    where it uses more than one (the reference LGM's 10)."""
+    defaults = registry.defaults(method, ipc)
     settings = {k: defaults[k] for k in TABLE_SETTINGS if k in defaults}
     if defaults["copies"] > 1:
         settings["copies"] = defaults["copies"]
@@ -324,7 +324,7 @@ def table_runs(args) -> list:
             steps = args.steps if ipc == 1 else args.steps_ipc10
             seeds = args.distill_seeds[:1] if reduced else args.distill_seeds
             for seed in seeds:
-                extra = table_settings(method)
+                extra = table_settings(method, ipc)
                 if method in args.inheritance:
                     extra.update(inheritance=True)
                 if seed == seeds[0]:
@@ -377,11 +377,11 @@ LEVERS = {
 
 
 def grid_spec(group: str, method: str, ipc: int, seed: int, steps: int, **changes) -> dict:
-    """A distilled run of the grid: every default of ``method`` (``fastdd.methods.defaults``, steps aside)
+    """A distilled run of the grid: every default of ``method`` at ``ipc`` (``fastdd.methods.defaults``, steps aside)
     written into the spec with ``changes`` over them, so that a run is only reused while the library's
     defaults still describe it, and a lever that the defaults later adopt is the same run as the new
     default row."""
-    settings = {k: v for k, v in registry.defaults(method).items() if k != "steps"}
+    settings = {k: v for k, v in registry.defaults(method, ipc).items() if k != "steps"}
     settings.update(changes)
     return distilled_spec(group, method, ipc, seed, steps, **settings)
 

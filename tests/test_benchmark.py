@@ -125,7 +125,7 @@ def test_default_profile_end_to_end(bench, tmp_path):
         assert math.isclose(e["speedup_vs_lgm"], methods[REFERENCE]["step_time_s"] / e["step_time_s"])
         assert e["ratio_reference"] == REFERENCE
         assert len(e["accuracies"]) == 2  # --tiny probes with seeds 0 and 1
-        assert e["distill_settings"]["copies"] == registry.defaults(key)["copies"]
+        assert e["distill_settings"]["copies"] == registry.defaults(key, e["ipc"])["copies"]
     assert methods[REFERENCE]["copies"] == registry.reference().defaults["copies"] == 10
     assert methods[REFERENCE]["speedup_vs_lgm"] == 1.0
     assert saved["git"]["revision"] and isinstance(saved["git"]["dirty"], bool)
@@ -523,7 +523,7 @@ def test_every_distilled_method_reports_its_floor(bench, tmp_path):
     assert set(distilled) == {f"{REFERENCE}_k2", *(m for m in registry.names() if m != REFERENCE)}
     for key, e in distilled.items():
         spec = registry.get(e["method"])
-        copies = e["copies"] if e["copies"] is not None else spec.defaults["copies"]
+        copies = e["copies"] if e["copies"] is not None else spec.defaults_at(e["ipc"])["copies"]
         assert e["floor_status"] == "ok" and e["floor_time_s"] > 0, (key, e.get("floor_status"))
         assert e["floor_synthetic_rows"] == copies * classes * e["ipc"], key
         assert e["floor_real_rows"] == (e["ipc"] * copies * classes if spec.needs.real_batches else 0), key

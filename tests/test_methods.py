@@ -125,6 +125,37 @@ def test_a_registered_method_runs_through_distill_and_the_command_line(monkeypat
     assert "--scale" in help_text and "{lgm,sfm,clp,dm,toy}" in help_text
 
 
+def test_an_ipc_dependent_default_is_resolved_at_the_runs_ipc():
+    rule = methods.ByIpc(((1, 2), (10, 4)))
+    assert [rule.at(ipc) for ipc in (1, 2, 9, 10, 50)] == [2, 2, 2, 4, 4]
+    assert repr(rule) == "2 (ipc >= 10: 4)"
+    with pytest.raises(TypeError):
+        rule > 1  # not a number: code that forgets the ipc fails instead of reading one of its values
+    for bad in ((), ((2, 1),), ((1, 2), (1, 4)), ((1, 2), (10, 4), (5, 3))):
+        with pytest.raises(ValueError, match="ByIpc steps must start at ipc 1 and increase"):
+            methods.ByIpc(bad)
+    # CLP's copies: 2 below ipc 10, 4 from it (the grid, benchmarks/results/calibration_grid.md)
+    assert methods.get("clp").defaults["copies"] == rule
+    assert methods.defaults("clp", 1)["copies"] == 2 and methods.defaults("clp", 10)["copies"] == 4
+    assert methods.defaults("sfm", 10)["copies"] == 2 and methods.defaults("lgm", 10)["copies"] == 10
+    assert "clp 2 (ipc >= 10: 4)" in " ".join(_distill_help().split())
+    assert "| 2, 4 from ipc 10 |" in methods.markdown_table()
+
+
+def test_distill_reads_an_ipc_dependent_default_at_its_ipc(monkeypatch):
+    toy = methods.Method(name="toy", title="a test method", matches="class means", real_per_step="none",
+                         build=_toy_build, needs=methods.RealNeeds(means=True),
+                         defaults=dict(LOOP_DEFAULTS, steps=1, copies=methods.ByIpc(((1, 1), (3, 3)))),
+                         options={"scale": methods.Option(2.0, "loss scale", lambda n, v: float(v))})
+    monkeypatch.setitem(methods.REGISTRY, "toy", toy)
+    y = torch.arange(3).repeat(6)
+    x = torch.rand(len(y), 3, 10, 10, generator=torch.Generator().manual_seed(1)) * 0.5 + 0.2
+    run = dict(encoder=encoders.wrap(_TinyNet()), method="toy", labels=y, progress=False, batch_size=8)
+    assert api.distill(x, ipc=2, **run).settings["copies"] == 1
+    assert api.distill(x, ipc=3, **run).settings["copies"] == 3
+    assert api.distill(x, ipc=3, copies=2, **run).settings["copies"] == 2  # an explicit argument wins
+
+
 def _distill_help() -> str:
     parser = cli.build_parser()
     return parser._subparsers._group_actions[0].choices["distill"].format_help()

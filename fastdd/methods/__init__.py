@@ -12,16 +12,16 @@ options from it.
 - ``dm``   distribution matching on frozen features (needs the real class means)
 """
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from . import clp, dm, lgm, sfm
-from .base import Context, Method, Objective, Option, RealNeeds
+from .base import ByIpc, Context, Method, Objective, Option, RealNeeds
 from .clp import ClosedFormProbeLoss
 from .dm import DistributionMatchingLoss
 from .lgm import LinearGradientMatchingLoss
 from .sfm import FlowMatchingLoss
 
-__all__ = ["REGISTRY", "names", "get", "reference", "defaults", "markdown_table", "Method", "Option", "RealNeeds", "Context",
+__all__ = ["REGISTRY", "names", "get", "reference", "defaults", "markdown_table", "ByIpc", "Method", "Option", "RealNeeds", "Context",
            "Objective", "FlowMatchingLoss", "ClosedFormProbeLoss", "LinearGradientMatchingLoss",
            "DistributionMatchingLoss"]
 
@@ -47,17 +47,29 @@ def reference() -> Method:
     return next(m for m in REGISTRY.values() if m.reference)
 
 
-def defaults(name: str) -> Dict[str, Any]:
-    """Every default of method ``name``: the loop's (steps, lr, init, ...) and its own options'."""
+def defaults(name: str, ipc: Optional[int] = None) -> Dict[str, Any]:
+    """Every default of method ``name``: the loop's (steps, lr, init, ...) and its own options'; at ``ipc``
+    images per class the values there, else (None) as declared, an ipc-dependent one as its ``ByIpc``
+    rule."""
     method = get(name)
-    return {**method.defaults, **method.option_defaults()}
+    loop = method.defaults if ipc is None else method.defaults_at(ipc)
+    return {**loop, **method.option_defaults()}
+
+
+def _copies_text(copies) -> str:
+    if isinstance(copies, ByIpc):
+        first, *later = copies.steps
+        return ", ".join([str(first[1])] + [f"{value} from ipc {start}" for start, value in later])
+    return str(copies)
 
 
 def markdown_table() -> str:
     """The README's method table, rendered from the registry (``fastdd methods`` prints it)."""
-    lines = ["| method | what it matches | real images per step | options (defaults) |", "|---|---|---|---|"]
+    lines = ["| method | what it matches | real images per step | augmented copies a step (`copies`) "
+             "| options (defaults) |", "|---|---|---|---|---|"]
     for m in REGISTRY.values():
         options = ", ".join(f"`{k}={o.default!r}`" for k, o in m.options.items()) or "none"
         title = m.title + (", the reference" if m.reference else "")
-        lines.append(f"| `{m.name}` {title} | {m.matches} | {m.real_per_step} | {options} |")
+        lines.append(f"| `{m.name}` {title} | {m.matches} | {m.real_per_step} | {_copies_text(m.defaults['copies'])} "
+                     f"| {options} |")
     return "\n".join(lines) + "\n"

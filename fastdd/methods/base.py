@@ -6,7 +6,8 @@ usable as a drop-in loss elsewhere) and one ``Method`` object, and is listed onc
 ``fastdd/methods/__init__.py``. The ``Method`` declares
 
 - ``name`` and the one-line descriptions the README's method table shows (``matches``, ``real_per_step``);
-- ``defaults``: the loop's per-method defaults (steps, lr, init, parameterisation, augmentation, copies);
+- ``defaults``: the loop's per-method defaults (steps, lr, init, parameterisation, augmentation, copies); a
+  value may be a ``ByIpc`` rule (e.g. CLP's copies: 2, from ipc 10 4), read through ``defaults_at(ipc)``;
 - ``options``: its own options (name -> ``Option``: default, validator, help), passed to ``distill`` as
   ``options={...}`` and on the command line as ``--<name>`` flags;
 - ``needs``: what it needs from the real side (``RealNeeds``: class means, a feature bank, fresh real
@@ -30,7 +31,7 @@ import torch
 from ..validate import shown
 
 __all__ = ["Option", "RealNeeds", "Context", "Objective", "Method", "Recipe", "RecipeWarning", "RECIPE_KEYS",
-           "LOOP_DEFAULTS", "parse_bool", "parse_optional_int", "class_means"]
+           "LOOP_DEFAULTS", "ByIpc", "parse_bool", "parse_optional_int", "class_means"]
 
 # The loop's defaults, chosen by measurement (scripts/calibrate.py, benchmarks/results/calibration_*.md:
 # Fashion-MNIST at 32 px, MobileNetV2, ipc 1, CPU). The published recipes (pyramid from noise, LGM's
@@ -45,6 +46,33 @@ __all__ = ["Option", "RealNeeds", "Context", "Objective", "Method", "Recipe", "R
 # module says otherwise (LGM keeps its K = 10), so a comparison differs in the loss alone.
 LOOP_DEFAULTS: Dict[str, Any] = dict(steps=1000, lr=1e-2, init="real", parameterization="pyramid",
                                      extend_every=200, crop_scale=(0.5, 1.0), noise_prob=0.0, copies=2)
+
+
+@dataclass(frozen=True)
+class ByIpc:
+    """A default that depends on the images per class: ``steps`` pairs ``(from_ipc, value)``, the first
+    from ipc 1, increasing; ``at(ipc)`` is the value of the last pair whose ``from_ipc`` is at most ``ipc``.
+    A method's ``defaults`` may hold one (read them through ``Method.defaults_at(ipc)``); it is not a number,
+    so code that forgets the ipc fails instead of reading one of its values."""
+
+    steps: Tuple[Tuple[int, Any], ...]
+
+    def __post_init__(self):
+        starts = [start for start, _ in self.steps]
+        if not starts or starts[0] != 1 or any(b <= a for a, b in zip(starts, starts[1:])):
+            raise ValueError(f"ByIpc steps must start at ipc 1 and increase, got {self.steps}")
+
+    def at(self, ipc: int) -> Any:
+        return [value for start, value in self.steps if start <= ipc][-1]
+
+    def __repr__(self) -> str:
+        first, *later = self.steps
+        return " ".join([repr(first[1])] + [f"(ipc >= {start}: {value!r})" for start, value in later])
+
+
+def resolve_defaults(defaults: Dict[str, Any], ipc: int) -> Dict[str, Any]:
+    """``defaults`` with every ``ByIpc`` rule replaced by its value at ``ipc``."""
+    return {k: (v.at(ipc) if isinstance(v, ByIpc) else v) for k, v in defaults.items()}
 
 
 # The arguments of ``distill`` a recipe may set: those whose default there is None, so that an explicit
@@ -198,6 +226,10 @@ class Method:
     options: Dict[str, Option] = field(default_factory=dict)
     reference: bool = False  # the method the benchmark compares the others against (LGM)
     recipes: Dict[str, Recipe] = field(default_factory=dict)
+
+    def defaults_at(self, ipc: int) -> Dict[str, Any]:
+        """The loop's defaults of this method at ``ipc`` images per class (its ``ByIpc`` rules resolved)."""
+        return resolve_defaults(self.defaults, ipc)
 
     def apply_recipe(self, recipe: Optional[str], arguments: Dict[str, Any]) -> Dict[str, Any]:
         """``distill``'s ``arguments`` with the named recipe filled in where they are None (explicit
