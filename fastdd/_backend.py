@@ -10,7 +10,8 @@ Every op in :mod:`fastdd.ops` takes ``impl="auto"|"triton"|"cuda"|"torch"``:
   set in the environment before anything imports Triton; setting it later changes nothing.
 - ``"cuda"``: the optional compiled extension ``fastdd._C`` (see :mod:`fastdd._ext`), CUDA tensors
   only. Ops it does not cover fall back to Triton (documented per op).
-- ``"auto"``: Triton for CUDA tensors when Triton is importable, the reference elsewhere.
+- ``"auto"``: Triton for CUDA tensors when Triton is importable, the reference elsewhere; an op whose
+  non-reference path is plain torch code (the ridge probe's closed form) runs that path on every device.
 
 An explicit ``impl=`` argument always wins. The environment variable ``FASTDD_IMPL`` (one of the names
 above) only replaces the default ``"auto"``, so a whole program can be switched to one backend without
@@ -156,8 +157,8 @@ def resolve_impl(impl: str, *inputs: Optional[torch.Tensor], supports: tuple = (
             raise TypeError(f"{source} takes fp16/bf16/fp32 inputs; fp64 inputs run on the reference "
                             f"(impl='torch', or the default impl='auto')")
     if backend == "auto":
-        if not kernels:
-            return "triton" if on_cuda else "torch"
+        if not kernels:  # plain torch code: it runs on any device
+            return "triton"
         return "triton" if (on_cuda and has_triton() and "triton" in supports) else "torch"
     if backend not in supports:
         raise ValueError(f"{source} is not implemented for this op (it has {supports})")

@@ -4,8 +4,8 @@ Normal process: each loss compiled with ``fullgraph=True`` (no graph break: the 
 are skipped while compiling) gives the eager loss and gradient w.r.t. ``zs`` to fp32 tolerance, with
 the ``aot_eager`` backend (dynamo and AOT autograd, forward and backward traced on fake tensors; a few
 seconds) and, marked slow, ``inductor`` (C++ code generated and built with the machine's compiler; tens of
-seconds cold). The closed-form ridge probe's custom ops (plain torch, no kernel) pass
-``torch.library.opcheck``. Interpreter process: the kernel ops' custom ops pass ``opcheck`` on CPU
+seconds cold). The closed-form ridge probe (a plain autograd Function, no kernel) compiles with
+``fullgraph=True`` and gives the eager gradients. Interpreter process: the kernel ops' custom ops pass ``opcheck`` on CPU
 tensors, and the losses compiled with ``FASTDD_IMPL=triton`` call them inside the graph.
 """
 import importlib
@@ -106,13 +106,20 @@ def test_checks_are_off_while_compiling(monkeypatch):
     torch.compile(loss, fullgraph=True, backend="eager")(zs, ys)
 
 
-def test_ridge_probe_closed_form_custom_ops_pass_opcheck():
+def test_ridge_probe_closed_form_compiles_fullgraph_and_matches_eager():
+    from fastdd.ops.ridge_probe import ridge_probe_closed_form
+
     g = torch.Generator().manual_seed(0)
+    compiled = torch.compile(ridge_probe_closed_form, fullgraph=True, backend="aot_eager")
     for N, Dz in [(4, 7), (7, 4)]:  # sample-space and feature-space systems
-        zs = torch.randn(2, N, Dz, generator=g, dtype=torch.float64, requires_grad=True)
-        targets = torch.randn(2, N, 3, generator=g, dtype=torch.float64, requires_grad=True)
-        lam = torch.tensor([0.5, 1.5], dtype=torch.float64, requires_grad=True)
-        torch.library.opcheck(torch.ops.fastdd.ridge_probe.default, (zs, targets, lam))
+        zs = torch.randn(2, N, Dz, generator=g, requires_grad=True)
+        targets = torch.randn(2, N, 3, generator=g, requires_grad=True)
+        lam = torch.tensor([0.5, 1.5], requires_grad=True)
+        upstream = torch.randn(2, Dz, 3, generator=g)
+        got = torch.autograd.grad(compiled(zs, targets, lam), (zs, targets, lam), upstream)
+        ref = torch.autograd.grad(ridge_probe_closed_form(zs, targets, lam), (zs, targets, lam), upstream)
+        for name, a, r in zip(("dzs", "dtargets", "dlam"), got, ref):
+            torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5, msg=name)
 
 
 # ---- the kernel ops' custom ops, in the Triton interpreter process ------------------------------

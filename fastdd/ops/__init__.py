@@ -1,7 +1,8 @@
 """Fused ops of fastdd, each with its torch reference in the same file.
 
 Every op takes ``impl="auto"|"triton"|"cuda"|"torch"`` (see :mod:`fastdd._backend`): ``auto`` runs
-the Triton kernels on CUDA tensors and the reference elsewhere; ``FASTDD_IMPL`` replaces the default
+the Triton kernels on CUDA tensors and the reference elsewhere (the ridge probe, which has no kernel: its
+closed form everywhere); ``FASTDD_IMPL`` replaces the default
 ``auto`` for a whole program (an explicit ``impl=`` wins); fp64 inputs run the reference under ``auto``
 and are a ``TypeError`` on "triton" / "cuda", for every op. Ahead-of-time builds of the kernels (no GPU
 needed): :mod:`fastdd.ops.aot`.
