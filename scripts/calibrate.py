@@ -358,6 +358,7 @@ LEVERS = {
     "copies-2": ("swept", dict(copies=2)),
     "copies-4": ("every", dict(copies=4)),
     "copies-8": ("swept", dict(copies=8)),
+    "copies-10": ("every", dict(copies=10)),  # at ipc 10 for the reference (LGM): its default K, unreduced
     "lam-0.1": (("clp",), dict(lam=0.1)),
     "lam-0.3": (("clp",), dict(lam=0.3)),
     "lam-3": (("clp",), dict(lam=3.0)),
