@@ -374,6 +374,8 @@ LEVERS = {
     "lr-3e-3": ("swept", dict(lr=3e-3)),
     "lr-1e-1": ("swept", dict(lr=1e-1)),
     "crop-0.25": ("swept", dict(crop_scale=(0.25, 1.0))),
+    "crop-0.75": ("swept", dict(crop_scale=(0.75, 1.0))),
+    "no-flip": ("swept", dict(flip_prob=0.0)),
 }
 
 
