@@ -606,8 +606,7 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
             nearest each class mean) or a class-major tensor ``[C*ipc, 3, H, W]`` in [0, 1] (``"given"``).
         parameterization: ``"pyramid"`` (LGM's) or ``"pixels"``; ``extend_every``: the pyramid's extension
             period from noise (``fastdd.images``).
-        copies: K, the augmented copies of the synthetic set per step (default: LGM 10, CLP 2 below ipc
-            10 and 4 from ipc 10, SFM and DM 2).
+        copies: K, the augmented copies of the synthetic set per step (default 2; LGM 10, CLP 4 from ipc 10).
         augment: apply the augmentation chain (``fastdd.augment``: ``crop_size``, ``flip_prob``,
             ``crop_scale``, ``crop_log_ratio``, ``noise_prob``, ``noise_mean``, ``noise_std``). Every
             ``None`` default is the method's (``METHOD_DEFAULTS``, the README's measured calibration).

@@ -380,10 +380,10 @@ LEVERS = {
 
 
 def grid_spec(group: str, method: str, ipc: int, seed: int, steps: int, **changes) -> dict:
-    """A distilled run of the grid: every default of ``method`` at ``ipc`` (``fastdd.methods.defaults``, steps aside)
-    written into the spec with ``changes`` over them, so that a run is only reused while the library's
-    defaults still describe it, and a lever that the defaults later adopt is the same run as the new
-    default row."""
+    """A distilled run of the grid: every default of ``method`` at ``ipc`` (``fastdd.methods.defaults``,
+    steps aside) written into the spec with ``changes`` over them, so that a run is only reused while the
+    library's defaults still describe it, and a lever that the defaults later adopt is the same run as the
+    new default row."""
     settings = {k: v for k, v in registry.defaults(method, ipc).items() if k != "steps"}
     settings.update(changes)
     return distilled_spec(group, method, ipc, seed, steps, **settings)

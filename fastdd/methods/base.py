@@ -70,11 +70,6 @@ class ByIpc:
         return " ".join([repr(first[1])] + [f"(ipc >= {start}: {value!r})" for start, value in later])
 
 
-def resolve_defaults(defaults: Dict[str, Any], ipc: int) -> Dict[str, Any]:
-    """``defaults`` with every ``ByIpc`` rule replaced by its value at ``ipc``."""
-    return {k: (v.at(ipc) if isinstance(v, ByIpc) else v) for k, v in defaults.items()}
-
-
 # The arguments of ``distill`` a recipe may set: those whose default there is None, so that an explicit
 # argument is told apart from an unset one and always wins over the recipe (tests/test_recipes.py checks
 # distill's signature). flip_prob, crop_log_ratio, noise_mean and noise_std default to LGM's published
@@ -229,7 +224,7 @@ class Method:
 
     def defaults_at(self, ipc: int) -> Dict[str, Any]:
         """The loop's defaults of this method at ``ipc`` images per class (its ``ByIpc`` rules resolved)."""
-        return resolve_defaults(self.defaults, ipc)
+        return {k: (v.at(ipc) if isinstance(v, ByIpc) else v) for k, v in self.defaults.items()}
 
     def apply_recipe(self, recipe: Optional[str], arguments: Dict[str, Any]) -> Dict[str, Any]:
         """``distill``'s ``arguments`` with the named recipe filled in where they are None (explicit
