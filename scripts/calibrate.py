@@ -354,6 +354,9 @@ LEVERS = {
     "fixed-tau": (("clp",), dict(fit_tau=False)),
     "fit-tau-centroid": (("clp",), dict(fit_tau=True, init="centroid")),
     "l2": (("clp",), dict(feature_norm="l2")),
+    "center": (("clp",), dict(feature_norm="center")),
+    "standardize": (("clp",), dict(feature_norm="standardize")),
+    "bias": (("clp",), dict(bias=True)),
     "copies-1": ("swept", dict(copies=1)),
     "copies-2": ("swept", dict(copies=2)),
     "copies-4": ("every", dict(copies=4)),
@@ -361,6 +364,8 @@ LEVERS = {
     "copies-10": ("every", dict(copies=10)),  # at ipc 10 for the reference (LGM): its default K, unreduced
     "lam-0.1": (("clp",), dict(lam=0.1)),
     "lam-0.3": (("clp",), dict(lam=0.3)),
+    "lam-0.5": (("clp",), dict(lam=0.5)),
+    "lam-2": (("clp",), dict(lam=2.0)),
     "lam-3": (("clp",), dict(lam=3.0)),
     "lam-10": (("clp",), dict(lam=10.0)),
     "tau-0.05": (("clp",), dict(tau=0.05)),
@@ -373,6 +378,7 @@ LEVERS = {
     "lr-3e-2": ("swept", dict(lr=3e-2)),
     "lr-3e-3": ("swept", dict(lr=3e-3)),
     "lr-1e-1": ("swept", dict(lr=1e-1)),
+    "crop-0.08": ("swept", dict(crop_scale=(0.08, 1.0))),  # the evaluation's own crop law
     "crop-0.25": ("swept", dict(crop_scale=(0.25, 1.0))),
     "crop-0.75": ("swept", dict(crop_scale=(0.75, 1.0))),
     "no-flip": ("swept", dict(flip_prob=0.0)),
@@ -456,6 +462,15 @@ def grid_labels(args, dataset: str, size: int) -> dict:
     labels = {}
     for r in grid_runs(argparse.Namespace(**{**vars(args), "levers": [], "methods": None}), dataset, size):
         labels[run_key(r)] = (r["ipc"], r["method"] if r["kind"] == "distilled" else r["kind"])
+    reference = registry.reference().name
+    for ipc in args.ipcs:  # the reference's own default copies where measured, its reduced grid row beside it
+        if ipc == 1:
+            continue
+        own = registry.defaults(reference, ipc)["copies"]
+        for spec in grid_method_specs(args, reference, ipc):
+            labels[run_key(dict(spec, dataset=dataset, size=size))] = (ipc, reduced_label(args))
+        for spec in grid_method_specs(args, reference, ipc, copies=own):
+            labels[run_key(dict(spec, dataset=dataset, size=size))] = (ipc, reference)
     for lever, (methods, changes) in LEVERS.items():
         for method in lever_methods(methods):
             for ipc in sorted(set(args.ipcs) | set(args.lever_ipcs)):
@@ -463,6 +478,22 @@ def grid_labels(args, dataset: str, size: int) -> dict:
                     key = run_key(dict(spec, dataset=dataset, size=size))
                     labels.setdefault(key, (ipc, f"{method} {lever}"))  # a lever the defaults hold is their row
     return labels
+
+
+def reduced_label(args) -> str:
+    """The label of the reference method's reduced grid row at ipcs other than 1 (``--reference-copies-ipc10``
+    copies instead of its default): a lever row beside its default row, which is the run with its own copies
+    where one was measured (lever ``copies-10`` for LGM)."""
+    return f"{registry.reference().name} copies-{args.reference_copies_ipc10}"
+
+
+def default_cell(cells: dict, ipc: int, method: str, args) -> tuple:
+    """``(cell, reduced)``: the method's default row at ``ipc``, or, for the reference method without a run
+    of its own copies there, its reduced grid row (``reduced`` True); ``(None, False)`` when neither ran."""
+    if (ipc, method) in cells or method != registry.reference().name:
+        return cells.get((ipc, method)), False
+    cell = cells.get((ipc, reduced_label(args)))
+    return cell, cell is not None
 
 
 def grid_cells(runs: list, labels: dict) -> dict:
@@ -507,11 +538,15 @@ def write_grid_summary(args) -> None:
                    "full_data": None if full is None else round(full[0], 2)}
             for kind, _ in GRID_BASELINES:
                 row[kind] = cells.get((ipc, kind))
+            shown_cells, row["reduced"] = dict(cells), []
             for m in methods:
-                row[m] = cells.get((ipc, m))
-            best = max((cells[(ipc, m)][0] for m in methods if (ipc, m) in cells), default=None)
+                row[m], reduced = default_cell(cells, ipc, m, args)
+                if reduced:
+                    shown_cells[(ipc, m)] = row[m]
+                    row["reduced"].append(m)
+            best = max((row[m][0] for m in methods if row[m] is not None), default=None)
             row["best_over_full"] = None if best is None or full is None else round(100 * best / full[0], 1)
-            row["meets_bar"] = grid_verdict(cells, ipc, methods)
+            row["meets_bar"] = grid_verdict(shown_cells, ipc, methods)
             rows.append(row)
     if not rows:
         raise SystemExit(f"no calibration_grid{args.tag}-*.json under {args.out}")
@@ -519,13 +554,17 @@ def write_grid_summary(args) -> None:
                              r["size"], r["ipc"]))
     columns = [k for k, _ in GRID_BASELINES] + methods
 
-    def cell(value, digits=1):
-        return "" if value is None else f"{value[0]:.{digits}f} +- {value[1]:.{digits}f}"
+    def cell(value, reduced=False, digits=1):
+        if value is None:
+            return ""
+        return f"{value[0]:.{digits}f} +- {value[1]:.{digits}f}" + (
+            f" (copies {args.reference_copies_ipc10})" if reduced else "")
 
     harness.write_csv(args.out / f"calibration_grid{args.tag}.csv",
                       ["dataset", "size", "ipc"] + [f"{c}_{x}" for c in columns for x in ("mean", "std")]
-                      + ["full_data", "best_over_full", "meets_bar"],
+                      + ["full_data", "best_over_full", "meets_bar", "reduced"],
                       [{**{k: r[k] for k in ("dataset", "size", "ipc", "full_data", "best_over_full", "meets_bar")},
+                        "reduced": " ".join(r["reduced"]),
                         **{f"{c}_{x}": None if r[c] is None else round(r[c][i], 2)
                            for c in columns for i, x in enumerate(("mean", "std"))}} for r in rows])
     first = docs[0][1]
@@ -552,21 +591,34 @@ def write_grid_summary(args) -> None:
     for r in rows:
         full = "" if r["full_data"] is None else f"{r['full_data']:.1f}"
         best = "" if r["best_over_full"] is None else f"{r['best_over_full']:.1f}"
-        lines.append(f"| {r['dataset']} | {r['size']} | {r['ipc']} | " + " | ".join(cell(r[c]) for c in columns)
+        lines.append(f"| {r['dataset']} | {r['size']} | {r['ipc']} | "
+                     + " | ".join(cell(r[c], c in r["reduced"]) for c in columns)
                      + f" | {full} | {best} | {r['meets_bar']} |")
-    lines += lever_table(cells_by_setting, methods)
+    reference = registry.reference().name
+    if any(r["reduced"] for r in rows):
+        lines += ["", f"A {reference.upper()} cell marked (copies {args.reference_copies_ipc10}) is its reduced "
+                  f"grid row (`--reference-copies-ipc10`), shown where no run with its own default copies "
+                  f"({registry.defaults(reference, 10)['copies']} at ipc 10) was measured; the verdict reads it "
+                  "as it is."]
+    lines += lever_table(cells_by_setting, methods, args)
     harness.write_text(args.out / f"calibration_grid{args.tag}.md", "\n".join(lines) + "\n")
 
 
-def lever_table(cells_by_setting: list, methods: list) -> list:
+def lever_order(lever: str) -> int:
+    """A lever's place in ``LEVERS`` (a reduced row's copies outside it: last)."""
+    return list(LEVERS).index(lever) if lever in LEVERS else len(LEVERS)
+
+
+def lever_table(cells_by_setting: list, methods: list, args) -> list:
     """Markdown lines: at each ipc a lever ran at, each lever run against its method's default row, per
-    setting (mean and the difference to the default, points)."""
+    setting (mean and the difference to the default, points; the reference's reduced row where its
+    default was not measured, ``default_cell``)."""
     found = {(ipc, label) for _, cells in cells_by_setting for (ipc, label) in cells if " " in label}
     settings = [setting for setting, _ in cells_by_setting]
     lines = []
     for ipc in sorted({ipc for ipc, _ in found}):
         levers = sorted({label for i, label in found if i == ipc},
-                        key=lambda label: (methods.index(label.split()[0]), list(LEVERS).index(label.split()[1])))
+                        key=lambda label: (methods.index(label.split()[0]), lever_order(label.split()[1])))
         lines += ["", f"Levers at ipc {ipc} (`--levers`, `--lever-ipcs`): each variant changes one thing from its "
                   "method's defaults; a cell is its mean and, in brackets, its difference to the default row of "
                   "the same setting (points).", "",
@@ -576,7 +628,9 @@ def lever_table(cells_by_setting: list, methods: list) -> list:
             method, lever = label.split()
             row = []
             for _, cells in cells_by_setting:
-                got, base = cells.get((ipc, label)), cells.get((ipc, method))
+                got, (base, fallback) = cells.get((ipc, label)), default_cell(cells, ipc, method, args)
+                if fallback and label == reduced_label(args):
+                    base = None  # the reduced row stands in for the default there: no difference to itself
                 row.append("" if got is None else f"{got[0]:.1f}"
                            + ("" if base is None else f" ({got[0] - base[0]:+.1f})"))
             lines.append(f"| {method.upper()} | {lever} | " + " | ".join(row) + " |")

@@ -8,6 +8,7 @@ profile at 4 classes, 32 px and a tiny ViT. The checks are on the shape and cons
 registered method must appear in the results without a change to the benchmark.
 """
 
+import argparse
 import csv
 import importlib.util
 import json
@@ -502,12 +503,54 @@ def test_calibration_grid_levers_at_other_ipcs(calibrate):
     labels = calibrate.grid_labels(args, "digits", 16)
     assert {labels[calibrate.run_key(r)] for r in levers} == {(10, f"{m} init-centroid") for m in registry.names()}
     cells = {(10, "sfm"): (70.0, 0.0, 1), (10, "sfm init-centroid"): (72.5, 0.0, 1)}
-    table = "\n".join(calibrate.lever_table([(("digits", 16), cells)], list(registry.names())))
+    table = "\n".join(calibrate.lever_table([(("digits", 16), cells)], list(registry.names()), args))
     assert "Levers at ipc 10" in table and "| SFM | init-centroid | 72.5 (+2.5) |" in table
     assert "Levers at ipc 1 " not in table
     for bad in (["--levers", "nope"], ["--ipcs", "1", "--levers", "init-centroid", "--lever-ipcs", "10"]):
         with pytest.raises(SystemExit):
             calibrate.parse_args(["--mode", "grid", *bad])
+
+
+def test_calibration_grid_reference_default_copies_over_its_reduced_row(calibrate, tmp_path):
+    """At ipc 10 the reference's run with its own default copies is its default row where it was measured
+    (the summary's cell and the verdict read it); its reduced grid row (--reference-copies-ipc10) is a lever
+    row beside it, and stands in, marked, only where the default was not measured."""
+    args = calibrate.parse_args(["--mode", "grid", "--datasets", "digits", "--ipcs", "1,10", "--steps-ipc10", "5"])
+    own = registry.defaults(REFERENCE, 10)["copies"]
+    assert own != args.reference_copies_ipc10
+    labels = calibrate.grid_labels(args, "digits", 16)
+    specs = {copies: calibrate.grid_method_specs(args, REFERENCE, 10, copies=copies)[0]
+             for copies in (own, args.reference_copies_ipc10)}
+    assert specs[args.reference_copies_ipc10] == calibrate.grid_method_specs(args, REFERENCE, 10)[0]
+    reduced = calibrate.reduced_label(args)
+    assert {copies: labels[calibrate.run_key(dict(spec, dataset="digits", size=16))]
+            for copies, spec in specs.items()} == {own: (10, REFERENCE), args.reference_copies_ipc10: (10, reduced)}
+    measured = {(10, REFERENCE): (80.0, 0.0, 1), (10, reduced): (75.0, 0.0, 1)}
+    assert calibrate.default_cell(measured, 10, REFERENCE, args) == ((80.0, 0.0, 1), False)
+    assert calibrate.default_cell({(10, reduced): (75.0, 0.0, 1)}, 10, REFERENCE, args) == ((75.0, 0.0, 1), True)
+    assert calibrate.default_cell({}, 10, REFERENCE, args) == (None, False)
+    assert calibrate.default_cell({(10, "sfm copies-1"): (1.0, 0.0, 1)}, 10, "sfm", args) == (None, False)
+    table = "\n".join(calibrate.lever_table([(("digits", 16), measured), (("digits", 24), {
+        (10, reduced): (75.0, 0.0, 1), (10, f"{REFERENCE} copies-4"): (77.0, 0.0, 1)})], list(registry.names()), args))
+    lever = reduced.split()[1]
+    assert f"| {REFERENCE.upper()} | {lever} | 75.0 (-5.0) | 75.0 |" in table  # no difference to itself
+    assert f"| {REFERENCE.upper()} | copies-4 |  | 77.0 (+2.0) |" in table  # against the stand-in
+    # the summary: the reduced row stands in, marked, and the verdict reads it
+    for copies, accuracy, shown in ((args.reference_copies_ipc10, 60.0, f"60.0 +- 0.0 (copies "
+                                     f"{args.reference_copies_ipc10})"), (own, 70.0, "70.0 +- 0.0 |")):
+        out = tmp_path / str(copies)
+        out.mkdir()
+        runs = [{**spec, "spec": dict(spec, dataset="digits", size=16), "accuracies": [acc, acc]} for spec, acc in (
+            (specs[args.reference_copies_ipc10], 60.0), (specs[copies], accuracy),
+            (calibrate.baseline_spec("ipc10", "class_centroids", 10), 65.0),
+            (calibrate.baseline_spec("ipc10", "random_real", 10, 0), 50.0))]
+        doc = {"dataset": "digits", "image_size": 16, "runs": runs, "machine": {
+            "device": "cpu", "cpu": "x", "cores": 2, "torch_threads": 1, "torch": "2"}, "probe": {
+            "epochs": 1, "seeds": [0], "views": 1, "full_epochs": 1}, "invocations": []}
+        (out / "calibration_grid-digits-16px.json").write_text(json.dumps(doc))
+        calibrate.write_grid_summary(argparse.Namespace(**{**vars(args), "out": out}))
+        summary = (out / "calibration_grid.md").read_text()
+        assert shown in summary and ("is its reduced grid row" in summary) == (copies != own)
 
 
 def test_every_distilled_method_reports_its_floor(bench, tmp_path):
