@@ -27,7 +27,9 @@ Modes (``--mode``):
   probe. One resumable file per setting (``calibration_grid<tag>-<dataset>-<size>px``) and one summary,
   ``calibration_grid<tag>.{csv,md}``, with the issue's bar per row (every method at least 5 points over
   the class centroids at ipc 1, above both real baselines at ipc 10) and the levers against the
-  defaults. Run one process per data set to use two cores.
+  defaults. At ipc 10 the reference method (LGM) runs with ``--reference-copies-ipc10`` copies; its run
+  with its own default copies (lever ``copies-10``) is its summary cell where measured. Run one process
+  per data set to use two cores.
 - ``summary``: merge the sweep files (``calibration_sweep*.json``, one per process) into
   ``calibration_summary.{json,csv,md}``.
 
@@ -457,8 +459,10 @@ CENTROID_MARGIN = 5.0  # points over the class centroids every method must reach
 
 def grid_labels(args, dataset: str, size: int) -> dict:
     """Spec key -> ``(ipc, label)`` of the runs the grid's tables show for one setting: the default rows
-    (label: the method or baseline kind) and every lever of ``LEVERS`` at ipc 1 (label ``"<method> <lever>"``),
-    under the current defaults and this invocation's seeds and steps."""
+    (label: the method or baseline kind) and every lever of ``LEVERS`` at its ipcs (label ``"<method> <lever>"``),
+    under the current defaults and this invocation's seeds and steps. At ipcs other than 1 the reference
+    method's default row is its run with its own default copies (the grid runs it reduced, as the lever
+    ``reduced_label``, which ``default_cell`` shows in its place where the default was not measured)."""
     labels = {}
     for r in grid_runs(argparse.Namespace(**{**vars(args), "levers": [], "methods": None}), dataset, size):
         labels[run_key(r)] = (r["ipc"], r["method"] if r["kind"] == "distilled" else r["kind"])
@@ -809,8 +813,9 @@ def parse_args(argv=None):
     p.add_argument("--ipcs", type=lambda s: [int(x) for x in s.split(",")], default=[1, 10],
                    help="table mode: the images-per-class settings (comma-separated; ipc 1 runs --steps, others --steps-ipc10)")
     p.add_argument("--reference-copies-ipc10", "--lgm-copies-ipc10", type=positive_int, default=2,
-                   help=f"table mode: the reference method's ({registry.reference().name}) copies at ipcs other "
-                        "than 1 (CPU budget)")
+                   help=f"table and grid modes: the reference method's ({registry.reference().name}) copies at "
+                        "ipcs other than 1 (CPU budget; the grid's summary shows its run with its own default "
+                        "copies instead where one was measured)")
     p.add_argument("--inheritance", type=method_list, default=["sfm"],
                    help="table mode: the methods whose rows also score classifier inheritance (comma-separated; "
                         "default: sfm, whose paper's protocol it is)")
