@@ -377,6 +377,7 @@ LEVERS = {
     "real-batch-16384": (("clp",), dict(real_batch=16384)),
     "steps-2000": ("swept", dict(steps=2000)),
     "copies-2-fixed-tau": (("clp",), dict(copies=2, fit_tau=False)),
+    "copies-1-fit-tau": (("clp",), dict(copies=1, fit_tau=True)),
     "lr-3e-2": ("swept", dict(lr=3e-2)),
     "lr-3e-3": ("swept", dict(lr=3e-3)),
     "lr-1e-1": ("swept", dict(lr=1e-1)),
