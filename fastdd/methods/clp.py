@@ -35,9 +35,8 @@ from the grid of data sets and image sizes (benchmarks/results/calibration_grid*
 copy a step the fitted temperature was ahead on three of four settings, with the two copies the loop
 now draws by default the fixed one is ahead on every setting measured. 2,048 bank rows a step over
 4,096: within 0.5 points at ipc 1 on all six settings of the grid and at 1000 steps (66.3 against 66.2
-on Fashion-MNIST 32 px), within 0.9 at ipc 10 (at 1000 steps on Fashion-MNIST 32 px: 75.7 against
-76.3, 1 seed), at half the loss's cost. The paper's values are not
-public.
+on Fashion-MNIST 32 px, seeds 0 and 1), within 0.9 at ipc 10 (at 1000 steps on Fashion-MNIST 32 px:
+75.7 against 76.3, 1 seed), at half the loss's cost. The paper's values are not public.
 """
 
 from __future__ import annotations
@@ -303,8 +302,9 @@ METHOD = Method(
     real_per_step="none", build=_build, needs=RealNeeds(bank=True),
     # Four augmented copies a step from ipc 10 (two below): at ipc 10 four lifted CLP on all six settings
     # of the grid (+0.4 to +2.6 points at 100 steps; at 1000 steps on Fashion-MNIST 32 px 78.0 against
-    # 75.7), at ipc 1 they did not (64.4 against 64.6 at 1000 steps). Ipcs 2 to 9 are unmeasured and keep
-    # two (benchmarks/results/calibration_grid*.md). Four copies double the step's encoder rows.
+    # 75.7), at ipc 1 they did not (64.4 against 66.2 for two copies at 1000 steps, both with 4,096 bank
+    # rows). Ipcs 2 to 9 are unmeasured and keep two (benchmarks/results/calibration_grid*.md). Four copies
+    # double the step's encoder rows.
     defaults=dict(LOOP_DEFAULTS, copies=ByIpc(((1, 2), (10, 4)))),
     options={
         "lam": Option(1.0, "ridge strength (relative to the kernel's mean diagonal when relative_lam)",
