@@ -560,7 +560,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .validate import positive_int
 
             positive_int("--workers", args.workers, minimum=0)
-        return run(args)
+        code = run(args)
+        if started:  # every rank enters the teardown together, after rank 0 has written its files: gloo
+            # aborts a rank whose peer tore its connections down first, failing a run that had finished
+            from .distributed import resolve_group
+
+            resolve_group().barrier("before ending the process group")
+        return code
     except (ValueError, TypeError, OSError, ArithmeticError, RuntimeError) as e:
         # one clear line, no traceback: a bad flag value (the message names the argument, written as its
         # flag) is a usage error, 2; anything else failed while running (a corrupt file, NaN features, a
