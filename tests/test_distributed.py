@@ -193,6 +193,33 @@ def test_torchrun_command_line_shares_the_work_and_writes_once(tmp_path):
     assert (tmp_path / "two.loss.png").exists() and json.loads((tmp_path / "two.log.json").read_text())["method"] == "sfm"
 
 
+def test_the_command_line_ends_its_group_only_after_every_rank_is_done(monkeypatch, capsys):
+    """Success: a barrier, then destroy_process_group (a rank that tore down first made gloo abort its
+    peer, which was still writing the files). A failed barrier: an error and no destroy (it can hang)."""
+    import torch.distributed as dist
+
+    from fastdd import cli, distributed
+
+    calls = []
+
+    class Ranks:
+        def barrier(self, what):
+            calls.append("barrier")
+            if fail:
+                raise distributed.DistributedError(f"the collective {what} failed")
+
+    monkeypatch.setattr(cli, "_set_up", lambda args: True)
+    monkeypatch.setattr(cli, "_methods", lambda args: calls.append("run") or 0)
+    monkeypatch.setattr(distributed, "resolve_group", lambda group=None: Ranks())
+    monkeypatch.setattr(dist, "destroy_process_group", lambda group=None: calls.append("destroy"))
+    fail = False
+    assert cli.main(["methods"]) == 0 and calls == ["run", "barrier", "destroy"]
+    calls.clear()
+    fail = True
+    assert cli.main(["methods"]) == 1 and calls == ["run", "barrier"]
+    assert "the collective before ending the process group failed" in capsys.readouterr().err
+
+
 def test_one_process_commands_refuse_torchrun(tmp_path, capsys):
     from fastdd import cli
 
