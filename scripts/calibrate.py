@@ -385,6 +385,7 @@ LEVERS = {
     "crop-0.25": ("swept", dict(crop_scale=(0.25, 1.0))),
     "crop-0.75": ("swept", dict(crop_scale=(0.75, 1.0))),
     "no-flip": ("swept", dict(flip_prob=0.0)),
+    "pixels": ("swept", dict(parameterization="pixels")),  # one tensor of pixels instead of the pyramid
 }
 
 
