@@ -167,7 +167,8 @@ def _check_real_images(images, labels) -> None:
         if labels is None:
             raise ValueError("labels is required when images is a tensor")
         if images.dim() != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"images must have shape [N, 3, H, W], got {tuple(images.shape)}")
+            raise ValueError(f"images must have shape [N, 3, H, W] (or [N, 1, H, W], grey), "
+                             f"got {tuple(images.shape)}")
         try:
             validate.class_labels("labels", labels, images.shape[0])
         except TypeError as e:
@@ -250,12 +251,17 @@ def _scan_real(a: _Arguments, images, labels, encoder, dev, cpu_gen, compute_sta
 
 
 def _check_stats(stats: RealStats, name: str, method: methods.Method, counts: torch.Tensor, feature_dim: int,
-                 encoder, fingerprint: str) -> None:
+                 encoder, fingerprint: str, image_size) -> None:
     if stats.encoder_fingerprint is not None and stats.encoder_fingerprint != fingerprint:
         raise ValueError(f"{name} were computed with another encoder than this run's: "
                          f"{stats.encoder_name!r} with weights fingerprint {stats.encoder_fingerprint[:16]} there, "
                          f"{encoder.name!r} with {fingerprint[:16]} here (fastdd.encoders.fingerprint); compute "
                          "them with this encoder")
+    if stats.image_size is not None and tuple(stats.image_size) != tuple(image_size):
+        there, here = ("x".join(map(str, size)) for size in (stats.image_size, image_size))
+        raise ValueError(f"{name} were computed from images of {there} px, this run's real images are {here} px: "
+                         "the features of one image differ between sizes, even when the encoder resizes its "
+                         "input; compute them from images of this size")
     if stats.num_classes != counts.shape[0]:
         raise ValueError(f"{name} has {stats.num_classes} classes, the labels {counts.shape[0]}")
     if stats.feature_dim != feature_dim:
@@ -309,7 +315,8 @@ def _settle_stats(a: _Arguments, real: _Real, given: Optional[RealStats], stats_
     elif given is not None:
         real.stats = given
     if real.stats is not None:
-        _check_stats(real.stats, name, a.method, real.scan.counts, real.feature_dim, encoder, fingerprint)
+        _check_stats(real.stats, name, a.method, real.scan.counts, real.feature_dim, encoder, fingerprint,
+                     real.scan.image_size)
 
 
 def _resumed_state(path: Optional[Path], settings: Dict[str, Any], g: Group) -> Optional[dict]:
@@ -392,7 +399,7 @@ def _settings(a: _Arguments, real: _Real, encoder, fingerprint: str, dev, bank_d
     return {"method": a.method.name, "ipc": a.ipc, "steps": a.steps, "num_classes": real.scan.counts.shape[0],
             "image_size": list(real.scan.image_size), "feature_dim": real.feature_dim,
             "encoder": getattr(encoder, "name", type(encoder).__name__), "encoder_fingerprint": fingerprint,
-            "class_counts": real.scan.counts.tolist(), "batch_size": a.batch_size,
+            "class_counts": real.scan.counts.tolist(), **real.scan.fingerprints, "batch_size": a.batch_size,
             "lr": a.lr, "init": a.init, "parameterization": a.parameterization, "extend_every": a.extend_every,
             "copies": a.copies, "augment": a.augment_on,
             **{k: list(v) if isinstance(v, tuple) else v for k, v in a.augment_settings.items()},
@@ -523,7 +530,7 @@ class _Loop:
         """The steps from ``start`` to ``steps``; returns their wall time."""
         a, pending = self.a, []
         phase = Phase(f"distill {a.method.name}", total=a.steps, unit="step", progress=progress,
-                      initial=min(self.start, a.steps), log=self.group.is_main)
+                      initial=self.start, log=self.group.is_main)
         try:
             for step in range(self.start, a.steps):
                 pending.append(self.step(step))
@@ -541,7 +548,7 @@ class _Loop:
         except BaseException:
             phase.close()
             raise
-        ran = max(a.steps - self.start, 0)
+        ran = a.steps - self.start
         last = f", final loss {self.history[-1]:.4g}" if self.history else ""
         return phase.done(f"{ran} steps of {self.num_images} images{last}", steps=ran,
                           loss=self.history[-1] if self.history else None)
@@ -590,7 +597,8 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
     """Distil a labelled image set into ``ipc`` synthetic images per class for linear probing.
 
     Args:
-        images: the real set, streamed: a tensor ``[N,3,H,W]`` in [0,1] (with ``labels``), a
+        images: the real set, streamed: a tensor ``[N,3,H,W]`` in [0,1] (with ``labels``; uint8 in 0..255
+            and one grey channel ``[N,1,H,W]`` are converted batch by batch), a
             ``fastdd.data.Split``, a map-style Dataset or a DataLoader (LGM draws batches by index: not an
             iterable-only one). Class names it carries (``classes``) are kept in the result.
         encoder: an ``nn.Module`` ``[B,3,h,w] -> [B,D]`` (``fastdd.encoders.wrap`` adds the normalisation),
@@ -611,7 +619,7 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
             ``crop_scale``, ``crop_log_ratio``, ``noise_prob``, ``noise_mean``, ``noise_std``). Every
             ``None`` default is the method's (``METHOD_DEFAULTS``, the README's measured calibration).
         stats: precomputed ``RealStats`` (with a bank for methods that need one): other class counts than
-            the data's give a ``StatsMismatchWarning``, another encoder's a ValueError.
+            the data's give a ``StatsMismatchWarning``, another encoder's or another image size's a ValueError.
         bank_dtype, bank_path: the feature bank's dtype and file. batch_size: real images per encoder call.
         chunk_size: decode, augment, encode and back-propagate at most this many synthetic rows at a time:
             memory-flat in the number of images (except the augmentation noise of every row with

@@ -3,14 +3,16 @@ history, both generators' states and the run's settings), in fastdd's checked fi
 
 A checkpoint is resumed only by a run whose settings give the same result: every setting must match
 (the method and its options, the augmentation, the initialisation, the seed, the data's class counts,
-the encoder's name and the fingerprint of its weights, ...) except ``RESUME_MAY_CHANGE``: ``steps``
-(how far to go), ``lr`` (the remaining steps use the new one), ``chunk_size`` and ``batch_size``
+image size and fingerprints (``fastdd.realdata.DataFingerprints``), the encoder's name and the
+fingerprint of its weights, ...) except ``RESUME_MAY_CHANGE``: ``steps`` (how far to go, not fewer than
+the checkpoint has done), ``lr`` (the remaining steps use the new one), ``chunk_size`` and ``batch_size``
 (memory and speed only: the same gradient up to rounding), the device's index (not its type: the
 generators differ between CPU and CUDA) and ``world_size``: a distributed run's checkpoint holds the
 whole synthetic set's state, gathered from the ranks (``whole_state``), so a run with another number
-of processes re-partitions it (``part_state``) and continues the same run. Each resume is recorded in ``settings["resumed"]``
-(``{"step": ..., "changed": {name: [saved, now]}}``, one entry per resume). A setting a checkpoint of an
-earlier fastdd lacks (e.g. ``encoder_fingerprint``) cannot be compared and is not held against it.
+of processes re-partitions it (``part_state``) and continues the same run. Each resume is recorded in
+``settings["resumed"]`` (``{"step": ..., "changed": {name: [saved, now]}}``, one entry per resume). A
+setting a checkpoint of an earlier fastdd lacks (e.g. ``encoder_fingerprint``, ``real_images_fingerprint``)
+cannot be compared and is not held against it.
 """
 
 from __future__ import annotations
@@ -104,6 +106,12 @@ def read(path) -> dict:
     return load_checked(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, mmap=True, verify=False)
 
 
+_MEANINGS = {"encoder_fingerprint": "other encoder weights",
+             "real_labels_fingerprint": "other labels, or in another order: a shuffled DataLoader reads another "
+                                        "order each pass",
+             "real_images_fingerprint": "other real images, or random transforms in the data pipeline"}
+
+
 def _short(value) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -117,11 +125,15 @@ def load(path, settings: Dict[str, Any]) -> dict:
     saved = ck.get("settings", {})
     diff = differences(saved, settings)
     if diff:
-        named = "; ".join(f"{k} {_short(then)} -> {_short(now)}" + (" (other encoder weights)" if k ==
-                          "encoder_fingerprint" else "") for k, (then, now) in diff.items())
+        named = "; ".join(f"{k} {_short(then)} -> {_short(now)}" + (f" ({_MEANINGS[k]})" if k in _MEANINGS else "")
+                          for k, (then, now) in diff.items())
         raise ValueError(f"checkpoint {path} was made with other settings (saved -> now): {named}. A resumed "
                          f"run may change only {', '.join(RESUME_MAY_CHANGE)} (the device's index, not its "
                          "type): use another checkpoint path, or delete it to start afresh")
+    done = int(ck["step"])
+    if done > settings["steps"]:  # its state is past this run's end: returning it would be another run's result
+        raise ValueError(f"checkpoint {path} has done {done} steps, more than this run's steps={settings['steps']}: "
+                         f"pass steps >= {done} to continue it, or another checkpoint path to start afresh")
     changed = {k: [saved[k], settings.get(k)] for k in RESUME_MAY_CHANGE if k in saved and saved[k] != settings.get(k)}
-    settings["resumed"] = list(saved.get("resumed", [])) + [{"step": int(ck["step"]), "changed": changed}]
+    settings["resumed"] = list(saved.get("resumed", [])) + [{"step": done, "changed": changed}]
     return ck

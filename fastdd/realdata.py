@@ -1,8 +1,9 @@
 """The real side of ``distill``: one streamed pass over the real data, and the real batches LGM draws.
 
 ``scan`` reads the source once, batch by batch (``fastdd.data.iterate_batches``): it validates it and
-gathers the labels, the per-class counts and the image size, keeps a uniform random sample of ``k`` real
-images per class (the "real" initialisation; a reservoir with random keys from the run's CPU generator)
+gathers the labels, the per-class counts, the image size and the data's fingerprints
+(``DataFingerprints``: what a resumed run checks the data against), keeps a uniform random sample of ``k``
+real images per class (the "real" initialisation; a reservoir with random keys from the run's CPU generator)
 and, when an encoder is given, folds the features into the class statistics and the feature bank
 (``fastdd.stats.StatsAccumulator``) in the same pass. ``nearest_to_means`` gives the "centroid"
 initialisation: the real images nearest each class mean, read off the bank when one covers these images,
@@ -13,9 +14,10 @@ class-balanced batches by index. ``check_informative`` refuses an encoder whose 
 
 from __future__ import annotations
 
+import hashlib
 import math
-from dataclasses import dataclass
-from typing import NamedTuple, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -24,11 +26,47 @@ from .distributed import SINGLE, Group, shard_batches, shard_bounds
 from .logs import Phase
 from .stats import RealStats, StatsAccumulator, check_bank_file_source, source_length
 
-__all__ = ["RealScan", "scan", "nearest_to_means", "RealBatch", "RealBatches", "indexable", "check_informative", "NEAR_ZERO",
-           "CONSTANT_RTOL"]
+__all__ = ["RealScan", "DataFingerprints", "scan", "nearest_to_means", "RealBatch", "RealBatches", "indexable",
+           "check_informative", "NEAR_ZERO", "CONSTANT_RTOL", "FINGERPRINT_FIRST", "FINGERPRINT_STRIDE"]
 
 NEAR_ZERO = 1e-6      # features whose largest |value| is below this carry no signal (an fp16 bank loses them)
 CONSTANT_RTOL = 1e-5  # features that differ by at most this fraction of their size are the same features
+FINGERPRINT_FIRST, FINGERPRINT_STRIDE = 64, 1024  # the images the data's fingerprint reads: the first 64 rows and
+# every 1024th (1,314 of ImageNet-1k's 1.28 M: a changed small set or a changed large one shows, at a hash's cost)
+
+
+class DataFingerprints:
+    """What a checkpoint remembers of the real data, beside its class counts and image size:
+    ``labels``, a hash of every label in the source's order, and ``images``, a hash of the images at the
+    rows ``FINGERPRINT_FIRST`` and ``FINGERPRINT_STRIDE`` pick (their float32 values), so that a run
+    resumed on other images or other labels with the same counts is refused. Both depend on the order:
+    a shuffled DataLoader, or random transforms in the data pipeline, make other fingerprints each pass.
+    Under a group each rank hashes the rows it reads; ``result`` combines them in row order, so the
+    fingerprints do not depend on the number of processes or the batch size."""
+
+    def __init__(self):
+        self.rows: List[Tuple[int, bytes]] = []
+
+    def add(self, images: torch.Tensor, offset: int) -> None:
+        """Hash the picked rows of one batch, whose first row is the source's ``offset``."""
+        end = offset + images.shape[0]
+        strided = -(-offset // FINGERPRINT_STRIDE) * FINGERPRINT_STRIDE  # the first multiple at or after offset
+        picked = set(range(offset, min(end, FINGERPRINT_FIRST))) | set(range(strided, end, FINGERPRINT_STRIDE))
+        for row in sorted(picked):
+            values = images[row - offset].detach().to("cpu", torch.float32).contiguous()
+            self.rows.append((row, hashlib.blake2b(values.numpy().tobytes(), digest_size=16).digest()))
+
+    def result(self, labels: torch.Tensor, group: Group) -> Dict[str, str]:
+        """``{"real_labels_fingerprint": ..., "real_images_fingerprint": ...}`` (hex) of the whole data."""
+        rows = self.rows
+        if group.distributed:
+            rows = [pair for part in group.all_gather_object(rows, what="the data's fingerprints") for pair in part]
+        images = hashlib.blake2b(digest_size=16)
+        for row, digest in sorted(rows):
+            images.update(row.to_bytes(8, "little") + digest)
+        label_bytes = labels.to("cpu", torch.int64).contiguous().numpy().tobytes()
+        return {"real_labels_fingerprint": hashlib.blake2b(label_bytes, digest_size=16).hexdigest(),
+                "real_images_fingerprint": images.hexdigest()}
 
 
 class _SmallestPerClass:
@@ -96,6 +134,7 @@ class RealScan:
     samples: Optional[torch.Tensor]  # [C*k, 3, H, W] random real images per class, or None
     stats: Optional[RealStats]       # the class statistics (and bank), when an encoder was given
     seconds: float = 0.0             # the pass's wall time
+    fingerprints: Dict[str, str] = field(default_factory=dict)  # DataFingerprints.result
 
 
 def scan(source, labels, *, num_classes: Optional[int], batch_size: int, sample_per_class: int,
@@ -111,7 +150,7 @@ def scan(source, labels, *, num_classes: Optional[int], batch_size: int, sample_
     accumulator = None if encoder is None else StatsAccumulator(
         num_classes, bank=bank, bank_dtype=bank_dtype, bank_path=bank_path, group=group,
         rows=None if group.distributed else source_length(source))
-    label_chunks, rows, size, reservoir = [], [], None, None
+    label_chunks, rows, size, reservoir, fingerprints = [], [], None, None, DataFingerprints()
     phase = Phase("real data" if encoder is None else "real data and statistics", progress=progress and group.is_main,
                   log=group.is_main)
     failure = None
@@ -132,6 +171,7 @@ def scan(source, labels, *, num_classes: Optional[int], batch_size: int, sample_
                 raise ValueError(f"labels must lie in [0, num_classes={num_classes}), found {int(ys.max())}")
             label_chunks.append(ys)
             rows.append(torch.arange(batch.offset, batch.offset + batch.size))
+            fingerprints.add(images, batch.offset)
             if sample_per_class:
                 if reservoir is None:
                     reservoir = _SmallestPerClass(sample_per_class, num_classes or 1)
@@ -161,7 +201,7 @@ def scan(source, labels, *, num_classes: Optional[int], batch_size: int, sample_
     phase.done(f"{all_labels.shape[0]} images of {c} classes at {size[0]}x{size[1]}" +
                ("" if stats is None else f", class statistics of {stats.feature_dim}-d features") +
                (f" and a {bank_rows}-row bank" if bank_rows else ""), images=int(all_labels.shape[0]), classes=c)
-    return RealScan(all_labels, counts, size, samples, stats, phase.seconds)
+    return RealScan(all_labels, counts, size, samples, stats, phase.seconds, fingerprints.result(all_labels, group))
 
 
 def _whole(group: Group, label_chunks, rows, size) -> Tuple[torch.Tensor, Tuple[int, int]]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -59,11 +59,16 @@ class RealStats:
         encoder_fingerprint: ``fastdd.encoders.fingerprint`` of the encoder's weights when known (set by
             ``from_data`` and by distill's pass; None for ``from_features`` and files of earlier fastdd):
             distill refuses statistics of another encoder.
+        image_size: ``(H, W)`` of the real images encoded, when known and one size (set by ``from_data``
+            and by distill's pass; None for ``from_features``, for images of several sizes and for files of
+            earlier fastdd): distill refuses statistics of images of another size, since the features of
+            one image at two sizes differ even when the encoder resizes its input.
     """
 
     def __init__(self, counts: torch.Tensor, sums: torch.Tensor, sq_sums: Optional[torch.Tensor] = None,
                  bank_features: Optional[torch.Tensor] = None, bank_labels: Optional[torch.Tensor] = None,
-                 encoder_name: Optional[str] = None, encoder_fingerprint: Optional[str] = None):
+                 encoder_name: Optional[str] = None, encoder_fingerprint: Optional[str] = None,
+                 image_size: Optional[Sequence[int]] = None):
         counts = torch.as_tensor(counts)
         sums = torch.as_tensor(sums)
         if counts.dim() != 1 or counts.dtype != torch.int64:
@@ -88,6 +93,11 @@ class RealStats:
                                  f"[{int(bank_labels.min())}, {int(bank_labels.max())}]")
         if not bool(torch.isfinite(sums).all()) or (sq_sums is not None and not bool(torch.isfinite(sq_sums).all())):
             raise ValueError("sums and sq_sums must be finite (NaN or Inf found)")
+        if image_size is not None:
+            if (not isinstance(image_size, (tuple, list)) or len(image_size) != 2
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in image_size)):
+                raise ValueError(f"image_size must be None or (H, W), two positive ints, got {shown(image_size)}")
+            image_size = (int(image_size[0]), int(image_size[1]))
         self.counts = counts.cpu()
         self.sums = sums.to("cpu", torch.float64)
         self.sq_sums = None if sq_sums is None else sq_sums.to("cpu", torch.float64)
@@ -95,6 +105,7 @@ class RealStats:
         self.bank_labels = None if bank_labels is None else bank_labels.to("cpu", torch.int64)
         self.encoder_name = encoder_name
         self.encoder_fingerprint = encoder_fingerprint
+        self.image_size = image_size
 
     # ---- derived values ------------------------------------------------------------------------
     @property
@@ -251,13 +262,14 @@ class RealStats:
              container: str = "safetensors") -> None:
         """Save to ``path`` (format version, checksum, atomic write) as a safetensors file (the tensors by
         their names, ``counts``, ``sums``, ``sq_sums``, ``bank_features``, ``bank_labels``; the encoder's
-        name and fingerprint as JSON in its metadata), or with ``container="torch"`` as the torch zip file
-        of earlier fastdd versions (see ``fastdd.files``). The bank is written from its own memory, a
+        name and fingerprint and the image size as JSON in its metadata), or with ``container="torch"`` as
+        the torch zip file of earlier fastdd versions (see ``fastdd.files``). The bank is written from its own memory, a
         chunk at a time (a memory-mapped bank is read page by page, not copied whole)."""
         payload = {"counts": self.counts, "sums": self.sums, "sq_sums": self.sq_sums,
                    "bank_features": self.bank_features if include_bank else None,
                    "bank_labels": self.bank_labels if include_bank else None,
-                   "encoder_name": self.encoder_name, "encoder_fingerprint": self.encoder_fingerprint}
+                   "encoder_name": self.encoder_name, "encoder_fingerprint": self.encoder_fingerprint,
+                   "image_size": None if self.image_size is None else list(self.image_size)}
         save_checked(payload, path, STATS_FORMAT, STATS_FORMAT_VERSION, container=container)
 
     @classmethod
@@ -288,7 +300,7 @@ class RealStats:
             bank, bank_labels = bank[lo:hi], bank_labels[lo:hi]
         try:
             return cls(p["counts"], p["sums"], p.get("sq_sums"), bank, bank_labels,
-                       p.get("encoder_name"), p.get("encoder_fingerprint"))
+                       p.get("encoder_name"), p.get("encoder_fingerprint"), p.get("image_size"))
         except (KeyError, ValueError) as e:
             raise CorruptFileError(f"{path} holds inconsistent statistics: {e}") from e
 
@@ -319,6 +331,7 @@ class StatsAccumulator:
         self._label_rows = _Rows(expected, torch.int64)
         self.group = group
         self.positions = []  # under a group: the global rows of this rank's batches
+        self.image_sizes = set()  # (H, W) of the images encode_and_add saw
         self._bank_file = open(self._part_path(group.rank), "wb") if bank_path is not None else None
 
     def _part_path(self, rank: int) -> str:
@@ -368,6 +381,7 @@ class StatsAccumulator:
         with torch.no_grad():
             feats = encoder(images.to(device, non_blocking=True))
         self.add(feats, labels, images.shape[0], offset)
+        self.image_sizes.add(tuple(images.shape[-2:]))
 
     def close(self) -> None:
         if self._bank_file is not None:
@@ -384,7 +398,13 @@ class StatsAccumulator:
                 bank_features = _map_bank(self.bank_path, self.rows, self.sums.shape[1], self.bank_dtype)
             else:
                 bank_features = self._bank_rows.result((self.sums.shape[1],))
-        return RealStats(self.counts, self.sums, self.sq_sums, bank_features, bank_labels, encoder_name)
+        return RealStats(self.counts, self.sums, self.sq_sums, bank_features, bank_labels, encoder_name,
+                         image_size=self._image_size(self.image_sizes))
+
+    @staticmethod
+    def _image_size(sizes) -> Optional[Tuple[int, int]]:
+        """The one ``(H, W)`` of ``sizes``, or None (none seen, or several)."""
+        return next(iter(sizes)) if len(sizes) == 1 else None
 
 
     def _reduced(self, encoder_name: Optional[str]) -> "RealStats":
@@ -421,7 +441,9 @@ class StatsAccumulator:
                 bank_features = _placed(rows, order, in_order)
             else:
                 bank_features = self._merged_bank_file(order, dim)
-        return RealStats(counts, sums, sq_sums, bank_features, bank_labels, encoder_name)
+        sizes = set().union(*g.all_gather_object(sorted(self.image_sizes), what="the image sizes"))
+        return RealStats(counts, sums, sq_sums, bank_features, bank_labels, encoder_name,
+                         image_size=self._image_size({tuple(size) for size in sizes}))
 
     def _merged_bank_file(self, order: torch.Tensor, dim: int) -> torch.Tensor:
         """Rank 0 concatenates the ranks' part files into ``bank_path`` (each rank's rows are one

@@ -57,3 +57,17 @@ def test_the_extension_finds_its_sources_inside_the_package():
 
     found = _ext.sources()
     assert found and all(Path(p).parent == ROOT / "fastdd" / "csrc" for p in found)
+
+
+def test_every_public_module_is_an_attribute_of_the_package_after_a_plain_import():
+    """``import fastdd`` then ``fastdd.export.load(...)`` (as the README writes it) in a fresh process: every
+    module of the package without a leading underscore is reachable lazily."""
+    package = Path(fastdd.__file__).parent
+    public = sorted(p.stem for p in [*package.glob("*.py"), *(q.parent for q in package.glob("*/__init__.py"))]
+                    if not p.stem.startswith("_"))
+    assert sorted(fastdd._SUBMODULES) == public
+    code = ("import fastdd, sys, types; "
+            "print(all(isinstance(getattr(fastdd, m), types.ModuleType) for m in sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, *public], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr[-2000:]

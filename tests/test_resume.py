@@ -129,3 +129,79 @@ def test_statistics_file_beside_a_checkpoint_of_another_encoder_is_refused(data,
     save_checked(saved, path, api.CHECKPOINT_FORMAT, api.CHECKPOINT_VERSION)
     with pytest.raises(ValueError, match="statistics file .*run.ckpt.stats were computed with another encoder"):
         _run(data, path, steps=3, encoder=encoders.wrap(_net(seed=1), name="tiny"))
+
+
+def test_stats_of_another_image_size_are_refused(data, tmp_path):
+    """The features of one image differ between sizes even when the encoder resizes its input: statistics
+    of the images at another size are refused, not used as this run's."""
+    x, y = data
+    enc = encoders.wrap(_net(), name="tiny")
+    small = torch.nn.functional.interpolate(x, size=(8, 8), mode="bilinear", align_corners=False)
+    stats = RealStats.from_data(small, enc, labels=y, bank=True, progress=False)
+    assert stats.image_size == (8, 8)
+    stats.save(tmp_path / "s.pt")
+    assert RealStats.load(tmp_path / "s.pt").image_size == (8, 8)
+    for method in ("sfm", "clp"):
+        with pytest.raises(ValueError, match=r"stats were computed from images of 8x8 px, this run's real images "
+                                             r"are 12x12 px"):
+            api.distill(x, enc, method=method, labels=y, steps=1, stats=stats, **FAST)
+    assert len(api.distill(small, enc, method="clp", labels=y, steps=1, stats=stats, **FAST).history) == 1
+    # sizes unknown (features from elsewhere, a file of an earlier fastdd): not held against the run
+    assert RealStats.from_features(torch.randn(6, 4), torch.arange(3).repeat(2)).image_size is None
+    payload = load_checked(tmp_path / "s.pt", STATS_FORMAT, STATS_FORMAT_VERSION)
+    del payload["image_size"]
+    save_checked(payload, tmp_path / "old.pt", STATS_FORMAT, STATS_FORMAT_VERSION)
+    old = RealStats.load(tmp_path / "old.pt")
+    assert old.image_size is None
+    assert len(api.distill(x, enc, method="clp", labels=y, steps=1, stats=old, **FAST).history) == 1
+    with pytest.raises(ValueError, match="image_size must be None or"):
+        RealStats(stats.counts, stats.sums, image_size=(8, 0))
+
+
+def test_resume_refuses_other_data_with_the_same_class_counts(data, tmp_path):
+    x, y = data
+    path = tmp_path / "run.ckpt"
+    _run(data, path)
+    before = path.read_bytes()
+    other = x.flip(-1)  # other images, the same labels and counts
+    with pytest.raises(ValueError, match=r"real_images_fingerprint .* \(other real images"):
+        _run((other, y), path, steps=3)
+    swapped = y.clone()
+    swapped[[0, 1]] = swapped[[1, 0]]  # two labels exchanged: the same counts
+    with pytest.raises(ValueError, match=r"real_labels_fingerprint .* \(other labels, or in another order"):
+        _run((x, swapped), path, steps=3)
+    assert path.read_bytes() == before  # refused before anything was written
+    out = _run(data, path, steps=3, batch_size=5)  # the same data read in other batches
+    assert out.settings["resumed"][0]["changed"] == {"steps": [2, 3], "batch_size": [16, 5]}
+
+
+def test_data_fingerprints_read_the_first_and_every_strided_row_whatever_the_batches():
+    from fastdd.distributed import SINGLE
+    from fastdd.realdata import FINGERPRINT_FIRST, FINGERPRINT_STRIDE, DataFingerprints
+
+    n = 2 * FINGERPRINT_STRIDE + 5
+    images, labels = torch.rand(n, 1, 1, 2), torch.arange(n) % 3
+
+    def fingerprints(images, batch):
+        f = DataFingerprints()
+        for start in range(0, n, batch):
+            f.add(images[start:start + batch], start)
+        return f, f.result(labels, SINGLE)
+
+    f, whole = fingerprints(images, 7)
+    assert [row for row, _ in f.rows] == list(range(FINGERPRINT_FIRST)) + [FINGERPRINT_STRIDE, 2 * FINGERPRINT_STRIDE]
+    assert fingerprints(images, 1000)[1] == whole and fingerprints(images, n)[1] == whole
+    for row, seen in ((FINGERPRINT_FIRST - 1, True), (2 * FINGERPRINT_STRIDE, True), (FINGERPRINT_FIRST, False)):
+        changed = images.clone()
+        changed[row] += 1
+        assert (fingerprints(changed, 7)[1]["real_images_fingerprint"] != whole["real_images_fingerprint"]) == seen
+    flipped = DataFingerprints().result(labels.flip(0), SINGLE)
+    assert flipped["real_labels_fingerprint"] != whole["real_labels_fingerprint"]
+
+
+def test_resume_with_fewer_steps_than_done_is_refused(data, tmp_path):
+    path = tmp_path / "run.ckpt"
+    _run(data, path, steps=3)
+    with pytest.raises(ValueError, match=r"has done 3 steps, more than this run's steps=2: pass steps >= 3"):
+        _run(data, path, steps=2)
+    assert len(_run(data, path, steps=3).history) == 3  # as many as done: the saved result, unchanged
