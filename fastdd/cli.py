@@ -14,12 +14,14 @@ none, so ``evaluate`` needs ``--test-data FOLDER`` (held-out images) with it. A 
 (``fastdd.data.batch_loader``), never loaded whole by ``distill`` and ``stats``; ``evaluate`` holds the
 decoded test images (``fastdd.evaluate`` keeps its test set) and ``baseline`` the decoded training images
 (the baselines select from tensors). Built-in sets are tensors.
-Errors are one line (no traceback). Exit codes: 0 success; 2 a usage error: argparse's own (an unknown or
-missing flag, a value of the wrong type) and any bad flag value found later (by the checks before any work
-or by the library's validation: an error whose message names an argument, shown as its flag, e.g.
-``--ipc must be an int >= 1``); 1 a failed run: an error while running that no flag value explains (the
-encoder returning NaN, a full disk or another OSError, a corrupt or unreadable input file, a missing
-weights file); Ctrl-C is one line saying how to resume (the ``--checkpoint`` file) and exit code 130. ``--encoder`` is a name for ``fastdd.encoders.load``. Every option of
+Errors are one line (no traceback), and so are warnings (``fastdd <command>: warning: ...``). Exit codes:
+0 success; 2 a usage error: argparse's own (an unknown or missing flag, a value of the wrong type) and any
+bad flag value found later (by the checks before any work or by the library's validation: an error whose
+message names an argument, shown as its flag, e.g. ``--ipc must be an int >= 1``); 1 a failed run: an
+error while running that no flag value explains (the encoder returning NaN, a full disk or another
+OSError, a corrupt or unreadable input file, a missing weights file); Ctrl-C is one line saying how to
+resume (the ``--checkpoint`` file) and exit code 130. ``--encoder`` is a name for ``fastdd.encoders.load``.
+Every option of
 ``fastdd.distill`` that a user tunes has a flag; anything left out keeps the library's per-method default.
 """
 
@@ -29,6 +31,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from typing import List, Optional
 
 __all__ = ["main", "build_parser"]
@@ -89,6 +92,16 @@ def _weights(value: str):
     return "random" if value.lower() in ("none", "random") else value
 
 
+def _views(value: str):
+    """``--views``: an int, or 'none' (fresh augmentations every epoch)."""
+    if value.lower() == "none":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or 'none', got {value!r}") from None
+
+
 # Python argument names in the library's messages -> the flags a command-line user typed
 _FLAGS = {"weights": "--weights", "input_size": "--input-size", "ipc": "--ipc", "steps": "--steps", "lr": "--lr",
           "init": "--init", "parameterization": "--parameterization", "copies": "--copies",
@@ -97,7 +110,7 @@ _FLAGS = {"weights": "--weights", "input_size": "--input-size", "ipc": "--ipc", 
           "checkpoint_every": "--checkpoint-every", "seed": "--seed", "seeds": "--seeds", "epochs": "--epochs",
           "head_init": "--head-init", "device": "--device", "name": "--encoder", "method": "--method",
           "recipe": "--recipe", "out": "--out", "bank_dtype": "--bank-dtype", "size": "--size", "kind": "--kind",
-          "workers": "--workers"}
+          "workers": "--workers", "views": "--views"}
 
 
 def _flags_table() -> dict:
@@ -171,7 +184,8 @@ def _add_distill(sub) -> None:
                    help="; ".join(f"{m.name}: {m.title}" for m in methods.REGISTRY.values()) + " (default clp)")
     d.add_argument("--ipc", type=int, default=1, help="images per class")
     d.add_argument("--steps", type=int, default=None, help="optimisation steps (default per method)")
-    d.add_argument("--out", required=True, help="where to save the DistilledSet (.pt)")
+    d.add_argument("--out", required=True, help="where to save the DistilledSet (a safetensors file, whatever its "
+                                                "extension; <stem>.loss.png and <stem>.log.json go beside it)")
     d.add_argument("--lr", type=float, default=None, help=f"Adam's learning rate (default {_per_method('lr')})")
     d.add_argument("--init", choices=("noise", "real", "centroid"), default=None,
                    help=f"initial images (default {_per_method('init')})")
@@ -203,7 +217,7 @@ def _add_distill(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastdd", description="Dataset distillation for frozen vision encoders.")
     from . import __version__, export
-    from .probe import HEAD_INITS
+    from .probe import DEFAULT_EPOCHS, DEFAULT_SEEDS, DEFAULT_VIEWS, HEAD_INITS, MAX_BATCH_SIZE
 
     parser.add_argument("--version", action="version", version=f"fastdd {__version__}")
 
@@ -224,9 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--test-data", default=None,
                    help="held-out images: a folder, or a built-in set's test split (default: the test split of "
                         "a built-in --data; required when --data is a folder)")
-    e.add_argument("--epochs", type=int, default=None, help="probe training epochs (default: fastdd.evaluate's)")
+    e.add_argument("--epochs", type=int, default=None, help=f"probe training epochs (default {DEFAULT_EPOCHS})")
     e.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help="probe seeds, one accuracy each (default: fastdd.evaluate's)")
+                   help=f"probe seeds, one accuracy each (default {' '.join(map(str, DEFAULT_SEEDS))})")
+    e.add_argument("--views", type=_views, default=DEFAULT_VIEWS,
+                   help=f"augmented views encoded per image and probe seed, each epoch showing one of them (default "
+                        f"{DEFAULT_VIEWS}; 'none': fresh augmentations every epoch, the protocol to the letter; "
+                        "compare sets under one setting)")
+    e.add_argument("--lr", type=float, default=None,
+                   help="the probe's Adam learning rate (default 1e-3 * batch size / 256)")
+    e.add_argument("--batch-size", type=int, default=None,
+                   help=f"the probe's mini-batch size (default min({MAX_BATCH_SIZE}, the distilled images))")
 
     b = sub.add_parser("baseline", help="a real-image baseline set: random real images or a coreset (a folder "
                                         "is decoded whole into memory: the baselines select from tensors)")
@@ -250,14 +272,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the bank to this raw file as it is computed and memory-map it (banks larger than "
                         "memory; under torchrun on a file system every rank sees); implies --bank")
     s.add_argument("--batch-size", type=int, default=256, help="real images per encoder call (default 256)")
-    s.add_argument("--out", required=True, help="where to save the RealStats (.pt)")
+    s.add_argument("--out", required=True, help="where to save the RealStats (a safetensors file, whatever its "
+                                                "extension)")
 
     x = sub.add_parser("export", help="write a distilled set in a format other tools read")
     x.add_argument("--distilled", required=True, help="the set (any format 'fastdd evaluate' reads)")
     x.add_argument("--format", required=True, choices=export.FORMATS,
                    help="folder: ImageFolder of PNGs; grid: one PNG; lgm: LGM's/SFM's data.pth; "
                         "dcbench: images_best.pt + labels_best.pt")
-    x.add_argument("--out", required=True, help="the file (grid, lgm) or folder (folder, dcbench) to write")
+    x.add_argument("--out", required=True,
+                   help="the file (grid, lgm: an existing PNG or data.pth is replaced) or the new or empty folder "
+                        "(folder, dcbench) to write")
+    x.add_argument("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                   help="dcbench: store the images normalised, (images - mean) / std, as DC-Bench and DD-Ranking "
+                        "train on (with --std; default: in [0, 1])")
+    x.add_argument("--std", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                   help="dcbench: the per-channel std of --mean's normalisation (each > 0)")
+    for command_parser in sub.choices.values():  # an unknown flag is reported with its command's usage
+        command_parser.set_defaults(command_parser=command_parser)
     return parser
 
 
@@ -374,7 +406,12 @@ def _write_records(out, path: str) -> None:
 
 def _evaluate(args) -> int:
     from .probe import evaluate
+    from .validate import positive_float, positive_int
 
+    positive_int("--views", args.views, allow_none=True)
+    positive_int("--batch-size", args.batch_size, allow_none=True)
+    if args.lr is not None:
+        positive_float("--lr", args.lr)
     distilled = _load_distilled(args.distilled)
     if args.test_data is None:
         split = _load_split(args.data, args.size, test=True)
@@ -382,18 +419,32 @@ def _evaluate(args) -> int:
         split = _load_split(args.test_data, args.size, test=True, flag="--test-data")
         _warn_if_training_folder(args.test_data, distilled)
     images, labels = _images_and_labels(_reader(split, _READ_BATCH, args.workers))
-    kwargs = {"progress": not args.no_progress}
+    kwargs = {"progress": not args.no_progress, "views": args.views, "lr": args.lr, "batch_size": args.batch_size}
     if args.epochs is not None:
         kwargs["epochs"] = args.epochs
     if args.seeds is not None:
         kwargs["seeds"] = tuple(args.seeds)
     if args.head_init is not None:
         kwargs["head_init"] = args.head_init
-    result = evaluate(distilled, _encoder(args), images, labels, **kwargs)
+    encoder = _encoder(args)
+    _check_image_size(args, distilled, encoder)
+    result = evaluate(distilled, encoder, images, labels, **kwargs)
     _say(f"{distilled.method} ({args.distilled}): top-1 {result.mean:.2f} +- {result.std:.2f} % over "
          f"{len(result.accuracies)} probe seeds", mean=result.mean, std=result.std,
          accuracies=list(result.accuracies), distilled=args.distilled, method=distilled.method)
     return 0
+
+
+def _check_image_size(args, distilled, encoder) -> None:
+    """An encoder that does not resize its inputs sees the distilled and the test images (loaded at
+    ``--size``) at their own sizes: different sizes are refused (``fastdd.evaluate``'s check, worded with
+    the flags that fix it)."""
+    h, w = distilled.images.shape[-2:]
+    if getattr(encoder, "input_size", None) is None and (h, w) != (args.size, args.size):
+        same = f"--size {h} (the test images at the set's size) or " if h == w else ""
+        raise ValueError(f"--distilled images are {h}x{w} px but --size {args.size} loads the test images at "
+                         f"{args.size}x{args.size} px, and the encoder does not resize its inputs: pass {same}"
+                         "--input-size N (the encoder resizes both to N)")
 
 
 # the real-image baselines of fastdd.probe: name -> function name (random_real takes no encoder)
@@ -467,12 +518,27 @@ def _load_distilled(path: str):
 
 
 def _export(args) -> int:
-    from .validate import output_path
+    from . import export
+    from .validate import finite_float, output_path, positive_float
 
-    if args.format in ("grid", "lgm"):  # a file (the folder formats create their folder)
+    try:  # nothing merged into a folder or replaced but a file of the format, checked before any work
+        export.check_destination(args.out, args.format)
+    except ValueError as e:
+        raise ValueError(f"--out {e}") from None
+    if args.format in ("grid", "lgm"):  # a file: tried for real (the folder formats create their folder)
         output_path("--out", args.out)
+    kwargs = {}
+    if args.mean is not None or args.std is not None:
+        if args.mean is None or args.std is None:
+            raise ValueError("--mean and --std go together (the normalisation's per-channel mean and std)")
+        if args.format != "dcbench":
+            raise ValueError(f"--mean and --std apply to --format dcbench only, not {args.format}")
+        for m, v in zip(args.mean, args.std):
+            finite_float("--mean", m)
+            positive_float("--std", v)
+        kwargs = {"mean": args.mean, "std": args.std}
     distilled = _load_distilled(args.distilled)
-    written = distilled.export(args.out, args.format)
+    written = distilled.export(args.out, args.format, **kwargs)
     _say(f"wrote {len(distilled)} images of {distilled.num_classes} classes as {args.format} to {written}",
          out=str(written), format=args.format)
     return 0
@@ -545,11 +611,24 @@ def _set_up(args) -> bool:
     return started
 
 
+def _warning_printer(command: str):
+    """``warnings.showwarning`` for the command line: one line ``fastdd <command>: warning: <message>`` on
+    stderr (Python's default adds the file, the line number and the source line that warned)."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"fastdd {command}: warning: {' '.join(str(message).splitlines())}",
+              file=sys.stderr if file is None else file)
+    return show
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse's parse_args reports them with the top-level usage: the command's says more
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     run = {"distill": _distill, "evaluate": _evaluate, "methods": _methods, "export": _export,
            "baseline": _baseline, "stats": _stats}[args.command]
     started = broken = False
+    showwarning, warnings.showwarning = warnings.showwarning, _warning_printer(args.command)
     try:
         started = _set_up(args)
         if getattr(args, "device", None) is not None:  # before an encoder is loaded onto it
@@ -582,6 +661,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"fastdd {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
     finally:
+        warnings.showwarning = showwarning
         if started and not broken:  # a group whose collective failed is left alone: destroying it can hang
             import torch.distributed as dist  # or abort the process; its exit ends it
 

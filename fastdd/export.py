@@ -4,11 +4,19 @@ Writers (``DistilledSet.export(path, format)`` or the functions below; ``fastdd 
 line):
 
 - ``"folder"``: torchvision's ImageFolder layout, one sub-folder per class (the class names when the set
-  has them, else ``class_000`` ...), one PNG per image (8-bit RGB, ``<class>/<index>.png``);
+  has them, else ``class_000`` ...), one PNG per image (8-bit RGB, ``<class>/<index>.png``); a class name
+  that is not one path component is written as a safe folder name: ``/``, the OS's path separators and
+  NUL replaced by ``_``, and ``""``, ``"."``, ``".."`` as ``"_"``, ``"_"``, ``"__"`` (``"T-shirt/top"`` ->
+  ``T-shirt_top``), which is the name reading the folder back gives;
 - ``"grid"``: one PNG with a row per class (for a look at the set);
 - ``"lgm"``: LGM's and SFM's ``data.pth``, ``{"images": [N,3,H,W] float in [0,1], "labels": [N] int64}``;
 - ``"dcbench"``: DC-Bench's and DD-Ranking's ``images_best.pt`` and ``labels_best.pt`` in a folder (the
   images in [0, 1]; pass ``mean`` and ``std`` to store them normalised, as those codebases train on).
+
+Nothing is merged into or replaced silently: the folder formats (``folder``, ``dcbench``) write into a
+new or empty folder, and the file formats (``grid``, ``lgm``) replace an existing file only of their own
+format (a PNG, an LGM ``data.pth``), atomically; anything else is refused before anything is written
+(``check_destination``).
 
 ``load(path)`` reads any of them back (a fastdd ``DistilledSet`` file too) as a ``DistilledSet``, rows
 sorted class-major; every tensor file is read with ``weights_only=True``, so loading runs no code.
@@ -24,11 +32,14 @@ import numpy as np
 import torch
 
 from .files import atomic_write, load_tensors
-from .validate import shown
+from .validate import finite_float, positive_float, shown
 
-__all__ = ["FORMATS", "save_folder", "save_grid", "save_lgm", "save_dcbench", "load", "export"]
+__all__ = ["FORMATS", "save_folder", "save_grid", "save_lgm", "save_dcbench", "load", "export",
+           "check_destination"]
 
 FORMATS = ("folder", "grid", "lgm", "dcbench")
+_FOLDER_FORMATS = ("folder", "dcbench")  # the others write one file
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PathLike = Union[str, os.PathLike]
 
 
@@ -37,6 +48,70 @@ def _class_names(distilled) -> Sequence[str]:
     if names:
         return list(names)
     return [f"class_{c:03d}" for c in range(distilled.num_classes)]
+
+
+def _folder_name(name: str) -> str:
+    """``name`` as one path component: ``/``, ``os.sep``, ``os.altsep`` and NUL replaced by ``_``;
+    ``""``, ``"."`` and ``".."`` as ``"_"``, ``"_"`` and ``"__"``."""
+    for bad in {"/", os.sep, os.altsep, "\0"} - {None}:
+        name = name.replace(bad, "_")
+    return "_" * max(1, len(name)) if name in ("", ".", "..") else name
+
+
+def _folder_names(names: Sequence[str]) -> list:
+    """The folder of each class name (``_folder_name``); a ValueError naming the classes that share one."""
+    folders = [_folder_name(str(n)) for n in names]
+    shared = {}
+    for name, folder in zip(names, folders):
+        shared.setdefault(folder, []).append(name)
+    clashes = [f"{' and '.join(map(repr, group))} -> {folder!r}" for folder, group in shared.items() if len(group) > 1]
+    if clashes:
+        raise ValueError(f"class names must give distinct folder names: {'; '.join(clashes[:5])}")
+    return folders
+
+
+def _is_png(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(_PNG_SIGNATURE)) == _PNG_SIGNATURE
+
+
+def _is_lgm_file(path: Path) -> bool:
+    """Whether ``path`` is an LGM/SFM ``data.pth`` (a torch file of ``{"images", "labels", ...}``); its
+    tensors are mapped, not read."""
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a torch zip file at all
+        return False
+    return isinstance(record, dict) and "images" in record and "labels" in record
+
+
+def check_destination(path: PathLike, format: str) -> Path:
+    """``path`` as a Path, refused with a ValueError naming it, before anything is written, where the
+    export would merge into or replace something else: for the folder formats (``folder``, ``dcbench``)
+    an existing file or a folder that is not empty; for the file formats (``grid``, ``lgm``) a folder or
+    an existing file of another format (a file of the same format, a PNG or an LGM ``data.pth``, is
+    replaced atomically); for all, a file standing where a parent folder should be."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {shown(format)}")
+    path = Path(path)
+    if format in _FOLDER_FORMATS:
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{str(path)!r} is a file, but the {format} format writes a folder: choose another "
+                             "path or remove the file")
+        if path.is_dir() and any(path.iterdir()):
+            raise ValueError(f"{str(path)!r} is a folder that is not empty (the {format} export would be mixed "
+                             "with what it holds): choose a new or empty folder, or remove it")
+    elif path.is_dir():
+        raise ValueError(f"{str(path)!r} is a folder, but the {format} format writes one file: give a file path")
+    elif path.exists() and not (_is_png(path) if format == "grid" else _is_lgm_file(path)):
+        raise ValueError(f"{str(path)!r} exists and is not {'a PNG' if format == 'grid' else 'an LGM data.pth'} "
+                         "file (the export would replace it): choose another path or remove it")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:  # missing folders are created
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{str(path)!r} cannot be written: {str(parent)!r} is a file, not a folder")
+    return path
 
 
 def _to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -52,11 +127,11 @@ def _write_png(path: Path, pixels: np.ndarray) -> None:
 
 
 def save_folder(distilled, folder: PathLike) -> Path:
-    """The ImageFolder layout: ``folder/<class name>/<index>.png``; returns the folder."""
-    folder = Path(folder)
-    names = _class_names(distilled)
-    if len(set(names)) != len(names) or any(not n or "/" in n or n in (".", "..") for n in names):
-        raise ValueError(f"class names must be distinct folder names, got {names[:10]}")
+    """The ImageFolder layout: ``folder/<class name>/<index>.png`` (a class name that is not one path
+    component as its safe folder name, see the module docstring), in a new or empty ``folder``; returns
+    the folder."""
+    names = _folder_names(_class_names(distilled))
+    folder = check_destination(folder, "folder")
     pixels = _to_uint8(distilled.images)
     for i, label in enumerate(distilled.labels.tolist()):
         _write_png(folder / names[label] / f"{i:05d}.png", pixels[i])
@@ -64,7 +139,9 @@ def save_folder(distilled, folder: PathLike) -> Path:
 
 
 def save_grid(distilled, path: PathLike, padding: int = 2) -> Path:
-    """One PNG: a row per class, its ipc images side by side, ``padding`` white pixels between them."""
+    """One PNG: a row per class, its ipc images side by side, ``padding`` white pixels between them (an
+    existing PNG at ``path`` is replaced)."""
+    check_destination(path, "grid")
     c, k = distilled.num_classes, distilled.ipc
     _, _, h, w = distilled.images.shape
     grid = np.full((c * (h + padding) + padding, k * (w + padding) + padding, 3), 255, dtype=np.uint8)
@@ -82,13 +159,19 @@ def _normalised(images: torch.Tensor, mean, std) -> torch.Tensor:
         return images
     if mean is None or std is None:
         raise ValueError("give mean and std together (per channel), or neither")
-    m = torch.as_tensor(mean, dtype=images.dtype).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=images.dtype).view(1, -1, 1, 1)
+    mean, std = [finite_float("mean", v) for v in mean], [positive_float("std", v) for v in std]
+    if {len(mean), len(std)} - {1, images.shape[1]}:
+        raise ValueError(f"mean and std must hold 1 or {images.shape[1]} values (one per channel), got "
+                         f"{len(mean)} and {len(std)}")
+    m = torch.tensor(mean, dtype=images.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=images.dtype).view(1, -1, 1, 1)
     return (images - m) / s
 
 
 def save_lgm(distilled, path: PathLike) -> Path:
-    """LGM's and SFM's ``data.pth``: ``{"images": [N,3,H,W] in [0,1], "labels": [N]}``."""
+    """LGM's and SFM's ``data.pth``: ``{"images": [N,3,H,W] in [0,1], "labels": [N]}`` (an existing
+    ``data.pth`` at ``path`` is replaced)."""
+    check_destination(path, "lgm")
     with atomic_write(path) as f:
         torch.save({"images": distilled.images.detach().cpu().float(), "labels": distilled.labels.cpu().long()}, f)
     return Path(path)
@@ -96,8 +179,9 @@ def save_lgm(distilled, path: PathLike) -> Path:
 
 def save_dcbench(distilled, folder: PathLike, mean: Optional[Sequence[float]] = None,
                  std: Optional[Sequence[float]] = None) -> Path:
-    """DC-Bench / DD-Ranking: ``folder/images_best.pt`` and ``folder/labels_best.pt``."""
-    folder = Path(folder)
+    """DC-Bench / DD-Ranking: ``folder/images_best.pt`` and ``folder/labels_best.pt``, in a new or empty
+    ``folder``; ``mean`` and ``std`` (1 or 3 values, per channel; std > 0) store ``(images - mean) / std``."""
+    folder = check_destination(folder, "dcbench")
     images = _normalised(distilled.images.detach().cpu().float(), mean, std)
     with atomic_write(folder / "images_best.pt") as f:
         torch.save(images, f)

@@ -343,3 +343,150 @@ def test_evaluate_streams_a_test_folder_through_workers(folder, tmp_path, monkey
     assert isinstance(loader, torch.utils.data.DataLoader) and loader.num_workers == 2 and labels is None
     assert isinstance(loader.dataset.dataset, fdata.FolderDataset) and loader.dataset.classes == ["cat", "dog", "fox"]
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("fmt, target, match", [
+    ("folder", "earlier", r"--out '.*earlier' is a folder that is not empty .*choose a new or empty folder"),
+    ("dcbench", "earlier", r"--out '.*earlier' is a folder that is not empty"),
+    ("folder", "file", r"--out '.*file' is a file, but the folder format writes a folder: choose another path"),
+    ("dcbench", "file", r"--out '.*file' is a file, but the dcbench format writes a folder"),
+    ("lgm", "set.pt", r"--out '.*set.pt' exists and is not an LGM data.pth file .*choose another path"),
+    ("grid", "file", r"--out '.*file' exists and is not a PNG file"),
+    ("lgm", "earlier", r"--out '.*earlier' is a folder, but the lgm format writes one file"),
+])
+def test_export_refuses_a_destination_it_would_merge_into_or_replace(tmp_path, capsys, monkeypatch, fmt, target,
+                                                                     match):
+    distilled = _distilled_file(tmp_path)
+    assert cli.main(["export", "--distilled", str(distilled), "--format", "folder", "--out",
+                     str(tmp_path / "earlier")]) == 0
+    (tmp_path / "file").write_bytes(b"keep")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    monkeypatch.setattr(cli, "_load_distilled", _no_work)  # refused before the set is read
+    code = cli.main(["export", "--distilled", str(distilled), "--format", fmt, "--out", str(tmp_path / target)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(match, err), err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing written
+
+
+def test_export_mean_and_std_store_dcbench_images_normalised(tmp_path, capsys):
+    import torch
+
+    from fastdd import export
+
+    distilled = _distilled_file(tmp_path)
+    norm = ["--mean", "0.5", "0.4", "0.3", "--std", "0.2", "0.25", "0.3"]
+    assert cli.main(["export", "--distilled", str(distilled), "--format", "dcbench", "--out", str(tmp_path / "dc"),
+                     *norm]) == 0
+    back = export.load(tmp_path / "dc", mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    torch.testing.assert_close(back.images, DistilledSet.load(distilled).images, atol=1e-6, rtol=0)
+    capsys.readouterr()
+    for fmt, extra, flag in [("dcbench", norm[:4], "--mean and --std go together"),
+                             ("lgm", norm, "--mean and --std apply to --format dcbench only"),
+                             ("dcbench", [*norm[:6], "0", "0.3"], "--std must be a finite number > 0"),
+                             ("dcbench", ["--mean", "nan", "0", "0", *norm[4:]], "--mean must be a finite number")]:
+        code = cli.main(["export", "--distilled", str(distilled), "--format", fmt, "--out", str(tmp_path / "x"),
+                         *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and flag in err, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_evaluate_probe_flags_reach_fastdd_evaluate(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from fastdd import data as fdata
+    from fastdd import probe
+
+    help_text = {a.dest: a.help for a in _subparser("evaluate")._actions}
+    assert f"default {probe.DEFAULT_VIEWS}" in help_text["views"] and "none" in help_text["views"]
+    assert f"min({probe.MAX_BATCH_SIZE}" in help_text["batch_size"] and "1e-3" in help_text["lr"]
+    split = fdata.Split(torch.ones(3, 3, 16, 16), torch.arange(3), ["a", "b", "c"])
+    monkeypatch.setattr(fdata, "load", lambda name, size=32: (split, split))
+    monkeypatch.setattr(cli, "_encoder", lambda args: None)
+    seen = []
+    monkeypatch.setattr(probe, "evaluate", lambda *a, **kwargs: seen.append(kwargs) or _Result())
+    args = ["evaluate", "--data", "digits", "--distilled", str(_distilled_file(tmp_path)), *ENCODER]
+    assert cli.main(args) == 0
+    assert seen[-1]["views"] == probe.DEFAULT_VIEWS and seen[-1]["lr"] is None and seen[-1]["batch_size"] is None
+    assert cli.main([*args, "--views", "30", "--lr", "0.01", "--batch-size", "2"]) == 0
+    assert (seen[-1]["views"], seen[-1]["lr"], seen[-1]["batch_size"]) == (30, 0.01, 2)
+    assert cli.main([*args, "--views", "none"]) == 0 and seen[-1]["views"] is None
+    capsys.readouterr()
+    monkeypatch.setattr(cli, "_load_split", _no_work)  # bad values: refused before any work
+    for extra, message in [(["--views", "0"], "--views must be an int >= 1"),
+                           (["--lr", "-1"], "--lr must be a finite number > 0"),
+                           (["--batch-size", "0"], "--batch-size must be an int >= 1")]:
+        code = cli.main([*args, *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, err
+    with pytest.raises(SystemExit) as info:
+        cli.main([*args, "--views", "many"])
+    assert info.value.code == 2 and "--views: expected an int or 'none', got 'many'" in capsys.readouterr().err
+
+
+def test_evaluate_at_another_size_than_the_set_names_the_flags(tmp_path, monkeypatch, capsys):
+    """A set of 16 px evaluated with --size 32 by an encoder that does not resize: the flags that fix it."""
+    import torch
+
+    from fastdd import data as fdata
+    from fastdd import probe
+
+    split = fdata.Split(torch.ones(3, 3, 32, 32), torch.arange(3), ["a", "b", "c"])
+    monkeypatch.setattr(fdata, "load", lambda name, size=32: (split, split))
+    monkeypatch.setattr(probe, "evaluate", _no_work)
+    monkeypatch.setattr(cli, "_encoder", lambda args: type("Encoder", (), {"input_size": args.input_size})())
+    args = ["evaluate", "--data", "digits", "--distilled", str(_distilled_file(tmp_path)), *ENCODER, "--size", "32"]
+    code = cli.main(args)
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--distilled images are 16x16 px but --size 32" in err and "pass --size 16" in err, err
+    assert "--input-size N" in err and "input_size" not in err, err
+    monkeypatch.setattr(probe, "evaluate", lambda *a, **k: _Result())
+    assert cli.main([*args, "--input-size", "64"]) == 0  # an encoder that resizes takes both
+
+
+def _subparser(command):
+    import argparse
+
+    parser = cli.build_parser()
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+
+
+def test_an_unknown_flag_shows_the_usage_of_its_subcommand(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["distill", "--data", "x", "--out", "x.pt", "--lamb", "1"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith("usage: fastdd distill") and "--lam LAM" in err, err
+    assert "fastdd distill: error: unrecognized arguments: --lamb 1" in err, err
+
+
+def test_warnings_are_one_line_while_a_command_runs(tmp_path, capsys, monkeypatch):
+    import warnings
+
+    def warns(args):
+        warnings.warn("first line\nsecond line", UserWarning)
+        return 0
+
+    monkeypatch.setattr(cli, "_distill", warns)
+    before = warnings.showwarning
+    assert cli.main(["distill", "--data", "x", *ENCODER, "--out", str(tmp_path / "x.pt")]) == 0
+    assert capsys.readouterr().err == "fastdd distill: warning: first line second line\n"
+    assert warnings.showwarning is before  # restored: the library keeps Python's format
+
+
+def test_the_recipe_size_warning_gives_the_python_argument_and_the_flag():
+    import torch
+
+    from fastdd.methods.base import Recipe, RecipeWarning
+
+    with pytest.warns(RecipeWarning) as record:
+        Recipe("a test", image_size=256).apply("paper", "lgm", {"images": torch.rand(1, 3, 8, 8)})
+    message = str(record[0].message)
+    assert "size=256 in fastdd.data.load" in message and "--size 256 on the command line" in message, message
+
+
+def test_out_help_says_what_is_written():
+    for command in ("distill", "stats"):
+        out = next(a for a in _subparser(command)._actions if a.dest == "out")
+        assert "safetensors" in out.help and "(.pt)" not in out.help, (command, out.help)

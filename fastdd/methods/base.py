@@ -122,8 +122,9 @@ class Recipe:
         if self.image_size is not None and isinstance(images, torch.Tensor) and images.dim() == 4 \
                 and tuple(images.shape[-2:]) != (self.image_size, self.image_size):
             warnings.warn(f"recipe {name!r} of {method} stores the images at {self.image_size} px, these are "
-                          f"{tuple(images.shape[-2:])}: load the data at {self.image_size} px (e.g. "
-                          f"fastdd.data.load(..., size={self.image_size})) to reproduce it", RecipeWarning,
+                          f"{tuple(images.shape[-2:])}: load the data at {self.image_size} px to reproduce it "
+                          f"(size={self.image_size} in fastdd.data.load, --size {self.image_size} on the command "
+                          "line)", RecipeWarning,
                           stacklevel=4)
         return out
 
