@@ -14,7 +14,9 @@ name                source                                                    tr
 ==================  ========================================================  ===============  =======
 
 ``mnist-5k`` and ``digits`` have no official split: fastdd takes a stratified 80/20 split with a fixed
-seed, so every run and every machine sees the same images.
+seed, so every run and every machine sees the same images. Each split keeps its source file's order, and
+mnist-5k's file is sorted by class: a slice such as ``train.images[:300]`` holds one class (take a subset
+with ``torch.randperm`` instead).
 
 Images come back as float32 ``[N, 3, size, size]`` in [0, 1]: grey images are resized once (bilinear with
 antialiasing) and their single channel is *expanded* to three, a view that costs no memory (write to a
