@@ -85,8 +85,9 @@ class _Arguments:
     recipe: Optional[str] = None
 
 
-def _method_options(method: methods.Method, options, deprecated: Dict[str, Any]) -> Dict[str, Any]:
-    """``options`` and the deprecated top-level keywords that are options of ``method``, checked."""
+def _method_options(method: methods.Method, options, deprecated: Dict[str, Any], ipc: int) -> Dict[str, Any]:
+    """``options`` and the deprecated top-level keywords that are options of ``method``, checked, with the
+    defaults at ``ipc`` images per class."""
     if options is not None and not isinstance(options, dict):
         raise ValueError(f"options must be a dict of method {method.name!r}'s options, got {type(options).__name__}")
     given = dict(options or {})
@@ -102,10 +103,10 @@ def _method_options(method: methods.Method, options, deprecated: Dict[str, Any])
             given[name] = value
             continue
         owner = next(m for m in methods.REGISTRY.values() if name in m.options)
-        owner.resolve_options({name: value})  # a bad value is still an error naming the keyword
+        owner.resolve_options({name: value}, ipc)  # a bad value is still an error naming the keyword
         warnings.warn(f"distill({keyword}=...) is deprecated and ignored: it is an option of method "
                       f"{owner.name!r}, not of {method.name!r}", FutureWarning, stacklevel=4)
-    return method.resolve_options(given)
+    return method.resolve_options(given, ipc)
 
 
 def _init_argument(init, default: str):
@@ -189,7 +190,7 @@ def _check_arguments(method: str, a: Dict[str, Any], deprecated: Dict[str, Any])
                noise_prob=validate.probability("noise_prob", d["noise_prob"]),
                noise_mean=validate.finite_float("noise_mean", a["noise_mean"]),
                noise_std=validate.finite_float("noise_std", a["noise_std"]))
-    options = _method_options(spec, a["options"], deprecated)
+    options = _method_options(spec, a["options"], deprecated, ipc)
     _check_real_images(a["images"], a["labels"])
     if a["autocast_dtype"] not in (None, torch.float16, torch.bfloat16):
         raise ValueError("autocast_dtype must be None, torch.float16 or torch.bfloat16, got "

@@ -46,7 +46,8 @@ def _per_method(key: str) -> str:
 
 def _flag_type(option):
     """The argparse type of a method option: its own parser, else the type of its default."""
-    parse = option.parse or (type(option.default) if option.default is not None else str)
+    example = option.default_at(1)  # a ByIpc default: its values share one type
+    parse = option.parse or (type(example) if example is not None else str)
 
     def convert(text: str):
         try:

@@ -427,7 +427,7 @@ def test_calibration_passes_method_options_and_tables_every_method(calibrate):
     assert [r["copies"] for r in reference_ipc10] == [args.reference_copies_ipc10]
     assert all(r["inheritance"] == (r["method"] == "sfm") for r in distilled if "inheritance" in r or r["method"] == "sfm")
     clp = next(r for r in distilled if r["method"] == "clp")
-    assert (clp["lam"], clp["tau"]) == (registry.defaults("clp")["lam"], registry.defaults("clp")["tau"])
+    assert (clp["lam"], clp["tau"]) == (registry.defaults("clp", clp["ipc"])["lam"], registry.defaults("clp")["tau"])
     with pytest.raises(SystemExit):
         calibrate.parse_args(["--inheritance", "sfm,nope"])
 
@@ -695,7 +695,7 @@ def test_calibration_file_keeps_the_runs_of_another_process(calibrate, tmp_path)
 
 def test_calibration_rows_never_pool_two_settings(calibrate):
     """Runs that differ in a method option outside the swept keys (CLP's fit_tau) are two rows, not one."""
-    settings = dict(registry.defaults("clp"), steps=200, augment=True)
+    settings = dict(registry.defaults("clp", 1), steps=200, augment=True)
 
     def run(seed, fit_tau):
         return {"group": "ipc1", "kind": "distilled", "method": "clp", "ipc": 1, "seed": seed, "steps": 200,

@@ -21,7 +21,9 @@ def test_registry_lists_every_method_once_with_its_declaration():
         assert m.name == name and m.title and m.matches and m.real_per_step
         assert set(m.defaults) == set(LOOP_DEFAULTS)
         assert api.METHOD_DEFAULTS[name] == methods.defaults(name)
-        assert m.resolve_options(None) == m.option_defaults()
+        for ipc in (1, 10):
+            assert m.resolve_options(None, ipc) == m.option_defaults(ipc) == {
+                k: v for k, v in methods.defaults(name, ipc).items() if k in m.options}
         assert m.needs.stats or m.needs.real_batches, f"{name} needs nothing from the real data"
     assert methods.get("lgm").defaults["copies"] == 10 and methods.get("clp").needs.bank
     assert sum(m.reference for m in methods.REGISTRY.values()) == 1
@@ -32,13 +34,13 @@ def test_unknown_method_and_options_are_named():
         methods.get("mtt")
     clp = methods.get("clp")
     with pytest.raises(ValueError, match=r"\['temperature'\] are not options of method 'clp' \(its options: lam"):
-        clp.resolve_options({"temperature": 1.0})
+        clp.resolve_options({"temperature": 1.0}, 1)
     with pytest.raises(ValueError, match="feature_norm must be one of"):
-        clp.resolve_options({"feature_norm": "zca"})
+        clp.resolve_options({"feature_norm": "zca"}, 1)
     with pytest.raises(ValueError, match="real_batch"):
-        clp.resolve_options({"real_batch": 0})
+        clp.resolve_options({"real_batch": 0}, 1)
     with pytest.raises(ValueError, match="its options: none"):
-        methods.get("dm").resolve_options({"lam": 1.0})
+        methods.get("dm").resolve_options({"lam": 1.0}, 1)
 
 
 def test_command_line_reads_methods_and_options_from_the_registry(capsys):
@@ -134,26 +136,33 @@ def test_an_ipc_dependent_default_is_resolved_at_the_runs_ipc():
     for bad in ((), ((2, 1),), ((1, 2), (1, 4)), ((1, 2), (10, 4), (5, 3))):
         with pytest.raises(ValueError, match="ByIpc steps must start at ipc 1 and increase"):
             methods.ByIpc(bad)
-    # CLP's copies: 2 below ipc 10, 4 from it (the grid, benchmarks/results/calibration_grid.md)
-    assert methods.get("clp").defaults["copies"] == rule
-    assert methods.defaults("clp", 1)["copies"] == 2 and methods.defaults("clp", 10)["copies"] == 4
+    # CLP's crop law and lam: [0.25, 1] and 2 below ipc 10, [0.5, 1] and 1 from it (the grid,
+    # benchmarks/results/calibration_grid*.md); a loop default and an option default alike
+    below, above = methods.defaults("clp", 1), methods.defaults("clp", 10)
+    assert (below["crop_scale"], below["lam"], below["copies"]) == ((0.25, 1.0), 2.0, 4)
+    assert (above["crop_scale"], above["lam"], above["copies"]) == ((0.5, 1.0), 1.0, 4)
     assert methods.defaults("sfm", 10)["copies"] == 2 and methods.defaults("lgm", 10)["copies"] == 10
-    assert "clp 2 (ipc >= 10: 4)" in " ".join(_distill_help().split())
-    assert "| 2, 4 from ipc 10 |" in methods.markdown_table()
+    assert isinstance(methods.defaults("clp")["lam"], methods.ByIpc)  # as declared, without an ipc
+    help_text = " ".join(_distill_help().split())
+    assert "clp (0.25, 1.0) (ipc >= 10: (0.5, 1.0))" in help_text
+    assert "clp: default 2.0 (ipc >= 10: 1.0)" in help_text
+    assert "`lam=2.0 (ipc >= 10: 1.0)`" in methods.markdown_table()
 
 
 def test_distill_reads_an_ipc_dependent_default_at_its_ipc(monkeypatch):
     toy = methods.Method(name="toy", title="a test method", matches="class means", real_per_step="none",
                          build=_toy_build, needs=methods.RealNeeds(means=True),
                          defaults=dict(LOOP_DEFAULTS, steps=1, copies=methods.ByIpc(((1, 1), (3, 3)))),
-                         options={"scale": methods.Option(2.0, "loss scale", lambda n, v: float(v))})
+                         options={"scale": methods.Option(methods.ByIpc(((1, 2.0), (3, 5.0))), "loss scale",
+                                                          lambda n, v: float(v))})
     monkeypatch.setitem(methods.REGISTRY, "toy", toy)
     y = torch.arange(3).repeat(6)
     x = torch.rand(len(y), 3, 10, 10, generator=torch.Generator().manual_seed(1)) * 0.5 + 0.2
     run = dict(encoder=encoders.wrap(_TinyNet()), method="toy", labels=y, progress=False, batch_size=8)
-    assert api.distill(x, ipc=2, **run).settings["copies"] == 1
-    assert api.distill(x, ipc=3, **run).settings["copies"] == 3
-    assert api.distill(x, ipc=3, copies=2, **run).settings["copies"] == 2  # an explicit argument wins
+    two, three = api.distill(x, ipc=2, **run).settings, api.distill(x, ipc=3, **run).settings
+    assert (two["copies"], two["scale"], three["copies"], three["scale"]) == (1, 2.0, 3, 5.0)
+    given = api.distill(x, ipc=3, copies=2, options={"scale": 1.5}, **run).settings
+    assert (given["copies"], given["scale"]) == (2, 1.5)  # an explicit argument wins
 
 
 def _distill_help() -> str:

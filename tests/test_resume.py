@@ -25,10 +25,10 @@ def _run(data, path, **kw):
 
 
 @pytest.mark.parametrize("change, named", [
-    (dict(options={"real_batch": 5, "lam": 0.5}), "lam 1.0 -> 0.5"),
+    (dict(options={"real_batch": 5, "lam": 0.5}), "lam 2.0 -> 0.5"),
     (dict(options={"real_batch": 5, "tau": 0.3}), "tau 0.1 -> 0.3"),
     (dict(augment=False), "augment True -> False"),
-    (dict(crop_scale=(0.25, 1.0)), r"crop_scale \[0.5, 1.0\] -> \[0.25, 1.0\]"),
+    (dict(crop_scale=(0.75, 1.0)), r"crop_scale \[0.25, 1.0\] -> \[0.75, 1.0\]"),
     (dict(noise_prob=0.5), "noise_prob 0.0 -> 0.5"),
     (dict(bank_dtype=torch.float32), "bank_dtype 'torch.float16' -> 'torch.float32'"),
     (dict(encoder=encoders.wrap(_net(seed=1), name="tiny")), r"encoder_fingerprint .* \(other encoder weights\)"),
@@ -48,7 +48,7 @@ def test_every_difference_is_named(data, tmp_path):
     with pytest.raises(ValueError) as err:
         _run(data, path, options={"real_batch": 5, "lam": 0.5, "tau": 0.3}, augment=False)
     message = str(err.value)
-    assert all(part in message for part in ("lam 1.0 -> 0.5", "tau 0.1 -> 0.3", "augment True -> False"))
+    assert all(part in message for part in ("lam 2.0 -> 0.5", "tau 0.1 -> 0.3", "augment True -> False"))
     assert "steps" not in message.split("A resumed run")[0]
 
 

@@ -53,7 +53,7 @@ def defaults(name: str, ipc: Optional[int] = None) -> Dict[str, Any]:
     rule."""
     method = get(name)
     loop = method.defaults if ipc is None else method.defaults_at(ipc)
-    return {**loop, **method.option_defaults()}
+    return {**loop, **method.option_defaults(ipc)}
 
 
 def _copies_text(copies) -> str:

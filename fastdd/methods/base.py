@@ -7,9 +7,11 @@ usable as a drop-in loss elsewhere) and one ``Method`` object, and is listed onc
 
 - ``name`` and the one-line descriptions the README's method table shows (``matches``, ``real_per_step``);
 - ``defaults``: the loop's per-method defaults (steps, lr, init, parameterisation, augmentation, copies); a
-  value may be a ``ByIpc`` rule (e.g. CLP's copies: 2, from ipc 10 4), read through ``defaults_at(ipc)``;
+  value may be a ``ByIpc`` rule (e.g. CLP's crop law: [0.25, 1], from ipc 10 [0.5, 1]), read through
+  ``defaults_at(ipc)``;
 - ``options``: its own options (name -> ``Option``: default, validator, help), passed to ``distill`` as
-  ``options={...}`` and on the command line as ``--<name>`` flags;
+  ``options={...}`` and on the command line as ``--<name>`` flags; a default may be a ``ByIpc`` rule too,
+  read through ``option_defaults(ipc)`` and ``resolve_options(given, ipc)``;
 - ``needs``: what it needs from the real side (``RealNeeds``: class means, a feature bank, fresh real
   batches every step);
 - ``build(context, options)``: the per-run ``Objective`` (the loss, and for methods that need them, the
@@ -43,7 +45,8 @@ __all__ = ["Option", "RealNeeds", "Context", "Objective", "Method", "Recipe", "R
 # (benchmarks/results/calibration_grid.md): at ipc 1 and 200 steps it lifted SFM by 0.4 to 2.9 points and DM
 # by 0.4 to 9.1 on all six settings, CLP (with its fixed temperature) by 1.6 to 6.3 on the four measured,
 # and at ipc 10 it lifted or matched every method on every setting. Every method shares them unless its
-# module says otherwise (LGM keeps its K = 10), so a comparison differs in the loss alone.
+# module says otherwise (LGM keeps its K = 10; CLP draws four copies, below ipc 10 through crops of
+# [0.25, 1]), so a comparison differs in the loss and those.
 LOOP_DEFAULTS: Dict[str, Any] = dict(steps=1000, lr=1e-2, init="real", parameterization="pyramid",
                                      extend_every=200, crop_scale=(0.5, 1.0), noise_prob=0.0, copies=2)
 
@@ -131,16 +134,20 @@ class Recipe:
 
 @dataclass(frozen=True)
 class Option:
-    """One option of a method: its ``default``, a ``help`` line, a validator ``check(name, value) ->
-    value`` that raises a ValueError naming the option (None: ``choices`` alone decide), the allowed
-    ``choices`` (if any), and for the command line ``parse`` (str -> value; default: the type of the
-    default)."""
+    """One option of a method: its ``default`` (a value, or a ``ByIpc`` rule of values), a ``help`` line, a
+    validator ``check(name, value) -> value`` that raises a ValueError naming the option (None: ``choices``
+    alone decide), the allowed ``choices`` (if any), and for the command line ``parse`` (str -> value;
+    default: the type of the default's value)."""
 
     default: Any
     help: str
     check: Optional[Callable[[str, Any], Any]] = None
     choices: Optional[Tuple[Any, ...]] = None
     parse: Optional[Callable[[str], Any]] = None
+
+    def default_at(self, ipc: int) -> Any:
+        """The default at ``ipc`` images per class (a ``ByIpc`` rule resolved)."""
+        return self.default.at(ipc) if isinstance(self.default, ByIpc) else self.default
 
 
 @dataclass(frozen=True)
@@ -238,12 +245,14 @@ class Method:
                              f"got {shown(recipe)}")
         return self.recipes[recipe].apply(recipe, self.name, arguments)
 
-    def option_defaults(self) -> Dict[str, Any]:
-        return {k: o.default for k, o in self.options.items()}
+    def option_defaults(self, ipc: Optional[int] = None) -> Dict[str, Any]:
+        """The options' defaults: at ``ipc`` images per class the values there, else (None) as declared,
+        an ipc-dependent one as its ``ByIpc`` rule."""
+        return {k: o.default if ipc is None else o.default_at(ipc) for k, o in self.options.items()}
 
-    def resolve_options(self, given: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-        """Every option of this method: ``given`` (checked) over the defaults; an unknown name is a
-        ValueError that lists this method's options."""
+    def resolve_options(self, given: Optional[Dict[str, Any]], ipc: int) -> Dict[str, Any]:
+        """Every option of this method for a run of ``ipc`` images per class: ``given`` (checked) over the
+        defaults there; an unknown name is a ValueError that lists this method's options."""
         given = {} if given is None else given
         if not isinstance(given, dict):
             raise ValueError(f"options must be a dict of {self.name}'s options, got {type(given).__name__}")
@@ -253,7 +262,7 @@ class Method:
             raise ValueError(f"options {unknown} are not options of method {self.name!r} (its options: {known})")
         out = {}
         for key, option in self.options.items():
-            value = given.get(key, option.default)
+            value = given[key] if key in given else option.default_at(ipc)
             if option.choices is not None and value not in option.choices:
                 raise ValueError(f"{key} must be one of {option.choices}, got {shown(value)}")
             out[key] = value if option.check is None else option.check(key, value)
