@@ -598,10 +598,9 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
     """Distil a labelled image set into ``ipc`` synthetic images per class for linear probing.
 
     Args:
-        images: the real set, streamed: a tensor ``[N,3,H,W]`` in [0,1] (with ``labels``; uint8 in 0..255
-            and one grey channel ``[N,1,H,W]`` are converted batch by batch), a
-            ``fastdd.data.Split``, a map-style Dataset or a DataLoader (LGM draws batches by index: not an
-            iterable-only one). Class names it carries (``classes``) are kept in the result.
+        images: the real set, streamed: a tensor ``[N,3,H,W]`` in [0,1] (uint8 and grey ``[N,1,H,W]``: converted)
+            with ``labels``, a ``fastdd.data.Split``, a map-style Dataset or a DataLoader (LGM draws by index: not
+            an iterable-only one); the class names it carries (``classes``) are kept in the result.
         encoder: an ``nn.Module`` ``[B,3,h,w] -> [B,D]`` (``fastdd.encoders.wrap`` adds the normalisation),
             a ``FrozenEncoder``, or a name for ``fastdd.encoders.load`` with ``encoder_kwargs``.
         method: a registered method, ``fastdd.methods.names()``: ``"lgm"``, ``"sfm"``, ``"clp"``, ``"dm"``.
@@ -615,7 +614,7 @@ def distill(images, encoder, method: str = "clp", labels=None, ipc: int = 1, ste
             nearest each class mean) or a class-major tensor ``[C*ipc, 3, H, W]`` in [0, 1] (``"given"``).
         parameterization: ``"pyramid"`` (LGM's) or ``"pixels"``; ``extend_every``: the pyramid's extension
             period from noise (``fastdd.images``).
-        copies: K, the augmented copies of the synthetic set per step (default 2; LGM 10, CLP 4 from ipc 10).
+        copies: K, the augmented copies of the synthetic set per step (default 2; LGM 10, CLP 4).
         augment: apply the augmentation chain (``fastdd.augment``: ``crop_size``, ``flip_prob``,
             ``crop_scale``, ``crop_log_ratio``, ``noise_prob``, ``noise_mean``, ``noise_std``). Every
             ``None`` default is the method's (``METHOD_DEFAULTS``, the README's measured calibration).

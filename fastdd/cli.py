@@ -21,8 +21,8 @@ message names an argument, shown as its flag, e.g. ``--ipc must be an int >= 1``
 error while running that no flag value explains (the encoder returning NaN, a full disk or another
 OSError, a corrupt or unreadable input file, a missing weights file); Ctrl-C is one line saying how to
 resume (the ``--checkpoint`` file) and exit code 130. ``--encoder`` is a name for ``fastdd.encoders.load``.
-Every option of
-``fastdd.distill`` that a user tunes has a flag; anything left out keeps the library's per-method default.
+Every option of ``fastdd.distill`` that a user tunes has a flag; anything left out keeps the library's
+per-method default.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ _FLAGS = {"weights": "--weights", "input_size": "--input-size", "ipc": "--ipc", 
           "checkpoint_every": "--checkpoint-every", "seed": "--seed", "seeds": "--seeds", "epochs": "--epochs",
           "head_init": "--head-init", "device": "--device", "name": "--encoder", "method": "--method",
           "recipe": "--recipe", "out": "--out", "bank_dtype": "--bank-dtype", "size": "--size", "kind": "--kind",
-          "workers": "--workers", "views": "--views"}
+          "workers": "--workers", "views": "--views", "mean": "--mean", "std": "--std"}
 
 
 def _flags_table() -> dict:
@@ -520,7 +520,7 @@ def _load_distilled(path: str):
 
 def _export(args) -> int:
     from . import export
-    from .validate import finite_float, output_path, positive_float
+    from .validate import output_path
 
     try:  # nothing merged into a folder or replaced but a file of the format, checked before any work
         export.check_destination(args.out, args.format)
@@ -534,10 +534,7 @@ def _export(args) -> int:
             raise ValueError("--mean and --std go together (the normalisation's per-channel mean and std)")
         if args.format != "dcbench":
             raise ValueError(f"--mean and --std apply to --format dcbench only, not {args.format}")
-        for m, v in zip(args.mean, args.std):
-            finite_float("--mean", m)
-            positive_float("--std", v)
-        kwargs = {"mean": args.mean, "std": args.std}
+        kwargs = {"mean": args.mean, "std": args.std}  # checked by the export (its names shown as the flags)
     distilled = _load_distilled(args.distilled)
     written = distilled.export(args.out, args.format, **kwargs)
     _say(f"wrote {len(distilled)} images of {distilled.num_classes} classes as {args.format} to {written}",

@@ -386,7 +386,7 @@ LEVERS = {
     "crop-0.75": ("swept", dict(crop_scale=(0.75, 1.0))),
     "no-flip": ("swept", dict(flip_prob=0.0)),
     "pixels": ("swept", dict(parameterization="pixels")),  # one tensor of pixels instead of the pyramid
-    # CLP's ipc-1 default since git c33eb83 (the three go together: fastdd/methods/clp.py), and the one before
+    # CLP's ipc-1 default since git f509210 (the three go together: fastdd/methods/clp.py), and the one before
     "copies-4-crop-0.25-lam-2": (("clp",), dict(copies=4, crop_scale=(0.25, 1.0), lam=2.0)),
     "copies-2-crop-0.5-lam-1": (("clp",), dict(copies=2, crop_scale=(0.5, 1.0), lam=1.0)),
 }
